@@ -1,0 +1,1 @@
+"""Benchmarks and numerics verification: ``python -m bench <command>``."""

@@ -1,0 +1,167 @@
+"""Numerics of a backend against the float64 oracle, in the flash-attn style.
+
+For each quantity (out, lse, dq, dk, dv) the error is the largest absolute difference
+from the oracle: float64 naive attention, gradients through autograd. A backend passes
+when its error is at most ``MULTIPLIER`` times the error of the same computation done
+by plain torch in the input dtype (the ``naive`` backend: the same flash-style
+backward with ``delta = rowsum(dout * out)``), plus a floor at the reference's scale:
+one unit of the dtype's precision and the rounding of one float32 dot product over the
+head dim (``sqrt(D)`` float32 units; it matters where a gradient cancels to ~0, as for
+a row that sees one key). Without a baseline (the naive backend itself, and float64,
+the oracle's own dtype) the bound is ``NAIVE_ULPS`` units of the dtype, which checks
+the float64 formulas to ~1e-14. NaN anywhere fails; ``-inf`` LSEs must match exactly. Outputs are allocated poisoned (NaN), so an
+element a kernel never writes fails too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from attention import naive_attention
+from kernels import get_backend
+
+QUANTITIES = ("out", "lse", "dq", "dk", "dv")
+MULTIPLIER = {"out": 3.0, "lse": 3.0, "dq": 4.0, "dk": 4.0, "dv": 4.0}
+NAIVE_ULPS = 64.0
+DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One verification problem: a backend, a dtype and an attention shape."""
+
+    backend: str
+    dtype: torch.dtype
+    batch: int
+    seqlen_q: int
+    seqlen_k: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    causal: bool
+
+    @property
+    def label(self) -> str:
+        return (f"{self.backend} {DTYPE_NAMES[self.dtype]} b{self.batch} sq{self.seqlen_q} sk{self.seqlen_k} "
+                f"h{self.heads}/{self.kv_heads} d{self.head_dim}{' causal' if self.causal else ''}")
+
+    def shape_dict(self) -> dict:
+        return dict(batch=self.batch, seqlen_q=self.seqlen_q, seqlen_k=self.seqlen_k, heads=self.heads,
+                    kv_heads=self.kv_heads, head_dim=self.head_dim)
+
+
+@dataclass
+class CaseResult:
+    case: Case
+    seed: int
+    errors: dict[str, float]
+    tolerances: dict[str, float]
+    seconds: float
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def record(self) -> dict:
+        """A JSON-ready summary."""
+        return dict(backend=self.case.backend, dtype=DTYPE_NAMES[self.case.dtype], causal=self.case.causal,
+                    **self.case.shape_dict(), errors=self.errors, tolerances=self.tolerances,
+                    seed=self.seed, passed=self.passed, failures=self.failures, seconds=round(self.seconds, 3))
+
+
+def max_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    """Largest |actual - reference| in float64; equal infinities count as 0, NaN as NaN."""
+    actual, reference = actual.to(torch.float64), reference.to(torch.float64)
+    diff = torch.where(actual == reference, torch.zeros_like(actual), (actual - reference).abs())
+    return diff.max().item() if diff.numel() else 0.0
+
+
+def _inputs(case: Case, device, generator: torch.Generator):
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float32).to(device=device, dtype=case.dtype)
+    q = randn(case.batch, case.seqlen_q, case.heads, case.head_dim)
+    k = randn(case.batch, case.seqlen_k, case.kv_heads, case.head_dim)
+    v = randn(case.batch, case.seqlen_k, case.kv_heads, case.head_dim)
+    dout = randn(case.batch, case.seqlen_q, case.heads, case.head_dim)
+    return q, k, v, dout
+
+
+def reference(q, k, v, dout, causal: bool) -> dict[str, torch.Tensor]:
+    """The oracle: float64 naive attention's out, lse and gradients through autograd."""
+    q, k, v = (x.detach().to(torch.float64).requires_grad_() for x in (q, k, v))
+    out, lse = naive_attention(q, k, v, causal=causal)
+    out.backward(dout.to(torch.float64))
+    return dict(out=out.detach(), lse=lse.detach(), dq=q.grad, dk=k.grad, dv=v.grad)
+
+
+def run_backend(backend, q, k, v, dout, causal: bool) -> dict[str, torch.Tensor]:
+    """A backend's out, lse and gradients (its backward fed its own out and lse)."""
+    backend = get_backend(backend)
+    out, lse = backend.forward(q, k, v, causal=causal, softmax_scale=None)
+    dq, dk, dv = backend.backward(dout, q, k, v, out, lse, causal=causal, softmax_scale=None)
+    return dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv)
+
+
+def tolerance(name: str, dtype: torch.dtype, head_dim: int, ref: torch.Tensor, baseline_error: float | None) -> float:
+    """Allowed error: MULTIPLIER x the baseline's error + the floor (see the module doc);
+    without a baseline, NAIVE_ULPS ulps. All at the reference's scale max(1, |ref|)."""
+    finite = ref[torch.isfinite(ref)]
+    scale = max(1.0, finite.abs().max().item() if finite.numel() else 0.0)
+    eps = torch.finfo(dtype).eps
+    if baseline_error is None:
+        return NAIVE_ULPS * eps * scale
+    floor = (eps + math.sqrt(head_dim) * torch.finfo(torch.float32).eps) * scale
+    return MULTIPLIER[name] * baseline_error + floor
+
+
+def compare(case: Case, results: dict, ref: dict, baseline: dict | None) -> tuple[dict, dict, list[str]]:
+    """Errors, tolerances and the names of the quantities that fail."""
+    errors, tolerances, failures = {}, {}, []
+    for name in QUANTITIES:
+        actual = results[name]
+        if tuple(actual.shape) != tuple(ref[name].shape):
+            errors[name], tolerances[name] = float("inf"), 0.0
+            failures.append(f"{name}: shape {tuple(actual.shape)} != {tuple(ref[name].shape)}")
+            continue
+        errors[name] = max_error(actual, ref[name])
+        base = None if baseline is None else max_error(baseline[name], ref[name])
+        tolerances[name] = tolerance(name, case.dtype, case.head_dim, ref[name], base)
+        if not errors[name] <= tolerances[name]:  # NaN fails here too
+            failures.append(f"{name}: error {errors[name]:.3g} > tolerance {tolerances[name]:.3g}")
+    return errors, tolerances, failures
+
+
+@contextlib.contextmanager
+def poisoned_allocations():
+    """Within the block, ``torch.empty`` fills new memory with NaN, so an output element
+    a kernel forgets to write shows up as NaN instead of passing by luck."""
+    was_enabled = torch.are_deterministic_algorithms_enabled()
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    was_filling = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = was_filling
+        torch.use_deterministic_algorithms(was_enabled, warn_only=was_warn_only)
+
+
+def run_case(case: Case, device="cpu", seed: int = 0) -> CaseResult:
+    """Run ``case`` on fresh random inputs, outputs poisoned, and judge it against the oracle."""
+    start = time.perf_counter()
+    generator = torch.Generator().manual_seed(seed)
+    q, k, v, dout = _inputs(case, device, generator)
+    ref = reference(q, k, v, dout, case.causal)
+    with poisoned_allocations():
+        results = run_backend(case.backend, q, k, v, dout, case.causal)
+    has_baseline = case.backend != "naive" and case.dtype != torch.float64
+    baseline = run_backend("naive", q, k, v, dout, case.causal) if has_baseline else None
+    errors, tolerances, failures = compare(case, results, ref, baseline)
+    return CaseResult(case, seed, errors, tolerances, time.perf_counter() - start, failures)

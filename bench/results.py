@@ -1,0 +1,64 @@
+"""Self-describing JSON result files: the machine, the versions, then the figures."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name as torch reports it, or the CPU model."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+
+
+def machine_info(device: torch.device) -> dict:
+    """Where and with what a result was produced."""
+    import triton
+
+    return dict(
+        device=device_name(device),
+        device_type=torch.device(device).type,
+        cpu=cpu_model(),
+        cpu_count=os.cpu_count(),
+        platform=platform.platform(),
+        python=platform.python_version(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        cuda=torch.version.cuda,
+        triton_interpreter=os.environ.get("TRITON_INTERPRET", "0") == "1",
+    )
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:40]
+
+
+def write_result(kind: str, device: torch.device, payload: dict, out_dir: Path | str | None = None) -> Path:
+    """Write ``{"kind", "created", "machine", **payload}`` as ``<kind>-<device>-<time>.json``."""
+    out_dir = Path(out_dir) if out_dir is not None else RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    now = _dt.datetime.now(_dt.timezone.utc)
+    machine = machine_info(device)
+    path = out_dir / f"{kind}-{_slug(machine['device'])}-{now:%Y%m%d-%H%M%S}.json"
+    document = dict(kind=kind, created=now.isoformat(timespec="seconds"), machine=machine, **payload)
+    path.write_text(json.dumps(document, indent=1) + "\n")
+    return path

@@ -1,0 +1,146 @@
+"""Compile every GPU kernel configuration ahead of time, on a machine without a GPU.
+
+``python -m kernels.aot [--family sm90] [--json]`` builds, for each config table entry,
+each kernel the launchers would start (forward, backward preprocess, dK/dV, dQ), for
+bf16 and fp32, causal and not, into a cubin for the family's target with
+``triton.compile``, and reports the shared memory each needs against the family's
+limit. It uses the launchers' own argument lists on meta tensors, so what is compiled
+is what runs. Run it without ``TRITON_INTERPRET``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from .configs import GPU_FAMILIES, KERNELS, PADDED_HEAD_DIMS, GpuFamily, config_for_dtype, interpreter_active
+from .flash_bwd import backward_launches
+from .flash_fwd import forward_launch
+from .triton_common import Launch
+
+# Sequence lengths that are not multiples of any tile, so the masked variants are built.
+_SEQLEN_Q, _SEQLEN_K = 1000, 1100
+_TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+@dataclass
+class CompileResult:
+    family: str
+    kernel: str
+    head_dim: int
+    dtype: str
+    causal: bool
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    shared_bytes: int
+    shared_limit: int
+    seconds: float
+
+    @property
+    def fits(self) -> bool:
+        return self.shared_bytes <= self.shared_limit
+
+
+def _signature_type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + _TRITON_TYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2**31 <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no Triton signature type for {type(value).__name__}")
+
+
+def compile_launch(launch: Launch, capability: tuple[int, int]):
+    """Compile one launch for ``sm_<capability>`` and return Triton's compiled kernel."""
+    names = launch.kernel.arg_names
+    signature = {name: _signature_type(value) for name, value in zip(names, launch.args)}
+    signature.update({name: "constexpr" for name in launch.constexprs})
+    source = ASTSource(fn=launch.kernel, signature=signature, constexprs=dict(launch.constexprs))
+    target = GPUTarget("cuda", capability[0] * 10 + capability[1], 32)
+    return triton.compile(source, target=target,
+                          options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
+
+
+def _meta(*shape, dtype):
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def _launches(family: GpuFamily, head_dim: int, dtype: torch.dtype, causal: bool) -> dict[str, Launch]:
+    configs = {name: config_for_dtype(family.table[name][head_dim], dtype) for name in KERNELS}
+    q = _meta(1, _SEQLEN_Q, 4, head_dim, dtype=dtype)
+    k = _meta(1, _SEQLEN_K, 2, head_dim, dtype=dtype)
+    lse = _meta(1, 4, _SEQLEN_Q, dtype=torch.float32)
+    fwd = forward_launch(q, k, k, q, lse, causal=causal, scale=head_dim**-0.5, config=configs["fwd"])
+    pre, dkdv, dq = backward_launches(q, q, k, k, q, lse, lse, lse, q, k, k, causal=causal,
+                                      scale=head_dim**-0.5, configs=configs)
+    return {"fwd": fwd, "bwd_preprocess": pre, "bwd_dkdv": dkdv, "bwd_dq": dq}
+
+
+def compile_family(family: GpuFamily, head_dims=PADDED_HEAD_DIMS, dtypes=(torch.bfloat16, torch.float32),
+                   causal_modes=(False, True), progress=None) -> list[CompileResult]:
+    """Compile every kernel of every table entry of ``family``; one result per kernel."""
+    results = []
+    for head_dim in head_dims:
+        for dtype in dtypes:
+            for causal in causal_modes:
+                for name, launch in _launches(family, head_dim, dtype, causal).items():
+                    if name == "bwd_preprocess" and causal != causal_modes[0]:
+                        continue  # the preprocess has no causal variant: build it once
+                    start = time.perf_counter()
+                    compiled = compile_launch(launch, family.capability)
+                    result = CompileResult(
+                        family.name, name, head_dim, _TRITON_TYPES[dtype], causal,
+                        launch.constexprs["BLOCK_M"], launch.constexprs.get("BLOCK_N", 0),
+                        launch.num_warps, launch.num_stages, compiled.metadata.shared,
+                        family.shared_memory_bytes, time.perf_counter() - start)
+                    results.append(result)
+                    if progress:
+                        progress(result)
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kernels.aot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", choices=[f.name for f in GPU_FAMILIES], action="append",
+                        help="config table to compile (repeatable; default: all)")
+    parser.add_argument("--head-dim", type=int, action="append", choices=PADDED_HEAD_DIMS,
+                        help="padded head dim to compile (repeatable; default: all)")
+    parser.add_argument("--causal-only", action="store_true",
+                        help="build only the causal variants (a superset of the non-causal code paths)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON only")
+    args = parser.parse_args(argv)
+    if interpreter_active():
+        parser.error("unset TRITON_INTERPRET: the interpreter cannot compile kernels")
+    families = [f for f in GPU_FAMILIES if not args.family or f.name in args.family]
+    head_dims = tuple(args.head_dim or PADDED_HEAD_DIMS)
+
+    def show(r: CompileResult) -> None:
+        if not args.json:
+            print(f"{r.family} {r.kernel:<14} d={r.head_dim:<3} {r.dtype:<4} causal={int(r.causal)} "
+                  f"tile={r.block_m}x{r.block_n} warps={r.num_warps} stages={r.num_stages} "
+                  f"smem={r.shared_bytes}/{r.shared_limit} {'ok' if r.fits else 'TOO BIG'} ({r.seconds:.1f}s)",
+                  flush=True)
+
+    causal_modes = (True,) if args.causal_only else (False, True)
+    results = [r for family in families
+               for r in compile_family(family, head_dims, causal_modes=causal_modes, progress=show)]
+    if args.json:
+        print(json.dumps([asdict(r) | {"fits": r.fits} for r in results]))
+    return 0 if all(r.fits for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

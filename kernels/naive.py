@@ -1,0 +1,76 @@
+"""Plain torch attention: the readable reference and the fallback backend.
+
+Works for any floating dtype (float64 included) and any device. Matrix products run
+in the input dtype; the softmax and the LSE run in ``promote(dtype, float32)``.
+The forward is made of differentiable torch ops, so float64 autograd through it is
+an independent check of every hand-written backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .checks import causal_offset, check_backward_inputs, check_qkv, resolve_softmax_scale
+from .layout import accum_dtype, expand_kv, reduce_kv_grad
+
+
+def visibility_mask(seqlen_q: int, seqlen_k: int, causal: bool, device) -> torch.Tensor | None:
+    """Boolean [Sq, Sk] mask of the keys each query sees (None: all of them)."""
+    if not causal:
+        return None
+    rows = torch.arange(seqlen_q, device=device)[:, None]
+    cols = torch.arange(seqlen_k, device=device)[None, :]
+    return cols <= rows + causal_offset(seqlen_q, seqlen_k)
+
+
+def _probabilities(q, k, scale, causal):
+    """Scores -> (p [B, H, Sq, Sk] normalised, lse [B, H, Sq]), in the accumulation dtype.
+
+    Rows that see no key get p = 0 and lse = -inf, without NaN in values or gradients.
+    """
+    acc = accum_dtype(q.dtype)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k).to(acc) * scale
+    mask = visibility_mask(q.shape[1], k.shape[1], causal, q.device)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True).detach()
+    row_max = row_max.masked_fill(row_max == float("-inf"), 0.0)
+    unnormalised = torch.exp(scores - row_max)
+    row_sum = unnormalised.sum(dim=-1, keepdim=True)
+    seen = row_sum > 0
+    safe_sum = torch.where(seen, row_sum, torch.ones_like(row_sum))
+    lse = torch.where(seen, row_max + torch.log(safe_sum), torch.full_like(row_sum, float("-inf")))
+    return unnormalised / safe_sum, lse.squeeze(-1)
+
+
+def forward(q, k, v, *, causal=False, softmax_scale=None):
+    """(out [B, Sq, Hq, D] in q's dtype, lse [B, Hq, Sq] in promote(dtype, float32))."""
+    shape = check_qkv(q, k, v)
+    scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
+    k, v = expand_kv(k, shape.group), expand_kv(v, shape.group)
+    p, lse = _probabilities(q, k, scale, causal)
+    out = torch.einsum("bhqk,bkhd->bqhd", p.to(q.dtype), v)
+    return out, lse
+
+
+def backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None):
+    """(dq, dk, dv) from the given out and lse, which may be global ones from ring attention."""
+    shape = check_backward_inputs(dout, q, k, v, out, lse)
+    scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
+    acc = accum_dtype(q.dtype)
+    ke, ve = expand_kv(k, shape.group), expand_kv(v, shape.group)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, ke).to(acc) * scale
+    lse = lse.to(acc)
+    # A row with lse = -inf saw no key: its probabilities are 0.
+    lse = lse.masked_fill(lse == float("-inf"), float("inf")).unsqueeze(-1)
+    p = torch.exp(scores - lse)
+    mask = visibility_mask(shape.seqlen_q, shape.seqlen_k, causal, q.device)
+    if mask is not None:
+        p = p.masked_fill(~mask, 0.0)
+    delta = (dout.to(acc) * out.to(acc)).sum(dim=-1).transpose(1, 2).unsqueeze(-1)  # [B, H, Sq, 1]
+    dv = torch.einsum("bhqk,bqhd->bkhd", p.to(q.dtype), dout)
+    dp = torch.einsum("bqhd,bkhd->bhqk", dout, ve).to(acc)
+    ds = (p * (dp - delta) * scale).to(q.dtype)
+    dq = torch.einsum("bhqk,bkhd->bqhd", ds, ke)
+    dk = torch.einsum("bhqk,bqhd->bkhd", ds, q)
+    return dq, reduce_kv_grad(dk, shape.group).to(k.dtype), reduce_kv_grad(dv, shape.group).to(v.dtype)

@@ -1,0 +1,138 @@
+"""The ``torch`` backend: PyTorch's fused attention ops that expose the LSE.
+
+CPU: ``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward.
+CUDA: the flash ops for fp16/bf16, the memory-efficient ops for fp32.
+
+These ops align a causal mask top-left, our convention is bottom-right, and both
+agree on square blocks. So a causal call is cut into pieces that are either
+unmasked or square-causal: for ``Sk >= Sq`` the first ``Sk - Sq`` keys are seen
+by every query (an unmasked piece) and the last ``Sq`` keys form a square causal
+piece; for ``Sk < Sq`` the first ``Sq - Sk`` queries see nothing and the rest form
+a square causal piece. Pieces are merged exactly through their LSE.
+GQA/MQA expands K/V heads and sums their gradients back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .checks import check_backward_inputs, check_qkv, resolve_softmax_scale
+from .merge import merge_attention
+from .layout import accum_dtype, expand_kv, reduce_kv_grad
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class _Piece:
+    rows: slice
+    keys: slice
+    causal: bool
+
+
+def _pieces(seqlen_q: int, seqlen_k: int, causal: bool) -> list[_Piece]:
+    everything = slice(0, None)
+    if not causal:
+        return [_Piece(everything, everything, False)]
+    if seqlen_k >= seqlen_q:
+        offset = seqlen_k - seqlen_q
+        square = _Piece(everything, slice(offset, None), True)
+        return [_Piece(everything, slice(0, offset), False), square] if offset else [square]
+    return [_Piece(slice(seqlen_q - seqlen_k, None), everything, True)]
+
+
+# --- one fused call on [B, S, H, D] tensors with matching heads -------------------------
+
+def _to_bhsd(x):
+    return x.transpose(1, 2)
+
+
+def _pad_last_dim(x, multiple: int):
+    pad = -x.shape[-1] % multiple
+    return F.pad(x, (0, pad)) if pad else x
+
+
+def _fused_forward(q, k, v, causal: bool, scale: float):
+    """(out [B, S, H, D], lse [B, H, S]) of one fused call; lse in promote(dtype, float32)."""
+    if q.device.type == "cpu":
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
+            _to_bhsd(q), _to_bhsd(k), _to_bhsd(v), 0.0, causal, scale=scale)
+        return _to_bhsd(out), lse
+    head_dim = q.shape[-1]
+    q, k, v = (_to_bhsd(_pad_last_dim(x, 8)) for x in (q, k, v))
+    if q.dtype in (torch.float16, torch.bfloat16):
+        out, lse = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
+    elif q.dtype == torch.float32:
+        out, lse = aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)[:2]
+        lse = lse[..., : q.shape[2]]
+    else:
+        raise TypeError(f"the torch backend on {q.device.type} supports float16, bfloat16 and float32, got {q.dtype}")
+    return _to_bhsd(out)[..., :head_dim], lse
+
+
+def _fused_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
+    """(dq, dk, dv) of one fused call, from the given out and lse."""
+    if q.device.type == "cpu":
+        grads = aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            _to_bhsd(dout), _to_bhsd(q), _to_bhsd(k), _to_bhsd(v), _to_bhsd(out),
+            lse.to(torch.promote_types(q.dtype, torch.float32)), 0.0, causal, scale=scale)
+        return tuple(_to_bhsd(g) for g in grads)
+    head_dim = q.shape[-1]
+    dout, q, k, v, out = (_to_bhsd(_pad_last_dim(x, 8)).contiguous() for x in (dout, q, k, v, out))
+    lse = lse.float().contiguous()
+    if q.dtype in (torch.float16, torch.bfloat16):
+        seed = torch.empty(2, dtype=torch.uint64, device=q.device)
+        offset = torch.empty((), dtype=torch.uint64, device=q.device)
+        grads = aten._scaled_dot_product_flash_attention_backward(
+            dout, q, k, v, out, lse, None, None, q.shape[2], k.shape[2], 0.0, causal, seed, offset, scale=scale)
+    else:
+        if torch.version.hip is None:  # the CUDA op wants the LSE padded to a multiple of 32 rows
+            lse = _pad_last_dim(lse, 32)
+        seed = torch.empty((), dtype=torch.int64, device=q.device)
+        grads = aten._scaled_dot_product_efficient_attention_backward(
+            dout, q, k, v, None, out, lse, seed, seed, 0.0, [True, True, True, False], causal, scale=scale)[:3]
+    return tuple(_to_bhsd(g)[..., :head_dim] for g in grads)
+
+
+# --- the backend contract ---------------------------------------------------------------
+
+def forward(q, k, v, *, causal=False, softmax_scale=None):
+    """(out [B, Sq, Hq, D], lse [B, Hq, Sq] in promote(dtype, float32)) through PyTorch's fused kernels."""
+    shape = check_qkv(q, k, v)
+    scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
+    k, v = expand_kv(k, shape.group), expand_kv(v, shape.group)
+    pieces = _pieces(shape.seqlen_q, shape.seqlen_k, causal)
+    if len(pieces) == 1 and pieces[0].rows == slice(0, None):
+        out, lse = _fused_forward(q, k, v, pieces[0].causal, scale)
+        return out.contiguous(), lse.contiguous()
+    acc = accum_dtype(q.dtype)
+    out = torch.zeros(q.shape, dtype=acc, device=q.device)
+    lse = torch.full((shape.batch, shape.heads, shape.seqlen_q), float("-inf"), dtype=acc, device=q.device)
+    for piece in pieces:
+        rows, keys = piece.rows, piece.keys
+        part_out, part_lse = _fused_forward(q[:, rows], k[:, keys], v[:, keys], piece.causal, scale)
+        out[:, rows], lse[:, :, rows] = merge_attention(out[:, rows], lse[:, :, rows], part_out, part_lse)
+    return out.to(q.dtype), lse
+
+
+def backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None):
+    """(dq, dk, dv) from the given out and lse, which may be global ones from ring attention."""
+    shape = check_backward_inputs(dout, q, k, v, out, lse)
+    scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
+    ke, ve = expand_kv(k, shape.group), expand_kv(v, shape.group)
+    acc = accum_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(ke.shape, dtype=acc, device=q.device)
+    dv = torch.zeros(ve.shape, dtype=acc, device=q.device)
+    for piece in _pieces(shape.seqlen_q, shape.seqlen_k, causal):
+        rows, keys = piece.rows, piece.keys
+        part = _fused_backward(dout[:, rows], q[:, rows], ke[:, keys], ve[:, keys], out[:, rows],
+                               lse[:, :, rows], piece.causal, scale)
+        dq[:, rows] += part[0]
+        dk[:, keys] += part[1]
+        dv[:, keys] += part[2]
+    return (dq.to(q.dtype), reduce_kv_grad(dk, shape.group).to(k.dtype),
+            reduce_kv_grad(dv, shape.group).to(v.dtype))

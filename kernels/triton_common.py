@@ -1,0 +1,136 @@
+"""Pieces shared by the Triton forward and backward kernels and their launchers.
+
+Conventions inside the kernels: scores live in the log2 domain (``qk_scale`` is the
+softmax scale times log2(e), so ``exp2`` replaces ``exp``); a query row ``i`` sees key
+``j`` iff ``j <= i + seqlen_k - seqlen_q`` when causal (bottom-right alignment).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import interpreter_active
+
+LOG2E = math.log2(math.e)
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def load_tile(ptrs, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """Load a [len(rows), len(cols)] tile, zero outside ``rows < n_rows`` and ``cols < n_cols``."""
+    if CHECK_ROWS:
+        if CHECK_COLS:
+            tile = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+    else:
+        if CHECK_COLS:
+            tile = tl.load(ptrs, mask=cols[None, :] < n_cols, other=0.0)
+        else:
+            tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def store_tile(ptrs, tile, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """Store a tile, skipping elements outside ``rows < n_rows`` and ``cols < n_cols``."""
+    if CHECK_ROWS:
+        if CHECK_COLS:
+            tl.store(ptrs, tile, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols))
+        else:
+            tl.store(ptrs, tile, mask=rows[:, None] < n_rows)
+    else:
+        if CHECK_COLS:
+            tl.store(ptrs, tile, mask=cols[None, :] < n_cols)
+        else:
+            tl.store(ptrs, tile)
+
+
+@triton.jit
+def key_block_range(start_m, seqlen_q, seqlen_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    """For query rows [start_m, start_m + BLOCK_M): keys [0, full_end) need no mask,
+    keys [full_end, end) need the causal and bounds masks, later keys are never seen."""
+    if CAUSAL:
+        offset = seqlen_k - seqlen_q
+        end = tl.minimum(tl.maximum(start_m + BLOCK_M + offset, 0), seqlen_k)
+        full_end = tl.minimum(tl.maximum(start_m + offset + 1, 0), seqlen_k)
+    else:
+        end = seqlen_k
+        full_end = seqlen_k
+    full_end = full_end // BLOCK_N * BLOCK_N
+    return full_end, end
+
+
+@triton.jit
+def query_block_range(start_n, seqlen_q, seqlen_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """For key rows [start_n, start_n + BLOCK_N): queries before ``begin`` see none of them,
+    queries [begin, full_begin) need the causal mask, queries from ``full_begin`` on see all."""
+    if CAUSAL:
+        offset = seqlen_k - seqlen_q
+        first_row = tl.minimum(tl.maximum(start_n - offset, 0), seqlen_q)
+        full_row = tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - offset, 0), seqlen_q)
+        begin = first_row // BLOCK_M * BLOCK_M
+        full_begin = tl.cdiv(full_row, BLOCK_M) * BLOCK_M
+    else:
+        begin = 0
+        full_begin = 0
+    return begin, full_begin
+
+
+@triton.jit
+def causal_visible(rows, cols, seqlen_q, seqlen_k):
+    """[len(rows), len(cols)] booleans: does query ``rows[i]`` see key ``cols[j]``."""
+    return cols[None, :] <= rows[:, None] + (seqlen_k - seqlen_q)
+
+
+def check_triton_inputs(q: torch.Tensor) -> None:
+    """The Triton kernels need CUDA tensors (or the interpreter) and a dtype they compute right."""
+    if q.dtype not in TRITON_DTYPES:
+        raise TypeError(f"the triton backend supports float16, bfloat16 and float32, got q of dtype {q.dtype}")
+    if interpreter_active():
+        if q.dtype == torch.bfloat16:
+            raise TypeError("q is bfloat16, which Triton's CPU interpreter computes wrongly; "
+                            "use float16 or float32 under TRITON_INTERPRET=1, or run on a GPU")
+    elif q.device.type != "cuda":
+        raise ValueError(f"the triton backend needs CUDA tensors, got q on {q.device} "
+                         "(set TRITON_INTERPRET=1 before importing kernels to run it on the CPU)")
+
+
+def device_guard(device: torch.device):
+    """Launch on the tensors' GPU rather than the current one."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """float32 inputs get exact float32 products, not TF32."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@dataclass
+class Launch:
+    """One kernel launch, described so that it can be run or compiled ahead of time."""
+
+    kernel: object  # a @triton.jit function
+    grid: tuple[int, int]
+    args: tuple  # runtime arguments, in the kernel's order
+    constexprs: dict = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def run(self) -> None:
+        self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def strides(x: torch.Tensor) -> tuple[int, int, int, int]:
+    """Element strides of a [B, S, H, D] tensor; any layout works, views included."""
+    return tuple(x.stride())

@@ -1,0 +1,1 @@
+"""Figures drawn from the JSON files under ``bench/results/`` (filled in by the benchmark work)."""

@@ -1,0 +1,61 @@
+"""``python -m bench verify``: the table, the JSON file, and the exit status."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import verify
+from bench.__main__ import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_verify_end_to_end_in_a_fresh_process(tmp_path):
+    """As a user runs it: a new interpreter that picks the Triton interpreter itself."""
+    proc = subprocess.run([sys.executable, "-m", "bench", "verify", "--backend", "triton", "--dtype", "fp16",
+                           "--out-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    n = len(verify.CPU_SHAPES if not torch.cuda.is_available() else verify.GPU_SHAPES) * 2
+    assert f"{n}/{n} passed" in proc.stdout
+    assert f"[  1/{n}] triton  fp16" in proc.stdout  # progress, one row per case
+    (path,) = tmp_path.glob("verify-*.json")
+    doc = json.loads(path.read_text())
+    assert doc["kind"] == "verify"
+    assert {"device", "torch", "triton", "python", "platform"} <= set(doc["machine"])
+    assert doc["summary"] == {"cases": n, "passed": n, "failed": 0}
+    record = doc["records"][0]
+    assert {"backend", "dtype", "causal", "batch", "seqlen_q", "seqlen_k", "heads", "kv_heads", "head_dim",
+            "errors", "tolerances", "passed", "seed"} <= set(record)
+    assert set(record["errors"]) == {"out", "lse", "dq", "dk", "dv"}
+
+
+def test_verify_exits_non_zero_when_a_backend_is_wrong(tmp_path, monkeypatch, capsys):
+    from kernels import backends
+
+    naive = backends.BACKENDS["naive"]
+
+    def wrong_lse(q, k, v, **kwargs):
+        out, lse = naive.forward(q, k, v, **kwargs)
+        return out, lse + 1e-3
+
+    monkeypatch.setitem(backends.BACKENDS, "torch", backends.Backend("torch", wrong_lse, naive.backward))
+    monkeypatch.setattr(verify, "CPU_SHAPES", verify.CPU_SHAPES[:1])
+    monkeypatch.setattr(verify, "GPU_SHAPES", verify.GPU_SHAPES[:1])
+    status = main(["verify", "--backend", "torch", "--dtype", "fp32", "--out-dir", str(tmp_path)])
+    output = capsys.readouterr().out
+    assert status == 1
+    assert "FAIL" in output and "lse: error" in output
+    doc = json.loads(next(tmp_path.glob("verify-*.json")).read_text())
+    assert doc["summary"]["failed"] == 2
+
+
+def test_verify_help_lists_its_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["verify", "--help"])
+    assert exit_info.value.code == 0
+    usage = capsys.readouterr().out
+    assert all(option in usage for option in ("--backend", "--dtype", "--device", "--out-dir", "--seed"))

@@ -1,0 +1,143 @@
+"""merge_attention, and ring semantics at kernel level: attention over K/V blocks, one
+block per call, merged through the LSE (forward) and fed the global out and lse
+(backward), equals attention over the whole sequence."""
+
+import pytest
+import torch
+
+from bench.numerics import Case, compare, reference
+from conftest import DEVICE
+from kernels import get_backend, merge_attention
+
+INF = float("inf")
+
+
+def _randn(*shape, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float32).to(device=DEVICE, dtype=dtype)
+
+
+def test_merge_of_two_key_halves_is_exact():
+    naive = get_backend("naive")
+    q, k, v = _randn(2, 9, 3, 16, seed=1), _randn(2, 20, 3, 16, seed=2), _randn(2, 20, 3, 16, seed=3)
+    out, lse = naive.forward(q, k, v)
+    out_a, lse_a = naive.forward(q, k[:, :7], v[:, :7])
+    out_b, lse_b = naive.forward(q, k[:, 7:], v[:, 7:])
+    merged, merged_lse = merge_attention(out_a, lse_a, out_b, lse_b)
+    torch.testing.assert_close(merged, out, rtol=0, atol=1e-14)
+    torch.testing.assert_close(merged_lse, lse, rtol=0, atol=1e-14)
+
+
+def test_merge_handles_empty_sides():
+    out = _randn(1, 3, 1, 4, seed=4)
+    block = _randn(1, 3, 1, 4, seed=5)
+    lse = torch.tensor([[[-INF, 0.5, -INF]]], device=DEVICE, dtype=torch.float64)
+    block_lse = torch.tensor([[[1.5, -INF, -INF]]], device=DEVICE, dtype=torch.float64)
+    out[:, 0] = 0  # a side with lse = -inf has out = 0 by contract
+    out[:, 2] = 0
+    block[:, 1:] = 0
+    merged, merged_lse = merge_attention(out, lse, block, block_lse)
+    assert not merged.isnan().any() and not merged_lse.isnan().any()
+    torch.testing.assert_close(merged[:, 0], block[:, 0])  # only the block saw keys
+    torch.testing.assert_close(merged[:, 1], out[:, 1])  # only the accumulator saw keys
+    assert (merged[:, 2] == 0).all() and merged_lse[0, 0, 2] == -INF  # nobody saw keys
+    torch.testing.assert_close(merged_lse[0, 0, :2], torch.tensor([1.5, 0.5], device=DEVICE, dtype=torch.float64))
+
+
+def test_merge_keeps_a_float32_accumulator_from_half_blocks():
+    out = torch.zeros(1, 2, 1, 16, device=DEVICE, dtype=torch.float32)
+    lse = torch.full((1, 1, 2), -INF, device=DEVICE)
+    block = _randn(1, 2, 1, 16, dtype=torch.float16, seed=6)
+    merged, merged_lse = merge_attention(out, lse, block, torch.zeros(1, 1, 2, device=DEVICE))
+    assert merged.dtype == torch.float32 and merged_lse.dtype == torch.float32
+    torch.testing.assert_close(merged, block.float())
+
+
+def test_merge_rejects_mismatched_shapes():
+    out, lse = torch.zeros(1, 4, 2, 8), torch.zeros(1, 2, 4)
+    with pytest.raises(ValueError, match="block_out"):
+        merge_attention(out, lse, torch.zeros(1, 4, 2, 4), lse)
+    with pytest.raises(ValueError, match="block_lse"):
+        merge_attention(out, lse, out, torch.zeros(1, 2, 3))
+    with pytest.raises(ValueError, match="lse must have shape"):
+        merge_attention(out, torch.zeros(1, 4, 2), out, torch.zeros(1, 4, 2))
+
+
+def _block_kind(q_chunk: int, k_chunk: int, causal: bool):
+    """Contiguous ring layout: a query chunk sees earlier key chunks fully, its own
+    chunk causally (square, so the alignment is the diagonal) and later ones not at all."""
+    if not causal or k_chunk < q_chunk:
+        return False
+    return True if k_chunk == q_chunk else None
+
+
+def ring_attention_by_blocks(backend, q, k, v, dout, causal: bool, chunks: int):
+    """Out, lse and gradients of attention computed one (query chunk, key chunk) block at a time."""
+    be = get_backend(backend)
+    qs, ks, vs, dos = (x.chunk(chunks, dim=1) for x in (q, k, v, dout))
+    outs, lses = [], []
+    for i in range(chunks):
+        out = torch.zeros(qs[i].shape, dtype=torch.float32, device=q.device)
+        lse = torch.full((q.shape[0], q.shape[2], qs[i].shape[1]), -INF, device=q.device)
+        for j in range(chunks):
+            kind = _block_kind(i, j, causal)
+            if kind is None:
+                continue
+            block_out, block_lse = be.forward(qs[i], ks[j], vs[j], causal=kind, softmax_scale=None)
+            out, lse = merge_attention(out, lse, block_out, block_lse)
+        outs.append(out.to(q.dtype))
+        lses.append(lse)
+    dq = [torch.zeros(x.shape, dtype=torch.float32, device=q.device) for x in qs]
+    dk = [torch.zeros(x.shape, dtype=torch.float32, device=q.device) for x in ks]
+    dv = [torch.zeros(x.shape, dtype=torch.float32, device=q.device) for x in vs]
+    for i in range(chunks):
+        for j in range(chunks):
+            kind = _block_kind(i, j, causal)
+            if kind is None:
+                continue
+            g = be.backward(dos[i], qs[i], ks[j], vs[j], outs[i], lses[i], causal=kind, softmax_scale=None)
+            dq[i] += g[0]
+            dk[j] += g[1]
+            dv[j] += g[2]
+    cat = lambda xs, dim=1: torch.cat(xs, dim=dim)  # noqa: E731
+    return dict(out=cat(outs), lse=cat(lses, dim=2), dq=cat(dq).to(q.dtype), dk=cat(dk).to(k.dtype),
+                dv=cat(dv).to(v.dtype))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "naive"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_ring_of_blocks_equals_full_attention(backend, causal, dtype):
+    batch, seqlen, heads, kv_heads, head_dim, chunks = 1, 48, 4, 2, 32, 3
+    q = _randn(batch, seqlen, heads, head_dim, dtype=dtype, seed=7)
+    k = _randn(batch, seqlen, kv_heads, head_dim, dtype=dtype, seed=8)
+    v = _randn(batch, seqlen, kv_heads, head_dim, dtype=dtype, seed=9)
+    dout = _randn(batch, seqlen, heads, head_dim, dtype=dtype, seed=10)
+    case = Case(backend, dtype, batch, seqlen, seqlen, heads, kv_heads, head_dim, causal)
+    ring = ring_attention_by_blocks(backend, q, k, v, dout, causal, chunks)
+    whole = ring_attention_by_blocks("naive", q, k, v, dout, causal, 1)  # plain torch, input dtype
+    errors, tolerances, failures = compare(case, ring, reference(q, k, v, dout, causal), whole)
+    assert not failures, failures
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_ring_over_key_chunks_with_more_keys_than_queries(backend):
+    """Non-causal, Sq != Sk: split only K/V into uneven chunks."""
+    q = _randn(2, 20, 2, 64, dtype=torch.float32, seed=11)
+    k = _randn(2, 70, 1, 64, dtype=torch.float32, seed=12)
+    v = _randn(2, 70, 1, 64, dtype=torch.float32, seed=13)
+    dout = _randn(2, 20, 2, 64, dtype=torch.float32, seed=14)
+    be = get_backend(backend)
+    out = torch.zeros(q.shape, device=DEVICE)
+    lse = torch.full((2, 2, 20), -INF, device=DEVICE)
+    bounds = [0, 17, 33, 70]
+    for lo, hi in zip(bounds, bounds[1:]):
+        out, lse = merge_attention(out, lse, *be.forward(q, k[:, lo:hi], v[:, lo:hi], causal=False, softmax_scale=None))
+    grads = [be.backward(dout, q, k[:, lo:hi], v[:, lo:hi], out, lse, causal=False, softmax_scale=None)
+             for lo, hi in zip(bounds, bounds[1:])]
+    ring = dict(out=out, lse=lse, dq=sum(g[0] for g in grads), dk=torch.cat([g[1] for g in grads], 1),
+                dv=torch.cat([g[2] for g in grads], 1))
+    case = Case(backend, torch.float32, 2, 20, 70, 2, 1, 64, False)
+    baseline = ring_attention_by_blocks("naive", q, k, v, dout, False, 1)
+    _, _, failures = compare(case, ring, reference(q, k, v, dout, False), baseline)
+    assert not failures, failures

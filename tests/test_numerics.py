@@ -1,0 +1,85 @@
+"""Forward (out, lse) and backward (dq, dk, dv) of every backend against float64 naive attention."""
+
+import itertools
+import zlib
+
+import pytest
+import torch
+
+from bench.numerics import Case, run_case
+from conftest import DEVICE
+
+# (batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim). Together they cover head dims
+# 16/64/80/96/128/256, lengths 1/17/64/129/200, Sq < Sk and Sq > Sk, MHA, GQA 4:1 and MQA.
+SHAPES = [
+    (1, 1, 1, 2, 2, 16),
+    (2, 17, 17, 2, 2, 64),
+    (1, 64, 64, 4, 1, 80),
+    (1, 129, 129, 8, 2, 128),
+    (1, 200, 200, 2, 2, 16),
+    (1, 17, 129, 4, 1, 64),
+    (1, 200, 64, 8, 2, 80),
+    (1, 1, 200, 2, 2, 128),
+    (1, 129, 1, 2, 1, 16),
+    (1, 64, 100, 2, 2, 96),
+    (1, 33, 17, 2, 1, 256),
+]
+# The naive backend is the baseline of the others; in float64 its hand-written backward
+# is held to a few ulps of autograd's.
+DTYPES = {
+    "triton": (torch.float32, torch.float16),
+    "torch": (torch.float32, torch.float16) + ((torch.float64,) if DEVICE.type == "cpu" else ()),
+    "naive": (torch.float64, torch.float32),
+}
+CASES = [
+    Case(backend, dtype, *shape, causal)
+    for backend, dtypes in DTYPES.items()
+    for dtype, shape, causal in itertools.product(dtypes, SHAPES, (False, True))
+]
+
+
+def _seed(case: Case) -> int:
+    return zlib.crc32(case.label.encode())
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.label.replace(" ", "-"))
+def test_backend_matches_float64_oracle(case):
+    result = run_case(case, device=DEVICE, seed=_seed(case))
+    assert result.passed, f"{case.label}: {result.failures}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("shape", SHAPES + [(2, 1000, 1000, 8, 2, 128), (1, 777, 333, 4, 4, 256)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_bf16_on_gpu(backend, shape, causal):
+    case = Case(backend, torch.bfloat16, *shape, causal)
+    result = run_case(case, device=DEVICE, seed=_seed(case))
+    assert result.passed, f"{case.label}: {result.failures}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_harness_rejects_a_slightly_wrong_gradient(monkeypatch, dtype):
+    """The tolerance catches a 1% error in one gradient of an otherwise exact backend."""
+    from kernels import backends
+
+    torch_backend = backends.BACKENDS["torch"]
+
+    def dv_off_by_one_percent(*args, **kwargs):
+        dq, dk, dv = torch_backend.backward(*args, **kwargs)
+        return dq, dk, dv * 1.01
+
+    wrong = backends.Backend("wrong", torch_backend.forward, dv_off_by_one_percent)
+    monkeypatch.setitem(backends.BACKENDS, "wrong", wrong)
+    result = run_case(Case("wrong", dtype, 1, 64, 64, 2, 2, 16, True))
+    assert [f.split(":")[0] for f in result.failures] == ["dv"]
+
+
+def test_harness_rejects_nan():
+    from bench.numerics import compare
+
+    case = Case("naive", torch.float32, 1, 2, 2, 1, 1, 16, False)
+    ref = {n: torch.zeros(2) for n in ("out", "lse", "dq", "dk", "dv")}
+    results = dict(ref, dq=torch.tensor([0.0, float("nan")]))
+    _, _, failures = compare(case, results, ref, baseline=ref)
+    assert [f.split(":")[0] for f in failures] == ["dq"]

@@ -1,0 +1,100 @@
+"""Bad input gets a ValueError or TypeError that names the argument, in every backend."""
+
+import pytest
+import torch
+
+from conftest import DEVICE
+from kernels import flash_attn_func, get_backend
+
+BACKENDS = ["triton", "torch", "naive"]
+
+
+def _qkv(b=1, sq=8, sk=8, h=4, hkv=2, d=16, dtype=torch.float32):
+    return (torch.randn(b, sq, h, d, dtype=dtype, device=DEVICE),
+            torch.randn(b, sk, hkv, d, dtype=dtype, device=DEVICE),
+            torch.randn(b, sk, hkv, d, dtype=dtype, device=DEVICE))
+
+
+FORWARD_ERRORS = [
+    # (description, build q/k/v from good ones, exception, message fragment)
+    ("3-dim q", lambda q, k, v: (q[0], k, v), ValueError, "q must have 4 dims"),
+    ("5-dim k", lambda q, k, v: (q, k[None], v), ValueError, "k must have 4 dims"),
+    ("batch mismatch", lambda q, k, v: (q, k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1)), ValueError,
+     "k has batch size 2"),
+    ("head dim mismatch", lambda q, k, v: (q, k[..., :8], v[..., :8]), ValueError, "k has head dim 8"),
+    ("dtype mismatch", lambda q, k, v: (q, k.half(), v), TypeError, "k has dtype"),
+    ("k/v shapes differ", lambda q, k, v: (q, k, v[:, :5]), ValueError, "k and v must have the same shape"),
+    ("heads not a multiple", lambda q, k, v: (q[:, :, :3], k, v), ValueError, "multiple of the heads of k"),
+    ("head dim over 256", lambda q, k, v: (*(torch.zeros(1, 2, 1, 264, device=DEVICE) for _ in "qkv"),),
+     ValueError, "at most 256"),
+    ("empty sequence", lambda q, k, v: (q[:, :0], k, v), ValueError, "q must have no empty dimension"),
+    ("integer tensor", lambda q, k, v: (q.long(), k, v), TypeError, "q must be a floating-point tensor"),
+    ("not a tensor", lambda q, k, v: (q.tolist(), k, v), TypeError, "q must be a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("what, mutate, error, message", FORWARD_ERRORS, ids=[e[0] for e in FORWARD_ERRORS])
+def test_forward_rejects(backend, what, mutate, error, message):
+    q, k, v = mutate(*_qkv())
+    with pytest.raises(error, match=message):
+        get_backend(backend).forward(q, k, v, causal=False, softmax_scale=None)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="checks the CPU tensors case")
+def test_device_mismatch_is_named():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="k is on meta but q is on cpu"):
+        get_backend("naive").forward(q, k.to("meta"), v, causal=False, softmax_scale=None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale, error", [(-1.0, ValueError), (float("nan"), ValueError), ("0.1", TypeError)])
+def test_bad_softmax_scale(backend, scale, error):
+    with pytest.raises(error, match="softmax_scale"):
+        get_backend(backend).forward(*_qkv(), causal=False, softmax_scale=scale)
+
+
+BACKWARD_ERRORS = [
+    ("dout shape", lambda a: dict(a, dout=a["dout"][:, :4]), ValueError, "dout must have the shape of q"),
+    ("out shape", lambda a: dict(a, out=a["out"][..., :8]), ValueError, "out must have the shape of q"),
+    ("lse shape", lambda a: dict(a, lse=a["lse"].transpose(1, 2)), ValueError, "lse must have shape"),
+    ("lse not a tensor", lambda a: dict(a, lse=None), TypeError, "lse must be a torch.Tensor"),
+    ("integer lse", lambda a: dict(a, lse=a["lse"].long()), TypeError, "lse must be a floating-point"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("what, mutate, error, message", BACKWARD_ERRORS, ids=[e[0] for e in BACKWARD_ERRORS])
+def test_backward_rejects(backend, what, mutate, error, message):
+    q, k, v = _qkv()
+    out, lse = get_backend("naive").forward(q, k, v, causal=False, softmax_scale=None)
+    args = mutate(dict(dout=torch.randn_like(q), q=q, k=k, v=v, out=out, lse=lse.float()))
+    with pytest.raises(error, match=message):
+        get_backend(backend).backward(args["dout"], args["q"], args["k"], args["v"], args["out"], args["lse"],
+                                      causal=False, softmax_scale=None)
+
+
+def test_triton_rejects_float64():
+    with pytest.raises(TypeError, match="float16, bfloat16 and float32"):
+        get_backend("triton").forward(*_qkv(dtype=torch.float64), causal=False, softmax_scale=None)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the interpreter only runs without a GPU")
+def test_triton_interpreter_refuses_bfloat16():
+    with pytest.raises(TypeError, match="interpreter computes wrongly"):
+        get_backend("triton").forward(*_qkv(dtype=torch.bfloat16), causal=False, softmax_scale=None)
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        get_backend("flash4")
+
+
+def test_default_backend_follows_the_machine():
+    assert get_backend().name == ("triton" if torch.cuda.is_available() else "torch")
+
+
+def test_flash_attn_func_rejects_dropout():
+    with pytest.raises(ValueError, match="dropout_p"):
+        flash_attn_func(*_qkv(), dropout_p=0.1)
