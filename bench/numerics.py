@@ -9,13 +9,14 @@ one unit of the dtype's precision and the rounding of one float32 dot product ov
 head dim (``sqrt(D)`` float32 units; it matters where a gradient cancels to ~0, as for
 a row that sees one key). Without a baseline (the naive backend itself, and float64,
 the oracle's own dtype) the bound is ``NAIVE_ULPS`` units of the dtype, which checks
-the float64 formulas to ~1e-14. NaN anywhere fails; ``-inf`` LSEs must match exactly. Outputs are allocated poisoned (NaN), so an
-element a kernel never writes fails too.
+the float64 formulas to ~1e-14. NaN anywhere fails; ``-inf`` LSEs must match exactly.
+Outputs are allocated poisoned (NaN), so an element a kernel never writes fails too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from attention import naive_attention
-from kernels import get_backend
+from kernels import AttentionShape, get_backend
 
 QUANTITIES = ("out", "lse", "dq", "dk", "dv")
 MULTIPLIER = {"out": 3.0, "lse": 3.0, "dq": 4.0, "dk": 4.0, "dv": 4.0}
@@ -37,22 +38,16 @@ class Case:
 
     backend: str
     dtype: torch.dtype
-    batch: int
-    seqlen_q: int
-    seqlen_k: int
-    heads: int
-    kv_heads: int
-    head_dim: int
+    shape: AttentionShape
     causal: bool
+    softmax_scale: float | None = None  # None: head_dim ** -0.5
 
     @property
     def label(self) -> str:
-        return (f"{self.backend} {DTYPE_NAMES[self.dtype]} b{self.batch} sq{self.seqlen_q} sk{self.seqlen_k} "
-                f"h{self.heads}/{self.kv_heads} d{self.head_dim}{' causal' if self.causal else ''}")
-
-    def shape_dict(self) -> dict:
-        return dict(batch=self.batch, seqlen_q=self.seqlen_q, seqlen_k=self.seqlen_k, heads=self.heads,
-                    kv_heads=self.kv_heads, head_dim=self.head_dim)
+        s = self.shape
+        scale = "" if self.softmax_scale is None else f" scale{self.softmax_scale:g}"
+        return (f"{self.backend} {DTYPE_NAMES[self.dtype]} b{s.batch} sq{s.seqlen_q} sk{s.seqlen_k} "
+                f"h{s.heads}/{s.kv_heads} d{s.head_dim}{' causal' if self.causal else ''}{scale}")
 
 
 @dataclass
@@ -71,7 +66,8 @@ class CaseResult:
     def record(self) -> dict:
         """A JSON-ready summary."""
         return dict(backend=self.case.backend, dtype=DTYPE_NAMES[self.case.dtype], causal=self.case.causal,
-                    **self.case.shape_dict(), errors=self.errors, tolerances=self.tolerances,
+                    softmax_scale=self.case.softmax_scale,
+                    **dataclasses.asdict(self.case.shape), errors=self.errors, tolerances=self.tolerances,
                     seed=self.seed, passed=self.passed, failures=self.failures, seconds=round(self.seconds, 3))
 
 
@@ -85,26 +81,27 @@ def max_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
 def _inputs(case: Case, device, generator: torch.Generator):
     def randn(*shape):
         return torch.randn(*shape, generator=generator, dtype=torch.float32).to(device=device, dtype=case.dtype)
-    q = randn(case.batch, case.seqlen_q, case.heads, case.head_dim)
-    k = randn(case.batch, case.seqlen_k, case.kv_heads, case.head_dim)
-    v = randn(case.batch, case.seqlen_k, case.kv_heads, case.head_dim)
-    dout = randn(case.batch, case.seqlen_q, case.heads, case.head_dim)
+    s = case.shape
+    q = randn(s.batch, s.seqlen_q, s.heads, s.head_dim)
+    k = randn(s.batch, s.seqlen_k, s.kv_heads, s.head_dim)
+    v = randn(s.batch, s.seqlen_k, s.kv_heads, s.head_dim)
+    dout = randn(s.batch, s.seqlen_q, s.heads, s.head_dim)
     return q, k, v, dout
 
 
-def reference(q, k, v, dout, causal: bool) -> dict[str, torch.Tensor]:
+def reference(q, k, v, dout, causal: bool, softmax_scale=None) -> dict[str, torch.Tensor]:
     """The oracle: float64 naive attention's out, lse and gradients through autograd."""
     q, k, v = (x.detach().to(torch.float64).requires_grad_() for x in (q, k, v))
-    out, lse = naive_attention(q, k, v, causal=causal)
+    out, lse = naive_attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
     out.backward(dout.to(torch.float64))
     return dict(out=out.detach(), lse=lse.detach(), dq=q.grad, dk=k.grad, dv=v.grad)
 
 
-def run_backend(backend, q, k, v, dout, causal: bool) -> dict[str, torch.Tensor]:
+def run_backend(backend, q, k, v, dout, causal: bool, softmax_scale=None) -> dict[str, torch.Tensor]:
     """A backend's out, lse and gradients (its backward fed its own out and lse)."""
     backend = get_backend(backend)
-    out, lse = backend.forward(q, k, v, causal=causal, softmax_scale=None)
-    dq, dk, dv = backend.backward(dout, q, k, v, out, lse, causal=causal, softmax_scale=None)
+    out, lse = backend.forward(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    dq, dk, dv = backend.backward(dout, q, k, v, out, lse, causal=causal, softmax_scale=softmax_scale)
     return dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv)
 
 
@@ -131,7 +128,7 @@ def compare(case: Case, results: dict, ref: dict, baseline: dict | None) -> tupl
             continue
         errors[name] = max_error(actual, ref[name])
         base = None if baseline is None else max_error(baseline[name], ref[name])
-        tolerances[name] = tolerance(name, case.dtype, case.head_dim, ref[name], base)
+        tolerances[name] = tolerance(name, case.dtype, case.shape.head_dim, ref[name], base)
         if not errors[name] <= tolerances[name]:  # NaN fails here too
             failures.append(f"{name}: error {errors[name]:.3g} > tolerance {tolerances[name]:.3g}")
     return errors, tolerances, failures
@@ -158,10 +155,10 @@ def run_case(case: Case, device="cpu", seed: int = 0) -> CaseResult:
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
     q, k, v, dout = _inputs(case, device, generator)
-    ref = reference(q, k, v, dout, case.causal)
+    ref = reference(q, k, v, dout, case.causal, case.softmax_scale)
     with poisoned_allocations():
-        results = run_backend(case.backend, q, k, v, dout, case.causal)
+        results = run_backend(case.backend, q, k, v, dout, case.causal, case.softmax_scale)
     has_baseline = case.backend != "naive" and case.dtype != torch.float64
-    baseline = run_backend("naive", q, k, v, dout, case.causal) if has_baseline else None
+    baseline = run_backend("naive", q, k, v, dout, case.causal, case.softmax_scale) if has_baseline else None
     errors, tolerances, failures = compare(case, results, ref, baseline)
     return CaseResult(case, seed, errors, tolerances, time.perf_counter() - start, failures)

@@ -8,6 +8,7 @@ import sys
 
 import torch
 
+from kernels import AttentionShape
 from kernels.configs import interpreter_active
 
 from .numerics import DTYPE_NAMES, QUANTITIES, Case, CaseResult, run_case
@@ -48,13 +49,13 @@ def default_cases(device: torch.device, backends, dtypes=None, shapes=None) -> l
             if dtypes and dtype not in dtypes:
                 continue
             for shape, causal in itertools.product(shapes, (False, True)):
-                cases.append(Case(backend, dtype, *shape, causal))
+                cases.append(Case(backend, dtype, AttentionShape(*shape), causal))
     return cases
 
 
 def format_row(result: CaseResult) -> str:
-    c = result.case
-    shape = f"b{c.batch} sq{c.seqlen_q} sk{c.seqlen_k} h{c.heads}/{c.kv_heads} d{c.head_dim}"
+    c, s = result.case, result.case.shape
+    shape = f"b{s.batch} sq{s.seqlen_q} sk{s.seqlen_k} h{s.heads}/{s.kv_heads} d{s.head_dim}"
     errs = " ".join(f"{result.errors[n]:9.2e}" for n in QUANTITIES)
     return (f"{c.backend:<8}{DTYPE_NAMES[c.dtype]:<6}{shape:<32}{'yes' if c.causal else 'no':<7}{errs}  "
             f"{'pass' if result.passed else 'FAIL'}")

@@ -20,7 +20,8 @@ import triton.language as tl
 from .checks import check_backward_inputs, resolve_softmax_scale
 from .configs import KernelConfig, get_config, padded_head_dim
 from .triton_common import (LOG2E, Launch, causal_visible, check_triton_inputs, device_guard, dot_precision,
-                            key_block_range, load_tile, query_block_range, store_tile, strides)
+                            key_block_range, load_tile, program_tile, query_block_range, store_tile, strides,
+                            tile_pointers)
 
 
 @triton.jit
@@ -31,16 +32,13 @@ def _bwd_preprocess_kernel(
     seqlen_q, heads, head_dim,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // heads).to(tl.int64)
-    h = (bh % heads).to(tl.int64)
+    start_m, bh, b, h = program_tile(BLOCK_M, heads)
     rows = tl.arange(0, BLOCK_M)
     offs_m = start_m + rows
     offs_d = tl.arange(0, BLOCK_D)
     m0 = start_m.to(tl.int64)
-    o_ptrs = Out + b * stride_ob + h * stride_oh + m0 * stride_os + rows[:, None] * stride_os + offs_d[None, :] * stride_od
-    do_ptrs = DO + b * stride_db + h * stride_dh + m0 * stride_ds + rows[:, None] * stride_ds + offs_d[None, :] * stride_dd
+    o_ptrs = tile_pointers(Out, b, h, m0, rows, offs_d, stride_ob, stride_os, stride_oh, stride_od)
+    do_ptrs = tile_pointers(DO, b, h, m0, rows, offs_d, stride_db, stride_ds, stride_dh, stride_dd)
     o = load_tile(o_ptrs, offs_m, seqlen_q, offs_d, head_dim, True, True).to(tl.float32)
     do = load_tile(do_ptrs, offs_m, seqlen_q, offs_d, head_dim, True, True).to(tl.float32)
     row = bh.to(tl.int64) * seqlen_q + offs_m
@@ -97,43 +95,44 @@ def _bwd_dkdv_kernel(
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    start_n = tl.program_id(0) * BLOCK_N
-    bh_kv = tl.program_id(1)
-    b = (bh_kv // kv_heads).to(tl.int64)
-    h_kv = (bh_kv % kv_heads).to(tl.int64)
+    start_n, _, b, h_kv = program_tile(BLOCK_N, kv_heads)
     cols = tl.arange(0, BLOCK_N)
     offs_n = start_n + cols
     offs_d = tl.arange(0, BLOCK_D)
     n0 = start_n.to(tl.int64)
 
-    k_ptrs = K + b * stride_kb + h_kv * stride_kh + n0 * stride_ks + cols[:, None] * stride_ks + offs_d[None, :] * stride_kd
-    v_ptrs = V + b * stride_vb + h_kv * stride_vh + n0 * stride_vs + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd
+    k_ptrs = tile_pointers(K, b, h_kv, n0, cols, offs_d, stride_kb, stride_ks, stride_kh, stride_kd)
+    v_ptrs = tile_pointers(V, b, h_kv, n0, cols, offs_d, stride_vb, stride_vs, stride_vh, stride_vd)
     k = load_tile(k_ptrs, offs_n, seqlen_k, offs_d, head_dim, not EVEN_N, not EVEN_D)
     v = load_tile(v_ptrs, offs_n, seqlen_k, offs_d, head_dim, not EVEN_N, not EVEN_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
+    # Query blocks [begin, full_begin) cross the causal diagonal; later ones see every key here.
     begin, full_begin = query_block_range(start_n, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
     end = tl.cdiv(seqlen_q, BLOCK_M) * BLOCK_M
     rows = tl.arange(0, BLOCK_M)
-    for g in range(group):
+    m_begin, m_full = begin.to(tl.int64), full_begin.to(tl.int64)
+    for g in range(group):  # the query heads that share this K/V head
         h = h_kv * group + g
-        q_base = Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd
-        do_base = DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dos + offs_d[None, :] * stride_dod
-        row0 = (b * kv_heads * group + h) * seqlen_q
+        stats = (b * kv_heads * group + h) * seqlen_q  # row 0 of this head in lse2 and delta
         dk, dv = _dkdv_query_blocks(
-            dk, dv, k, v, q_base + begin.to(tl.int64) * stride_qs, do_base + begin.to(tl.int64) * stride_dos,
-            Lse2 + row0, Delta + row0, stride_qs, stride_dos, offs_n, offs_d,
+            dk, dv, k, v,
+            tile_pointers(Q, b, h, m_begin, rows, offs_d, stride_qb, stride_qs, stride_qh, stride_qd),
+            tile_pointers(DO, b, h, m_begin, rows, offs_d, stride_dob, stride_dos, stride_doh, stride_dod),
+            Lse2 + stats, Delta + stats, stride_qs, stride_dos, offs_n, offs_d,
             begin, full_begin, seqlen_q, seqlen_k, head_dim, qk_scale,
             True, BLOCK_M, EVEN_M, EVEN_D, PRECISION)
         dk, dv = _dkdv_query_blocks(
-            dk, dv, k, v, q_base + full_begin.to(tl.int64) * stride_qs, do_base + full_begin.to(tl.int64) * stride_dos,
-            Lse2 + row0, Delta + row0, stride_qs, stride_dos, offs_n, offs_d,
+            dk, dv, k, v,
+            tile_pointers(Q, b, h, m_full, rows, offs_d, stride_qb, stride_qs, stride_qh, stride_qd),
+            tile_pointers(DO, b, h, m_full, rows, offs_d, stride_dob, stride_dos, stride_doh, stride_dod),
+            Lse2 + stats, Delta + stats, stride_qs, stride_dos, offs_n, offs_d,
             full_begin, end, seqlen_q, seqlen_k, head_dim, qk_scale,
             False, BLOCK_M, EVEN_M, EVEN_D, PRECISION)
 
-    dk_ptrs = DK + b * stride_dkb + h_kv * stride_dkh + n0 * stride_dks + cols[:, None] * stride_dks + offs_d[None, :] * stride_dkd
-    dv_ptrs = DV + b * stride_dvb + h_kv * stride_dvh + n0 * stride_dvs + cols[:, None] * stride_dvs + offs_d[None, :] * stride_dvd
+    dk_ptrs = tile_pointers(DK, b, h_kv, n0, cols, offs_d, stride_dkb, stride_dks, stride_dkh, stride_dkd)
+    dv_ptrs = tile_pointers(DV, b, h_kv, n0, cols, offs_d, stride_dvb, stride_dvs, stride_dvh, stride_dvd)
     store_tile(dk_ptrs, (dk * softmax_scale).to(DK.dtype.element_ty), offs_n, seqlen_k, offs_d, head_dim,
                not EVEN_N, not EVEN_D)
     store_tile(dv_ptrs, dv.to(DV.dtype.element_ty), offs_n, seqlen_k, offs_d, head_dim, not EVEN_N, not EVEN_D)
@@ -177,10 +176,7 @@ def _bwd_dq_kernel(
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // heads).to(tl.int64)
-    h = (bh % heads).to(tl.int64)
+    start_m, bh, b, h = program_tile(BLOCK_M, heads)
     h_kv = h // group
     rows = tl.arange(0, BLOCK_M)
     offs_m = start_m + rows
@@ -188,8 +184,8 @@ def _bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m0 = start_m.to(tl.int64)
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + m0 * stride_qs + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd
-    do_ptrs = DO + b * stride_dob + h * stride_doh + m0 * stride_dos + rows[:, None] * stride_dos + offs_d[None, :] * stride_dod
+    q_ptrs = tile_pointers(Q, b, h, m0, rows, offs_d, stride_qb, stride_qs, stride_qh, stride_qd)
+    do_ptrs = tile_pointers(DO, b, h, m0, rows, offs_d, stride_dob, stride_dos, stride_doh, stride_dod)
     q = load_tile(q_ptrs, offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, not EVEN_D)
     do = load_tile(do_ptrs, offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, not EVEN_D)
     row = bh.to(tl.int64) * seqlen_q + offs_m
@@ -201,19 +197,23 @@ def _bwd_dq_kernel(
         delta = tl.load(Delta + row, mask=offs_m < seqlen_q, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
+    # The forward's key ranges: [0, full_end) unmasked, [full_end, end) masked.
     full_end, end = key_block_range(start_m, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
-    k_ptrs = K + b * stride_kb + h_kv * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
-    v_ptrs = V + b * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
-    dq = _dq_key_blocks(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_d,
-                        0, full_end, seqlen_q, seqlen_k, head_dim, qk_scale,
-                        False, CAUSAL, BLOCK_N, EVEN_D, PRECISION)
-    dq = _dq_key_blocks(dq, q, do, lse2, delta,
-                        k_ptrs + full_end.to(tl.int64) * stride_ks, v_ptrs + full_end.to(tl.int64) * stride_vs,
-                        stride_ks, stride_vs, offs_m, offs_d,
-                        full_end, end, seqlen_q, seqlen_k, head_dim, qk_scale,
-                        True, CAUSAL, BLOCK_N, EVEN_D, PRECISION)
+    dq = _dq_key_blocks(
+        dq, q, do, lse2, delta,
+        tile_pointers(K, b, h_kv, 0, offs_n, offs_d, stride_kb, stride_ks, stride_kh, stride_kd),
+        tile_pointers(V, b, h_kv, 0, offs_n, offs_d, stride_vb, stride_vs, stride_vh, stride_vd),
+        stride_ks, stride_vs, offs_m, offs_d, 0, full_end, seqlen_q, seqlen_k, head_dim, qk_scale,
+        False, CAUSAL, BLOCK_N, EVEN_D, PRECISION)
+    n0 = full_end.to(tl.int64)
+    dq = _dq_key_blocks(
+        dq, q, do, lse2, delta,
+        tile_pointers(K, b, h_kv, n0, offs_n, offs_d, stride_kb, stride_ks, stride_kh, stride_kd),
+        tile_pointers(V, b, h_kv, n0, offs_n, offs_d, stride_vb, stride_vs, stride_vh, stride_vd),
+        stride_ks, stride_vs, offs_m, offs_d, full_end, end, seqlen_q, seqlen_k, head_dim, qk_scale,
+        True, CAUSAL, BLOCK_N, EVEN_D, PRECISION)
 
-    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + m0 * stride_dqs + rows[:, None] * stride_dqs + offs_d[None, :] * stride_dqd
+    dq_ptrs = tile_pointers(DQ, b, h, m0, rows, offs_d, stride_dqb, stride_dqs, stride_dqh, stride_dqd)
     store_tile(dq_ptrs, (dq * softmax_scale).to(DQ.dtype.element_ty), offs_m, seqlen_q, offs_d, head_dim,
                not EVEN_M, not EVEN_D)
 

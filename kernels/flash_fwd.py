@@ -15,7 +15,7 @@ import triton.language as tl
 from .checks import check_qkv, resolve_softmax_scale
 from .configs import KernelConfig, get_config, padded_head_dim
 from .triton_common import (LOG2E, Launch, causal_visible, check_triton_inputs, device_guard, dot_precision,
-                            key_block_range, load_tile, store_tile, strides)
+                            key_block_range, load_tile, program_tile, store_tile, strides, tile_pointers)
 
 
 @triton.jit
@@ -63,37 +63,35 @@ def _flash_fwd_kernel(
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // heads).to(tl.int64)
-    h = (bh % heads).to(tl.int64)
+    start_m, bh, b, h = program_tile(BLOCK_M, heads)
     h_kv = h // group
-    # Row offsets within a tile stay small; tile origins are int64 so long sequences cannot overflow.
     rows = tl.arange(0, BLOCK_M)
     offs_m = start_m + rows
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     m0 = start_m.to(tl.int64)
 
-    q_ptrs = (Q + b * stride_qb + h * stride_qh + m0 * stride_qs
-              + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd)
+    q_ptrs = tile_pointers(Q, b, h, m0, rows, offs_d, stride_qb, stride_qs, stride_qh, stride_qd)
     q = load_tile(q_ptrs, offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, not EVEN_D)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
+    # Key blocks [0, full_end) need no mask; [full_end, end) are on the diagonal or the end.
     full_end, end = key_block_range(start_m, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
-    k_ptrs = K + b * stride_kb + h_kv * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
-    v_ptrs = V + b * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
     acc, m_i, l_i = _attend_key_blocks(
-        acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_d,
-        0, full_end, seqlen_q, seqlen_k, head_dim, qk_scale,
+        acc, m_i, l_i, q,
+        tile_pointers(K, b, h_kv, 0, offs_n, offs_d, stride_kb, stride_ks, stride_kh, stride_kd),
+        tile_pointers(V, b, h_kv, 0, offs_n, offs_d, stride_vb, stride_vs, stride_vh, stride_vd),
+        stride_ks, stride_vs, offs_m, offs_d, 0, full_end, seqlen_q, seqlen_k, head_dim, qk_scale,
         False, CAUSAL, BLOCK_N, EVEN_D, PRECISION)
+    n0 = full_end.to(tl.int64)
     acc, m_i, l_i = _attend_key_blocks(
-        acc, m_i, l_i, q, k_ptrs + full_end.to(tl.int64) * stride_ks, v_ptrs + full_end.to(tl.int64) * stride_vs,
-        stride_ks, stride_vs, offs_m, offs_d,
-        full_end, end, seqlen_q, seqlen_k, head_dim, qk_scale,
+        acc, m_i, l_i, q,
+        tile_pointers(K, b, h_kv, n0, offs_n, offs_d, stride_kb, stride_ks, stride_kh, stride_kd),
+        tile_pointers(V, b, h_kv, n0, offs_n, offs_d, stride_vb, stride_vs, stride_vh, stride_vd),
+        stride_ks, stride_vs, offs_m, offs_d, full_end, end, seqlen_q, seqlen_k, head_dim, qk_scale,
         True, CAUSAL, BLOCK_N, EVEN_D, PRECISION)
 
     # Rows that saw no key: out = 0 and lse = -inf.
@@ -102,8 +100,7 @@ def _flash_fwd_kernel(
     out = acc / l_safe[:, None]
     lse = tl.where(seen, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))  # log2 -> ln
 
-    o_ptrs = (Out + b * stride_ob + h * stride_oh + m0 * stride_os
-              + rows[:, None] * stride_os + offs_d[None, :] * stride_od)
+    o_ptrs = tile_pointers(Out, b, h, m0, rows, offs_d, stride_ob, stride_os, stride_oh, stride_od)
     store_tile(o_ptrs, out.to(Out.dtype.element_ty), offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, not EVEN_D)
     lse_ptrs = Lse + bh.to(tl.int64) * seqlen_q + offs_m
     if EVEN_M:

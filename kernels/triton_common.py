@@ -22,6 +22,21 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
+def program_tile(BLOCK: tl.constexpr, heads):
+    """This program's tile: (first row, flat batch*heads index, batch, head), the last two int64."""
+    bh = tl.program_id(1)
+    return tl.program_id(0) * BLOCK, bh, (bh // heads).to(tl.int64), (bh % heads).to(tl.int64)
+
+
+@triton.jit
+def tile_pointers(base, b, h, row0, rows, cols, stride_b, stride_s, stride_h, stride_d):
+    """Pointers to rows ``row0 + rows`` and head dims ``cols`` of head ``h``, batch ``b`` of a
+    [B, S, H, D] tensor. The origin (``b, h, row0``: int64) takes the large offsets, so long
+    sequences cannot overflow 32 bits; ``rows`` and ``cols`` stay within a tile."""
+    return base + b * stride_b + h * stride_h + row0 * stride_s + rows[:, None] * stride_s + cols[None, :] * stride_d
+
+
+@triton.jit
 def load_tile(ptrs, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
     """Load a [len(rows), len(cols)] tile, zero outside ``rows < n_rows`` and ``cols < n_cols``."""
     if CHECK_ROWS:

@@ -5,7 +5,7 @@ import torch
 
 from bench.numerics import Case, compare, reference, run_backend
 from conftest import DEVICE
-from kernels import attention, flash_attn_func
+from kernels import AttentionShape, attention, flash_attn_func
 
 
 def _inputs(dtype=torch.float32, seed=0):
@@ -26,7 +26,7 @@ def test_flash_attn_func_matches_the_oracle(causal):
     q, k, v, dout = _inputs()
     got = _autograd(lambda q, k, v: flash_attn_func(q, k, v, causal=causal, return_lse=True), q, k, v, dout)
     assert got["out"].shape == q.shape and got["lse"].shape == (2, 4, 37) and got["lse"].dtype == torch.float32
-    case = Case("triton", torch.float32, 2, 37, 53, 4, 2, 48, causal)
+    case = Case("triton", torch.float32, AttentionShape(2, 37, 53, 4, 2, 48), causal)
     baseline = run_backend("naive", q, k, v, dout, causal)
     _, _, failures = compare(case, got, reference(q, k, v, dout, causal), baseline)
     assert not failures, failures

@@ -7,7 +7,7 @@ import torch
 
 from bench.numerics import Case, compare, reference
 from conftest import DEVICE
-from kernels import get_backend, merge_attention
+from kernels import AttentionShape, get_backend, merge_attention
 
 INF = float("inf")
 
@@ -113,7 +113,7 @@ def test_ring_of_blocks_equals_full_attention(backend, causal, dtype):
     k = _randn(batch, seqlen, kv_heads, head_dim, dtype=dtype, seed=8)
     v = _randn(batch, seqlen, kv_heads, head_dim, dtype=dtype, seed=9)
     dout = _randn(batch, seqlen, heads, head_dim, dtype=dtype, seed=10)
-    case = Case(backend, dtype, batch, seqlen, seqlen, heads, kv_heads, head_dim, causal)
+    case = Case(backend, dtype, AttentionShape(batch, seqlen, seqlen, heads, kv_heads, head_dim), causal)
     ring = ring_attention_by_blocks(backend, q, k, v, dout, causal, chunks)
     whole = ring_attention_by_blocks("naive", q, k, v, dout, causal, 1)  # plain torch, input dtype
     errors, tolerances, failures = compare(case, ring, reference(q, k, v, dout, causal), whole)
@@ -137,7 +137,7 @@ def test_ring_over_key_chunks_with_more_keys_than_queries(backend):
              for lo, hi in zip(bounds, bounds[1:])]
     ring = dict(out=out, lse=lse, dq=sum(g[0] for g in grads), dk=torch.cat([g[1] for g in grads], 1),
                 dv=torch.cat([g[2] for g in grads], 1))
-    case = Case(backend, torch.float32, 2, 20, 70, 2, 1, 64, False)
+    case = Case(backend, torch.float32, AttentionShape(2, 20, 70, 2, 1, 64), False)
     baseline = ring_attention_by_blocks("naive", q, k, v, dout, False, 1)
     _, _, failures = compare(case, ring, reference(q, k, v, dout, False), baseline)
     assert not failures, failures

@@ -8,6 +8,7 @@ import torch
 
 from bench.numerics import Case, run_case
 from conftest import DEVICE
+from kernels import AttentionShape
 
 # (batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim). Together they cover head dims
 # 16/64/80/96/128/256, lengths 1/17/64/129/200, Sq < Sk and Sq > Sk, MHA, GQA 4:1 and MQA.
@@ -32,10 +33,15 @@ DTYPES = {
     "naive": (torch.float64, torch.float32),
 }
 CASES = [
-    Case(backend, dtype, *shape, causal)
+    Case(backend, dtype, AttentionShape(*shape), causal)
     for backend, dtypes in DTYPES.items()
     for dtype, shape, causal in itertools.product(dtypes, SHAPES, (False, True))
 ]
+
+
+# A softmax scale other than the default, large enough to make the softmax peaky.
+CASES += [Case(backend, torch.float32, AttentionShape(1, 65, 90, 4, 2, 64), causal, softmax_scale=0.5)
+          for backend in DTYPES for causal in (False, True)]
 
 
 def _seed(case: Case) -> int:
@@ -53,7 +59,7 @@ def test_backend_matches_float64_oracle(case):
 @pytest.mark.parametrize("shape", SHAPES + [(2, 1000, 1000, 8, 2, 128), (1, 777, 333, 4, 4, 256)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_bf16_on_gpu(backend, shape, causal):
-    case = Case(backend, torch.bfloat16, *shape, causal)
+    case = Case(backend, torch.bfloat16, AttentionShape(*shape), causal)
     result = run_case(case, device=DEVICE, seed=_seed(case))
     assert result.passed, f"{case.label}: {result.failures}"
 
@@ -71,14 +77,14 @@ def test_harness_rejects_a_slightly_wrong_gradient(monkeypatch, dtype):
 
     wrong = backends.Backend("wrong", torch_backend.forward, dv_off_by_one_percent)
     monkeypatch.setitem(backends.BACKENDS, "wrong", wrong)
-    result = run_case(Case("wrong", dtype, 1, 64, 64, 2, 2, 16, True))
+    result = run_case(Case("wrong", dtype, AttentionShape(1, 64, 64, 2, 2, 16), True))
     assert [f.split(":")[0] for f in result.failures] == ["dv"]
 
 
 def test_harness_rejects_nan():
     from bench.numerics import compare
 
-    case = Case("naive", torch.float32, 1, 2, 2, 1, 1, 16, False)
+    case = Case("naive", torch.float32, AttentionShape(1, 2, 2, 1, 1, 16), False)
     ref = {n: torch.zeros(2) for n in ("out", "lse", "dq", "dk", "dv")}
     results = dict(ref, dq=torch.tensor([0.0, float("nan")]))
     _, _, failures = compare(case, results, ref, baseline=ref)
