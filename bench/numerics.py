@@ -29,6 +29,9 @@ from kernels import AttentionShape, get_backend
 QUANTITIES = ("out", "lse", "dq", "dk", "dv")
 MULTIPLIER = {"out": 3.0, "lse": 3.0, "dq": 4.0, "dk": 4.0, "dv": 4.0}
 NAIVE_ULPS = 64.0
+TOLERANCE_RULE = (f"error <= k x error of the naive backend in the input dtype (k: {MULTIPLIER}) "
+                  "+ (eps(dtype) + sqrt(head_dim) x eps(float32)) x max(1, |reference|); "
+                  f"naive backend and float64: {NAIVE_ULPS:g} x eps(dtype) x max(1, |reference|)")
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 
 
@@ -63,12 +66,22 @@ class CaseResult:
     def passed(self) -> bool:
         return not self.failures
 
+    @property
+    def worst_ratio(self) -> float:
+        """The largest error / tolerance over the quantities: below 1 passes (NaN counts as inf)."""
+        def ratio(error: float, tol: float) -> float:
+            if math.isnan(error):
+                return math.inf
+            return error / tol if tol > 0 else (0.0 if error == 0 else math.inf)
+        return max(ratio(e, t) for e, t in zip(self.errors.values(), self.tolerances.values()))
+
     def record(self) -> dict:
         """A JSON-ready summary."""
         return dict(backend=self.case.backend, dtype=DTYPE_NAMES[self.case.dtype], causal=self.case.causal,
                     softmax_scale=self.case.softmax_scale,
                     **dataclasses.asdict(self.case.shape), errors=self.errors, tolerances=self.tolerances,
-                    seed=self.seed, passed=self.passed, failures=self.failures, seconds=round(self.seconds, 3))
+                    seed=self.seed, worst_ratio=self.worst_ratio, passed=self.passed, failures=self.failures,
+                    seconds=round(self.seconds, 3))
 
 
 def max_error(actual: torch.Tensor, reference: torch.Tensor) -> float:

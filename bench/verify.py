@@ -11,7 +11,7 @@ import torch
 from kernels import AttentionShape
 from kernels.configs import interpreter_active
 
-from .numerics import DTYPE_NAMES, QUANTITIES, Case, CaseResult, run_case
+from .numerics import DTYPE_NAMES, QUANTITIES, TOLERANCE_RULE, Case, CaseResult, run_case
 from .results import write_result
 
 # (batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim): MHA, MQA, GQA 4:1, Sq < Sk,
@@ -64,6 +64,15 @@ def format_row(result: CaseResult) -> str:
 HEADER = f"{'backend':<8}{'dtype':<6}{'shape':<32}{'causal':<7}" + " ".join(f"{n:>9}" for n in QUANTITIES) + "  result"
 
 
+def worst_ratios(results: list[CaseResult]) -> dict[str, float]:
+    """Per backend and dtype, the largest error / tolerance seen (under 1 passes)."""
+    worst: dict[str, float] = {}
+    for r in results:
+        key = f"{r.case.backend} {DTYPE_NAMES[r.case.dtype]}"
+        worst[key] = max(worst.get(key, 0.0), r.worst_ratio)
+    return worst
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", action="append", choices=["triton", "torch", "naive"],
                         help="backend to verify (repeatable; default: all)")
@@ -92,9 +101,12 @@ def run(args: argparse.Namespace) -> int:
         for failure in result.failures:
             print(f"          {failure}", flush=True)
     failed = [r for r in results if not r.passed]
+    worst = worst_ratios(results)
+    print("worst error / tolerance: " + ", ".join(f"{key} {ratio:.2f}" for key, ratio in worst.items()))
     path = write_result("verify", device, dict(
-        config=dict(backends=backends, seed=args.seed, tolerance="err <= k x err(naive, input dtype) + 1 ulp"),
-        summary=dict(cases=len(results), passed=len(results) - len(failed), failed=len(failed)),
+        config=dict(backends=backends, seed=args.seed, tolerance=TOLERANCE_RULE),
+        summary=dict(cases=len(results), passed=len(results) - len(failed), failed=len(failed),
+                     worst_ratio=worst),
         records=[r.record() for r in results]), args.out_dir)
     print(f"{len(results) - len(failed)}/{len(results)} passed; wrote {path}")
     return 1 if failed else 0

@@ -20,8 +20,8 @@ import triton.language as tl
 from .checks import check_backward_inputs, resolve_softmax_scale
 from .configs import KernelConfig, get_config, padded_head_dim
 from .triton_common import (LOG2E, Launch, causal_visible, check_triton_inputs, device_guard, dot_precision,
-                            key_block_range, load_tile, program_tile, query_block_range, store_tile, strides,
-                            tile_pointers)
+                            key_block_range, load_row_stats, load_tile, program_tile, query_block_range,
+                            store_tile, strides, tile_pointers)
 
 
 @triton.jit
@@ -63,12 +63,7 @@ def _dkdv_query_blocks(dk, dv, k, v, q_ptrs, do_ptrs, lse2_ptr, delta_ptr, strid
     for _start_m in range(lo, hi, BLOCK_M):
         q = load_tile(q_ptrs, offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, not EVEN_D)
         do = load_tile(do_ptrs, offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, not EVEN_D)
-        if EVEN_M:
-            lse2 = tl.load(lse2_ptr + offs_m)
-            delta = tl.load(delta_ptr + offs_m)
-        else:
-            lse2 = tl.load(lse2_ptr + offs_m, mask=offs_m < seqlen_q, other=float("inf"))
-            delta = tl.load(delta_ptr + offs_m, mask=offs_m < seqlen_q, other=0.0)
+        lse2, delta = load_row_stats(lse2_ptr, delta_ptr, offs_m, seqlen_q, not EVEN_M)
         p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse2[None, :])
         if MASKED:
             p_t = tl.where(tl.trans(causal_visible(offs_m, offs_n, seqlen_q, seqlen_k)), p_t, 0.0)
@@ -188,13 +183,8 @@ def _bwd_dq_kernel(
     do_ptrs = tile_pointers(DO, b, h, m0, rows, offs_d, stride_dob, stride_dos, stride_doh, stride_dod)
     q = load_tile(q_ptrs, offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, not EVEN_D)
     do = load_tile(do_ptrs, offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, not EVEN_D)
-    row = bh.to(tl.int64) * seqlen_q + offs_m
-    if EVEN_M:
-        lse2 = tl.load(Lse2 + row)
-        delta = tl.load(Delta + row)
-    else:
-        lse2 = tl.load(Lse2 + row, mask=offs_m < seqlen_q, other=float("inf"))
-        delta = tl.load(Delta + row, mask=offs_m < seqlen_q, other=0.0)
+    stats = bh.to(tl.int64) * seqlen_q  # row 0 of this head in lse2 and delta
+    lse2, delta = load_row_stats(Lse2 + stats, Delta + stats, offs_m, seqlen_q, not EVEN_M)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     # The forward's key ranges: [0, full_end) unmasked, [full_end, end) masked.

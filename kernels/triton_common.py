@@ -68,6 +68,19 @@ def store_tile(ptrs, tile, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr,
 
 
 @triton.jit
+def load_row_stats(lse2_ptr, delta_ptr, rows, n_rows, CHECK_ROWS: tl.constexpr):
+    """The backward's per-row log2-domain LSE and delta; rows past ``n_rows`` get lse2 = +inf
+    and delta = 0, so their probabilities and gradients are exactly 0."""
+    if CHECK_ROWS:
+        lse2 = tl.load(lse2_ptr + rows, mask=rows < n_rows, other=float("inf"))
+        delta = tl.load(delta_ptr + rows, mask=rows < n_rows, other=0.0)
+    else:
+        lse2 = tl.load(lse2_ptr + rows)
+        delta = tl.load(delta_ptr + rows)
+    return lse2, delta
+
+
+@triton.jit
 def key_block_range(start_m, seqlen_q, seqlen_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr):
     """For query rows [start_m, start_m + BLOCK_M): keys [0, full_end) need no mask,

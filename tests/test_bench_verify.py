@@ -26,10 +26,12 @@ def test_verify_end_to_end_in_a_fresh_process(tmp_path):
     doc = json.loads(path.read_text())
     assert doc["kind"] == "verify"
     assert {"device", "torch", "triton", "python", "platform"} <= set(doc["machine"])
-    assert doc["summary"] == {"cases": n, "passed": n, "failed": 0}
+    assert {k: doc["summary"][k] for k in ("cases", "passed", "failed")} == {"cases": n, "passed": n, "failed": 0}
+    assert 0 < doc["summary"]["worst_ratio"]["triton fp16"] < 1
+    assert "worst error / tolerance: triton fp16" in proc.stdout
     record = doc["records"][0]
     assert {"backend", "dtype", "causal", "batch", "seqlen_q", "seqlen_k", "heads", "kv_heads", "head_dim",
-            "errors", "tolerances", "passed", "seed"} <= set(record)
+            "softmax_scale", "errors", "tolerances", "worst_ratio", "passed", "seed"} <= set(record)
     assert set(record["errors"]) == {"out", "lse", "dq", "dk", "dv"}
 
 
