@@ -31,7 +31,7 @@ def attention(q, k, v, causal=False, softmax_scale=None, *, backend: str | Backe
     ``q: [B, Sq, Hq, D]``, ``k, v: [B, Sk, Hkv, D]`` -> ``out: [B, Sq, Hq, D]``, and
     ``lse: [B, Hq, Sq]`` (not differentiable) when ``return_lse``.
     """
-    out, lse = _AttentionFunction.apply(q, k, v, bool(causal), softmax_scale, get_backend(backend))
+    out, lse = _AttentionFunction.apply(q, k, v, causal, softmax_scale, get_backend(backend))
     return (out, lse) if return_lse else out
 
 

@@ -48,8 +48,11 @@ def _check_same(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) ->
         raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}")
 
 
-def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> AttentionShape:
-    """Validate q, k, v and return their sizes."""
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> AttentionShape:
+    """Validate q, k, v (and the causal flag) and return their sizes."""
+    if not isinstance(causal, bool):
+        # Catches flash-attn's positional order (q, k, v, dropout_p, ...) passed to ours.
+        raise TypeError(f"causal must be a bool, got {causal!r}")
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, x)
     _check_same("k", k, "q", q)
@@ -73,9 +76,9 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> AttentionSha
     return AttentionShape(batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim)
 
 
-def check_backward_inputs(dout, q, k, v, out, lse) -> AttentionShape:
+def check_backward_inputs(dout, q, k, v, out, lse, causal: bool = False) -> AttentionShape:
     """Validate the arguments of a backward call and return the sizes."""
-    shape = check_qkv(q, k, v)
+    shape = check_qkv(q, k, v, causal)
     for name, x in (("dout", dout), ("out", out)):
         _check_tensor(name, x)
         if x.shape != q.shape:

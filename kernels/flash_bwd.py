@@ -217,7 +217,7 @@ def backward_launches(dout, q, k, v, out, lse, delta, lse2, dq, dk, dv, *, causa
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
     group = heads // kv_heads
     block_d = padded_head_dim(head_dim)
-    common = dict(CAUSAL=bool(causal), BLOCK_D=block_d, EVEN_D=head_dim == block_d, PRECISION=dot_precision(q.dtype))
+    common = dict(CAUSAL=causal, BLOCK_D=block_d, EVEN_D=head_dim == block_d, PRECISION=dot_precision(q.dtype))
     dkdv, dq_cfg = configs["bwd_dkdv"], configs["bwd_dq"]
     pre = dq_cfg
     return [
@@ -247,7 +247,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, causal=False, softmax_scale=Non
     (natural log, -inf for rows that see no key). Returns ``(dq, dk, dv)`` in the
     input dtype with the shapes of ``q, k, v``.
     """
-    shape = check_backward_inputs(dout, q, k, v, out, lse)
+    shape = check_backward_inputs(dout, q, k, v, out, lse, causal)
     check_triton_inputs(q)
     scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
     device = q.device

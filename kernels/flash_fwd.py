@@ -118,7 +118,7 @@ def forward_launch(q, k, v, out, lse, *, causal: bool, scale: float, config: Ker
         _flash_fwd_kernel, (triton.cdiv(seqlen_q, config.block_m), batch * heads),
         (q, k, v, out, lse, *strides(q), *strides(k), *strides(v), *strides(out),
          seqlen_q, seqlen_k, heads, heads // kv_heads, head_dim, scale * LOG2E),
-        dict(CAUSAL=bool(causal), BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
+        dict(CAUSAL=causal, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
              EVEN_M=seqlen_q % config.block_m == 0, EVEN_D=head_dim == block_d, PRECISION=dot_precision(q.dtype)),
         config.num_warps, config.num_stages)
 
@@ -130,7 +130,7 @@ def flash_attn_forward(q, k, v, causal=False, softmax_scale=None):
     Returns ``out: [B, Sq, Hq, D]`` (q's dtype, contiguous) and ``lse: [B, Hq, Sq]``
     (float32, natural log; -inf for a row that sees no key, whose out is 0).
     """
-    shape = check_qkv(q, k, v)
+    shape = check_qkv(q, k, v, causal)
     check_triton_inputs(q)
     scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)

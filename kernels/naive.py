@@ -45,7 +45,7 @@ def _probabilities(q, k, scale, causal):
 
 def forward(q, k, v, *, causal=False, softmax_scale=None):
     """(out [B, Sq, Hq, D] in q's dtype, lse [B, Hq, Sq] in promote(dtype, float32))."""
-    shape = check_qkv(q, k, v)
+    shape = check_qkv(q, k, v, causal)
     scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
     k, v = expand_kv(k, shape.group), expand_kv(v, shape.group)
     p, lse = _probabilities(q, k, scale, causal)
@@ -55,7 +55,7 @@ def forward(q, k, v, *, causal=False, softmax_scale=None):
 
 def backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None):
     """(dq, dk, dv) from the given out and lse, which may be global ones from ring attention."""
-    shape = check_backward_inputs(dout, q, k, v, out, lse)
+    shape = check_backward_inputs(dout, q, k, v, out, lse, causal)
     scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
     acc = accum_dtype(q.dtype)
     ke, ve = expand_kv(k, shape.group), expand_kv(v, shape.group)

@@ -101,7 +101,7 @@ def _fused_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
 
 def forward(q, k, v, *, causal=False, softmax_scale=None):
     """(out [B, Sq, Hq, D], lse [B, Hq, Sq] in promote(dtype, float32)) through PyTorch's fused kernels."""
-    shape = check_qkv(q, k, v)
+    shape = check_qkv(q, k, v, causal)
     scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
     k, v = expand_kv(k, shape.group), expand_kv(v, shape.group)
     pieces = _pieces(shape.seqlen_q, shape.seqlen_k, causal)
@@ -120,7 +120,7 @@ def forward(q, k, v, *, causal=False, softmax_scale=None):
 
 def backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None):
     """(dq, dk, dv) from the given out and lse, which may be global ones from ring attention."""
-    shape = check_backward_inputs(dout, q, k, v, out, lse)
+    shape = check_backward_inputs(dout, q, k, v, out, lse, causal)
     scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
     ke, ve = expand_kv(k, shape.group), expand_kv(v, shape.group)
     acc = accum_dtype(q.dtype)

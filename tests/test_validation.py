@@ -86,6 +86,18 @@ def test_triton_interpreter_refuses_bfloat16():
         get_backend("triton").forward(*_qkv(dtype=torch.bfloat16), causal=False, softmax_scale=None)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_causal_must_be_a_bool(backend):
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        get_backend(backend).forward(*_qkv(), causal=0.1, softmax_scale=None)
+
+
+def test_flash_attn_order_mistake_is_caught():
+    """flash-attn's fourth positional argument is dropout_p; ours is causal."""
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        flash_attn_func(*_qkv(), 0.0)
+
+
 def test_unknown_backend():
     with pytest.raises(ValueError, match="backend must be one of"):
         get_backend("flash4")
