@@ -34,18 +34,26 @@ GPU_SHAPES = [
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def backend_dtypes(backend: str, device: torch.device) -> list[torch.dtype]:
-    """The dtypes a backend is verified in on this device."""
+def unavailable_reason(backend: str, device: torch.device) -> str | None:
+    """Why ``backend`` cannot run on ``device`` here, or None when it can."""
+    if backend == "triton" and device.type != "cuda" and not interpreter_active():
+        return "the Triton kernels need a CUDA device or TRITON_INTERPRET=1"
+    return None
+
+
+def backend_dtypes(backend: str) -> list[torch.dtype]:
+    """The dtypes a backend is verified in."""
     if backend == "triton" and interpreter_active():
         return [torch.float32, torch.float16]  # the interpreter computes bf16 wrongly
     return [torch.float32, torch.float16, torch.bfloat16]
 
 
-def default_cases(device: torch.device, backends, dtypes=None, shapes=None) -> list[Case]:
-    shapes = shapes or (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
+def default_cases(device: torch.device, backends, dtypes=None) -> list[Case]:
+    """Every backend x dtype x shape x causal, on the shapes for this kind of device."""
+    shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
     cases = []
     for backend in backends:
-        for dtype in backend_dtypes(backend, device):
+        for dtype in backend_dtypes(backend):
             if dtypes and dtype not in dtypes:
                 continue
             for shape, causal in itertools.product(shapes, (False, True)):
@@ -73,18 +81,36 @@ def worst_ratios(results: list[CaseResult]) -> dict[str, float]:
     return worst
 
 
+def _device(text: str) -> torch.device:
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("CUDA is not available on this machine")
+    if device.type not in ("cuda", "cpu"):
+        raise argparse.ArgumentTypeError(f"expected cuda or cpu, got {text!r}")
+    return device
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", action="append", choices=["triton", "torch", "naive"],
                         help="backend to verify (repeatable; default: all)")
     parser.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="dtype (repeatable; default: all)")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--device", type=_device, default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     parser.add_argument("--out-dir", default=None, help="where to write the JSON (default: bench/results)")
 
 
 def run(args: argparse.Namespace) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    backends = args.backend or ["triton", "torch", "naive"]
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backends = []
+    for backend in args.backend or ["triton", "torch", "naive"]:
+        reason = unavailable_reason(backend, device)
+        if reason:
+            print(f"skipping {backend}: {reason}")
+        else:
+            backends.append(backend)
     dtypes = [DTYPES[d] for d in args.dtype] if args.dtype else None
     cases = default_cases(device, backends, dtypes)
     if not cases:

@@ -8,7 +8,6 @@ test suite (``kernels.aot``), which also checks that its shared memory fits.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -64,9 +63,15 @@ GPU_FAMILIES = (HOPPER, AMPERE, SMALL_SMEM)
 INTERPRETER_CONFIG = KernelConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
 
 
+@triton.jit
+def _probe():
+    pass
+
+
 def interpreter_active() -> bool:
-    """True when ``@triton.jit`` functions run on the CPU through Triton's interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when this package's ``@triton.jit`` functions run on the CPU through Triton's
+    interpreter, i.e. ``TRITON_INTERPRET`` was on when the package was imported."""
+    return not isinstance(_probe, triton.runtime.JITFunction)
 
 
 def padded_head_dim(head_dim: int) -> int:

@@ -61,3 +61,22 @@ def test_verify_help_lists_its_options(capsys):
     assert exit_info.value.code == 0
     usage = capsys.readouterr().out
     assert all(option in usage for option in ("--backend", "--dtype", "--device", "--out-dir", "--seed"))
+
+
+@pytest.mark.parametrize("device", ["tpu", "nonsense"] + ([] if torch.cuda.is_available() else ["cuda"]))
+def test_verify_rejects_a_device_it_cannot_use(device, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["verify", "--device", device])
+    assert exit_info.value.code == 2
+    assert "--device" in capsys.readouterr().err
+
+
+def test_verify_skips_triton_on_a_cpu_without_the_interpreter(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(verify, "interpreter_active", lambda: False)
+    monkeypatch.setattr(verify, "CPU_SHAPES", verify.CPU_SHAPES[:1])
+    status = main(["verify", "--device", "cpu", "--backend", "triton", "--backend", "naive", "--dtype", "fp32",
+                   "--out-dir", str(tmp_path)])
+    output = capsys.readouterr().out
+    assert status == 0
+    assert "skipping triton: the Triton kernels need a CUDA device" in output
+    assert "2/2 passed" in output and "triton  fp32" not in output
