@@ -24,16 +24,8 @@ class Backend:
     backward: Callable
 
 
-def _triton_forward(q, k, v, *, causal=False, softmax_scale=None):
-    return flash_attn_forward(q, k, v, causal=causal, softmax_scale=softmax_scale)
-
-
-def _triton_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None):
-    return flash_attn_backward(dout, q, k, v, out, lse, causal=causal, softmax_scale=softmax_scale)
-
-
 BACKENDS = {
-    "triton": Backend("triton", _triton_forward, _triton_backward),
+    "triton": Backend("triton", flash_attn_forward, flash_attn_backward),
     "torch": Backend("torch", torch_fused.forward, torch_fused.backward),
     "naive": Backend("naive", naive.forward, naive.backward),
 }

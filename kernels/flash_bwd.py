@@ -219,11 +219,10 @@ def backward_launches(dout, q, k, v, out, lse, delta, lse2, dq, dk, dv, *, causa
     block_d = padded_head_dim(head_dim)
     common = dict(CAUSAL=causal, BLOCK_D=block_d, EVEN_D=head_dim == block_d, PRECISION=dot_precision(q.dtype))
     dkdv, dq_cfg = configs["bwd_dkdv"], configs["bwd_dq"]
-    pre = dq_cfg
     return [
-        Launch(_bwd_preprocess_kernel, (triton.cdiv(seqlen_q, pre.block_m), batch * heads),
+        Launch(_bwd_preprocess_kernel, (triton.cdiv(seqlen_q, dq_cfg.block_m), batch * heads),
                (out, dout, lse, delta, lse2, *strides(out), *strides(dout), seqlen_q, heads, head_dim),
-               dict(BLOCK_M=pre.block_m, BLOCK_D=block_d), pre.num_warps, 1),
+               dict(BLOCK_M=dq_cfg.block_m, BLOCK_D=block_d), dq_cfg.num_warps, 1),
         Launch(_bwd_dkdv_kernel, (triton.cdiv(seqlen_k, dkdv.block_n), batch * kv_heads),
                (q, k, v, dout, lse2, delta, dk, dv,
                 *strides(q), *strides(k), *strides(v), *strides(dout), *strides(dk), *strides(dv),
