@@ -1,5 +1,12 @@
-"""Attention with autograd composed from the local kernels and the communication layer."""
+"""Attention with autograd composed from the local kernels and the communication layer:
+ring, Ulysses and USP attention on local sequence shards, the sharding helpers, and
+the float64 oracle."""
 
+from .layout import LAYOUTS
 from .naive import naive_attention
+from .ring import ring_attention
+from .sequence import gather_sequence, sequence_positions, shard_sequence
+from .ulysses import USPAttention, ulysses_attention, usp_attention
 
-__all__ = ["naive_attention"]
+__all__ = ["LAYOUTS", "USPAttention", "gather_sequence", "naive_attention", "ring_attention", "sequence_positions",
+           "shard_sequence", "ulysses_attention", "usp_attention"]

@@ -1,0 +1,87 @@
+"""How a global sequence is laid out over the ranks of a mesh.
+
+The ring level: ``"contiguous"`` gives ring rank ``i`` the ``i``-th of ``r`` equal
+chunks; ``"zigzag"`` cuts the sequence into ``2r`` chunks and gives ring rank ``i``
+chunks ``i`` and ``2r - 1 - i`` (in that order), so causal work is balanced. The Ulysses
+level splits a ring rank's positions contiguously over its ``u`` ranks. So the local
+shard of ``(ring_rank, ulysses_rank)`` is piece ``ulysses_rank`` of ring rank
+``ring_rank``'s positions, and a Ulysses all-to-all gives back exactly those positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+LAYOUTS = ("contiguous", "zigzag")
+
+
+def check_layout(layout: str) -> str:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    return layout
+
+
+def check_global_seqlen(seqlen: int, ulysses_degree: int, ring_degree: int, layout: str) -> None:
+    """Raise a ValueError unless ``seqlen`` can be laid out over the mesh."""
+    check_layout(layout)
+    chunks = 2 * ring_degree if layout == "zigzag" else ring_degree
+    if seqlen % chunks:
+        need = "2 x ring_degree" if layout == "zigzag" else "ring_degree"
+        raise ValueError(f"sequence length {seqlen} must be divisible by {need} = {chunks} for the {layout} layout")
+    if (seqlen // ring_degree) % ulysses_degree:
+        raise ValueError(f"sequence length {seqlen} must be divisible by ulysses_degree x ring_degree = "
+                         f"{ulysses_degree * ring_degree}")
+
+
+def ring_positions(seqlen: int, ring_degree: int, ring_rank: int, layout: str) -> torch.Tensor:
+    """Global positions held by a ring rank, in local order. ``[seqlen / ring_degree]``."""
+    if layout == "contiguous":
+        chunk = seqlen // ring_degree
+        return torch.arange(ring_rank * chunk, (ring_rank + 1) * chunk)
+    chunk = seqlen // (2 * ring_degree)
+    first = torch.arange(ring_rank * chunk, (ring_rank + 1) * chunk)
+    last_index = 2 * ring_degree - 1 - ring_rank
+    return torch.cat([first, torch.arange(last_index * chunk, (last_index + 1) * chunk)])
+
+
+def shard_positions(seqlen: int, ulysses_degree: int, ring_degree: int, ulysses_rank: int, ring_rank: int,
+                    layout: str = "zigzag") -> torch.Tensor:
+    """Global positions of the shard of ``(ulysses_rank, ring_rank)``: ``[seqlen / (u r)]``."""
+    check_global_seqlen(seqlen, ulysses_degree, ring_degree, layout)
+    positions = ring_positions(seqlen, ring_degree, ring_rank, layout)
+    return positions.chunk(ulysses_degree)[ulysses_rank]
+
+
+@dataclass(frozen=True)
+class Block:
+    """The work of one ring step: queries ``q_rows`` of the local shard against keys
+    ``k_rows`` of the visiting K/V block, with or without the causal mask."""
+
+    q_rows: slice
+    k_rows: slice
+    causal: bool
+
+
+def ring_block(rank: int, source: int, seqlen: int, layout: str, causal: bool) -> Block | None:
+    """What ring rank ``rank`` computes against the K/V that started on ring rank
+    ``source`` (both hold ``seqlen`` positions); None when every pair is masked.
+
+    Non-causal: everything. Contiguous causal: the diagonal block causally, earlier
+    ranks fully, later ranks not at all. Zigzag causal (``c = seqlen / 2``): the
+    diagonal causally (a lower triangle over the local order is exactly right); an
+    earlier source's first chunk is seen by all local queries; a later source is seen
+    fully by the local second chunk only.
+    """
+    everything = slice(0, seqlen)
+    if not causal:
+        return Block(everything, everything, False)
+    if source == rank:
+        return Block(everything, everything, True)
+    if layout == "contiguous":
+        return Block(everything, everything, False) if source < rank else None
+    half = seqlen // 2
+    if source < rank:
+        return Block(everything, slice(0, half), False)
+    return Block(slice(half, seqlen), everything, False)

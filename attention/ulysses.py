@@ -1,0 +1,109 @@
+"""Ulysses (all-to-all) attention and USP, its 2-D hybrid with ring attention.
+
+Ulysses trades the sequence shard for a head shard: after an all-to-all over the
+Ulysses group each rank holds every position of that group for ``H/u`` heads, runs
+attention on them, and a second all-to-all brings the output back to sequence shards.
+USP runs ring attention over the ring group in the middle instead of local attention.
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+from torch import nn
+
+from comm import Mesh
+from comm.agreement import call_fields, ensure_ranks_agree
+from comm.all_to_all import head_to_seq, replicate_kv_heads, seq_to_head
+from kernels import attention as local_attention
+from kernels import get_backend
+from kernels.checks import check_qkv, resolve_softmax_scale
+
+from .layout import check_layout
+from .ring import check_sequence_split, ring_attention
+
+
+def _check_heads(q, k, ulysses_degree: int) -> None:
+    heads, kv_heads = q.shape[2], k.shape[2]
+    if heads % ulysses_degree:
+        raise ValueError(f"the heads of q ({heads}) must be divisible by the Ulysses degree ({ulysses_degree})")
+    if kv_heads % ulysses_degree and ulysses_degree % kv_heads:
+        raise ValueError(f"the heads of k and v ({kv_heads}) must be a multiple or a divisor of the Ulysses "
+                         f"degree ({ulysses_degree})")
+
+
+def _head_parallel(q, k, v, group, attend):
+    """All-to-all q, k, v to head shards, ``attend`` on them, all-to-all the output back."""
+    size = dist.get_world_size(group)
+    k, v = replicate_kv_heads(k, size), replicate_kv_heads(v, size)
+    out = attend(seq_to_head(q, group), seq_to_head(k, group), seq_to_head(v, group))
+    return head_to_seq(out, group)
+
+
+def ulysses_attention(q, k, v, group: dist.ProcessGroup | None, causal: bool = False, softmax_scale=None,
+                      backend=None, *, check_ranks: bool = True):
+    """Attention over a sequence sharded contiguously across ``group`` (default: world).
+
+    ``q: [B, S/u, Hq, D]``, ``k, v: [B, S/u, Hkv, D]`` (rank ``j`` holds the ``j``-th
+    piece) -> this rank's output piece ``[B, S/u, Hq, D]``, differentiable. ``Hq`` must
+    be divisible by ``u``; ``Hkv`` a multiple or a divisor of it. ``check_ranks``: see
+    ``ring_attention``.
+    """
+    check_qkv(q, k, v, causal)
+    scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
+    backend = get_backend(backend)
+    group = group or dist.group.WORLD
+    _check_heads(q, k, dist.get_world_size(group))
+    if check_ranks:
+        ensure_ranks_agree(group, "ulysses_attention", call_fields(q, k, v, causal, scale, "-", backend.name),
+                           q.device)
+    return _head_parallel(q, k, v, group, lambda q, k, v: local_attention(q, k, v, causal, scale, backend=backend))
+
+
+def usp_attention(q, k, v, mesh: Mesh, causal: bool = False, softmax_scale=None, layout: str = "zigzag",
+                  backend=None, *, check_ranks: bool = True):
+    """Unified sequence parallel attention: Ulysses over ``mesh.ulysses_group`` around
+    ring attention over ``mesh.ring_group``.
+
+    ``q: [B, S/(u r), Hq, D]``, ``k, v: [B, S/(u r), Hkv, D]``: this rank's shard as made
+    by ``shard_sequence(x, mesh, layout=layout)`` -> its output shard, differentiable.
+    ``ulysses_degree = N`` is pure Ulysses, ``ring_degree = N`` pure ring.
+    ``check_ranks``: see ``ring_attention`` (one all-gather over ``mesh.sp_group``).
+    """
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a comm.Mesh (see comm.init_mesh), got {type(mesh).__name__}")
+    check_qkv(q, k, v, causal)
+    check_layout(layout)
+    scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
+    backend = get_backend(backend)
+    _check_heads(q, k, mesh.ulysses_degree)
+    u = mesh.ulysses_degree  # after the all-to-all a rank holds its ring rank's u pieces
+    check_sequence_split(q.shape[1] * u, k.shape[1] * u, causal, mesh.ring_degree, layout, what="per-ring-rank")
+    if check_ranks:
+        ensure_ranks_agree(mesh.sp_group, "usp_attention", call_fields(q, k, v, causal, scale, layout, backend.name),
+                           q.device)
+
+    def ring(q, k, v):
+        return ring_attention(q, k, v, mesh.ring_group, causal, scale, layout, backend, check_ranks=False)
+
+    return _head_parallel(q, k, v, mesh.ulysses_group, ring)
+
+
+class USPAttention(nn.Module):
+    """``usp_attention`` as a module: ``forward(q, k, v)`` on local shards ``[B, S_local, H, D]``."""
+
+    def __init__(self, mesh: Mesh, causal: bool = False, softmax_scale=None, layout: str = "zigzag", backend=None,
+                 *, check_ranks: bool = True):
+        super().__init__()
+        if not isinstance(mesh, Mesh):
+            raise TypeError(f"mesh must be a comm.Mesh (see comm.init_mesh), got {type(mesh).__name__}")
+        self.mesh, self.causal, self.softmax_scale = mesh, causal, softmax_scale
+        self.layout, self.backend, self.check_ranks = check_layout(layout), backend, check_ranks
+
+    def forward(self, q, k, v):
+        return usp_attention(q, k, v, self.mesh, self.causal, self.softmax_scale, self.layout, self.backend,
+                             check_ranks=self.check_ranks)
+
+    def extra_repr(self) -> str:
+        m = self.mesh
+        return (f"ulysses_degree={m.ulysses_degree}, ring_degree={m.ring_degree}, placement={m.placement}, "
+                f"causal={self.causal}, layout={self.layout}, backend={self.backend}")

@@ -1,0 +1,143 @@
+"""Distributed numerics: ring, Ulysses and USP attention on gloo processes against
+float64 naive attention on the whole sequence, with the traffic each rank generated.
+
+Every rank builds the same global inputs (one seed per data-parallel replica), runs
+the method on its shards, gathers out and the gradients back, and compares them with
+the oracle using the tolerance rule of ``bench.numerics`` (baseline: the naive backend
+in the input dtype on the whole sequence). It also records, per pass, the point-to-point
+and all-to-all transfers it posted and whether every ring step's next K/V transfer was
+posted before that step's compute started.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from attention import gather_sequence, ring_attention, shard_sequence, ulysses_attention, usp_attention
+from comm import init_mesh, record_traffic
+from kernels import AttentionShape
+
+from .numerics import DTYPE_NAMES, Case, compare, poisoned_allocations, reference, run_backend
+
+QUANTITIES = ("out", "dq", "dk", "dv")
+METHODS = ("ring", "ulysses", "usp")
+
+
+@dataclass(frozen=True)
+class DistCase:
+    """One distributed check: a method on a ``ulysses x ring`` mesh of ``world_size`` ranks."""
+
+    method: str
+    ulysses_degree: int
+    ring_degree: int
+    world_size: int
+    placement: str = "ulysses_inner"
+    layout: str = "zigzag"
+    causal: bool = True
+    backend: str = "naive"
+    dtype: torch.dtype = torch.float64
+    batch: int = 2
+    seqlen: int = 48
+    heads: int = 8
+    kv_heads: int = 8
+    head_dim: int = 16
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.method == "ring" and self.ulysses_degree != 1 or self.method == "ulysses" and self.ring_degree != 1:
+            raise ValueError(f"{self.method} attention runs on a mesh with degree 1 on the other axis")
+        if self.world_size % (self.ulysses_degree * self.ring_degree):
+            raise ValueError("ulysses_degree x ring_degree must divide world_size")
+
+    @property
+    def impl(self) -> str:
+        return f"{self.method}-u{self.ulysses_degree}r{self.ring_degree}-{self.layout}"
+
+    @property
+    def shape(self) -> AttentionShape:
+        return AttentionShape(self.batch, self.seqlen, self.seqlen, self.heads, self.kv_heads, self.head_dim)
+
+    @property
+    def label(self) -> str:
+        dp = self.world_size // (self.ulysses_degree * self.ring_degree)
+        return (f"{self.impl} dp{dp} {self.placement} {'causal' if self.causal else 'full'} "
+                f"h{self.heads}/{self.kv_heads} {self.backend} {DTYPE_NAMES[self.dtype]}")
+
+    def record(self) -> dict:
+        return dict(impl=self.impl, method=self.method, ulysses_degree=self.ulysses_degree,
+                    ring_degree=self.ring_degree, world_size=self.world_size, placement=self.placement,
+                    layout=self.layout, causal=self.causal, backend=self.backend, dtype=DTYPE_NAMES[self.dtype],
+                    batch=self.batch, seqlen=self.seqlen, heads=self.heads, kv_heads=self.kv_heads,
+                    head_dim=self.head_dim)
+
+
+def _attend(case: DistCase, mesh, q, k, v):
+    if case.method == "ring":
+        return ring_attention(q, k, v, mesh.ring_group, case.causal, None, case.layout, case.backend)
+    if case.method == "ulysses":
+        return ulysses_attention(q, k, v, mesh.ulysses_group, case.causal, None, case.backend)
+    return usp_attention(q, k, v, mesh, case.causal, None, case.layout, case.backend)
+
+
+def _traffic(log) -> dict:
+    """What one pass sent: point-to-point sends and bytes, all-to-alls and bytes."""
+    return dict(p2p_sends=log.sends("p2p"), p2p_bytes=log.bytes_sent("p2p"),
+                all_to_alls=len(log.of_kind("all_to_all")), all_to_all_bytes=log.bytes_sent("all_to_all"))
+
+
+def transfers_lead_compute(log, ring_size: int) -> bool:
+    """True when each ring step's compute started after the next step's K/V was posted."""
+    posted = set()
+    for event in log.events:
+        if event.kind == "p2p" and event.label.startswith("kv"):
+            posted.add(event.step)
+        elif event.kind == "compute" and event.step + 1 < ring_size and event.step + 1 not in posted:
+            return False
+    return True
+
+
+def _inputs(case: DistCase, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    s = case.shape
+
+    def randn(heads):
+        return torch.randn(s.batch, s.seqlen_q, heads, s.head_dim, generator=generator).to(case.dtype)
+    return randn(s.heads), randn(s.kv_heads), randn(s.kv_heads), randn(s.heads)
+
+
+def check_cases(cases: list[DistCase], seed: int = 0) -> list[dict]:
+    """Run on every rank of a gloo group (see ``bench.launch``); one result per case."""
+    meshes = {}
+    results = []
+    for index, case in enumerate(cases):
+        start = time.perf_counter()
+        key = (case.ulysses_degree, case.ring_degree, case.placement)
+        if key not in meshes:  # the same order on every rank, as group creation requires
+            meshes[key] = init_mesh(*key)
+        mesh = meshes[key]
+        q, k, v, dout = _inputs(case, seed + 1000 * index + mesh.dp_rank)
+        ref = reference(q, k, v, dout, case.causal)
+        has_baseline = case.backend != "naive" and case.dtype != torch.float64
+        baseline = run_backend("naive", q, k, v, dout, case.causal) if has_baseline else None
+        q_local, k_local, v_local, dout_local = (shard_sequence(x, mesh, layout=case.layout) for x in (q, k, v, dout))
+        for x in (q_local, k_local, v_local):
+            x.requires_grad_()
+        with poisoned_allocations():
+            with record_traffic() as forward:
+                out_local = _attend(case, mesh, q_local, k_local, v_local)
+            with record_traffic() as backward:
+                out_local.backward(dout_local)
+        gathered = {name: gather_sequence(x, mesh, layout=case.layout)
+                    for name, x in zip(QUANTITIES, (out_local, q_local.grad, k_local.grad, v_local.grad))}
+        errors, tolerances, failures = compare(Case(case.backend, case.dtype, case.shape, case.causal), gathered,
+                                               ref, baseline, QUANTITIES)
+        results.append(dict(errors=errors, tolerances=tolerances, failures=failures,
+                            forward=_traffic(forward), backward=_traffic(backward),
+                            overlapped=transfers_lead_compute(forward, case.ring_degree)
+                            and transfers_lead_compute(backward, case.ring_degree),
+                            seconds=time.perf_counter() - start))
+    return results

@@ -1,0 +1,124 @@
+"""Run a function on N local processes joined in a gloo process group.
+
+Used by the distributed checks of ``bench verify`` and by the tests: every rank gets
+one CPU thread, the group a free port and a timeout, so a rank that fails makes its
+peers fail within ``pg_timeout_s`` instead of hanging; the launcher itself gives up
+after ``timeout_s`` and kills what is left.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import queue as queue_module
+import socket
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+@dataclass
+class RankOutcome:
+    rank: int
+    ok: bool
+    value: Any  # fn's return value, or the formatted exception
+    seconds: float
+
+
+class WorkersFailed(RuntimeError):
+    """At least one rank raised, or did not finish in time."""
+
+    def __init__(self, outcomes: list[RankOutcome]):
+        self.outcomes = outcomes
+        lines = [f"rank {o.rank}: {o.value.strip().splitlines()[-1] if o.value else 'no result'}"
+                 for o in outcomes if not o.ok]
+        super().__init__("distributed run failed:\n  " + "\n  ".join(lines))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, pg_timeout_s, fn, args, results):
+    start = time.perf_counter()
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=pg_timeout_s))
+        try:
+            value = fn(*args)
+        finally:
+            dist.destroy_process_group()
+        results.put((rank, True, value, time.perf_counter() - start))
+    except BaseException:  # report everything, including a KeyboardInterrupt, to the parent
+        results.put((rank, False, traceback.format_exc(), time.perf_counter() - start))
+
+
+def spawn(world_size: int, fn: Callable, args: tuple = (), *, pg_timeout_s: float = 60.0,
+          timeout_s: float = 600.0) -> list[RankOutcome]:
+    """Run ``fn(*args)`` on ranks ``0 .. world_size - 1``; return each rank's outcome.
+
+    ``fn`` must be importable by name (a module-level function) and its result picklable.
+    A rank with no result after ``timeout_s`` is killed and reported as not ok.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be at least 1, got {world_size}")
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    port = free_port()
+    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)  # read by the children as they start
+    try:
+        processes = [context.Process(target=_worker, args=(rank, world_size, port, pg_timeout_s, fn, args, results),
+                                     daemon=True) for rank in range(world_size)]
+        for process in processes:
+            process.start()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    outcomes: dict[int, RankOutcome] = {}
+
+    def collect(wait_s: float) -> bool:
+        try:
+            rank, ok, value, seconds = results.get(timeout=wait_s) if wait_s else results.get_nowait()
+        except queue_module.Empty:
+            return False
+        outcomes[rank] = RankOutcome(rank, ok, value, seconds)
+        return True
+
+    deadline = time.monotonic() + timeout_s
+    while len(outcomes) < world_size and time.monotonic() < deadline:
+        if not collect(0.2) and all(r in outcomes or not p.is_alive() for r, p in enumerate(processes)):
+            break  # every rank reported or died; a dead rank's report, if any, is already in the queue
+    while collect(0):
+        pass
+    for process in processes:
+        process.join(timeout=5.0 if len(outcomes) == world_size else 0.1)
+        if process.is_alive():
+            process.kill()
+            process.join()
+    for rank in range(world_size):
+        if rank not in outcomes:
+            reason = f"no result within {timeout_s:g} s" if processes[rank].exitcode in (None, -9) \
+                else f"exited with code {processes[rank].exitcode} without a result"
+            outcomes[rank] = RankOutcome(rank, False, reason, timeout_s)
+    return [outcomes[r] for r in range(world_size)]
+
+
+def run(world_size: int, fn: Callable, args: tuple = (), **kwargs) -> list[Any]:
+    """``spawn``, and every rank's return value; raises ``WorkersFailed`` if any rank failed."""
+    outcomes = spawn(world_size, fn, args, **kwargs)
+    if not all(o.ok for o in outcomes):
+        raise WorkersFailed(outcomes)
+    return [o.value for o in outcomes]

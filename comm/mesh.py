@@ -1,0 +1,150 @@
+"""The sequence-parallel device mesh: ``world = dp x ulysses x ring`` ranks.
+
+With ``placement="ulysses_inner"`` (the default) a Ulysses group is ``ulysses_degree``
+consecutive ranks, so its all-to-alls stay on the fast links inside a node, and a ring
+group is strided across nodes, where its point-to-point transfers overlap compute.
+``"ring_inner"`` swaps the two. The data-parallel index is outermost. A ``Mesh`` is a
+plain value holding its groups: any number of meshes can coexist in one program.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+PLACEMENTS = ("ulysses_inner", "ring_inner")
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """This rank's view of a ``dp x ulysses x ring`` mesh.
+
+    ``ulysses_group`` / ``ring_group`` hold this rank's Ulysses and ring peers, ordered
+    by their coordinate (group rank == ``ulysses_rank`` / ``ring_rank``); ``sp_group``
+    is the ``ulysses x ring`` ranks sharing one sequence, ``dp_group`` the replicas of
+    this rank's position (for data-parallel gradient reduction).
+    """
+
+    ulysses_degree: int
+    ring_degree: int
+    dp_degree: int
+    placement: str
+    rank: int  # position in the mesh (0 .. world_size - 1)
+    ranks: tuple[int, ...]  # global rank of every mesh position
+    ulysses_group: dist.ProcessGroup
+    ring_group: dist.ProcessGroup
+    sp_group: dist.ProcessGroup
+    dp_group: dist.ProcessGroup
+
+    @property
+    def world_size(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def sp_degree(self) -> int:
+        return self.ulysses_degree * self.ring_degree
+
+    def coordinates(self, position: int | None = None) -> tuple[int, int, int]:
+        """``(dp_rank, ulysses_rank, ring_rank)`` of a mesh position (default: this rank)."""
+        return mesh_coordinates(self.rank if position is None else position, self.ulysses_degree,
+                                self.ring_degree, self.placement)
+
+    @property
+    def dp_rank(self) -> int:
+        return self.coordinates()[0]
+
+    @property
+    def ulysses_rank(self) -> int:
+        return self.coordinates()[1]
+
+    @property
+    def ring_rank(self) -> int:
+        return self.coordinates()[2]
+
+
+def mesh_coordinates(position: int, ulysses_degree: int, ring_degree: int, placement: str) -> tuple[int, int, int]:
+    """``(dp, ulysses, ring)`` coordinates of a mesh position for a placement."""
+    sp = ulysses_degree * ring_degree
+    dp, local = divmod(position, sp)
+    if placement == "ulysses_inner":
+        ring, ulysses = divmod(local, ulysses_degree)
+    else:
+        ulysses, ring = divmod(local, ring_degree)
+    return dp, ulysses, ring
+
+
+def mesh_position(dp: int, ulysses: int, ring: int, ulysses_degree: int, ring_degree: int, placement: str) -> int:
+    """The inverse of ``mesh_coordinates``."""
+    local = ring * ulysses_degree + ulysses if placement == "ulysses_inner" else ulysses * ring_degree + ring
+    return dp * ulysses_degree * ring_degree + local
+
+
+def group_timeout(group: dist.ProcessGroup | None) -> datetime.timedelta | None:
+    """The timeout a process group was created with, when torch exposes it."""
+    group = group or dist.group.WORLD
+    for device in (torch.device("cpu"), torch.device("cuda")):
+        try:
+            return group._get_backend(device).options._timeout
+        except (AttributeError, RuntimeError):
+            continue
+    return None
+
+
+def _check_degree(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def init_mesh(ulysses_degree: int, ring_degree: int, placement: str = "ulysses_inner",
+              group: dist.ProcessGroup | None = None, timeout: datetime.timedelta | None = None) -> Mesh | None:
+    """Split the ranks of ``group`` (default: the world) into Ulysses, ring, sequence and
+    data-parallel groups. ``dp = size(group) / (ulysses_degree x ring_degree)``.
+
+    Like ``torch.distributed.new_group``, every rank of the default process group must
+    call this, with the same arguments, in the same order as its other group creations;
+    a rank outside ``group`` gets ``None``. The new groups inherit ``group``'s timeout
+    (or take ``timeout``), so a rank that fails makes its peers fail within it.
+    """
+    ulysses_degree = _check_degree("ulysses_degree", ulysses_degree)
+    ring_degree = _check_degree("ring_degree", ring_degree)
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    if not dist.is_initialized():
+        raise RuntimeError("torch.distributed is not initialized: call init_process_group first")
+    ranks = tuple(dist.get_process_group_ranks(group or dist.group.WORLD))
+    sp = ulysses_degree * ring_degree
+    if len(ranks) % sp:
+        raise ValueError(f"ulysses_degree x ring_degree = {ulysses_degree} x {ring_degree} = {sp} must divide "
+                         f"the number of ranks ({len(ranks)})")
+    dp_degree = len(ranks) // sp
+    timeout = timeout or group_timeout(group)
+    me = dist.get_rank()
+
+    def coords(position):
+        return mesh_coordinates(position, ulysses_degree, ring_degree, placement)
+
+    def make_groups(key):
+        """One group per value of ``key(coords)``, created in the same order on every rank."""
+        members: dict = {}
+        for position in range(len(ranks)):
+            members.setdefault(key(coords(position)), []).append(position)
+        mine = None
+        for positions in members.values():
+            # Positions ascend with the varying coordinate, so group rank == coordinate.
+            created = dist.new_group([ranks[p] for p in positions], timeout=timeout)
+            if me in (ranks[p] for p in positions):
+                mine = created
+        return mine
+
+    ulysses_group = make_groups(lambda c: (c[0], c[2]))
+    ring_group = make_groups(lambda c: (c[0], c[1]))
+    sp_group = make_groups(lambda c: c[0])
+    dp_group = make_groups(lambda c: (c[1], c[2]))
+    if me not in ranks:
+        return None
+    return Mesh(ulysses_degree, ring_degree, dp_degree, placement, ranks.index(me), ranks,
+                ulysses_group, ring_group, sp_group, dp_group)

@@ -1,0 +1,133 @@
+"""Exactness of the communication layer on gloo processes: the mesh's groups, the
+Ulysses all-to-alls (and their backward), and sharding/gathering a sequence. Inputs
+encode their own global coordinates, so any misplaced element shows."""
+
+import functools
+
+import torch
+import torch.distributed as dist
+
+from attention import USPAttention, gather_sequence, sequence_positions, shard_sequence, usp_attention
+from bench.launch import run
+from comm import head_to_seq, init_mesh, replicate_kv_heads, seq_to_head
+from comm.mesh import group_timeout
+
+B, D = 2, 3
+
+
+def _encoded(seqlen: int, heads: int) -> torch.Tensor:
+    """x[b, s, h, d] = 10000 b + 100 s + 10 h + d: every element names its place."""
+    b, s, h, d = torch.meshgrid(torch.arange(B), torch.arange(seqlen), torch.arange(heads), torch.arange(D),
+                                indexing="ij")
+    return (10000 * b + 100 * s + 10 * h + d).double()
+
+
+def _check_all_to_all(ulysses_degree: int, ring_degree: int, placement: str):
+    mesh = init_mesh(ulysses_degree, ring_degree, placement)
+    group, u, j = mesh.ulysses_group, mesh.ulysses_degree, mesh.ulysses_rank
+    heads, seqlen = 2 * u, 4 * u
+    whole = _encoded(seqlen, heads)
+    piece = whole.chunk(u, dim=1)[j].clone().requires_grad_()
+    head_sharded = seq_to_head(piece, group)
+    assert torch.equal(head_sharded, whole.chunk(u, dim=2)[j])
+    assert torch.equal(head_to_seq(head_sharded, group), piece)
+    # backward of seq_to_head is head_to_seq: a head-sharded gradient comes back to the sequence piece
+    grad_whole = -_encoded(seqlen, heads)
+    head_sharded.backward(grad_whole.chunk(u, dim=2)[j])
+    assert torch.equal(piece.grad, grad_whole.chunk(u, dim=1)[j])
+    # one K/V head for u ranks: replicated, each rank gets the copy its query heads use, grads summed
+    kv_piece = _encoded(seqlen, 1).chunk(u, dim=1)[j].clone().requires_grad_()
+    kv_sharded = seq_to_head(replicate_kv_heads(kv_piece, u), group)
+    assert torch.equal(kv_sharded, _encoded(seqlen, 1))
+    kv_sharded.backward(torch.ones_like(kv_sharded))
+    assert torch.equal(kv_piece.grad, torch.full_like(kv_piece, float(u)))
+    return "ok"
+
+
+def _check_shard_gather(world_meshes):
+    for u, r, placement in world_meshes:
+        mesh = init_mesh(u, r, placement)
+        for layout in ("zigzag", "contiguous"):
+            seqlen = 2 * u * r * 3
+            whole = _encoded(seqlen, 2)
+            local = shard_sequence(whole, mesh, layout=layout)
+            positions = sequence_positions(seqlen, mesh, layout)
+            assert torch.equal(local[0, :, 0, 0], 100 * positions.double()), (u, r, placement, layout)
+            assert torch.equal(gather_sequence(local, mesh, layout=layout), whole)
+            # any dim: the sequence on dim 0 of a [S, B] tensor
+            flat = whole[:, :, 0, 0].t().contiguous()
+            assert torch.equal(gather_sequence(shard_sequence(flat, mesh, dim=0, layout=layout), mesh, dim=0,
+                                               layout=layout), flat)
+    return "ok"
+
+
+def _check_all_to_alls():
+    return [_check_all_to_all(4, 1, "ulysses_inner"), _check_all_to_all(2, 2, "ring_inner")]
+
+
+def test_all_to_all_is_exact_and_its_backward_inverse():
+    assert run(4, _check_all_to_alls, pg_timeout_s=60) == [["ok", "ok"]] * 4
+
+
+def _mesh_groups(placement):
+    mesh = init_mesh(2, 2, placement)
+    sub = dist.new_group([1, 2])
+    on_sub = init_mesh(2, 1, group=sub)
+    other = init_mesh(1, 4, "ring_inner")  # a second mesh over the same ranks
+    return dict(
+        coords=(mesh.dp_rank, mesh.ulysses_rank, mesh.ring_rank),
+        ulysses=dist.get_process_group_ranks(mesh.ulysses_group), ring=dist.get_process_group_ranks(mesh.ring_group),
+        sp=dist.get_process_group_ranks(mesh.sp_group), dp=dist.get_process_group_ranks(mesh.dp_group),
+        on_sub=None if on_sub is None else dist.get_process_group_ranks(on_sub.ulysses_group),
+        other_ring=dist.get_process_group_ranks(other.ring_group),
+        timeouts={group_timeout(g).total_seconds() for g in (mesh.ulysses_group, mesh.ring_group, mesh.sp_group)})
+
+
+def _eight_ranks():
+    shard_gather = _check_shard_gather([(2, 2, "ulysses_inner"), (2, 4, "ring_inner"), (4, 2, "ulysses_inner"),
+                                        (1, 8, "ulysses_inner"), (8, 1, "ring_inner")])
+    return dict(shard_gather=shard_gather, inner=_mesh_groups("ulysses_inner"), outer=_mesh_groups("ring_inner"))
+
+
+@functools.cache
+def _eight_rank_results():
+    """One launch of 8 ranks serves the tests below."""
+    return run(8, _eight_ranks, pg_timeout_s=61)
+
+
+def test_shard_and_gather_are_exact():
+    assert [r["shard_gather"] for r in _eight_rank_results()] == ["ok"] * 8
+
+
+def test_mesh_groups_follow_the_placement():
+    inner = [r["inner"] for r in _eight_rank_results()]
+    outer = [r["outer"] for r in _eight_rank_results()]
+    # world 8 = dp 2 x ulysses 2 x ring 2. ulysses_inner: Ulysses pairs are neighbours.
+    assert [r["ulysses"] for r in inner] == [[0, 1], [0, 1], [2, 3], [2, 3], [4, 5], [4, 5], [6, 7], [6, 7]]
+    assert [r["ring"] for r in inner] == [[0, 2], [1, 3], [0, 2], [1, 3], [4, 6], [5, 7], [4, 6], [5, 7]]
+    assert [r["coords"] for r in inner][5] == (1, 1, 0)
+    # ring_inner: the other way round.
+    assert [r["ring"] for r in outer] == [[0, 1], [0, 1], [2, 3], [2, 3], [4, 5], [4, 5], [6, 7], [6, 7]]
+    assert [r["ulysses"] for r in outer] == [[0, 2], [1, 3], [0, 2], [1, 3], [4, 6], [5, 7], [4, 6], [5, 7]]
+    assert [r["coords"] for r in outer][5] == (1, 0, 1)
+    for results in (inner, outer):
+        assert [r["sp"] for r in results] == [[0, 1, 2, 3]] * 4 + [[4, 5, 6, 7]] * 4
+        assert [r["dp"] for r in results] == [[0, 4], [1, 5], [2, 6], [3, 7]] * 2
+        assert [r["on_sub"] for r in results] == [None, [1, 2], [1, 2], None, None, None, None, None]
+        assert [r["other_ring"] for r in results] == [[0, 1, 2, 3]] * 4 + [[4, 5, 6, 7]] * 4
+        assert all(r["timeouts"] == {61.0} for r in results)  # the groups inherit the world's timeout
+
+
+def _module_matches_function():
+    mesh = init_mesh(2, 2)
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 16, 4, 8, generator=generator, dtype=torch.float64) for _ in range(3))
+    q, k, v = (shard_sequence(x, mesh) for x in (q, k, v))
+    module = USPAttention(mesh, causal=True, backend="naive")
+    assert torch.equal(module(q, k, v), usp_attention(q, k, v, mesh, causal=True, backend="naive"))
+    return repr(module)
+
+
+def test_module_is_the_function():
+    text = run(4, _module_matches_function, pg_timeout_s=60)[0]
+    assert "ulysses_degree=2, ring_degree=2, placement=ulysses_inner, causal=True, layout=zigzag" in text

@@ -1,0 +1,125 @@
+"""Ring, Ulysses and USP attention on gloo processes against float64 naive attention on
+the whole sequence, and the traffic they generate against its formula.
+
+One launch per world size runs every case of that size (``bench.dist_checks``); the
+tests below read its results, so each case still passes or fails on its own.
+"""
+
+import functools
+import itertools
+
+import pytest
+import torch
+
+from bench.dist_checks import DistCase, check_cases
+from bench.launch import run
+
+FP64, FP32 = torch.float64, torch.float32
+HEADS = (8, 2, 1)  # K/V heads for 8 query heads: MHA, GQA, MQA (replicated when below u)
+LAYOUTS = ("zigzag", "contiguous")
+PLACEMENTS = ("ulysses_inner", "ring_inner")
+
+
+def _product(method, u, r, world, placements=PLACEMENTS[:1], layouts=LAYOUTS, heads=HEADS, **kw):
+    return [DistCase(method, u, r, world, placement=p, layout=lay, causal=c, kv_heads=h, **kw)
+            for p, lay, c, h in itertools.product(placements, layouts, (False, True), heads)]
+
+
+def _cases(world: int) -> list[DistCase]:
+    if world == 1:
+        return (_product("usp", 1, 1, 1, layouts=("zigzag",), heads=(2,))
+                + [DistCase("ring", 1, 1, 1, backend="torch", dtype=FP32),
+                   DistCase("ulysses", 1, 1, 1, kv_heads=1)])
+    if world == 2:
+        return (_product("ring", 1, 2, 2) + _product("ulysses", 2, 1, 2, layouts=("contiguous",))
+                + _product("usp", 1, 2, 2, heads=(2,)) + _product("usp", 2, 1, 2, layouts=("zigzag",), heads=(1,))
+                + _product("ring", 1, 2, 2, heads=(2,), backend="torch", dtype=FP32))
+    if world == 4:
+        return (_product("ring", 1, 4, 4, heads=(8, 1)) + _product("ulysses", 4, 1, 4, layouts=("contiguous",))
+                + _product("usp", 2, 2, 4, placements=PLACEMENTS)
+                + _product("usp", 2, 2, 4, placements=PLACEMENTS, heads=(1,), backend="torch", dtype=FP32)
+                + [DistCase("usp", 2, 2, 4, layout="zigzag", causal=True, kv_heads=2, backend="triton", dtype=FP32),
+                   DistCase("usp", 2, 2, 4, layout="contiguous", causal=False, kv_heads=1, backend="triton",
+                            dtype=FP32, placement="ring_inner")])
+    if world == 8:
+        return (_product("usp", 2, 4, 8, placements=PLACEMENTS) + _product("usp", 4, 2, 8, placements=PLACEMENTS)
+                + _product("usp", 2, 2, 8, placements=PLACEMENTS, heads=(2,))  # dp = 2
+                + _product("ring", 1, 8, 8, layouts=("zigzag",), heads=(2,))
+                + _product("ulysses", 8, 1, 8, layouts=("contiguous",), heads=(1,))
+                + _product("usp", 4, 2, 8, layouts=("zigzag",), heads=(2,), backend="torch", dtype=FP32))
+    raise ValueError(world)
+
+
+WORLDS = (1, 2, 4, 8)
+ALL_CASES = [case for world in WORLDS for case in _cases(world)]
+
+
+@functools.cache
+def _results(world: int) -> dict:
+    """Every rank's result for every case of this world size (one launch)."""
+    cases = _cases(world)
+    per_rank = run(world, check_cases, (cases,), pg_timeout_s=120, timeout_s=600)
+    return {case: [rank_results[i] for rank_results in per_rank] for i, case in enumerate(cases)}
+
+
+def test_the_matrix_covers_the_issue():
+    meshes = {(c.ulysses_degree, c.ring_degree) for c in ALL_CASES}
+    assert {(1, 4), (4, 1), (2, 2), (2, 4), (4, 2)} <= meshes
+    assert {c.world_size for c in ALL_CASES} == set(WORLDS)
+    for field, values in dict(placement=PLACEMENTS, layout=LAYOUTS, causal=(False, True), kv_heads=HEADS,
+                              backend=("naive", "torch", "triton"), method=("ring", "ulysses", "usp")).items():
+        assert {getattr(c, field) for c in ALL_CASES} == set(values), field
+
+
+@pytest.mark.parametrize("case", ALL_CASES, ids=lambda c: f"w{c.world_size}-{c.label.replace(' ', '-')}")
+def test_matches_naive_attention(case):
+    for rank, result in enumerate(_results(case.world_size)[case]):
+        assert not result["failures"], f"rank {rank}: {result['failures']}"
+
+
+def expected_traffic(case: DistCase) -> dict:
+    """What one rank sends, by the formula: per forward and per backward.
+
+    Ring (r ranks, local K/V of ``kv`` bytes each after the all-to-all): forward sends K
+    and V on r - 1 steps; backward sends them again, plus the dK/dV accumulators (in
+    the accumulation dtype) on all r steps, the last hop returning them to their owner.
+    Ulysses (u ranks): forward all-to-alls q, k, v and out; backward dout, dq, dk, dv;
+    each sends (u - 1) / u of the tensor it is given.
+    """
+    u, r = case.ulysses_degree, case.ring_degree
+    elem = torch.finfo(case.dtype).bits // 8
+    acc_elem = max(elem, 4)
+    seq_local = case.seqlen // (u * r)
+    kv_heads_held = max(case.kv_heads, u)  # replicated up to one head per Ulysses rank
+    q_bytes = case.batch * seq_local * case.heads * case.head_dim * elem
+    kv_bytes = case.batch * seq_local * kv_heads_held * case.head_dim * elem  # sequence-sharded, before a2a
+    ring_kv = kv_bytes  # after the all-to-all: u times the positions, 1/u of the heads
+    a2a = 4 if u > 1 else 0
+    a2a_bytes = (2 * q_bytes + 2 * kv_bytes) * (u - 1) // u
+    forward = dict(p2p_sends=2 * (r - 1), p2p_bytes=2 * (r - 1) * ring_kv, all_to_alls=a2a, all_to_all_bytes=a2a_bytes)
+    accumulators = 2 * r if r > 1 else 0
+    backward = dict(p2p_sends=2 * (r - 1) + accumulators,
+                    p2p_bytes=2 * (r - 1) * ring_kv + accumulators * ring_kv * acc_elem // elem,
+                    all_to_alls=a2a, all_to_all_bytes=a2a_bytes)
+    return dict(forward=forward, backward=backward)
+
+
+@pytest.mark.parametrize("case", ALL_CASES, ids=lambda c: f"w{c.world_size}-{c.label.replace(' ', '-')}")
+def test_traffic_matches_the_formula_and_overlaps(case):
+    expected = expected_traffic(case)
+    for rank, result in enumerate(_results(case.world_size)[case]):
+        assert result["forward"] == expected["forward"], f"rank {rank}"
+        assert result["backward"] == expected["backward"], f"rank {rank}"
+        assert result["overlapped"], f"rank {rank}: a ring step computed before the next K/V was posted"
+
+
+def test_recorded_counts_of_one_config():
+    """USP u2 x r2, b2, 48 tokens, 8 query / 2 K/V heads, d16, float64: the counts as
+    measured, written out so a change in traffic shows up in review."""
+    case = DistCase("usp", 2, 2, 4, placement="ulysses_inner", layout="zigzag", causal=True, kv_heads=2)
+    result = _results(4)[case][0]
+    # After the all-to-all a rank holds 2 x 24 positions x 1 K/V head x 16 x 8 B = 6,144 B of K (and of V):
+    # forward, one ring hop of K and V; backward, K and V again plus dK, dV on both steps.
+    # The all-to-alls send half of q (24,576 B), k and v (6,144 B each) and out (24,576 B).
+    assert result["forward"] == dict(p2p_sends=2, p2p_bytes=12_288, all_to_alls=4, all_to_all_bytes=30_720)
+    assert result["backward"] == dict(p2p_sends=6, p2p_bytes=36_864, all_to_alls=4, all_to_all_bytes=30_720)

@@ -1,0 +1,151 @@
+"""Bad input and faults in the sequence-parallel layer: clear ValueErrors naming the
+argument, and ranks that disagree or stop end in an error on every rank within the
+process group's timeout, never a hang."""
+
+import datetime
+import functools
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from attention import ring_attention, shard_sequence, ulysses_attention, usp_attention
+from bench.launch import run, spawn
+from comm import init_mesh
+
+PG_TIMEOUT_S = 3.0  # the mesh's groups; the world group keeps a generous one for start-up
+
+
+def _error_of(call) -> str:
+    try:
+        call()
+    except (ValueError, TypeError) as error:
+        return f"{type(error).__name__}: {error}"
+    return "no error"
+
+
+def _bad_inputs() -> dict:
+    """Each bad call on 4 ranks, all ranks passing the same thing; fails before any transfer."""
+    mesh = init_mesh(2, 2)
+    ulysses4 = init_mesh(4, 1)
+    ring4 = init_mesh(1, 4)
+
+    def qkv(seqlen, heads=4, kv_heads=4, head_dim=8, k_seqlen=None):
+        q = torch.randn(1, seqlen, heads, head_dim)
+        k = torch.randn(1, k_seqlen or seqlen, kv_heads, head_dim)
+        return q, k, k.clone()
+
+    return {
+        "odd_zigzag": _error_of(lambda: usp_attention(*qkv(3), ring4, causal=True)),
+        "odd_ring_zigzag": _error_of(lambda: ring_attention(*qkv(5), mesh.ring_group, causal=True)),
+        "heads": _error_of(lambda: usp_attention(*qkv(4, heads=6, kv_heads=6), ulysses4)),
+        "kv_heads": _error_of(lambda: usp_attention(*qkv(4, heads=12, kv_heads=3), ulysses4)),
+        "ulysses_heads": _error_of(lambda: ulysses_attention(*qkv(4, heads=2, kv_heads=2), ulysses4.ulysses_group)),
+        "causal_lengths": _error_of(lambda: ring_attention(*qkv(4, k_seqlen=6), mesh.ring_group, causal=True)),
+        "head_dims": _error_of(lambda: usp_attention(qkv(4)[0], *qkv(4, head_dim=16)[1:], mesh)),
+        "layout": _error_of(lambda: usp_attention(*qkv(4), mesh, layout="striped")),
+        "mesh_type": _error_of(lambda: usp_attention(*qkv(4), mesh.ring_group)),
+        "degrees": _error_of(lambda: init_mesh(3, 1)),
+        "degree_type": _error_of(lambda: init_mesh(0, 4)),
+        "placement": _error_of(lambda: init_mesh(2, 2, "nodes_inner")),
+        "shard_zigzag": _error_of(lambda: shard_sequence(torch.zeros(1, 10, 1, 1), mesh)),
+        "shard_ulysses": _error_of(lambda: shard_sequence(torch.zeros(1, 6, 1, 1), ulysses4)),
+    }
+
+
+def test_bad_input_raises_value_errors_naming_the_argument():
+    errors = run(4, _bad_inputs, pg_timeout_s=30)
+    assert all(e == errors[0] for e in errors)  # every rank says the same
+    e = errors[0]
+    assert "per-ring-rank sequence length must be even" in e["odd_zigzag"] and "2 x ring_degree = 8" in e["odd_zigzag"]
+    assert "local sequence length must be even" in e["odd_ring_zigzag"]
+    assert e["heads"] == "ValueError: the heads of q (6) must be divisible by the Ulysses degree (4)"
+    assert "heads of k and v (3) must be a multiple or a divisor of the Ulysses degree (4)" in e["kv_heads"]
+    assert "heads of q (2) must be divisible by the Ulysses degree (4)" in e["ulysses_heads"]
+    assert "same local sequence length, got 4 and 6" in e["causal_lengths"]
+    assert "k has head dim 16 but q has 8" in e["head_dims"]
+    assert "layout must be one of" in e["layout"]
+    assert e["mesh_type"].startswith("TypeError: mesh must be a comm.Mesh")
+    assert "3 x 1 = 3 must divide the number of ranks (4)" in e["degrees"]
+    assert "ulysses_degree must be a positive int, got 0" in e["degree_type"]
+    assert "placement must be one of" in e["placement"]
+    assert "sequence length 10 must be divisible by 2 x ring_degree = 4 for the zigzag layout" in e["shard_zigzag"]
+    assert "sequence length 6 must be divisible by ulysses_degree x ring_degree = 4" in e["shard_ulysses"]
+
+
+KINDS = ("seqlen", "dtype", "causal", "ring_heads")
+
+
+def _disagree() -> dict:
+    """Rank 1 passes something different from the others, one kind of difference at a
+    time; every rank records what it got (the check raises before any transfer, so the
+    group stays usable for the next kind)."""
+    odd = dist.get_rank() == 1
+    mesh = init_mesh(2, 2)
+    seen = {}
+    for kind in KINDS:
+        q = torch.randn(1, 6 if odd and kind == "seqlen" else 8, 4, 8, dtype=torch.float64)
+        if kind == "dtype" and odd:
+            q = q.float()
+        causal = not odd if kind == "causal" else True
+        try:
+            if kind == "ring_heads":
+                q = torch.randn(1, 8, 2 if odd else 4, 8)
+                ring_attention(q, q, q, mesh.ring_group, causal=True, backend="naive")
+            else:
+                usp_attention(q, q, q, mesh, causal=causal, backend="naive")
+            seen[kind] = "finished"
+        except ValueError as error:
+            seen[kind] = f"ValueError: {error}"
+    return seen
+
+
+@functools.cache
+def _disagreements() -> list[dict]:
+    return run(4, _disagree, pg_timeout_s=60)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ranks_that_disagree_all_raise(kind):
+    # usp checks the whole sequence group; a bare ring only its ring ({1, 3} holds rank 1, {0, 2} agrees).
+    failing = {1, 3} if kind == "ring_heads" else {0, 1, 2, 3}
+    for rank, seen in enumerate(_disagreements()):
+        if rank in failing:
+            assert seen[kind].startswith("ValueError: the ranks of the group disagree"), seen[kind]
+        else:
+            assert seen[kind] == "finished"
+
+
+def test_the_disagreement_message_shows_each_rank():
+    message = _disagreements()[0]["dtype"]
+    assert message == ("ValueError: the ranks of the group disagree on usp_attention (dtype): rank 0: "
+                       "dtype=torch.float64; rank 1: dtype=torch.float32; rank 2: dtype=torch.float64; "
+                       "rank 3: dtype=torch.float64")
+    assert "(q_shape, k_shape, v_shape): rank 0: q_shape=(1, 8, 4, 8)" in _disagreements()[0]["seqlen"]
+
+
+def _one_rank_stops(where: str):
+    """Rank 1 raises (process ends) or hangs alive (sleeps) at ``where``; the others go on."""
+    mesh = init_mesh(1, 2, timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
+    q = torch.randn(1, 8, 2, 8, requires_grad=True)
+    stop = dist.get_rank() == 1
+    if stop and where == "raise_before":
+        raise RuntimeError("rank 1 failed before attention")
+    if stop and where == "hang_before":
+        time.sleep(3 * PG_TIMEOUT_S)
+        return "slept"
+    out = usp_attention(q, q, q, mesh, causal=True, backend="naive")
+    if stop and where == "hang_between":
+        time.sleep(3 * PG_TIMEOUT_S)
+        return "slept"
+    out.sum().backward()
+    return "finished"
+
+
+@pytest.mark.parametrize("where", ["raise_before", "hang_before", "hang_between"])
+def test_a_rank_that_stops_makes_the_others_fail_within_the_timeout(where):
+    outcomes = spawn(2, _one_rank_stops, (where,), pg_timeout_s=60, timeout_s=60)
+    survivor = outcomes[0]
+    assert not survivor.ok, "rank 0 finished although rank 1 stopped"
+    assert survivor.seconds < 3 * PG_TIMEOUT_S, f"rank 0 took {survivor.seconds:.1f} s to fail"

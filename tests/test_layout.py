@@ -1,0 +1,96 @@
+"""The sequence layouts and the ring's per-step block plan, checked against brute force."""
+
+import itertools
+
+import pytest
+import torch
+
+from attention.layout import Block, check_global_seqlen, ring_block, ring_positions, shard_positions
+from comm.mesh import mesh_coordinates, mesh_position
+
+
+def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Which (query, key) pairs see each other, from their global positions."""
+    if not causal:
+        return torch.ones(len(q_pos), len(k_pos), dtype=torch.bool)
+    return k_pos[None, :] <= q_pos[:, None]
+
+
+def _covered(block: Block | None, n_q: int, n_k: int) -> torch.Tensor:
+    """The pairs a block computes, with the causal flag read as a lower triangle of the block."""
+    covered = torch.zeros(n_q, n_k, dtype=torch.bool)
+    if block is None:
+        return covered
+    rows = torch.arange(n_q)[block.q_rows]
+    keys = torch.arange(n_k)[block.k_rows]
+    sub = torch.ones(len(rows), len(keys), dtype=torch.bool)
+    if block.causal:
+        sub = torch.tril(sub, diagonal=len(keys) - len(rows))  # bottom-right, as the backends align it
+    covered[rows[:, None], keys[None, :]] = sub
+    return covered
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("ring_degree", [1, 2, 3, 4, 8])
+def test_ring_block_computes_exactly_the_visible_pairs(layout, causal, ring_degree):
+    seqlen = 2 * ring_degree * 3
+    for rank, source in itertools.product(range(ring_degree), repeat=2):
+        q_pos = ring_positions(seqlen, ring_degree, rank, layout)
+        k_pos = ring_positions(seqlen, ring_degree, source, layout)
+        block = ring_block(rank, source, len(q_pos), layout, causal)
+        expected = _visible(q_pos, k_pos, causal)
+        assert torch.equal(_covered(block, len(q_pos), len(k_pos)), expected), (rank, source)
+        if block is not None:  # no step is scheduled that computes nothing
+            assert expected.any()
+
+
+def test_zigzag_balances_causal_work():
+    ring_degree, seqlen = 4, 64
+    work = []
+    for rank in range(ring_degree):
+        q_pos = ring_positions(seqlen, ring_degree, rank, "zigzag")
+        work.append(int(_visible(q_pos, torch.arange(seqlen), True).sum()))
+    assert len(set(work)) == 1, work
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("ulysses_degree, ring_degree", [(1, 1), (1, 4), (4, 1), (2, 2), (3, 2), (2, 4)])
+def test_shards_partition_the_sequence(layout, ulysses_degree, ring_degree):
+    seqlen = 2 * ulysses_degree * ring_degree * 2
+    held = torch.cat([shard_positions(seqlen, ulysses_degree, ring_degree, u, r, layout)
+                      for r in range(ring_degree) for u in range(ulysses_degree)])
+    assert torch.equal(held.sort().values, torch.arange(seqlen))
+
+
+def test_zigzag_positions_follow_the_paper():
+    # 2 ring ranks: 4 chunks of 3; ring rank 0 holds chunks 0 and 3, rank 1 chunks 1 and 2.
+    assert ring_positions(12, 2, 0, "zigzag").tolist() == [0, 1, 2, 9, 10, 11]
+    assert ring_positions(12, 2, 1, "zigzag").tolist() == [3, 4, 5, 6, 7, 8]
+    # Ulysses ranks split a ring rank's positions contiguously.
+    assert shard_positions(12, 2, 2, 1, 0, "zigzag").tolist() == [9, 10, 11]
+
+
+def test_sequence_length_errors_name_the_requirement():
+    with pytest.raises(ValueError, match="2 x ring_degree = 4"):
+        check_global_seqlen(6, 1, 2, "zigzag")
+    with pytest.raises(ValueError, match="ring_degree = 4"):
+        check_global_seqlen(6, 1, 4, "contiguous")
+    with pytest.raises(ValueError, match="ulysses_degree x ring_degree = 6"):
+        check_global_seqlen(8, 3, 2, "contiguous")
+    with pytest.raises(ValueError, match="layout must be one of"):
+        check_global_seqlen(8, 1, 1, "striped")
+
+
+@pytest.mark.parametrize("placement", ["ulysses_inner", "ring_inner"])
+def test_mesh_coordinates_round_trip(placement):
+    u, r, world = 2, 4, 16
+    seen = set()
+    for position in range(world):
+        dp, ul, ri = mesh_coordinates(position, u, r, placement)
+        assert mesh_position(dp, ul, ri, u, r, placement) == position
+        seen.add((dp, ul, ri))
+    assert len(seen) == world
+    inner = [mesh_coordinates(p, u, r, placement) for p in range(u if placement == "ulysses_inner" else r)]
+    varying = 1 if placement == "ulysses_inner" else 2
+    assert [c[varying] for c in inner] == list(range(len(inner)))  # consecutive ranks vary the inner axis
