@@ -20,7 +20,8 @@ from attention import gather_sequence, ring_attention, shard_sequence, ulysses_a
 from comm import init_mesh, record_traffic
 from kernels import AttentionShape
 
-from .numerics import DTYPE_NAMES, Case, compare, poisoned_allocations, reference, run_backend
+from .launch import run
+from .numerics import DTYPE_NAMES, Case, compare, poisoned_allocations, reference, run_backend, worst_ratio
 
 QUANTITIES = ("out", "dq", "dk", "dv")
 METHODS = ("ring", "ulysses", "usp")
@@ -55,7 +56,9 @@ class DistCase:
 
     @property
     def impl(self) -> str:
-        return f"{self.method}-u{self.ulysses_degree}r{self.ring_degree}-{self.layout}"
+        """The method's name in result files, e.g. ``usp-u2r4-zigzag`` (Ulysses has no layout)."""
+        name = f"{self.method}-u{self.ulysses_degree}r{self.ring_degree}"
+        return name if self.method == "ulysses" else f"{name}-{self.layout}"
 
     @property
     def shape(self) -> AttentionShape:
@@ -100,17 +103,18 @@ def transfers_lead_compute(log, ring_size: int) -> bool:
     return True
 
 
-def _inputs(case: DistCase, seed: int):
+def _inputs(case: DistCase, seed: int, device):
     generator = torch.Generator().manual_seed(seed)
     s = case.shape
 
     def randn(heads):
-        return torch.randn(s.batch, s.seqlen_q, heads, s.head_dim, generator=generator).to(case.dtype)
+        return torch.randn(s.batch, s.seqlen_q, heads, s.head_dim, generator=generator).to(device, case.dtype)
     return randn(s.heads), randn(s.kv_heads), randn(s.kv_heads), randn(s.heads)
 
 
-def check_cases(cases: list[DistCase], seed: int = 0) -> list[dict]:
-    """Run on every rank of a gloo group (see ``bench.launch``); one result per case."""
+def check_cases(cases: list[DistCase], seed: int = 0, device: str = "cpu") -> list[dict]:
+    """Run on every rank of a process group (see ``bench.launch``); one result per case.
+    ``device``: where the tensors live ("cuda" for an NCCL group)."""
     meshes = {}
     results = []
     for index, case in enumerate(cases):
@@ -119,7 +123,7 @@ def check_cases(cases: list[DistCase], seed: int = 0) -> list[dict]:
         if key not in meshes:  # the same order on every rank, as group creation requires
             meshes[key] = init_mesh(*key)
         mesh = meshes[key]
-        q, k, v, dout = _inputs(case, seed + 1000 * index + mesh.dp_rank)
+        q, k, v, dout = _inputs(case, seed + 1000 * index + mesh.dp_rank, device)
         ref = reference(q, k, v, dout, case.causal)
         has_baseline = case.backend != "naive" and case.dtype != torch.float64
         baseline = run_backend("naive", q, k, v, dout, case.causal) if has_baseline else None
@@ -140,4 +144,58 @@ def check_cases(cases: list[DistCase], seed: int = 0) -> list[dict]:
                             overlapped=transfers_lead_compute(forward, case.ring_degree)
                             and transfers_lead_compute(backward, case.ring_degree),
                             seconds=time.perf_counter() - start))
+    return results
+
+
+@dataclass
+class DistResult:
+    """A case's outcome over all ranks: the worst rank's errors, every rank's failures."""
+
+    case: DistCase
+    errors: dict[str, float]
+    tolerances: dict[str, float]
+    failures: list[str]
+    forward: dict
+    backward: dict
+    overlapped: bool
+    seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    @property
+    def worst_ratio(self) -> float:
+        return worst_ratio(self.errors, self.tolerances)
+
+    def record(self) -> dict:
+        return dict(**self.case.record(), errors=self.errors, tolerances=self.tolerances, failures=self.failures,
+                    worst_ratio=self.worst_ratio, passed=self.passed, traffic_per_rank=dict(
+                        forward=self.forward, backward=self.backward), transfers_overlap_compute=self.overlapped,
+                    seconds=round(self.seconds, 3))
+
+
+def merge_ranks(case: DistCase, per_rank: list[dict]) -> DistResult:
+    """One result from every rank's: the rank with the worst error/tolerance ratio, all
+    ranks' failures, rank 0's traffic (every rank sends the same amounts)."""
+    worst = max(per_rank, key=lambda r: worst_ratio(r["errors"], r["tolerances"]))
+    failures = [f"rank {rank}: {f}" for rank, r in enumerate(per_rank) for f in r["failures"]]
+    if not all(r["overlapped"] for r in per_rank):
+        failures.append("a ring step computed before the next K/V transfer was posted")
+    return DistResult(case, worst["errors"], worst["tolerances"], failures, per_rank[0]["forward"],
+                      per_rank[0]["backward"], all(r["overlapped"] for r in per_rank),
+                      max(r["seconds"] for r in per_rank))
+
+
+def run_checks(cases: list[DistCase], seed: int = 0, on_world=None) -> list[DistResult]:
+    """Launch one gloo group per world size and run its cases; ``on_world(world, results)``
+    is called as each world finishes (for progress output)."""
+    results = []
+    for world in sorted({c.world_size for c in cases}):
+        mine = [c for c in cases if c.world_size == world]
+        per_rank = run(world, check_cases, (mine, seed), pg_timeout_s=120, timeout_s=900)
+        done = [merge_ranks(case, [rank_results[i] for rank_results in per_rank]) for i, case in enumerate(mine)]
+        if on_world is not None:
+            on_world(world, done)
+        results += done
     return results

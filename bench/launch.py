@@ -1,4 +1,4 @@
-"""Run a function on N local processes joined in a gloo process group.
+"""Run a function on N local processes joined in a gloo (or NCCL) process group.
 
 Used by the distributed checks of ``bench verify`` and by the tests: every rank gets
 one CPU thread, the group a free port and a timeout, so a rank that fails makes its
@@ -46,11 +46,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, pg_timeout_s, fn, args, results):
+def _worker(rank, world_size, port, backend, pg_timeout_s, fn, args, results):
     start = time.perf_counter()
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+        if backend == "nccl":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=pg_timeout_s))
         try:
             value = fn(*args)
@@ -62,8 +64,9 @@ def _worker(rank, world_size, port, pg_timeout_s, fn, args, results):
 
 
 def spawn(world_size: int, fn: Callable, args: tuple = (), *, pg_timeout_s: float = 60.0,
-          timeout_s: float = 600.0) -> list[RankOutcome]:
+          timeout_s: float = 600.0, backend: str = "gloo") -> list[RankOutcome]:
     """Run ``fn(*args)`` on ranks ``0 .. world_size - 1``; return each rank's outcome.
+    ``backend="nccl"`` gives rank ``i`` GPU ``i`` (mod the GPU count).
 
     ``fn`` must be importable by name (a module-level function) and its result picklable.
     A rank with no result after ``timeout_s`` is killed and reported as not ok.
@@ -77,8 +80,9 @@ def spawn(world_size: int, fn: Callable, args: tuple = (), *, pg_timeout_s: floa
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)  # read by the children as they start
     try:
-        processes = [context.Process(target=_worker, args=(rank, world_size, port, pg_timeout_s, fn, args, results),
-                                     daemon=True) for rank in range(world_size)]
+        processes = [context.Process(target=_worker, daemon=True,
+                                     args=(rank, world_size, port, backend, pg_timeout_s, fn, args, results))
+                     for rank in range(world_size)]
         for process in processes:
             process.start()
     finally:
@@ -97,7 +101,8 @@ def spawn(world_size: int, fn: Callable, args: tuple = (), *, pg_timeout_s: floa
         outcomes[rank] = RankOutcome(rank, ok, value, seconds)
         return True
 
-    deadline = time.monotonic() + timeout_s
+    started = time.monotonic()
+    deadline = started + timeout_s
     while len(outcomes) < world_size and time.monotonic() < deadline:
         if not collect(0.2) and all(r in outcomes or not p.is_alive() for r, p in enumerate(processes)):
             break  # every rank reported or died; a dead rank's report, if any, is already in the queue
@@ -112,7 +117,7 @@ def spawn(world_size: int, fn: Callable, args: tuple = (), *, pg_timeout_s: floa
         if rank not in outcomes:
             reason = f"no result within {timeout_s:g} s" if processes[rank].exitcode in (None, -9) \
                 else f"exited with code {processes[rank].exitcode} without a result"
-            outcomes[rank] = RankOutcome(rank, False, reason, timeout_s)
+            outcomes[rank] = RankOutcome(rank, False, reason, time.monotonic() - started)
     return [outcomes[r] for r in range(world_size)]
 
 

@@ -68,12 +68,7 @@ class CaseResult:
 
     @property
     def worst_ratio(self) -> float:
-        """The largest error / tolerance over the quantities: below 1 passes (NaN counts as inf)."""
-        def ratio(error: float, tol: float) -> float:
-            if math.isnan(error):
-                return math.inf
-            return error / tol if tol > 0 else (0.0 if error == 0 else math.inf)
-        return max(ratio(e, t) for e, t in zip(self.errors.values(), self.tolerances.values()))
+        return worst_ratio(self.errors, self.tolerances)
 
     def record(self) -> dict:
         """A JSON-ready summary."""
@@ -82,6 +77,15 @@ class CaseResult:
                     **dataclasses.asdict(self.case.shape), errors=self.errors, tolerances=self.tolerances,
                     seed=self.seed, worst_ratio=self.worst_ratio, passed=self.passed, failures=self.failures,
                     seconds=round(self.seconds, 3))
+
+
+def worst_ratio(errors: dict[str, float], tolerances: dict[str, float]) -> float:
+    """The largest error / tolerance over the quantities: below 1 passes (NaN counts as inf)."""
+    def ratio(error: float, tol: float) -> float:
+        if math.isnan(error):
+            return math.inf
+        return error / tol if tol > 0 else (0.0 if error == 0 else math.inf)
+    return max(ratio(errors[name], tolerances[name]) for name in errors)
 
 
 def max_error(actual: torch.Tensor, reference: torch.Tensor) -> float:

@@ -1,4 +1,5 @@
-"""``python -m bench verify``: every available backend against float64 naive attention."""
+"""``python -m bench verify``: every available backend against float64 naive attention,
+then ring, Ulysses and USP attention on local gloo process groups against the same oracle."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from kernels import AttentionShape
 from kernels.configs import interpreter_active
 
+from .dist_checks import DistCase, DistResult, run_checks
 from .numerics import DTYPE_NAMES, QUANTITIES, TOLERANCE_RULE, Case, CaseResult, run_case
 from .results import write_result
 
@@ -61,6 +63,36 @@ def default_cases(device: torch.device, backends, dtypes=None) -> list[Case]:
     return cases
 
 
+def distributed_cases(world_sizes, backends, dtypes=None) -> list[DistCase]:
+    """Per world size: pure ring, pure Ulysses and every 2-D USP mesh (both placements),
+    causal zigzag and full contiguous, GQA with 8 query / 2 K/V heads (replicated when
+    u > 2), on the torch backend in fp32; plus one naive float64 case (exact to ~1e-15)
+    and one triton case under the interpreter."""
+    cases = []
+    for world in world_sizes:
+        meshes = [(u, world // u) for u in range(1, world + 1) if world % u == 0]
+        for u, r in meshes:
+            method = "ring" if u == 1 else "ulysses" if r == 1 else "usp"
+            placements = ("ulysses_inner", "ring_inner") if method == "usp" else ("ulysses_inner",)
+            shapes = (("zigzag", True), ("contiguous", False)) if r > 1 else (("contiguous", True),)
+            for placement, (layout, causal) in itertools.product(placements, shapes):
+                cases.append(DistCase(method, u, r, world, placement, layout, causal, backend="torch",
+                                      dtype=torch.float32, kv_heads=2))
+        u = 2 if world % 2 == 0 else 1
+        cases.append(DistCase("usp", u, world // u, world, kv_heads=1))  # naive, float64, causal zigzag
+        if interpreter_active():
+            cases.append(DistCase("usp", u, world // u, world, backend="triton", dtype=torch.float32, kv_heads=2))
+    return [c for c in cases if c.backend in backends and (not dtypes or c.dtype in dtypes)]
+
+
+def format_dist_row(result: DistResult) -> str:
+    c = result.case
+    shape = f"w{c.world_size} {c.placement} b{c.batch} s{c.seqlen} h{c.heads}/{c.kv_heads} d{c.head_dim}"
+    errs = " ".join("        -" if n not in result.errors else f"{result.errors[n]:9.2e}" for n in QUANTITIES)
+    return (f"{c.impl:<22}{c.backend:<8}{DTYPE_NAMES[c.dtype]:<6}{shape:<36}{'yes' if c.causal else 'no':<7}{errs}  "
+            f"{'pass' if result.passed else 'FAIL'}")
+
+
 def format_row(result: CaseResult) -> str:
     c, s = result.case, result.case.shape
     shape = f"b{s.batch} sq{s.seqlen_q} sk{s.seqlen_k} h{s.heads}/{s.kv_heads} d{s.head_dim}"
@@ -69,14 +101,18 @@ def format_row(result: CaseResult) -> str:
             f"{'pass' if result.passed else 'FAIL'}")
 
 
+DIST_HEADER = (f"{'method':<22}{'backend':<8}{'dtype':<6}{'world, placement, shape':<36}{'causal':<7}"
+               + " ".join(f"{n:>9}" for n in QUANTITIES) + "  result")
 HEADER = f"{'backend':<8}{'dtype':<6}{'shape':<32}{'causal':<7}" + " ".join(f"{n:>9}" for n in QUANTITIES) + "  result"
 
 
-def worst_ratios(results: list[CaseResult]) -> dict[str, float]:
-    """Per backend and dtype, the largest error / tolerance seen (under 1 passes)."""
+def worst_ratios(results: list[CaseResult | DistResult]) -> dict[str, float]:
+    """Per backend and dtype (and method, for distributed checks), the largest error /
+    tolerance seen (under 1 passes)."""
     worst: dict[str, float] = {}
     for r in results:
-        key = f"{r.case.backend} {DTYPE_NAMES[r.case.dtype]}"
+        method = f"{r.case.method} " if isinstance(r, DistResult) else ""
+        key = f"{method}{r.case.backend} {DTYPE_NAMES[r.case.dtype]}"
         worst[key] = max(worst.get(key, 0.0), r.worst_ratio)
     return worst
 
@@ -93,6 +129,16 @@ def _device(text: str) -> torch.device:
     return device
 
 
+def _world_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 1 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"world size must be between 1 and 64, got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", action="append", choices=["triton", "torch", "naive"],
                         help="backend to verify (repeatable; default: all)")
@@ -100,6 +146,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", type=_device, default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     parser.add_argument("--out-dir", default=None, help="where to write the JSON (default: bench/results)")
+    parser.add_argument("--world-size", type=_world_size, action="append",
+                        help="gloo world size of the distributed checks (repeatable; default: 4 and 8)")
+    parser.add_argument("--no-distributed", action="store_true", help="skip the distributed checks")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,7 +162,8 @@ def run(args: argparse.Namespace) -> int:
             backends.append(backend)
     dtypes = [DTYPES[d] for d in args.dtype] if args.dtype else None
     cases = default_cases(device, backends, dtypes)
-    if not cases:
+    dist_cases = [] if args.no_distributed else distributed_cases(args.world_size or [4, 8], backends, dtypes)
+    if not cases and not dist_cases:
         print("no cases to run for these options", file=sys.stderr)
         return 2
     mode = " (Triton interpreter)" if interpreter_active() else ""
@@ -126,13 +176,40 @@ def run(args: argparse.Namespace) -> int:
         print(f"[{index:>3}/{len(cases)}] {format_row(result)}", flush=True)
         for failure in result.failures:
             print(f"          {failure}", flush=True)
-    failed = [r for r in results if not r.passed]
-    worst = worst_ratios(results)
+    dist_results = _run_distributed(dist_cases, args.seed) if dist_cases else []
+    everything = results + dist_results
+    failed = [r for r in everything if not r.passed]
+    worst = worst_ratios(everything)
     print("worst error / tolerance: " + ", ".join(f"{key} {ratio:.2f}" for key, ratio in worst.items()))
     path = write_result("verify", device, dict(
-        config=dict(backends=backends, seed=args.seed, tolerance=TOLERANCE_RULE),
-        summary=dict(cases=len(results), passed=len(results) - len(failed), failed=len(failed),
+        config=dict(backends=backends, seed=args.seed, tolerance=TOLERANCE_RULE,
+                    distributed_world_sizes=sorted({c.world_size for c in dist_cases})),
+        summary=dict(cases=len(everything), passed=len(everything) - len(failed), failed=len(failed),
                      worst_ratio=worst),
-        records=[r.record() for r in results]), args.out_dir)
-    print(f"{len(results) - len(failed)}/{len(results)} passed; wrote {path}")
+        records=[r.record() for r in results],
+        distributed_records=[r.record() for r in dist_results]), args.out_dir)
+    print(f"{len(everything) - len(failed)}/{len(everything)} passed; wrote {path}")
     return 1 if failed else 0
+
+
+def _run_distributed(cases: list[DistCase], seed: int) -> list[DistResult]:
+    """The distributed checks, one gloo launch per world size, printed as each finishes."""
+    worlds = sorted({c.world_size for c in cases})
+    print(f"distributed: {len(cases)} checks on gloo process groups of {', '.join(map(str, worlds))} ranks "
+          "(one CPU thread each); max abs error of the gathered out and gradients")
+    print(" " * 9 + DIST_HEADER)
+    print(f"launching {worlds[0]} processes ...", flush=True)
+    done = 0
+
+    def show(world: int, results: list[DistResult]) -> None:
+        nonlocal done
+        for result in results:
+            done += 1
+            print(f"[{done:>3}/{len(cases)}] {format_dist_row(result)}", flush=True)
+            for failure in result.failures:
+                print(f"          {failure}", flush=True)
+        later = [w for w in worlds if w > world]
+        if later:
+            print(f"launching {later[0]} processes ...", flush=True)
+
+    return run_checks(cases, seed, on_world=show)

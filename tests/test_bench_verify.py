@@ -47,7 +47,7 @@ def test_verify_exits_non_zero_when_a_backend_is_wrong(tmp_path, monkeypatch, ca
     monkeypatch.setitem(backends.BACKENDS, "torch", backends.Backend("torch", wrong_lse, naive.backward))
     monkeypatch.setattr(verify, "CPU_SHAPES", verify.CPU_SHAPES[:1])
     monkeypatch.setattr(verify, "GPU_SHAPES", verify.GPU_SHAPES[:1])
-    status = main(["verify", "--backend", "torch", "--dtype", "fp32", "--out-dir", str(tmp_path)])
+    status = main(["verify", "--backend", "torch", "--dtype", "fp32", "--no-distributed", "--out-dir", str(tmp_path)])
     output = capsys.readouterr().out
     assert status == 1
     assert "FAIL" in output and "lse: error" in output
@@ -60,7 +60,8 @@ def test_verify_help_lists_its_options(capsys):
         main(["verify", "--help"])
     assert exit_info.value.code == 0
     usage = capsys.readouterr().out
-    assert all(option in usage for option in ("--backend", "--dtype", "--device", "--out-dir", "--seed"))
+    assert all(option in usage for option in ("--backend", "--dtype", "--device", "--out-dir", "--seed",
+                                              "--world-size", "--no-distributed"))
 
 
 @pytest.mark.parametrize("device", ["tpu", "nonsense"] + ([] if torch.cuda.is_available() else ["cuda"]))
@@ -75,8 +76,37 @@ def test_verify_skips_triton_on_a_cpu_without_the_interpreter(tmp_path, monkeypa
     monkeypatch.setattr(verify, "interpreter_active", lambda: False)
     monkeypatch.setattr(verify, "CPU_SHAPES", verify.CPU_SHAPES[:1])
     status = main(["verify", "--device", "cpu", "--backend", "triton", "--backend", "naive", "--dtype", "fp32",
-                   "--out-dir", str(tmp_path)])
+                   "--no-distributed", "--out-dir", str(tmp_path)])
     output = capsys.readouterr().out
     assert status == 0
     assert "skipping triton: the Triton kernels need a CUDA device" in output
     assert "2/2 passed" in output and "triton  fp32" not in output
+
+
+def test_verify_runs_the_distributed_checks(tmp_path, capsys):
+    status = main(["verify", "--backend", "naive", "--world-size", "2", "--out-dir", str(tmp_path)])
+    output = capsys.readouterr().out
+    assert status == 0, output
+    assert "launching 2 processes" in output
+    assert "usp-u2r1-zigzag" in output and "naive   fp64" in output
+    doc = json.loads(next(tmp_path.glob("verify-*.json")).read_text())
+    assert doc["config"]["distributed_world_sizes"] == [2]
+    (record,) = doc["distributed_records"]
+    assert record["impl"] == "usp-u2r1-zigzag" and record["passed"] and record["transfers_overlap_compute"]
+    assert set(record["errors"]) == {"out", "dq", "dk", "dv"} and max(record["errors"].values()) < 1e-13
+    assert record["traffic_per_rank"]["forward"]["all_to_alls"] == 4
+    assert doc["summary"]["worst_ratio"]["usp naive fp64"] < 1
+
+
+def test_a_distributed_failure_on_any_rank_fails_the_case():
+    from bench.dist_checks import DistCase, merge_ranks
+
+    case = DistCase("ring", 1, 2, 2)
+    good = dict(errors=dict(out=1e-16), tolerances=dict(out=1e-14), failures=[], forward={}, backward={},
+                overlapped=True, seconds=0.1)
+    bad = dict(good, errors=dict(out=1.0), failures=["out: error 1 > tolerance 1e-14"])
+    merged = merge_ranks(case, [good, bad])
+    assert not merged.passed and merged.failures == ["rank 1: out: error 1 > tolerance 1e-14"]
+    assert merged.errors == dict(out=1.0)  # the worst rank's errors
+    late = merge_ranks(case, [good, dict(good, overlapped=False)])
+    assert not late.passed and "before the next K/V transfer was posted" in late.failures[0]

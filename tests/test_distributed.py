@@ -123,3 +123,14 @@ def test_recorded_counts_of_one_config():
     # The all-to-alls send half of q (24,576 B), k and v (6,144 B each) and out (24,576 B).
     assert result["forward"] == dict(p2p_sends=2, p2p_bytes=12_288, all_to_alls=4, all_to_all_bytes=30_720)
     assert result["backward"] == dict(p2p_sends=6, p2p_bytes=36_864, all_to_alls=4, all_to_all_bytes=30_720)
+
+
+@pytest.mark.gpu
+def test_usp_with_triton_on_nccl_with_one_gpu():
+    """The NCCL code path initialises and USP on the triton backend matches the oracle."""
+    cases = [DistCase("usp", 1, 1, 1, backend="triton", dtype=dtype, causal=causal, seqlen=1024, heads=8,
+                      kv_heads=2, head_dim=128)
+             for dtype in (torch.float16, torch.bfloat16) for causal in (False, True)]
+    (results,) = run(1, check_cases, (cases, 0, "cuda"), backend="nccl", pg_timeout_s=120)
+    for case, result in zip(cases, results):
+        assert not result["failures"], (case.label, result["failures"])

@@ -4,6 +4,7 @@ process group's timeout, never a hang."""
 
 import datetime
 import functools
+import os
 import time
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from attention import ring_attention, shard_sequence, ulysses_attention, usp_attention
-from bench.launch import run, spawn
+from bench.launch import WorkersFailed, run, spawn
 from comm import init_mesh
 
 PG_TIMEOUT_S = 3.0  # the mesh's groups; the world group keeps a generous one for start-up
@@ -149,3 +150,22 @@ def test_a_rank_that_stops_makes_the_others_fail_within_the_timeout(where):
     survivor = outcomes[0]
     assert not survivor.ok, "rank 0 finished although rank 1 stopped"
     assert survivor.seconds < 3 * PG_TIMEOUT_S, f"rank 0 took {survivor.seconds:.1f} s to fail"
+
+
+def _die_or_dawdle():
+    if dist.get_rank() == 1:
+        os._exit(3)
+    if dist.get_rank() == 2:
+        time.sleep(60)
+    return "done"
+
+
+def test_the_launcher_reports_ranks_that_die_or_overrun():
+    start = time.monotonic()
+    outcomes = spawn(3, _die_or_dawdle, pg_timeout_s=60, timeout_s=8)
+    assert time.monotonic() - start < 30  # the sleeper was killed, not waited for
+    assert outcomes[0].ok and outcomes[0].value == "done"
+    assert not outcomes[1].ok and outcomes[1].value == "exited with code 3 without a result"
+    assert not outcomes[2].ok and outcomes[2].value == "no result within 8 s"
+    with pytest.raises(WorkersFailed, match="rank 1: exited with code 3"):
+        raise WorkersFailed(outcomes)
