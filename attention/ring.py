@@ -3,8 +3,8 @@
 Each step computes this rank's queries against the K/V block that is visiting (full,
 causal diagonal, half block or nothing, per ``layout.ring_block``) and merges the
 partial result through the LSE, while the next block is already in flight. Backward
-sends K/V around again; the float32 dK/dV accumulator of each block travels one hop
-behind it and arrives back at its owner after the last step. Every step's backward
+sends K/V around again; the float32 (float64 for float64 inputs) dK/dV accumulator of
+each block travels one hop behind it and arrives back at its owner after the last step. Every step's backward
 uses the global (merged) out and lse, as the backend contract requires.
 """
 

@@ -21,7 +21,8 @@ from comm import init_mesh, record_traffic
 from kernels import AttentionShape
 
 from .launch import run
-from .numerics import DTYPE_NAMES, Case, compare, poisoned_allocations, reference, run_backend, worst_ratio
+from .numerics import (DTYPE_NAMES, Case, Verdict, compare, poisoned_allocations, reference, run_backend,
+                       worst_ratio)
 
 QUANTITIES = ("out", "dq", "dk", "dv")
 METHODS = ("ring", "ulysses", "usp")
@@ -148,7 +149,7 @@ def check_cases(cases: list[DistCase], seed: int = 0, device: str = "cpu") -> li
 
 
 @dataclass
-class DistResult:
+class DistResult(Verdict):
     """A case's outcome over all ranks: the worst rank's errors, every rank's failures."""
 
     case: DistCase
@@ -159,14 +160,6 @@ class DistResult:
     backward: dict
     overlapped: bool
     seconds: float
-
-    @property
-    def passed(self) -> bool:
-        return not self.failures
-
-    @property
-    def worst_ratio(self) -> float:
-        return worst_ratio(self.errors, self.tolerances)
 
     def record(self) -> dict:
         return dict(**self.case.record(), errors=self.errors, tolerances=self.tolerances, failures=self.failures,

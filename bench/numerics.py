@@ -53,14 +53,8 @@ class Case:
                 f"h{s.heads}/{s.kv_heads} d{s.head_dim}{' causal' if self.causal else ''}{scale}")
 
 
-@dataclass
-class CaseResult:
-    case: Case
-    seed: int
-    errors: dict[str, float]
-    tolerances: dict[str, float]
-    seconds: float
-    failures: list[str] = field(default_factory=list)
+class Verdict:
+    """``passed`` and ``worst_ratio`` of a result that has ``errors``, ``tolerances`` and ``failures``."""
 
     @property
     def passed(self) -> bool:
@@ -69,6 +63,16 @@ class CaseResult:
     @property
     def worst_ratio(self) -> float:
         return worst_ratio(self.errors, self.tolerances)
+
+
+@dataclass
+class CaseResult(Verdict):
+    case: Case
+    seed: int
+    errors: dict[str, float]
+    tolerances: dict[str, float]
+    seconds: float
+    failures: list[str] = field(default_factory=list)
 
     def record(self) -> dict:
         """A JSON-ready summary."""

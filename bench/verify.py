@@ -88,17 +88,19 @@ def distributed_cases(world_sizes, backends, dtypes=None) -> list[DistCase]:
 def format_dist_row(result: DistResult) -> str:
     c = result.case
     shape = f"w{c.world_size} {c.placement} b{c.batch} s{c.seqlen} h{c.heads}/{c.kv_heads} d{c.head_dim}"
-    errs = " ".join("        -" if n not in result.errors else f"{result.errors[n]:9.2e}" for n in QUANTITIES)
-    return (f"{c.impl:<22}{c.backend:<8}{DTYPE_NAMES[c.dtype]:<6}{shape:<36}{'yes' if c.causal else 'no':<7}{errs}  "
-            f"{'pass' if result.passed else 'FAIL'}")
+    return f"{c.impl:<22}{c.backend:<8}{DTYPE_NAMES[c.dtype]:<6}{shape:<36}{_judgement(c.causal, result)}"
+
+
+def _judgement(causal: bool, result: CaseResult | DistResult) -> str:
+    """The causal flag, the error columns ("-" for a quantity not checked) and the verdict."""
+    errors = " ".join(f"{result.errors[n]:9.2e}" if n in result.errors else f"{'-':>9}" for n in QUANTITIES)
+    return f"{'yes' if causal else 'no':<7}{errors}  {'pass' if result.passed else 'FAIL'}"
 
 
 def format_row(result: CaseResult) -> str:
     c, s = result.case, result.case.shape
     shape = f"b{s.batch} sq{s.seqlen_q} sk{s.seqlen_k} h{s.heads}/{s.kv_heads} d{s.head_dim}"
-    errs = " ".join(f"{result.errors[n]:9.2e}" for n in QUANTITIES)
-    return (f"{c.backend:<8}{DTYPE_NAMES[c.dtype]:<6}{shape:<32}{'yes' if c.causal else 'no':<7}{errs}  "
-            f"{'pass' if result.passed else 'FAIL'}")
+    return f"{c.backend:<8}{DTYPE_NAMES[c.dtype]:<6}{shape:<32}{_judgement(c.causal, result)}"
 
 
 DIST_HEADER = (f"{'method':<22}{'backend':<8}{'dtype':<6}{'world, placement, shape':<36}{'causal':<7}"

@@ -48,26 +48,17 @@ def _head_to_seq(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     return received.permute(1, 2, 0, 3, 4).reshape(b, s // size, size * h_local, d)
 
 
-class _SeqToHead(torch.autograd.Function):
+class _Redistribute(torch.autograd.Function):
+    """One all-to-all direction; its backward is the other."""
+
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _seq_to_head(x, group)
+    def forward(ctx, x, group, there, back):
+        ctx.group, ctx.back = group, back
+        return there(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _head_to_seq(grad, ctx.group), None
-
-
-class _HeadToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _head_to_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _seq_to_head(grad, ctx.group), None
+        return ctx.back(grad, ctx.group), None, None, None
 
 
 def seq_to_head(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -76,7 +67,7 @@ def seq_to_head(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     if x.dim() != 4 or x.shape[2] % size:
         raise ValueError(f"seq_to_head needs [batch, seqlen, heads, head_dim] with heads divisible by the "
                          f"group size {size}, got shape {tuple(x.shape)}")
-    return _SeqToHead.apply(x, group)
+    return _Redistribute.apply(x, group, _seq_to_head, _head_to_seq)
 
 
 def head_to_seq(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -85,7 +76,7 @@ def head_to_seq(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     if x.dim() != 4 or x.shape[1] % size:
         raise ValueError(f"head_to_seq needs [batch, seqlen, heads, head_dim] with seqlen divisible by the "
                          f"group size {size}, got shape {tuple(x.shape)}")
-    return _HeadToSeq.apply(x, group)
+    return _Redistribute.apply(x, group, _head_to_seq, _seq_to_head)
 
 
 def replicate_kv_heads(x: torch.Tensor, ulysses_degree: int) -> torch.Tensor:

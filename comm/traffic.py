@@ -18,7 +18,8 @@ _active = threading.local()
 
 @dataclass(frozen=True)
 class Event:
-    """One thing that happened: a posted transfer (``bytes_sent`` > 0 or a recv) or a compute step."""
+    """One thing that happened on this rank: a posted transfer (with the bytes it sends
+    to other ranks) or the start of a ring step's compute."""
 
     kind: str  # "p2p", "all_to_all", "all_gather" or "compute"
     bytes_sent: int = 0
