@@ -66,7 +66,8 @@ class Block:
 
 def ring_block(rank: int, source: int, seqlen: int, layout: str, causal: bool) -> Block | None:
     """What ring rank ``rank`` computes against the K/V that started on ring rank
-    ``source`` (both hold ``seqlen`` positions); None when every pair is masked.
+    ``source``; None when every pair is masked. ``seqlen``: the positions each rank
+    holds (causal attention needs as many keys as queries; non-causal takes all of both).
 
     Non-causal: everything. Contiguous causal: the diagonal block causally, earlier
     ranks fully, later ranks not at all. Zigzag causal (``c = seqlen / 2``): the
@@ -74,7 +75,7 @@ def ring_block(rank: int, source: int, seqlen: int, layout: str, causal: bool) -
     earlier source's first chunk is seen by all local queries; a later source is seen
     fully by the local second chunk only.
     """
-    everything = slice(0, seqlen)
+    everything = slice(None)
     if not causal:
         return Block(everything, everything, False)
     if source == rank:

@@ -13,6 +13,8 @@ import zlib
 import torch
 import torch.distributed as dist
 
+from . import traffic
+
 
 def _codes(value) -> list[int]:
     """Stable integers for a field value (the same in every process)."""
@@ -41,6 +43,7 @@ def ensure_ranks_agree(group: dist.ProcessGroup, what: str, fields: dict, device
     # The count leads, so calls describing different field lists cannot line up silently.
     mine = torch.tensor([len(codes)] + codes, dtype=torch.int64, device=device)
     table = [torch.empty_like(mine) for _ in range(size)]
+    traffic.note("check", mine.numel() * mine.element_size() * (size - 1), size - 1, what)
     dist.all_gather(table, mine, group=group)
     if all(torch.equal(row, table[0]) for row in table):
         return

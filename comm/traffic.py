@@ -21,7 +21,7 @@ class Event:
     """One thing that happened on this rank: a posted transfer (with the bytes it sends
     to other ranks) or the start of a ring step's compute."""
 
-    kind: str  # "p2p", "all_to_all", "all_gather" or "compute"
+    kind: str  # "p2p", "all_to_all", "all_gather", "check" (rank agreement) or "compute"
     bytes_sent: int = 0
     sends: int = 0  # point-to-point sends (or peers an all-to-all sends to)
     label: str = ""

@@ -7,9 +7,10 @@ import functools
 import torch
 import torch.distributed as dist
 
-from attention import USPAttention, gather_sequence, sequence_positions, shard_sequence, usp_attention
+from attention import (USPAttention, gather_sequence, naive_attention, ring_attention, sequence_positions,
+                       shard_sequence, ulysses_attention, usp_attention)
 from bench.launch import run
-from comm import head_to_seq, init_mesh, replicate_kv_heads, seq_to_head
+from comm import head_to_seq, init_mesh, record_traffic, replicate_kv_heads, seq_to_head
 from comm.mesh import group_timeout
 
 B, D = 2, 3
@@ -118,16 +119,36 @@ def test_mesh_groups_follow_the_placement():
         assert all(r["timeouts"] == {61.0} for r in results)  # the groups inherit the world's timeout
 
 
-def _module_matches_function():
+def _module_and_options():
     mesh = init_mesh(2, 2)
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 16, 4, 8, generator=generator, dtype=torch.float64) for _ in range(3))
     q, k, v = (shard_sequence(x, mesh) for x in (q, k, v))
     module = USPAttention(mesh, causal=True, backend="naive")
-    assert torch.equal(module(q, k, v), usp_attention(q, k, v, mesh, causal=True, backend="naive"))
-    return repr(module)
+    with record_traffic() as checked:
+        from_module = module(q, k, v)
+    with record_traffic() as unchecked:
+        from_function = usp_attention(q, k, v, mesh, causal=True, backend="naive", check_ranks=False)
+    assert torch.equal(from_module, from_function)
+    # Non-causal ring attention with more keys than queries (cross attention), contiguous layout.
+    ring = init_mesh(1, 4)
+    q_all = torch.randn(2, 8 * 4, 2, 8, generator=generator, dtype=torch.float64)
+    kv_all = torch.randn(2, 12 * 4, 1, 8, generator=generator, dtype=torch.float64)
+    out = ring_attention(shard_sequence(q_all, ring, layout="contiguous"),
+                         *(shard_sequence(kv_all, ring, layout="contiguous") for _ in range(2)), ring.ring_group,
+                         layout="contiguous", backend="naive")
+    expected, _ = naive_attention(q_all, kv_all, kv_all)
+    torch.testing.assert_close(gather_sequence(out, ring, layout="contiguous"), expected, rtol=0, atol=1e-14)
+    # The same through Ulysses (pieces in Ulysses-rank order), with 2 K/V heads for 2 ranks.
+    kv_all = kv_all.expand(-1, -1, 2, -1)
+    j = mesh.ulysses_rank
+    out = ulysses_attention(q_all.chunk(2, dim=1)[j], *(kv_all.chunk(2, dim=1)[j] for _ in range(2)),
+                            mesh.ulysses_group, backend="naive")
+    torch.testing.assert_close(out, expected.chunk(2, dim=1)[j], rtol=0, atol=1e-14)
+    return dict(repr=repr(module), checks=(len(checked.of_kind("check")), len(unchecked.of_kind("check"))))
 
 
-def test_module_is_the_function():
-    text = run(4, _module_matches_function, pg_timeout_s=60)[0]
-    assert "ulysses_degree=2, ring_degree=2, placement=ulysses_inner, causal=True, layout=zigzag" in text
+def test_module_options_and_cross_attention():
+    result = run(4, _module_and_options, pg_timeout_s=60)[0]
+    assert "ulysses_degree=2, ring_degree=2, placement=ulysses_inner, causal=True, layout=zigzag" in result["repr"]
+    assert result["checks"] == (1, 0)  # one agreement check per call, none with check_ranks=False
