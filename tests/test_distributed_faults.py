@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from attention import ring_attention, shard_sequence, ulysses_attention, usp_attention
+from attention import USPAttention, ring_attention, shard_sequence, ulysses_attention, usp_attention
 from bench.launch import WorkersFailed, run, spawn
-from comm import init_mesh
+from comm import head_to_seq, init_mesh, seq_to_head
 
 PG_TIMEOUT_S = 3.0  # the mesh's groups; the world group keeps a generous one for start-up
 
@@ -50,6 +50,9 @@ def _bad_inputs() -> dict:
         "degrees": _error_of(lambda: init_mesh(3, 1)),
         "degree_type": _error_of(lambda: init_mesh(0, 4)),
         "placement": _error_of(lambda: init_mesh(2, 2, "nodes_inner")),
+        "seq_to_head": _error_of(lambda: seq_to_head(torch.zeros(1, 4, 6, 2), ulysses4.ulysses_group)),
+        "head_to_seq": _error_of(lambda: head_to_seq(torch.zeros(1, 6, 1, 2), ulysses4.ulysses_group)),
+        "module_mesh": _error_of(lambda: USPAttention(mesh.sp_group)),
         "shard_zigzag": _error_of(lambda: shard_sequence(torch.zeros(1, 10, 1, 1), mesh)),
         "shard_ulysses": _error_of(lambda: shard_sequence(torch.zeros(1, 6, 1, 1), ulysses4)),
     }
@@ -71,6 +74,9 @@ def test_bad_input_raises_value_errors_naming_the_argument():
     assert "3 x 1 = 3 must divide the number of ranks (4)" in e["degrees"]
     assert "ulysses_degree must be a positive int, got 0" in e["degree_type"]
     assert "placement must be one of" in e["placement"]
+    assert "heads divisible by the group size 4, got shape (1, 4, 6, 2)" in e["seq_to_head"]
+    assert "seqlen divisible by the group size 4, got shape (1, 6, 1, 2)" in e["head_to_seq"]
+    assert e["module_mesh"].startswith("TypeError: mesh must be a comm.Mesh")
     assert "sequence length 10 must be divisible by 2 x ring_degree = 4 for the zigzag layout" in e["shard_zigzag"]
     assert "sequence length 6 must be divisible by ulysses_degree x ring_degree = 4" in e["shard_ulysses"]
 
