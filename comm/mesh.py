@@ -99,15 +99,35 @@ def _check_degree(name: str, value) -> int:
     return value
 
 
+def _mesh_ranks(group) -> tuple[int, ...]:
+    """The global ranks a mesh is built over: the world, a group this rank is in, or a list."""
+    if group is None:
+        return tuple(range(dist.get_world_size()))
+    if isinstance(group, dist.ProcessGroup):
+        return tuple(dist.get_process_group_ranks(group))
+    if isinstance(group, (list, tuple, range)) and all(isinstance(r, int) and not isinstance(r, bool) for r in group):
+        ranks = tuple(sorted(group))
+        if not ranks or len(set(ranks)) != len(ranks) or not 0 <= ranks[0] <= ranks[-1] < dist.get_world_size():
+            raise ValueError(f"group must list distinct ranks of the world (0 .. {dist.get_world_size() - 1}), "
+                             f"got {list(group)}")
+        return ranks
+    raise ValueError(f"group must be None, a process group this rank belongs to, or a list of global ranks, got "
+                     f"{group!r} (a rank outside a group gets a placeholder from new_group: pass the ranks instead)")
+
+
 def init_mesh(ulysses_degree: int, ring_degree: int, placement: str = "ulysses_inner",
-              group: dist.ProcessGroup | None = None, timeout: datetime.timedelta | None = None) -> Mesh | None:
-    """Split the ranks of ``group`` (default: the world) into Ulysses, ring, sequence and
-    data-parallel groups. ``dp = size(group) / (ulysses_degree x ring_degree)``.
+              group: dist.ProcessGroup | list[int] | None = None,
+              timeout: datetime.timedelta | None = None) -> Mesh | None:
+    """Split the ranks of ``group`` (default: the world; a process group or a list of
+    global ranks) into Ulysses, ring, sequence and data-parallel groups.
+    ``dp = size(group) / (ulysses_degree x ring_degree)``.
 
     Like ``torch.distributed.new_group``, every rank of the default process group must
     call this, with the same arguments, in the same order as its other group creations;
-    a rank outside ``group`` gets ``None``. The new groups inherit ``group``'s timeout
-    (or take ``timeout``), so a rank that fails makes its peers fail within it.
+    a rank outside ``group`` gets ``None`` (such a rank cannot read a group's ranks from
+    the placeholder ``new_group`` gave it: pass the list). The new groups inherit the
+    timeout of ``group`` (or of the world) unless ``timeout`` is given, so a rank that
+    fails makes its peers fail within it.
     """
     ulysses_degree = _check_degree("ulysses_degree", ulysses_degree)
     ring_degree = _check_degree("ring_degree", ring_degree)
@@ -115,13 +135,13 @@ def init_mesh(ulysses_degree: int, ring_degree: int, placement: str = "ulysses_i
         raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
     if not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialized: call init_process_group first")
-    ranks = tuple(dist.get_process_group_ranks(group or dist.group.WORLD))
+    ranks = _mesh_ranks(group)
     sp = ulysses_degree * ring_degree
     if len(ranks) % sp:
         raise ValueError(f"ulysses_degree x ring_degree = {ulysses_degree} x {ring_degree} = {sp} must divide "
                          f"the number of ranks ({len(ranks)})")
     dp_degree = len(ranks) // sp
-    timeout = timeout or group_timeout(group)
+    timeout = timeout or group_timeout(group if isinstance(group, dist.ProcessGroup) else None)
     me = dist.get_rank()
 
     def coords(position):

@@ -2,6 +2,7 @@
 Ulysses all-to-alls (and their backward), and sharding/gathering a sequence. Inputs
 encode their own global coordinates, so any misplaced element shows."""
 
+import datetime
 import functools
 
 import torch
@@ -14,6 +15,7 @@ from comm import head_to_seq, init_mesh, record_traffic, replicate_kv_heads, seq
 from comm.mesh import group_timeout
 
 B, D = 2, 3
+_SHORT = datetime.timedelta(seconds=30)
 
 
 def _encoded(seqlen: int, heads: int) -> torch.Tensor:
@@ -72,8 +74,17 @@ def test_all_to_all_is_exact_and_its_backward_inverse():
 
 def _mesh_groups(placement):
     mesh = init_mesh(2, 2, placement)
+    on_sub = init_mesh(2, 1, group=[2, 1])
     sub = dist.new_group([1, 2])
-    on_sub = init_mesh(2, 1, group=sub)
+    if dist.get_rank() in (1, 2):  # members may pass the group itself, the others its ranks
+        assert dist.get_process_group_ranks(init_mesh(2, 1, group=sub, timeout=_SHORT).ulysses_group) == [1, 2]
+    else:
+        try:  # the placeholder a non-member holds names no ranks: refused before any collective
+            init_mesh(2, 1, group=sub)
+            raise AssertionError("a non-member's placeholder group was accepted")
+        except ValueError as error:
+            assert "pass the ranks instead" in str(error)
+        assert init_mesh(2, 1, group=[1, 2]) is None
     other = init_mesh(1, 4, "ring_inner")  # a second mesh over the same ranks
     return dict(
         coords=(mesh.dp_rank, mesh.ulysses_rank, mesh.ring_rank),

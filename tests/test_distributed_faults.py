@@ -50,6 +50,7 @@ def _bad_inputs() -> dict:
         "degrees": _error_of(lambda: init_mesh(3, 1)),
         "degree_type": _error_of(lambda: init_mesh(0, 4)),
         "placement": _error_of(lambda: init_mesh(2, 2, "nodes_inner")),
+        "group_ranks": _error_of(lambda: init_mesh(1, 1, group=[0, 9])),
         "seq_to_head": _error_of(lambda: seq_to_head(torch.zeros(1, 4, 6, 2), ulysses4.ulysses_group)),
         "head_to_seq": _error_of(lambda: head_to_seq(torch.zeros(1, 6, 1, 2), ulysses4.ulysses_group)),
         "module_mesh": _error_of(lambda: USPAttention(mesh.sp_group)),
@@ -74,6 +75,7 @@ def test_bad_input_raises_value_errors_naming_the_argument():
     assert "3 x 1 = 3 must divide the number of ranks (4)" in e["degrees"]
     assert "ulysses_degree must be a positive int, got 0" in e["degree_type"]
     assert "placement must be one of" in e["placement"]
+    assert "group must list distinct ranks of the world (0 .. 3), got [0, 9]" in e["group_ranks"]
     assert "heads divisible by the group size 4, got shape (1, 4, 6, 2)" in e["seq_to_head"]
     assert "seqlen divisible by the group size 4, got shape (1, 6, 1, 2)" in e["head_to_seq"]
     assert e["module_mesh"].startswith("TypeError: mesh must be a comm.Mesh")
