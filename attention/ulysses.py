@@ -31,6 +31,11 @@ def _check_heads(q, k, ulysses_degree: int) -> None:
                          f"degree ({ulysses_degree})")
 
 
+def _check_mesh(mesh) -> None:
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a comm.Mesh (see comm.init_mesh), got {type(mesh).__name__}")
+
+
 def _head_parallel(q, k, v, group, attend):
     """All-to-all q, k, v to head shards, ``attend`` on them, all-to-all the output back."""
     size = dist.get_world_size(group)
@@ -69,8 +74,7 @@ def usp_attention(q, k, v, mesh: Mesh, causal: bool = False, softmax_scale=None,
     ``ulysses_degree = N`` is pure Ulysses, ``ring_degree = N`` pure ring.
     ``check_ranks``: see ``ring_attention`` (one all-gather over ``mesh.sp_group``).
     """
-    if not isinstance(mesh, Mesh):
-        raise TypeError(f"mesh must be a comm.Mesh (see comm.init_mesh), got {type(mesh).__name__}")
+    _check_mesh(mesh)
     check_qkv(q, k, v, causal)
     check_layout(layout)
     scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
@@ -94,8 +98,7 @@ class USPAttention(nn.Module):
     def __init__(self, mesh: Mesh, causal: bool = False, softmax_scale=None, layout: str = "zigzag", backend=None,
                  *, check_ranks: bool = True):
         super().__init__()
-        if not isinstance(mesh, Mesh):
-            raise TypeError(f"mesh must be a comm.Mesh (see comm.init_mesh), got {type(mesh).__name__}")
+        _check_mesh(mesh)
         self.mesh, self.causal, self.softmax_scale = mesh, causal, softmax_scale
         self.layout, self.backend, self.check_ranks = check_layout(layout), backend, check_ranks
 

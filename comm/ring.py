@@ -50,8 +50,6 @@ class RingComm:
     def post(self, tensors: Sequence[torch.Tensor], into: Sequence[torch.Tensor], tag: int, label: str,
              step: int) -> _Pending:
         """Send ``tensors`` to the next rank and receive the previous rank's into ``into``."""
-        if self.size == 1:  # the next rank is this one
-            return _Pending([], [t.contiguous() for t in tensors])
         ops = [dist.P2POp(dist.isend, t.contiguous(), self.next_rank, self.group, tag) for t in tensors]
         ops += [dist.P2POp(dist.irecv, t, self.prev_rank, self.group, tag) for t in into]
         traffic.note("p2p", _nbytes(tensors), len(tensors), label, step)
@@ -74,4 +72,6 @@ class RingComm:
     def pass_along(self, tensors: Sequence[torch.Tensor], step: int, label: str = "accumulator") -> _Pending:
         """Send ``tensors`` (computed at ``step``) to the next rank; the returned transfer
         receives the previous rank's. On a ring of one, they come straight back."""
+        if self.size == 1:
+            return _Pending([], list(tensors))
         return self.post(tensors, [torch.empty_like(t) for t in tensors], ACCUMULATOR_TAG, label, step)
