@@ -34,11 +34,11 @@ def _forward(q, k, v, comm: RingComm, causal: bool, scale: float, layout: str, b
         block = ring_block(comm.rank, source, seqlen, layout, causal)
         if block is None:
             continue
-        traffic.note("compute", label="forward", step=step)
         rows, keys = block.q_rows, block.k_rows
-        block_out, block_lse = backend.forward(q[:, rows], k_block[:, keys], v_block[:, keys],
-                                               causal=block.causal, softmax_scale=scale)
-        out[:, rows], lse[:, :, rows] = merge_attention(out[:, rows], lse[:, :, rows], block_out, block_lse)
+        with traffic.span("compute", label="forward", step=step):
+            block_out, block_lse = backend.forward(q[:, rows], k_block[:, keys], v_block[:, keys],
+                                                   causal=block.causal, softmax_scale=scale)
+            out[:, rows], lse[:, :, rows] = merge_attention(out[:, rows], lse[:, :, rows], block_out, block_lse)
     return out.to(q.dtype), lse
 
 
@@ -51,18 +51,19 @@ def _backward(dout, q, k, v, out, lse, comm: RingComm, causal: bool, scale: floa
         block = ring_block(comm.rank, source, seqlen, layout, causal)
         grads = None
         if block is not None:
-            traffic.note("compute", label="backward", step=step)
             rows, keys = block.q_rows, block.k_rows
-            grads = backend.backward(dout[:, rows], q[:, rows], k_block[:, keys], v_block[:, keys], out[:, rows],
-                                     lse[:, :, rows], causal=block.causal, softmax_scale=scale)
-            dq[:, rows] += grads[0]
+            with traffic.span("compute", label="backward", step=step):
+                grads = backend.backward(dout[:, rows], q[:, rows], k_block[:, keys], v_block[:, keys],
+                                         out[:, rows], lse[:, :, rows], causal=block.causal, softmax_scale=scale)
+                dq[:, rows] += grads[0]
         if accumulator is None:
             dk, dv = (torch.zeros(k.shape, dtype=acc, device=k.device) for _ in range(2))
         else:
             dk, dv = accumulator.wait()
         if grads is not None:
-            dk[:, keys] += grads[1]
-            dv[:, keys] += grads[2]
+            with traffic.span("compute", label="backward accumulate", step=step):
+                dk[:, keys] += grads[1]
+                dv[:, keys] += grads[2]
         accumulator = comm.pass_along([dk, dv], step, label="dkv backward")
     dk, dv = accumulator.wait()
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -1,10 +1,23 @@
-"""``python -m bench <command>``: numerics verification (and, later, benchmarks)."""
+"""``python -m bench <command>``: verify numerics, time the kernels, run and emulate
+sequence-parallel scaling, evaluate the paper's cost model, and plot the results.
+Every command writes a self-describing JSON file under ``bench/results/``."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
+
+# command -> (module of bench, one-line help); each module has add_arguments(parser) and run(args)
+COMMANDS = {
+    "verify": ("verify", "check every backend and the sequence-parallel methods against float64 naive attention"),
+    "kernels": ("kernel_bench", "time the local backends against PyTorch SDPA (TFLOP/s, ratio to SDPA)"),
+    "scaling": ("scaling", "run ring, Ulysses and USP attention on N processes (gloo, or NCCL under torchrun)"),
+    "emulate": ("emulate", "time the per-rank schedule of N virtual ranks on one device; predict the step time"),
+    "model": ("cost_model_cli", "the paper's communication / memory cost model, rankings and placement advice"),
+    "plot": ("plot", "turn the JSON results into PNG figures (same as python -m plots)"),
+}
 
 
 def _interpret_triton_without_gpu() -> None:
@@ -19,14 +32,14 @@ def _interpret_triton_without_gpu() -> None:
 
 def main(argv=None) -> int:
     _interpret_triton_without_gpu()
-    from . import verify
-
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    verify_parser = commands.add_parser("verify", help="check every backend against float64 naive attention",
-                                        description=verify.__doc__)
-    verify.add_arguments(verify_parser)
-    verify_parser.set_defaults(run=verify.run)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for name, (module_name, summary) in COMMANDS.items():
+        module = importlib.import_module(f".{module_name}", __package__)
+        sub = commands.add_parser(name, help=summary, description=module.__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
     args = parser.parse_args(argv)
     return args.run(args)
 

@@ -28,6 +28,17 @@ QUANTITIES = ("out", "dq", "dk", "dv")
 METHODS = ("ring", "ulysses", "usp")
 
 
+def sp_method(ulysses_degree: int, ring_degree: int) -> str:
+    """The method a ``u x r`` mesh runs: ring when ``u = 1``, Ulysses when ``r = 1``, else USP."""
+    return "ring" if ulysses_degree == 1 else "ulysses" if ring_degree == 1 else "usp"
+
+
+def sp_impl_name(method: str, ulysses_degree: int, ring_degree: int, layout: str) -> str:
+    """A method's name in result files, e.g. ``usp-u2r4-zigzag`` (Ulysses has no layout)."""
+    name = f"{method}-u{ulysses_degree}r{ring_degree}"
+    return name if method == "ulysses" else f"{name}-{layout}"
+
+
 @dataclass(frozen=True)
 class DistCase:
     """One distributed check: a method on a ``ulysses x ring`` mesh of ``world_size`` ranks."""
@@ -57,9 +68,7 @@ class DistCase:
 
     @property
     def impl(self) -> str:
-        """The method's name in result files, e.g. ``usp-u2r4-zigzag`` (Ulysses has no layout)."""
-        name = f"{self.method}-u{self.ulysses_degree}r{self.ring_degree}"
-        return name if self.method == "ulysses" else f"{name}-{self.layout}"
+        return sp_impl_name(self.method, self.ulysses_degree, self.ring_degree, self.layout)
 
     @property
     def shape(self) -> AttentionShape:

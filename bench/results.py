@@ -62,3 +62,20 @@ def write_result(kind: str, device: torch.device, payload: dict, out_dir: Path |
     document = dict(kind=kind, created=now.isoformat(timespec="seconds"), machine=machine, **payload)
     path.write_text(json.dumps(document, indent=1) + "\n")
     return path
+
+
+# Field names every timing record carries (shared/DESIGN.md); scripts and plots rely on them.
+TIMING_FIELDS = ("device", "impl", "pass", "dtype", "causal", "batch", "seqlen", "heads", "kv_heads", "head_dim",
+                 "ms", "tflops")
+
+
+def timing_record(device: str, impl: str, pass_: str, dtype: str, causal: bool, batch: int, seqlen: int, heads: int,
+                  kv_heads: int, head_dim: int, ms: float, flops: float, **extra) -> dict:
+    """One timing record: the DESIGN fields (``tflops`` from ``flops`` and ``ms``), then ``extra``."""
+    from .flops import tflops
+
+    record = dict(device=device, impl=impl, dtype=dtype, causal=causal, batch=batch, seqlen=seqlen, heads=heads,
+                  kv_heads=kv_heads, head_dim=head_dim, ms=ms, tflops=tflops(flops, ms), flops=flops)
+    record["pass"] = pass_
+    record.update(extra)
+    return {key: record[key] for key in (*TIMING_FIELDS, *[k for k in record if k not in TIMING_FIELDS])}

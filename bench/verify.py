@@ -12,7 +12,8 @@ import torch
 from kernels import AttentionShape
 from kernels.configs import interpreter_active
 
-from .dist_checks import DistCase, DistResult, run_checks
+from .cli_args import DTYPES, add_output_arguments, default_device, device_type, world_size_type
+from .dist_checks import DistCase, DistResult, run_checks, sp_method
 from .numerics import DTYPE_NAMES, QUANTITIES, TOLERANCE_RULE, Case, CaseResult, run_case
 from .results import write_result
 
@@ -33,7 +34,7 @@ GPU_SHAPES = [
     (1, 1, 1024, 8, 1, 128),
     (2, 2048, 2048, 4, 4, 128),
 ]
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+VERIFY_DTYPES = ("fp16", "bf16", "fp32")
 
 
 def unavailable_reason(backend: str, device: torch.device) -> str | None:
@@ -72,7 +73,7 @@ def distributed_cases(world_sizes, backends, dtypes=None) -> list[DistCase]:
     for world in world_sizes:
         meshes = [(u, world // u) for u in range(1, world + 1) if world % u == 0]
         for u, r in meshes:
-            method = "ring" if u == 1 else "ulysses" if r == 1 else "usp"
+            method = sp_method(u, r)
             placements = ("ulysses_inner", "ring_inner") if method == "usp" else ("ulysses_inner",)
             shapes = (("zigzag", True), ("contiguous", False)) if r > 1 else (("contiguous", True),)
             for placement, (layout, causal) in itertools.product(placements, shapes):
@@ -119,42 +120,20 @@ def worst_ratios(results: list[CaseResult | DistResult]) -> dict[str, float]:
     return worst
 
 
-def _device(text: str) -> torch.device:
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"not a torch device: {text!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError("CUDA is not available on this machine")
-    if device.type not in ("cuda", "cpu"):
-        raise argparse.ArgumentTypeError(f"expected cuda or cpu, got {text!r}")
-    return device
-
-
-def _world_size(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not 1 <= value <= 64:
-        raise argparse.ArgumentTypeError(f"world size must be between 1 and 64, got {value}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", action="append", choices=["triton", "torch", "naive"],
                         help="backend to verify (repeatable; default: all)")
-    parser.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="dtype (repeatable; default: all)")
-    parser.add_argument("--device", type=_device, default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--dtype", action="append", choices=VERIFY_DTYPES, help="dtype (repeatable; default: all)")
+    parser.add_argument("--device", type=device_type, default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
-    parser.add_argument("--out-dir", default=None, help="where to write the JSON (default: bench/results)")
-    parser.add_argument("--world-size", type=_world_size, action="append",
+    add_output_arguments(parser)
+    parser.add_argument("--world-size", type=world_size_type, action="append",
                         help="gloo world size of the distributed checks (repeatable; default: 4 and 8)")
     parser.add_argument("--no-distributed", action="store_true", help="skip the distributed checks")
 
 
 def run(args: argparse.Namespace) -> int:
-    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(args.device)
     backends = []
     for backend in args.backend or ["triton", "torch", "naive"]:
         reason = unavailable_reason(backend, device)

@@ -21,8 +21,8 @@ def _all_to_all(x: torch.Tensor, group: dist.ProcessGroup, label: str) -> torch.
     size = dist.get_world_size(group)
     x = x.contiguous()
     out = torch.empty_like(x)
-    traffic.note("all_to_all", x.numel() * x.element_size() * (size - 1) // size, size - 1, label)
-    dist.all_to_all_single(out, x, group=group)
+    with traffic.span("all_to_all", x.numel() * x.element_size() * (size - 1) // size, size - 1, label):
+        dist.all_to_all_single(out, x, group=group)
     return out
 
 

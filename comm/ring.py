@@ -28,12 +28,14 @@ def _nbytes(tensors: Sequence[torch.Tensor]) -> int:
 class _Pending:
     """Posted transfers and the buffers they fill."""
 
-    def __init__(self, requests, received: list[torch.Tensor]):
+    def __init__(self, requests, received: list[torch.Tensor], label: str = "", step: int = -1):
         self._requests, self.received = requests, received
+        self._label, self._step = label, step
 
     def wait(self) -> list[torch.Tensor]:
-        for request in self._requests:
-            request.wait()
+        with traffic.span("wait", label=self._label, step=self._step):
+            for request in self._requests:
+                request.wait()
         return self.received
 
 
@@ -53,7 +55,7 @@ class RingComm:
         ops = [dist.P2POp(dist.isend, t.contiguous(), self.next_rank, self.group, tag) for t in tensors]
         ops += [dist.P2POp(dist.irecv, t, self.prev_rank, self.group, tag) for t in into]
         traffic.note("p2p", _nbytes(tensors), len(tensors), label, step)
-        return _Pending(dist.batch_isend_irecv(ops), list(into))
+        return _Pending(dist.batch_isend_irecv(ops), list(into), label, step)
 
     def rotate(self, tensors: Sequence[torch.Tensor], label: str = "kv") -> Iterator[tuple[int, int, list]]:
         """Yield ``(step, source, tensors)`` for ``step = 0 .. size - 1``: the tensors that

@@ -1,1 +1,2 @@
-"""Figures drawn from the JSON files under ``bench/results/`` (filled in by the benchmark work)."""
+"""Figures drawn from the JSON files ``python -m bench`` writes under ``bench/results/``
+(``python -m plots`` or ``python -m bench plot``); PNGs go to ``plots/figures/``."""

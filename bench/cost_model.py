@@ -1,0 +1,233 @@
+"""The paper's per-transformer-block cost model (USP, arXiv 2405.07719, Table 2) as code.
+
+For a model shape, a sequence length and N devices: the communication volume each
+device sends per block (forward + backward) and the memory it holds, for SP-Ulysses,
+SP-Ring, USP (every ``u x r``), Megatron TP with sequence parallelism and DP / ZeRO;
+then a predicted attention time for each USP mesh and placement on a cluster.
+
+Notation: ``b`` batch, ``s`` global sequence length, ``d`` hidden size, ``g`` the K/V
+share of the heads (``kv_heads / heads``), ``N`` the degree, ``e`` bytes per element.
+A *unit* is ``b·s·d`` elements, the size of one full activation, as in the paper.
+
+- SP-Ulysses: 4 all-to-alls forward (q, k, v in; out back) and 4 backward, each sending
+  ``(N-1)/N`` of the local ``b·s·d/N`` (q, out) or ``g·b·s·d/N`` (k, v) tensor:
+  ``(4 + 4g)/N · (N-1)/N`` units (the paper's ``8/N`` for MHA).
+- SP-Ring: forward K and V make ``N-1`` hops of ``g·b·s·d/N`` each: ``2g (N-1)/N`` units;
+  backward K and V go round again *and* the dK/dV accumulators make ``N`` hops:
+  ``2g (N-1)/N + 2g`` units. The paper counts 4 units (2 forward, 2 backward: it does not
+  count K/V re-sent in backward); counted this way it is 6 (for MHA, ``N`` large). Our
+  accumulators travel in float32, so in bytes the dK/dV hops weigh ``4/e`` times more.
+- USP ``u x r``: Ulysses over ``u`` on the local shard, then the ring over ``r`` with
+  ``g·d/u`` K/V features per device (one replicated head when ``kv_heads < u``).
+- Megatron TP-SP: 2 all-gathers and 2 reduce-scatters of ``b·s·d`` forward, the same
+  backward: ``8 (N-1)/N`` units.
+- DP / ZeRO: no activation traffic; gradient all-reduce ``2Ψ(N-1)/N`` elements per block
+  (ZeRO-1/2 the same as reduce-scatter + all-gather, ZeRO-3 ``3Ψ(N-1)/N``). SP methods
+  replicate the parameters, so they pay DP's gradient all-reduce over their group too.
+
+Memory per device: parameters, gradients and Adam states at 2 + 2 + 12 bytes per
+parameter (``16Ψ``; ``Ψ`` the block's parameters), divided by N where sharded (TP, ZeRO
+levels); activations ``A/N`` with ``A = 34·b·s·d`` bytes per block (Korthikanti et al.,
+without the ``s²`` score term that flash attention never stores) for every method here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .flops import attention_flops
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    name: str
+    hidden: int
+    heads: int
+    kv_heads: int
+    layers: int
+    ffn_hidden: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def kv_share(self) -> float:
+        return self.kv_heads / self.heads
+
+    @property
+    def block_params(self) -> int:
+        """Parameters of one block: q, o (``d²`` each), k, v (``g·d²`` each), a SwiGLU MLP
+        (``3·d·ffn``) and two norms."""
+        d = self.hidden
+        return int(d * d * (2 + 2 * self.kv_share)) + 3 * d * self.ffn_hidden + 2 * d
+
+
+MODELS = {
+    "llama3-8b": ModelShape("LLaMA3-8B", 4096, 32, 8, 32, 14336),
+    "llama2-7b": ModelShape("LLaMA2-7B", 4096, 32, 32, 32, 11008),
+}
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Nominal per-direction link bandwidths per GPU (GB/s = 1e9 B/s) and dense bf16 peak."""
+
+    name: str
+    gpus_per_node: int
+    nodes: int
+    intra_gbs: float
+    inter_gbs: float
+    peak_tflops: float
+    kernel_efficiency: float = 0.5  # achieved / peak for the attention kernel (measure with bench kernels)
+    ring_efficiency: float = 0.9  # per-step ring kernels against one whole call (measure: 1 / bench emulate overhead)
+    latency_us: float = 10.0
+
+    @property
+    def world_size(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+
+# Nominal figures from the vendors' spec sheets (assumptions, not measurements): NVLink 3
+# (A100/A800: 600 / 400 GB/s both directions), NVLink 4 (H100: 900), PCIe 4.0 x16 (32 GB/s
+# per direction), InfiniBand HDR 200 Gb/s and NDR 400 Gb/s per GPU.
+CLUSTERS = {
+    "8xA100-NVLink": Cluster("8xA100-NVLink", 8, 1, 300.0, 25.0, 312.0),
+    "8xL20-PCIe": Cluster("8xL20-PCIe", 8, 1, 32.0, 25.0, 119.5),
+    "2x8xA800": Cluster("2x8xA800", 8, 2, 200.0, 25.0, 312.0),
+    "2x8xH100": Cluster("2x8xH100", 8, 2, 450.0, 50.0, 989.0),
+}
+
+
+def _ulysses_units(degree: int, kv_share: float, heads: int) -> float:
+    """Units one device would send in Ulysses all-to-alls (fwd + bwd) over ``degree`` ranks
+    if its shard were the whole sequence (the caller scales by its share, ``1/N``)."""
+    if degree == 1:
+        return 0.0
+    kv_sent = kv_share if kv_share * heads >= degree else degree / heads  # replicated K/V heads
+    return (4 + 4 * kv_sent) * (degree - 1) / degree
+
+
+def _kv_features(shape: ModelShape, ulysses_degree: int) -> float:
+    """K/V features per device after the Ulysses all-to-all, as a share of ``d``."""
+    return max(shape.kv_heads // ulysses_degree, 1) / shape.heads
+
+
+def communication(shape: ModelShape, batch: int, seqlen: int, ulysses_degree: int, ring_degree: int,
+                  element_size: int = 2, accumulator_size: int = 4) -> dict:
+    """Per device, per block, forward + backward, of USP ``u x r`` (Ulysses when ``r = 1``,
+    ring when ``u = 1``): ``units`` (counted in the input dtype), ``paper_units`` (ring
+    backward counted as the paper does) and ``bytes`` (this implementation: float32 accumulators)."""
+    u, r = ulysses_degree, ring_degree
+    unit = batch * seqlen * shape.hidden
+    ulysses = _ulysses_units(u, shape.kv_share, shape.heads) / (u * r)  # this device's shard: 1/N of the sequence
+    kv = _kv_features(shape, u)  # K or V features per device, share of d
+    ring_fwd = 2 * kv * (r - 1) / r
+    ring_bwd_kv = 2 * kv * (r - 1) / r
+    ring_bwd_acc = 2 * kv if r > 1 else 0.0
+    units = ulysses + ring_fwd + ring_bwd_kv + ring_bwd_acc
+    paper_units = ulysses + ring_fwd + ring_bwd_acc * (r - 1) / r if r > 1 else ulysses
+    nbytes = (ulysses + ring_fwd + ring_bwd_kv) * unit * element_size + ring_bwd_acc * unit * accumulator_size
+    return dict(units=units, paper_units=paper_units, bytes=nbytes, all_to_all_units=ulysses,
+                ring_units=units - ulysses, elements=units * unit)
+
+
+def megatron_tp_sp(batch: int, seqlen: int, hidden: int, degree: int, element_size: int = 2) -> dict:
+    units = 8 * (degree - 1) / degree
+    return dict(units=units, paper_units=units, bytes=units * batch * seqlen * hidden * element_size)
+
+
+def gradient_allreduce_bytes(block_params: int, degree: int, zero3: bool = False, element_size: int = 2) -> float:
+    """Per device, per block: ring all-reduce (``2Ψ(N-1)/N``) or ZeRO-3 (``3Ψ(N-1)/N``) of bf16 gradients/params."""
+    return (3 if zero3 else 2) * block_params * (degree - 1) / degree * element_size
+
+
+def memory(shape: ModelShape, batch: int, seqlen: int, degree: int, method: str) -> dict:
+    """Bytes per device per block: ``params`` (params + grads + Adam states) and ``activations``."""
+    psi = shape.block_params
+    sharded = {"dp": 16 * psi, "sp": 16 * psi, "zero1": (4 + 12 / degree) * psi, "zero2": (2 + 14 / degree) * psi,
+               "zero3": 16 * psi / degree, "sp+zero3": 16 * psi / degree, "tp-sp": 16 * psi / degree}
+    if method not in sharded:
+        raise ValueError(f"method must be one of {sorted(sharded)}, got {method!r}")
+    return dict(params=sharded[method], activations=34 * batch * seqlen * shape.hidden / degree)
+
+
+def group_bandwidth(cluster: Cluster, ulysses_degree: int, ring_degree: int, placement: str) -> dict[str, float]:
+    """The slowest link each group crosses: contiguous groups stay in a node while they
+    fit, strided groups leave it when the whole mesh does."""
+    n = ulysses_degree * ring_degree
+    inside = lambda size: size <= cluster.gpus_per_node and cluster.gpus_per_node % size == 0
+    if placement == "ulysses_inner":
+        ulysses_in, ring_in = inside(ulysses_degree), inside(n)
+    else:
+        ring_in, ulysses_in = inside(ring_degree), inside(n)
+    pick = lambda within: cluster.intra_gbs if within else cluster.inter_gbs
+    return dict(ulysses=pick(ulysses_in), ring=pick(ring_in))
+
+
+def predict_attention(shape: ModelShape, cluster: Cluster, batch: int, seqlen: int, ulysses_degree: int,
+                      ring_degree: int, placement: str, causal: bool = True, element_size: int = 2) -> dict:
+    """Milliseconds of one block's attention, forward + backward, on each device: compute at
+    ``peak x kernel_efficiency`` (x ``ring_efficiency`` when split into ring steps), the
+    Ulysses all-to-alls (not overlapped) and the ring transfers that outlast a step's compute."""
+    u, r = ulysses_degree, ring_degree
+    n = u * r
+    bandwidth = group_bandwidth(cluster, u, r, placement)
+    flops = attention_flops(batch, shape.heads, seqlen, seqlen, shape.head_dim, causal, "fwd+bwd") / n
+    rate = cluster.peak_tflops * 1e12 * cluster.kernel_efficiency * (cluster.ring_efficiency if r > 1 else 1.0)
+    compute = flops / rate * 1e3
+    comm = communication(shape, batch, seqlen, u, r, element_size)
+    unit_bytes = batch * seqlen * shape.hidden * element_size
+    latency = cluster.latency_us * 1e-3
+    all_to_all = (8 * latency + comm["all_to_all_units"] * unit_bytes / (bandwidth["ulysses"] * 1e9) * 1e3) \
+        if u > 1 else 0.0
+    exposed_ring = 0.0
+    if r > 1:
+        kv_hop = 2 * _kv_features(shape, u) * unit_bytes / r  # K and V of one ring block
+        hop_ms = lambda nbytes: latency + nbytes / (bandwidth["ring"] * 1e9) * 1e3
+        fwd_step, bwd_step = compute / 3.5 / r, compute * 2.5 / 3.5 / r
+        accumulator = hop_ms(kv_hop * 4 / element_size)
+        exposed_ring = (r - 1) * max(0.0, hop_ms(kv_hop) - fwd_step) \
+            + (r - 1) * max(0.0, hop_ms(kv_hop) + accumulator - bwd_step) + accumulator
+    total = compute + all_to_all + exposed_ring
+    return dict(ulysses_degree=u, ring_degree=r, placement=placement, compute_ms=compute, all_to_all_ms=all_to_all,
+                exposed_ring_ms=exposed_ring, total_ms=total, bandwidth_gbs=bandwidth, comm_bytes=comm["bytes"])
+
+
+def meshes(world_size: int, heads: int) -> list[tuple[int, int]]:
+    """Every ``(u, r)`` with ``u x r = world_size`` and ``u`` dividing the query heads."""
+    return [(u, world_size // u) for u in range(1, world_size + 1) if world_size % u == 0 and heads % u == 0]
+
+
+def rank_meshes(shape: ModelShape, cluster: Cluster, batch: int, seqlen: int, causal: bool = True) -> list[dict]:
+    """Predictions for every mesh and placement, fastest first."""
+    predictions = [predict_attention(shape, cluster, batch, seqlen, u, r, placement, causal)
+                   for u, r in meshes(cluster.world_size, shape.heads)
+                   for placement in (("ulysses_inner", "ring_inner") if u > 1 and r > 1 else ("ulysses_inner",))]
+    return sorted(predictions, key=lambda p: p["total_ms"])
+
+
+def best_ulysses_degree(shape: ModelShape, cluster: Cluster, batch: int, seqlen: int) -> int:
+    return rank_meshes(shape, cluster, batch, seqlen)[0]["ulysses_degree"]
+
+
+def volume_table(shape: ModelShape, batch: int, seqlen: int, degrees) -> list[dict]:
+    """Per degree N: communication per device per block (fwd + bwd) of every method."""
+    rows = []
+    for n in degrees:
+        row = dict(degree=n, methods={})
+        row["methods"]["SP-Ulysses"] = communication(shape, batch, seqlen, n, 1) if shape.heads % n == 0 else None
+        row["methods"]["SP-Ring"] = communication(shape, batch, seqlen, 1, n)
+        for u, r in meshes(n, shape.heads):
+            if u > 1 and r > 1:
+                row["methods"][f"USP-u{u}r{r}"] = communication(shape, batch, seqlen, u, r)
+        row["methods"]["Megatron TP-SP"] = megatron_tp_sp(batch, seqlen, shape.hidden, n)
+        grads = gradient_allreduce_bytes(shape.block_params, n)
+        row["methods"]["DP / ZeRO-1/2"] = dict(units=0.0, paper_units=0.0, bytes=grads, parameter_traffic=True)
+        row["methods"]["ZeRO-3"] = dict(units=0.0, paper_units=0.0,
+                                        bytes=gradient_allreduce_bytes(shape.block_params, n, zero3=True),
+                                        parameter_traffic=True)
+        row["gradient_allreduce_bytes"] = grads
+        rows.append(row)
+    return rows
+

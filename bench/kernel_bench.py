@@ -1,0 +1,254 @@
+"""``python -m bench kernels``: forward, backward and forward+backward time and TFLOP/s
+of our local backends (triton, torch, naive) against PyTorch's
+``scaled_dot_product_attention`` with each of its backends that runs here (flash,
+efficient, cuDNN, math), over sequence lengths, head dims, dtypes, causal and not.
+
+On a GPU each figure is the median of CUDA-event timings after warm-up; on a CPU, the
+median wall clock of the repeats. The headline is each backend's speed relative to the
+fastest SDPA backend on the same config, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from kernels import attention
+from kernels.configs import interpreter_active
+
+from .cli_args import DTYPES, add_output_arguments, add_timing_arguments, bounded_int, default_device, device_type
+from .flops import FLOP_CONVENTION, PASSES, attention_flops
+from .results import TIMING_FIELDS, device_name, timing_record, write_result
+from .timing import measure_ms
+
+OUR_IMPLS = ("triton", "torch", "naive")
+SDPA_BACKENDS = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
+                 "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-math": SDPBackend.MATH}
+IMPLS = OUR_IMPLS + tuple(SDPA_BACKENDS)
+NAIVE_MEMORY_FRACTION = 0.4  # of free GPU memory (or of 8 GiB on a CPU) the naive scores may take
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    dtype: str
+    head_dim: int
+    seqlen: int
+    causal: bool
+    batch: int
+    heads: int
+    kv_heads: int
+
+    def label(self) -> str:
+        return (f"{self.dtype} b{self.batch} s{self.seqlen} h{self.heads}/{self.kv_heads} d{self.head_dim} "
+                f"{'causal' if self.causal else 'full'}")
+
+
+def _inputs(config: KernelConfig, device: torch.device, sdpa_layout: bool, seed: int):
+    """``q, k, v, dout``: ``[B, S, H, D]``, or ``[B, H, S, D]`` (contiguous) for SDPA."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    dtype = DTYPES[config.dtype]
+
+    def randn(heads):
+        shape = (config.batch, heads, config.seqlen, config.head_dim) if sdpa_layout else \
+            (config.batch, config.seqlen, heads, config.head_dim)
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    return randn(config.heads), randn(config.kv_heads), randn(config.kv_heads), randn(config.heads)
+
+
+def attention_call(impl: str, config: KernelConfig, q, k, v):
+    """A zero-argument function computing the attention output with ``impl``."""
+    if impl in SDPA_BACKENDS:
+        gqa = config.kv_heads != config.heads
+
+        def run():
+            with sdpa_kernel(SDPA_BACKENDS[impl]):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=config.causal, enable_gqa=gqa)
+        return run
+    return lambda: attention(q, k, v, config.causal, backend=impl)
+
+
+def pass_call(pass_: str, impl: str, config: KernelConfig, device: torch.device, seed: int):
+    """A zero-argument function doing ``pass_`` ("fwd", "bwd" or "fwd+bwd") with ``impl``.
+    For "bwd" the forward runs once here, and each call is one backward through its graph."""
+    q, k, v, dout = _inputs(config, device, impl in SDPA_BACKENDS, seed)
+    call = attention_call(impl, config, q, k, v)
+    if pass_ == "fwd":
+        def forward():
+            with torch.no_grad():
+                return call()
+        return forward
+    for tensor in (q, k, v):
+        tensor.requires_grad_(True)
+    if pass_ == "bwd":
+        out = call()
+        return lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+    return lambda: torch.autograd.grad(call(), (q, k, v), dout)
+
+
+def naive_too_large(config: KernelConfig, device: torch.device) -> str | None:
+    """Why the naive backend is skipped for this config (its ``[B, H, S, S]`` float32
+    scores, probabilities and their gradients would not fit), or None."""
+    need = 3 * config.batch * config.heads * config.seqlen ** 2 * 4
+    budget = (torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 8 * 2 ** 30) * NAIVE_MEMORY_FRACTION
+    if need > budget:
+        return f"naive attention would need ~{need / 2 ** 30:.1f} GiB for its scores (budget {budget / 2 ** 30:.1f})"
+    return None
+
+
+def default_configs(device: torch.device, args) -> list[KernelConfig]:
+    """The grid: the command line's values, or small CPU / realistic GPU defaults."""
+    gpu = device.type == "cuda"
+    seqlens = args.seqlen or ([1024, 2048, 4096, 8192, 16384] if gpu else [256, 512, 1024, 2048])
+    head_dims = args.head_dim or ([64, 128] if gpu else [64])
+    dtypes = args.dtype or (["bf16", "fp16"] if gpu else ["fp32"])
+    causals = [args.causal] if args.causal is not None else [False, True]
+    configs = []
+    for dtype, head_dim, seqlen, causal in itertools.product(dtypes, head_dims, seqlens, causals):
+        heads = args.heads or (max(1, 2048 // head_dim) if gpu else 4)
+        batch = args.batch or (max(1, 16384 // seqlen) if gpu else 1)
+        kv_heads = args.kv_heads or heads
+        if heads % kv_heads:
+            raise SystemExit(f"--heads {heads} must be a multiple of --kv-heads {kv_heads}")
+        configs.append(KernelConfig(dtype, head_dim, seqlen, causal, batch, heads, kv_heads))
+    return configs
+
+
+def default_impls(device: torch.device, requested: list[str] | None) -> tuple[list[str], list[str]]:
+    """The implementations to time and a note for each one left out."""
+    notes = []
+    if requested:
+        impls = list(dict.fromkeys(requested))
+    else:
+        impls = list(IMPLS)
+        if device.type != "cuda":
+            impls.remove("triton")
+            notes.append("triton: left out on a CPU (it would run in the Triton interpreter; pass --impl triton "
+                         "to time that anyway)")
+            for impl in ("sdpa-efficient", "sdpa-cudnn"):
+                impls.remove(impl)
+            notes.append("sdpa-efficient, sdpa-cudnn: PyTorch has no CPU kernel for these")
+    if "triton" in impls and device.type != "cuda" and not interpreter_active():
+        impls.remove("triton")
+        notes.append("triton: needs a CUDA device or TRITON_INTERPRET=1")
+    return impls, notes
+
+
+def _speedups(records: list[dict]) -> None:
+    """Add to each record ``speedup_vs_sdpa``: the best SDPA time on the same config and
+    pass divided by this record's time (above 1: faster than every SDPA backend), and
+    ``vs_sdpa`` with the ratio against each SDPA backend."""
+    key = lambda r: (r["dtype"], r["head_dim"], r["seqlen"], r["causal"], r["batch"], r["heads"], r["kv_heads"],
+                     r["pass"])
+    sdpa: dict[tuple, dict[str, float]] = {}
+    for r in records:
+        if r["impl"] in SDPA_BACKENDS:
+            sdpa.setdefault(key(r), {})[r["impl"]] = r["ms"]
+    for r in records:
+        references = sdpa.get(key(r), {})
+        r["vs_sdpa"] = {name: ms / r["ms"] for name, ms in references.items()}
+        r["speedup_vs_sdpa"] = min(references.values()) / r["ms"] if references else None
+
+
+def headline(records: list[dict]) -> dict[str, dict[str, float]]:
+    """Per implementation and pass: the geometric mean of ``speedup_vs_sdpa`` over configs."""
+    table: dict[str, dict[str, list[float]]] = {}
+    for r in records:
+        if r["speedup_vs_sdpa"] is not None:
+            table.setdefault(r["impl"], {}).setdefault(r["pass"], []).append(r["speedup_vs_sdpa"])
+    return {impl: {p: math.exp(sum(map(math.log, v)) / len(v)) for p, v in passes.items()}
+            for impl, passes in table.items()}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--impl", action="append", choices=IMPLS,
+                        help="implementation to time (repeatable; default: all that run here, triton only on a GPU)")
+    parser.add_argument("--pass", dest="passes", action="append", choices=PASSES, help="pass (repeatable; default all)")
+    parser.add_argument("--seqlen", type=bounded_int(1), nargs="+", help="sequence lengths (q and k)")
+    parser.add_argument("--head-dim", type=bounded_int(1, 256), nargs="+", help="head dims")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), nargs="+", help="dtypes (default: bf16 fp16 on GPU, fp32)")
+    parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=None,
+                        help="only causal (--causal) or only full (--no-causal) attention (default: both)")
+    parser.add_argument("--batch", type=bounded_int(1), help="batch (default: 16K tokens per call on GPU, 1 on CPU)")
+    parser.add_argument("--heads", type=bounded_int(1), help="query heads (default: 2048 / head_dim on GPU, 4)")
+    parser.add_argument("--kv-heads", type=bounded_int(1), help="K/V heads (default: as many as query heads)")
+    parser.add_argument("--device", type=device_type, default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    add_timing_arguments(parser, warmup=1, repeats=5)
+    add_output_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    device = default_device(args.device)
+    impls, notes = default_impls(device, args.impl)
+    for note in notes:
+        print(f"note: {note}")
+    if not impls:
+        print("no implementation to time", file=sys.stderr)
+        return 2
+    passes = args.passes or list(PASSES)
+    configs = default_configs(device, args)
+    where = device_name(device)
+    clock = "CUDA events" if device.type == "cuda" else "wall clock"
+    print(f"kernels: {len(configs)} configs x {len(impls)} implementations x {len(passes)} passes on {where} "
+          f"({clock}, median of {args.repeats} after {args.warmup} warm-up); FLOPs: {FLOP_CONVENTION}")
+    records, skipped = [], []
+    for index, config in enumerate(configs, 1):
+        config_records = []
+        for impl, pass_ in itertools.product(impls, passes):
+            reason = naive_too_large(config, device) if impl == "naive" else None
+            if reason is None:
+                try:
+                    timing = measure_ms(pass_call(pass_, impl, config, device, args.seed), device, args.warmup,
+                                        args.repeats)
+                except (RuntimeError, ValueError, NotImplementedError) as error:
+                    reason = str(error).strip().splitlines()[0][:160]
+            if reason is not None:
+                skipped.append(dict(impl=impl, config=config.label(), reason=reason))
+                continue
+            flops = attention_flops(config.batch, config.heads, config.seqlen, config.seqlen, config.head_dim,
+                                    config.causal, pass_)
+            config_records.append(timing_record(
+                where, impl, pass_, config.dtype, config.causal, config.batch, config.seqlen, config.heads,
+                config.kv_heads, config.head_dim, timing["ms"], flops,
+                **{k: v for k, v in timing.items() if k != "ms"}))
+        _speedups(config_records)
+        records += config_records
+        _print_config(index, len(configs), config, config_records, impls, skipped)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    summary = headline(records)
+    for impl, ratios in summary.items():
+        if impl not in SDPA_BACKENDS:
+            print(f"headline {impl}: " + ", ".join(f"{p} {ratio:.2f}x" for p, ratio in ratios.items())
+                  + " the fastest SDPA backend (geometric mean over configs; above 1 is faster)")
+    path = write_result("kernels", device, dict(
+        flop_convention=FLOP_CONVENTION, timing_fields=list(TIMING_FIELDS),
+        config=dict(impls=impls, passes=passes, warmup=args.warmup, repeats=args.repeats, seed=args.seed,
+                    timing=clock, grid=[asdict(c) for c in configs]),
+        summary=dict(speedup_vs_fastest_sdpa=summary, skipped=len(skipped)),
+        records=records, skipped=skipped), args.out_dir)
+    print(f"{len(records)} timings, {len(skipped)} skipped; wrote {path}")
+    return 0 if records else 1
+
+
+def _print_config(index: int, total: int, config: KernelConfig, records: list[dict], impls: list[str],
+                  skipped: list[dict]) -> None:
+    print(f"[{index:>3}/{total}] {config.label()}", flush=True)
+    for impl in impls:
+        mine = {r["pass"]: r for r in records if r["impl"] == impl}
+        if not mine:
+            reasons = {s["reason"] for s in skipped if s["impl"] == impl and s["config"] == config.label()}
+            print(f"        {impl:<15}skipped: {'; '.join(sorted(reasons))}", flush=True)
+            continue
+        cells = []
+        for pass_, r in mine.items():
+            ratio = f" {r['speedup_vs_sdpa']:.2f}x" if r["speedup_vs_sdpa"] is not None else ""
+            cells.append(f"{pass_} {r['ms']:9.3f} ms {r['tflops']:8.3f} TF/s{ratio}")
+        print(f"        {impl:<15}" + "   ".join(cells), flush=True)

@@ -1,0 +1,7 @@
+"""``python -m plots``: see ``plots.cli``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

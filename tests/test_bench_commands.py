@@ -1,0 +1,173 @@
+"""``python -m bench kernels | scaling | emulate | model | plot`` end to end at toy sizes:
+exit status, progress output, the JSON schema, and PNG figures from the JSON."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.__main__ import COMMANDS, main
+from bench.flops import FLOP_CONVENTION
+from bench.results import TIMING_FIELDS
+from plots.cli import main as plots_main
+
+ROOT = Path(__file__).resolve().parents[1]
+MACHINE_FIELDS = {"device", "device_type", "cpu", "torch", "triton", "python", "platform"}
+
+
+def _document(directory: Path, kind: str) -> dict:
+    (path,) = directory.glob(f"{kind}-*.json")
+    document = json.loads(path.read_text())
+    assert document["kind"] == kind and MACHINE_FIELDS <= set(document["machine"]) and document["created"]
+    return document
+
+
+def _timed_document(directory: Path, kind: str) -> dict:
+    """A benchmark result whose records all carry the DESIGN timing fields, first."""
+    document = _document(directory, kind)
+    records = document["records"]
+    assert records and document["timing_fields"] == list(TIMING_FIELDS)
+    for record in records:
+        assert list(record)[:len(TIMING_FIELDS)] == list(TIMING_FIELDS)
+        assert record["ms"] > 0 and record["tflops"] > 0
+        assert record["pass"] in ("fwd", "bwd", "fwd+bwd") and isinstance(record["causal"], bool)
+    return document
+
+
+@pytest.fixture(scope="module")
+def toy_results(tmp_path_factory):
+    """Every command once, at toy sizes, into one directory (the plot test reads it)."""
+    out = tmp_path_factory.mktemp("results")
+    runs = {
+        "kernels": ["kernels", "--impl", "triton", "--impl", "torch", "--impl", "naive", "--impl", "sdpa-math",
+                    "--impl", "sdpa-flash", "--seqlen", "32", "64", "--head-dim", "16", "--heads", "2",
+                    "--dtype", "fp32", "--warmup", "0", "--repeats", "1"],
+        "scaling": ["scaling", "--world-size", "2", "--seqlen", "32", "64", "--heads", "4", "--kv-heads", "2",
+                    "--head-dim", "16", "--warmup", "0", "--repeats", "1"],
+        "emulate": ["emulate", "--world-size", "4", "--ulysses-degree", "2", "--tokens-per-rank", "8", "--heads", "4",
+                    "--kv-heads", "2", "--head-dim", "16", "--warmup", "0", "--repeats", "1",
+                    "--bandwidth", "slow=0.001", "--bandwidth", "fast=100"],
+        "model": ["model", "--seqlen", "32768", "--degrees", "2", "8"],
+    }
+    outputs = {}
+    for kind, argv in runs.items():
+        proc = subprocess.run([sys.executable, "-m", "bench", *argv, "--out-dir", str(out)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        outputs[kind] = proc.stdout
+    return out, outputs
+
+
+def test_every_command_has_help():
+    for command in COMMANDS:
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+
+
+def test_kernels_command(toy_results):
+    out, outputs = toy_results
+    document = _timed_document(out, "kernels")
+    assert document["flop_convention"] == FLOP_CONVENTION
+    records = document["records"]
+    # 2 seqlens x 2 causal x 3 passes for each of the 5 implementations
+    assert {r["impl"] for r in records} == {"triton", "torch", "naive", "sdpa-math", "sdpa-flash"}
+    assert len(records) == 2 * 2 * 3 * 5
+    for r in records:
+        assert r["speedup_vs_sdpa"] == pytest.approx(min(r["vs_sdpa"].values()))
+        expected = 4 * r["batch"] * r["heads"] * r["seqlen"] ** 2 * r["head_dim"] * (0.5 if r["causal"] else 1.0)
+        expected *= {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[r["pass"]]
+        assert r["flops"] == expected and r["tflops"] == pytest.approx(expected / (r["ms"] * 1e-3) / 1e12)
+    assert set(document["summary"]["speedup_vs_fastest_sdpa"]["torch"]) == {"fwd", "bwd", "fwd+bwd"}
+    assert "[  1/4] fp32 b1 s32 h2/2 d16 full" in outputs["kernels"]  # progress
+    assert "headline torch:" in outputs["kernels"]
+
+
+def test_scaling_command(toy_results):
+    out, outputs = toy_results
+    document = _timed_document(out, "scaling")
+    records = document["records"]
+    assert document["config"]["world_size"] == 2 and document["config"]["process_group"] == "gloo"
+    # meshes u1r2 (ring) and u2r1 (Ulysses), 2 seqlens, 2 passes
+    assert {r["impl"] for r in records} == {"ring-u1r2-zigzag", "ulysses-u2r1"} and len(records) == 8
+    for r in records:
+        assert len(r["ranks"]) == 2 and r["tokens_per_s"] > 0 and r["peak_memory_bytes_max"] > 0
+        for rank in r["ranks"]:
+            assert rank["bytes_sent"] > 0 and rank["comm_wait_ms"] >= 0 and len(rank["times_ms"]) == 1
+            assert rank["timeline"] and all(e["start_ms"] >= 0 for e in rank["timeline"])
+        if r["impl"].startswith("ring"):
+            # one K/V hop forward: K and V of [1, s/2, 2, 16] fp32; backward adds a hop and 2 accumulator hops
+            kv_hop = 2 * r["seqlen"] // 2 * 2 * 16 * 4
+            expected = kv_hop if r["pass"] == "fwd" else 2 * kv_hop + 2 * kv_hop
+            assert r["ranks"][0]["p2p_bytes"] == expected
+            loops = r["ranks"][0]["ring"]
+            assert set(loops) == ({"forward"} if r["pass"] == "fwd" else {"forward", "backward"})
+            assert all(loop["overlap"] > 0 for loop in loops.values())
+        else:
+            assert r["ranks"][0]["p2p_bytes"] == 0 and r["ranks"][0]["all_to_all_bytes"] > 0
+    assert "[  1/8] ring-u1r2-zigzag" in outputs["scaling"]
+
+
+def test_emulate_command(toy_results):
+    out, outputs = toy_results
+    document = _timed_document(out, "emulate")
+    records = document["records"]
+    assert {r["impl"] for r in records} == {"usp-u2r2-zigzag", "usp-u2r2-contiguous"} and len(records) == 4
+    for r in records:
+        assert r["seqlen"] == 32 and r["overhead"] > 0 and r["imbalance"] >= 1
+        slow, fast = r["predictions"]["slow"], r["predictions"]["fast"]
+        assert slow["predicted_ms"] > fast["predicted_ms"] >= r["ms"] * (1 - 1e-9)
+        assert len(r["per_rank_compute_ms"]) == 2
+    assert document["timelines"]["zigzag"]
+    assert "layout zigzag: 2 ring ranks" in outputs["emulate"]
+
+
+def test_model_command(toy_results):
+    out, outputs = toy_results
+    document = _document(out, "model")
+    assert [row["degree"] for row in document["volumes"]] == [2, 8]
+    assert document["recommendation"] == {key: document["ranking"][0][key] for key in
+                                          ("ulysses_degree", "ring_degree", "placement")} | \
+        {"predicted_ms": document["ranking"][0]["total_ms"]}
+    verdicts = {check["claim"]: check["agrees"] for check in document["paper_checks"]}
+    assert verdicts["SP-Ring sends 4 units per block"] is False  # 6 counted: stated in the README
+    assert any(v is None for v in verdicts.values())  # Table 6: not checked, and said so
+    assert all(check["source"] and check["model"] for check in document["paper_checks"])
+    assert "recommended: u" in outputs["model"] and "against the paper:" in outputs["model"]
+
+
+def test_plot_writes_png_figures_from_the_toy_runs(toy_results, tmp_path):
+    out, _ = toy_results
+    figures = tmp_path / "figures"
+    assert plots_main(["--results-dir", str(out), "--out-dir", str(figures)]) == 0
+    names = {p.name for p in figures.glob("*.png")}
+    assert {"kernels-fp32-d16-full.png", "kernels-fp32-d16-causal.png", "scaling-fwd.png", "scaling-fwd-bwd.png",
+            "comm-volume.png", "ring-timeline-scaling.png", "ring-timeline-emulate.png"} == names
+    for path in figures.glob("*.png"):
+        data = path.read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 5000
+
+
+def test_plot_refuses_a_result_without_figures(tmp_path, capsys):
+    bogus = tmp_path / "x.json"
+    bogus.write_text(json.dumps({"kind": "verify"}))
+    assert plots_main([str(bogus), "--out-dir", str(tmp_path / "f")]) == 1
+    assert "no figures for results of kind 'verify'" in capsys.readouterr().err
+    assert plots_main(["--results-dir", str(tmp_path / "empty"), "--out-dir", str(tmp_path / "f")]) == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["scaling", "--world-size", "2", "--seqlen", "30"], "--seqlen 30"),
+    (["emulate", "--world-size", "4", "--ulysses-degree", "3"], "must divide the world size"),
+    (["model", "--model", "custom", "--hidden", "64"], "model custom needs --heads"),
+    (["scaling", "--mesh", "2y2"], "expected a mesh like 2x4"),
+    (["emulate", "--bandwidth", "nvlink"], "expected NAME=GB/s"),
+])
+def test_bad_options_get_a_clear_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code not in (0, None)
+    captured = capsys.readouterr()
+    assert message in str(exit_info.value.code) + captured.err
