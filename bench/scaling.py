@@ -10,7 +10,8 @@ barrier-to-finish time), TFLOP/s per rank (the whole call's FLOPs / N), the byte
 sent, the time it spent waiting on communication (ring waits and all-to-alls), the
 compute time, and how well the ring's transfers hid behind compute: ``overlap`` is
 sum over steps of max(step compute, the same transfer timed alone) divided by the
-measured time of the ring loop (1 = fully hidden). Peak memory is the GPU's peak
+measured time of the ring loop (1 = fully hidden; above 1 when the transfer timed
+alone was slower than inside the loop, which happens at small, noisy sizes). Peak memory is the GPU's peak
 allocation for the case, or on a CPU the process's peak resident set so far. One traced
 call per case also yields a timeline of compute, transfers and waits per ring step.
 """
@@ -235,6 +236,7 @@ def combine(settings: Settings, per_rank: list[list[dict]], device: str, world_s
                                                                          "pass_")} for c in cases]
         for rank_figures in ranks:
             rank_figures["ms"] = statistics.median(rank_figures["times_ms"])
+            rank_figures["tflops"] = flops / world_size / (rank_figures["ms"] * 1e-3) / 1e12
         records.append(timing_record(
             device, sp_impl_name(sp_method(u, r), u, r, settings.layout), pass_, settings.dtype, settings.causal,
             settings.batch, seqlen, settings.heads, settings.kv_heads, settings.head_dim, ms, flops / world_size,

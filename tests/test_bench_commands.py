@@ -2,6 +2,7 @@
 exit status, progress output, the JSON schema, and PNG figures from the JSON."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 
 from bench.__main__ import COMMANDS, main
 from bench.flops import FLOP_CONVENTION
+from bench.launch import free_port
 from bench.results import TIMING_FIELDS
 from plots.cli import main as plots_main
 
@@ -96,6 +98,7 @@ def test_scaling_command(toy_results):
         assert len(r["ranks"]) == 2 and r["tokens_per_s"] > 0 and r["peak_memory_bytes_max"] > 0
         for rank in r["ranks"]:
             assert rank["bytes_sent"] > 0 and rank["comm_wait_ms"] >= 0 and len(rank["times_ms"]) == 1
+            assert rank["tflops"] == pytest.approx(r["flops"] / (rank["ms"] * 1e-3) / 1e12)
             assert rank["timeline"] and all(e["start_ms"] >= 0 for e in rank["timeline"])
         if r["impl"].startswith("ring"):
             # one K/V hop forward: K and V of [1, s/2, 2, 16] fp32; backward adds a hop and 2 accumulator hops
@@ -136,6 +139,33 @@ def test_model_command(toy_results):
     assert any(v is None for v in verdicts.values())  # Table 6: not checked, and said so
     assert all(check["source"] and check["model"] for check in document["paper_checks"])
     assert "recommended: u" in outputs["model"] and "against the paper:" in outputs["model"]
+
+
+def test_scaling_under_torchrun(tmp_path):
+    """The torchrun path: every process is a rank of the launcher's group (gloo without
+    CUDA), rank 0 gathers the figures and writes the file."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           str(free_port()), "-m", "bench", "scaling", "--mesh", "2x1", "--seqlen", "32",
+                           "--heads", "4", "--kv-heads", "4", "--head-dim", "16", "--pass", "fwd", "--warmup", "0",
+                           "--repeats", "2", "--out-dir", str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (record,) = _timed_document(tmp_path, "scaling")["records"]
+    assert record["impl"] == "ulysses-u2r1" and len(record["ranks"]) == 2
+    assert all(len(rank["times_ms"]) == 2 for rank in record["ranks"])
+
+
+def test_model_with_a_custom_shape(tmp_path, capsys):
+    assert main(["model", "--model", "custom", "--hidden", "1024", "--heads", "8", "--kv-heads", "2", "--layers", "4",
+                 "--ffn-hidden", "4096", "--cluster", "8xA100-NVLink", "--intra-gbs", "100", "--seqlen", "4096",
+                 "--degrees", "2", "4", "--out-dir", str(tmp_path)]) == 0
+    document = _document(tmp_path, "model")
+    assert document["config"]["model"]["name"] == "custom" and document["config"]["cluster"]["intra_gbs"] == 100
+    assert document["config"]["block_params"] == 1024 * 1024 * 2.5 + 3 * 1024 * 4096 + 2 * 1024
+    # 8 GPUs, 8 heads: u in 1, 2, 4, 8; the two hybrids have two placements
+    assert len(document["ranking"]) == 6
+    assert "recommended: u" in capsys.readouterr().out
 
 
 def test_plot_writes_png_figures_from_the_toy_runs(toy_results, tmp_path):
