@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from .flops import tflops
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -71,11 +73,8 @@ TIMING_FIELDS = ("device", "impl", "pass", "dtype", "causal", "batch", "seqlen",
 
 def timing_record(device: str, impl: str, pass_: str, dtype: str, causal: bool, batch: int, seqlen: int, heads: int,
                   kv_heads: int, head_dim: int, ms: float, flops: float, **extra) -> dict:
-    """One timing record: the DESIGN fields (``tflops`` from ``flops`` and ``ms``), then ``extra``."""
-    from .flops import tflops
-
-    record = dict(device=device, impl=impl, dtype=dtype, causal=causal, batch=batch, seqlen=seqlen, heads=heads,
-                  kv_heads=kv_heads, head_dim=head_dim, ms=ms, tflops=tflops(flops, ms), flops=flops)
-    record["pass"] = pass_
-    record.update(extra)
-    return {key: record[key] for key in (*TIMING_FIELDS, *[k for k in record if k not in TIMING_FIELDS])}
+    """One timing record: the DESIGN fields in their order (``tflops`` from ``flops`` and
+    ``ms``), then ``flops`` and ``extra``."""
+    return {"device": device, "impl": impl, "pass": pass_, "dtype": dtype, "causal": causal, "batch": batch,
+            "seqlen": seqlen, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "ms": ms,
+            "tflops": tflops(flops, ms), "flops": flops, **extra}
