@@ -32,6 +32,7 @@ from kernels.layout import accum_dtype
 from .cli_args import DTYPES, add_output_arguments, add_timing_arguments, bounded_int, default_device, device_type
 from .dist_checks import sp_impl_name, sp_method
 from .flops import FLOP_CONVENTION, attention_flops
+from .inputs import random_inputs
 from .results import TIMING_FIELDS, device_name, timing_record, write_result
 from .timing import measure_ms
 
@@ -102,25 +103,15 @@ def transfer_bytes(problem: Problem) -> dict[str, int]:
                 all_to_all_fwd=int(2 * q_bytes + 2 * kv_bytes), all_to_all_bwd=int(2 * q_bytes + 2 * kv_bytes))
 
 
-def _rank_inputs(problem: Problem, device, seed: int):
-    """Global ``q, dout [B, S, H/u, D]`` and ``k, v [B, S, Hkv/u, D]``: one Ulysses rank's heads."""
-    generator = torch.Generator(device=device).manual_seed(seed)
-    dtype = DTYPES[problem.dtype]
-
-    def randn(heads):
-        return torch.randn(problem.batch, problem.seqlen, heads, problem.head_dim, generator=generator,
-                           device=device, dtype=dtype)
-    return randn(problem.local_heads), randn(problem.local_kv_heads), randn(problem.local_kv_heads), \
-        randn(problem.local_heads)
-
-
 def step_times(problem: Problem, layout: str, backend_name: str, device, warmup: int, repeats: int,
                seed: int, with_backward: bool, progress=print) -> dict[str, list[list[float]]]:
     """``{"fwd": t, "bwd": t}`` with ``t[i][s]``: ms of ring rank ``i``'s step ``s`` (0 when skipped)."""
     backend = get_backend(backend_name)
     r = problem.ring_degree
     local = problem.seqlen // r
-    q, k, v, dout = _rank_inputs(problem, device, seed)
+    # one Ulysses rank's heads over the whole sequence
+    q, k, v, dout = random_inputs(problem.batch, problem.seqlen, problem.local_heads, problem.local_kv_heads,
+                                  problem.head_dim, DTYPES[problem.dtype], device, seed)
     out = lse = None
     if with_backward:  # the global out and lse, which every ring step's backward uses (as the ring does)
         out, lse = backend.forward(q, k, v, causal=problem.causal, softmax_scale=None)
@@ -173,11 +164,8 @@ def monolithic_ms(problem: Problem, backend_name: str, device, warmup: int, repe
                   with_backward: bool) -> dict[str, float]:
     """One kernel call on the whole sequence with all heads: forward, and backward."""
     backend = get_backend(backend_name)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    dtype = DTYPES[problem.dtype]
-    shape = lambda h: (problem.batch, problem.seqlen, h, problem.head_dim)
-    q, dout = (torch.randn(shape(problem.heads), generator=generator, device=device, dtype=dtype) for _ in range(2))
-    k, v = (torch.randn(shape(problem.kv_heads), generator=generator, device=device, dtype=dtype) for _ in range(2))
+    q, k, v, dout = random_inputs(problem.batch, problem.seqlen, problem.heads, problem.kv_heads, problem.head_dim,
+                                  DTYPES[problem.dtype], device, seed)
     result = dict(fwd=measure_ms(lambda: backend.forward(q, k, v, causal=problem.causal, softmax_scale=None),
                                  device, warmup, repeats)["ms"])
     if with_backward:

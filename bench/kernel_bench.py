@@ -25,6 +25,7 @@ from kernels.configs import interpreter_active
 
 from .cli_args import DTYPES, add_output_arguments, add_timing_arguments, bounded_int, default_device, device_type
 from .flops import FLOP_CONVENTION, PASSES, attention_flops
+from .inputs import random_inputs
 from .results import TIMING_FIELDS, device_name, timing_record, write_result
 from .timing import measure_ms
 
@@ -50,18 +51,6 @@ class KernelConfig:
                 f"{'causal' if self.causal else 'full'}")
 
 
-def _inputs(config: KernelConfig, device: torch.device, sdpa_layout: bool, seed: int):
-    """``q, k, v, dout``: ``[B, S, H, D]``, or ``[B, H, S, D]`` (contiguous) for SDPA."""
-    generator = torch.Generator(device=device).manual_seed(seed)
-    dtype = DTYPES[config.dtype]
-
-    def randn(heads):
-        shape = (config.batch, heads, config.seqlen, config.head_dim) if sdpa_layout else \
-            (config.batch, config.seqlen, heads, config.head_dim)
-        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
-    return randn(config.heads), randn(config.kv_heads), randn(config.kv_heads), randn(config.heads)
-
-
 def attention_call(impl: str, config: KernelConfig, q, k, v):
     """A zero-argument function computing the attention output with ``impl``."""
     if impl in SDPA_BACKENDS:
@@ -77,7 +66,8 @@ def attention_call(impl: str, config: KernelConfig, q, k, v):
 def pass_call(pass_: str, impl: str, config: KernelConfig, device: torch.device, seed: int):
     """A zero-argument function doing ``pass_`` ("fwd", "bwd" or "fwd+bwd") with ``impl``.
     For "bwd" the forward runs once here, and each call is one backward through its graph."""
-    q, k, v, dout = _inputs(config, device, impl in SDPA_BACKENDS, seed)
+    q, k, v, dout = random_inputs(config.batch, config.seqlen, config.heads, config.kv_heads, config.head_dim,
+                                  DTYPES[config.dtype], device, seed, heads_first=impl in SDPA_BACKENDS)
     call = attention_call(impl, config, q, k, v)
     if pass_ == "fwd":
         def forward():

@@ -39,6 +39,7 @@ from .cli_args import (DTYPES, add_output_arguments, add_timing_arguments, bound
                        world_size_type)
 from .dist_checks import sp_impl_name, sp_method
 from .flops import FLOP_CONVENTION, attention_flops
+from .inputs import random_inputs
 from .launch import run as launch_run
 from .results import TIMING_FIELDS, device_name, timing_record, write_result
 
@@ -145,19 +146,11 @@ def _timeline(events: list) -> list[dict]:
                  end_ms=None if e.end is None else e.end * 1e3) for e in events]
 
 
-def _global_inputs(settings: Settings, seqlen: int, device: torch.device):
-    generator = torch.Generator(device=device).manual_seed(settings.seed + seqlen)
-    dtype = DTYPES[settings.dtype]
-
-    def randn(heads):
-        return torch.randn(settings.batch, seqlen, heads, settings.head_dim, generator=generator, device=device,
-                           dtype=dtype)
-    return randn(settings.heads), randn(settings.kv_heads), randn(settings.kv_heads), randn(settings.heads)
-
-
 def _measure(settings: Settings, mesh, seqlen: int, pass_: str, device: torch.device) -> dict:
     """This rank's figures for one case."""
-    q, k, v, dout = (shard_sequence(x, mesh, layout=settings.layout) for x in _global_inputs(settings, seqlen, device))
+    inputs = random_inputs(settings.batch, seqlen, settings.heads, settings.kv_heads, settings.head_dim,
+                           DTYPES[settings.dtype], device, settings.seed + seqlen)
+    q, k, v, dout = (shard_sequence(x, mesh, layout=settings.layout) for x in inputs)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
