@@ -188,31 +188,17 @@ def run(args: argparse.Namespace) -> int:
     clock = "CUDA events" if device.type == "cuda" else "wall clock"
     print(f"kernels: {len(configs)} configs x {len(impls)} implementations x {len(passes)} passes on {where} "
           f"({clock}, median of {args.repeats} after {args.warmup} warm-up); FLOPs: {FLOP_CONVENTION}")
-    records, skipped = [], []
-    for index, config in enumerate(configs, 1):
-        config_records = []
-        for impl, pass_ in itertools.product(impls, passes):
-            reason = naive_too_large(config, device) if impl == "naive" else None
-            if reason is None:
-                try:
-                    timing = measure_ms(pass_call(pass_, impl, config, device, args.seed), device, args.warmup,
-                                        args.repeats)
-                except (RuntimeError, ValueError, NotImplementedError) as error:
-                    reason = str(error).strip().splitlines()[0][:160]
-            if reason is not None:
-                skipped.append(dict(impl=impl, config=config.label(), reason=reason))
-                continue
-            flops = attention_flops(config.batch, config.heads, config.seqlen, config.seqlen, config.head_dim,
-                                    config.causal, pass_)
-            config_records.append(timing_record(
-                where, impl, pass_, config.dtype, config.causal, config.batch, config.seqlen, config.heads,
-                config.kv_heads, config.head_dim, timing["ms"], flops,
-                **{k: v for k, v in timing.items() if k != "ms"}))
-        _speedups(config_records)
-        records += config_records
-        _print_config(index, len(configs), config, config_records, impls, skipped)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    records, skipped, done = [], [], 0
+    try:
+        for config in configs:
+            config_records = _time_config(config, impls, passes, device, where, args, skipped)
+            records += config_records
+            done += 1
+            _print_config(done, len(configs), config, config_records, impls, skipped)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    except KeyboardInterrupt:
+        print(f"interrupted after {done} of {len(configs)} configs: writing what was measured", file=sys.stderr)
     summary = headline(records)
     for impl, ratios in summary.items():
         if impl not in SDPA_BACKENDS:
@@ -222,10 +208,37 @@ def run(args: argparse.Namespace) -> int:
         flop_convention=FLOP_CONVENTION, timing_fields=list(TIMING_FIELDS),
         config=dict(impls=impls, passes=passes, warmup=args.warmup, repeats=args.repeats, seed=args.seed,
                     timing=clock, grid=[asdict(c) for c in configs]),
-        summary=dict(speedup_vs_fastest_sdpa=summary, skipped=len(skipped)),
+        summary=dict(speedup_vs_fastest_sdpa=summary, skipped=len(skipped), configs_done=done,
+                     interrupted=done < len(configs)),
         records=records, skipped=skipped), args.out_dir)
     print(f"{len(records)} timings, {len(skipped)} skipped; wrote {path}")
+    if done < len(configs):
+        return 130
     return 0 if records else 1
+
+
+def _time_config(config: KernelConfig, impls: list[str], passes: list[str], device: torch.device, where: str, args,
+                 skipped: list[dict]) -> list[dict]:
+    """Every implementation and pass on one config; what cannot run is added to ``skipped``."""
+    records = []
+    for impl, pass_ in itertools.product(impls, passes):
+        reason = naive_too_large(config, device) if impl == "naive" else None
+        if reason is None:
+            try:
+                timing = measure_ms(pass_call(pass_, impl, config, device, args.seed), device, args.warmup,
+                                    args.repeats)
+            except (RuntimeError, ValueError, NotImplementedError) as error:
+                reason = str(error).strip().splitlines()[0][:160]
+        if reason is not None:
+            skipped.append(dict(impl=impl, config=config.label(), reason=reason))
+            continue
+        flops = attention_flops(config.batch, config.heads, config.seqlen, config.seqlen, config.head_dim,
+                                config.causal, pass_)
+        records.append(timing_record(where, impl, pass_, config.dtype, config.causal, config.batch, config.seqlen,
+                                     config.heads, config.kv_heads, config.head_dim, timing["ms"], flops,
+                                     **{k: v for k, v in timing.items() if k != "ms"}))
+    _speedups(records)
+    return records
 
 
 def _print_config(index: int, total: int, config: KernelConfig, records: list[dict], impls: list[str],

@@ -201,3 +201,24 @@ def test_bad_options_get_a_clear_error(argv, message, capsys):
     assert exit_info.value.code not in (0, None)
     captured = capsys.readouterr()
     assert message in str(exit_info.value.code) + captured.err
+
+
+def test_an_interrupted_kernel_run_keeps_what_it_measured(tmp_path, monkeypatch, capsys):
+    from bench import kernel_bench
+
+    calls = []
+    real = kernel_bench.measure_ms
+
+    def measure_then_interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:  # the second config's first timing: Ctrl-C
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(kernel_bench, "measure_ms", measure_then_interrupt)
+    assert main(["kernels", "--impl", "torch", "--impl", "sdpa-math", "--pass", "fwd", "--seqlen", "16", "32",
+                 "--head-dim", "16", "--heads", "2", "--no-causal", "--warmup", "0", "--repeats", "1",
+                 "--out-dir", str(tmp_path)]) == 130
+    assert "interrupted after 1 of 2 configs" in capsys.readouterr().err
+    document = _timed_document(tmp_path, "kernels")
+    assert document["summary"]["interrupted"] is True and document["summary"]["configs_done"] == 1
+    assert {(r["impl"], r["seqlen"]) for r in document["records"]} == {("torch", 16), ("sdpa-math", 16)}
