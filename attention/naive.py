@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import naive
+from usp.kernels import naive
 
 
 def naive_attention(q, k, v, causal=False, softmax_scale=None):

@@ -13,12 +13,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from comm import traffic
-from comm.agreement import call_fields, ensure_ranks_agree
-from comm.ring import RingComm
-from kernels import get_backend, merge_attention
-from kernels.checks import check_qkv, resolve_softmax_scale
-from kernels.layout import accum_dtype
+from usp.comm import traffic
+from usp.comm.agreement import call_fields, ensure_ranks_agree
+from usp.comm.ring import RingComm
+from usp.kernels import get_backend, merge_attention
+from usp.kernels.checks import check_qkv, resolve_softmax_scale
+from usp.kernels.layout import accum_dtype
 
 from .layout import check_layout, ring_block
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from comm import Mesh, traffic
+from usp.comm import Mesh, traffic
 
 from .layout import check_global_seqlen, check_layout, shard_positions
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch import nn
 
-from comm import Mesh
-from comm.agreement import call_fields, ensure_ranks_agree
-from comm.all_to_all import head_to_seq, replicate_kv_heads, seq_to_head
-from kernels import attention as local_attention
-from kernels import get_backend
-from kernels.checks import check_qkv, resolve_softmax_scale
+from usp.comm import Mesh
+from usp.comm.agreement import call_fields, ensure_ranks_agree
+from usp.comm.all_to_all import head_to_seq, replicate_kv_heads, seq_to_head
+from usp.kernels import local_attention
+from usp.kernels import get_backend
+from usp.kernels.checks import check_qkv, resolve_softmax_scale
 
 from .layout import check_layout
 from .ring import check_sequence_split, ring_attention

@@ -1,1 +1,1 @@
-"""Benchmarks and numerics verification: ``python -m bench <command>``."""
+"""Benchmarks and numerics verification: ``usp-bench <command>``."""

@@ -1,4 +1,4 @@
-"""``python -m bench <command>``: verify numerics, time the kernels, run and emulate
+"""``usp-bench <command>``: verify numerics, time the kernels, run and emulate
 sequence-parallel scaling, evaluate the paper's cost model, and plot the results.
 Every command writes a self-describing JSON file under ``bench/results/``."""
 
@@ -16,7 +16,7 @@ COMMANDS = {
     "scaling": ("scaling", "run ring, Ulysses and USP attention on N processes (gloo, or NCCL under torchrun)"),
     "emulate": ("emulate", "time the per-rank schedule of N virtual ranks on one device; predict the step time"),
     "model": ("cost_model_cli", "the paper's communication / memory cost model, rankings and placement advice"),
-    "plot": ("plot", "turn the JSON results into PNG figures (same as python -m plots)"),
+    "plot": ("plot", "turn the JSON results into PNG figures (same as python -m usp.plots)"),
 }
 
 
@@ -32,7 +32,7 @@ def _interpret_triton_without_gpu() -> None:
 
 def main(argv=None) -> int:
     _interpret_triton_without_gpu()
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="usp-bench", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
     for name, (module_name, summary) in COMMANDS.items():
         module = importlib.import_module(f".{module_name}", __package__)

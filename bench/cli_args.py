@@ -1,4 +1,4 @@
-"""Argument types and options shared by the ``python -m bench`` commands."""
+"""Argument types and options shared by the ``usp-bench`` commands."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``python -m bench model``: the paper's communication and memory cost model (USP,
+"""``usp-bench model``: the paper's communication and memory cost model (USP,
 arXiv 2405.07719, Table 2) for a model shape, a sequence length and a cluster.
 
 Prints and writes, per transformer block and device: the communication volume of

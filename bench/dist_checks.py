@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from attention import gather_sequence, ring_attention, shard_sequence, ulysses_attention, usp_attention
-from comm import init_mesh, record_traffic
-from kernels import AttentionShape
+from usp.attention import gather_sequence, ring_attention, shard_sequence, ulysses_attention, usp_attention
+from usp.comm import init_mesh, record_traffic
+from usp.kernels import AttentionShape
 
 from .launch import run
 from .numerics import (DTYPE_NAMES, Case, Verdict, compare, poisoned_allocations, reference, run_backend,

@@ -1,4 +1,4 @@
-"""``python -m bench emulate``: the sequence-parallel schedule of N virtual ranks, run on
+"""``usp-bench emulate``: the sequence-parallel schedule of N virtual ranks, run on
 one device one rank after another, to predict a many-GPU run from one GPU.
 
 Each virtual rank makes exactly the per-step kernel calls and LSE merges (and, for
@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from attention.layout import LAYOUTS, check_global_seqlen, ring_block, ring_positions
-from kernels import get_backend, merge_attention
-from kernels.layout import accum_dtype
+from usp.attention.layout import LAYOUTS, check_global_seqlen, ring_block, ring_positions
+from usp.kernels import get_backend, merge_attention
+from usp.kernels.layout import accum_dtype
 
 from .cli_args import DTYPES, add_output_arguments, add_timing_arguments, bounded_int, default_device, device_type
 from .dist_checks import sp_impl_name, sp_method

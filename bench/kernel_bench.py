@@ -1,4 +1,4 @@
-"""``python -m bench kernels``: forward, backward and forward+backward time and TFLOP/s
+"""``usp-bench kernels``: forward, backward and forward+backward time and TFLOP/s
 of our local backends (triton, torch, naive) against PyTorch's
 ``scaled_dot_product_attention`` with each of its backends that runs here (flash,
 efficient, cuDNN, math), over sequence lengths, head dims, dtypes, causal and not.
@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels import attention
-from kernels.configs import interpreter_active
+from usp.kernels import local_attention
+from usp.kernels.configs import interpreter_active
 
 from .cli_args import DTYPES, add_output_arguments, add_timing_arguments, bounded_int, default_device, device_type
 from .flops import FLOP_CONVENTION, PASSES, attention_flops
@@ -60,7 +60,7 @@ def attention_call(impl: str, config: KernelConfig, q, k, v):
             with sdpa_kernel(SDPA_BACKENDS[impl]):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=config.causal, enable_gqa=gqa)
         return run
-    return lambda: attention(q, k, v, config.causal, backend=impl)
+    return lambda: local_attention(q, k, v, config.causal, backend=impl)
 
 
 def pass_call(pass_: str, impl: str, config: KernelConfig, device: torch.device, seed: int):

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from attention import naive_attention
-from kernels import AttentionShape, get_backend
+from usp.attention import naive_attention
+from usp.kernels import AttentionShape, get_backend
 
 QUANTITIES = ("out", "lse", "dq", "dk", "dv")
 MULTIPLIER = {"out": 3.0, "lse": 3.0, "dq": 4.0, "dk": 4.0, "dv": 4.0}

@@ -1,4 +1,4 @@
-"""``python -m bench scaling``: ring, Ulysses and USP attention on N processes, for every
+"""``usp-bench scaling``: ring, Ulysses and USP attention on N processes, for every
 mesh ``u x r = N``, over global sequence lengths, forward and forward+backward.
 
 Without ``torchrun`` it launches N local processes on a gloo group (one CPU thread
@@ -30,10 +30,10 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
-from attention import shard_sequence, usp_attention
-from attention.layout import check_global_seqlen
-from comm import RingComm, init_mesh, record_traffic
-from comm.traffic import CudaClock, HostClock
+from usp.attention import shard_sequence, usp_attention
+from usp.attention.layout import check_global_seqlen
+from usp.comm import RingComm, init_mesh, record_traffic
+from usp.comm.traffic import CudaClock, HostClock
 
 from .cli_args import (DTYPES, add_output_arguments, add_timing_arguments, bounded_int, positive_float,
                        world_size_type)

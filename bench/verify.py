@@ -1,4 +1,4 @@
-"""``python -m bench verify``: every available backend against float64 naive attention,
+"""``usp-bench verify``: every available backend against float64 naive attention,
 then ring, Ulysses and USP attention on local gloo process groups against the same oracle."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import sys
 
 import torch
 
-from kernels import AttentionShape
-from kernels.configs import interpreter_active
+from usp.kernels import AttentionShape
+from usp.kernels.configs import interpreter_active
 
 from .cli_args import DTYPES, add_output_arguments, default_device, device_type, world_size_type
 from .dist_checks import DistCase, DistResult, run_checks, sp_method

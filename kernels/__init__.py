@@ -5,7 +5,7 @@ Tensors are ``[B, S, H, D]``; the LSE is float32, natural log, ``[B, Hq, Sq]``.
 To run the Triton kernels on a CPU, set ``TRITON_INTERPRET=1`` before importing this.
 """
 
-from .autograd import attention, flash_attn_func
+from .autograd import flash_attn_func, local_attention
 from .backends import BACKENDS, Backend, get_backend
 from .checks import AttentionShape
 from .flash_bwd import flash_attn_backward
@@ -13,6 +13,6 @@ from .flash_fwd import flash_attn_forward
 from .merge import merge_attention
 
 __all__ = [
-    "AttentionShape", "BACKENDS", "Backend", "attention", "flash_attn_backward", "flash_attn_forward",
-    "flash_attn_func", "get_backend", "merge_attention",
+    "AttentionShape", "BACKENDS", "Backend", "flash_attn_backward", "flash_attn_forward",
+    "flash_attn_func", "get_backend", "local_attention", "merge_attention",
 ]

@@ -1,6 +1,6 @@
 """Compile every GPU kernel configuration ahead of time, on a machine without a GPU.
 
-``python -m kernels.aot [--family sm90] [--json]`` builds, for each config table entry,
+``python -m usp.kernels.aot [--family sm90] [--json]`` builds, for each config table entry,
 each kernel the launchers would start (forward, backward preprocess, dK/dV, dQ), for
 bf16 and fp32, causal and not, into a cubin for the family's target with
 ``triton.compile``, and reports the shared memory each needs against the family's
@@ -113,7 +113,7 @@ def compile_family(family: GpuFamily, head_dims=PADDED_HEAD_DIMS, dtypes=(torch.
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kernels.aot", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m usp.kernels.aot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--family", choices=[f.name for f in GPU_FAMILIES], action="append",
                         help="config table to compile (repeatable; default: all)")
     parser.add_argument("--head-dim", type=int, action="append", choices=PADDED_HEAD_DIMS,

@@ -24,7 +24,7 @@ class _AttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def attention(q, k, v, causal=False, softmax_scale=None, *, backend: str | Backend | None = None,
+def local_attention(q, k, v, causal=False, softmax_scale=None, *, backend: str | Backend | None = None,
               return_lse=False):
     """Differentiable attention through a backend (see ``get_backend``).
 
@@ -43,4 +43,4 @@ def flash_attn_func(q, k, v, causal=False, softmax_scale=None, *, dropout_p=0.0,
     """
     if dropout_p != 0.0:
         raise ValueError(f"dropout_p must be 0.0 (dropout is not supported), got {dropout_p}")
-    return attention(q, k, v, causal, softmax_scale, backend="triton", return_lse=return_lse)
+    return local_attention(q, k, v, causal, softmax_scale, backend="triton", return_lse=return_lse)

@@ -1,4 +1,4 @@
-"""``python -m plots``: see ``plots.cli``."""
+"""``python -m usp.plots``: see ``plots.cli``."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""``python -m plots``: PNG figures from the JSON files ``python -m bench`` wrote.
+"""``python -m usp.plots``: PNG figures from the JSON files ``usp-bench`` wrote.
 
 By default, the newest result of each kind (kernels, scaling, emulate, model) under
 ``bench/results/``; or the files given. Figures: kernel TFLOP/s against sequence
@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     inputs = list(args.inputs) or list(newest_results(args.results_dir).values())
     if not inputs:
-        print(f"no result files in {args.results_dir}: run python -m bench <command> first", file=sys.stderr)
+        print(f"no result files in {args.results_dir}: run usp-bench <command> first", file=sys.stderr)
         return 2
     for path in inputs:
         print(f"reading {path}")
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m plots", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m usp.plots", description=__doc__)
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kernels.configs import GPU_FAMILIES, KERNELS, PADDED_HEAD_DIMS
+from usp.kernels.configs import GPU_FAMILIES, KERNELS, PADDED_HEAD_DIMS
 
 ROOT = Path(__file__).resolve().parents[1]
 # Two compiler processes, one per core: sm90 alone, the smaller tables together.
@@ -20,7 +20,7 @@ GROUPS = [["sm90"], ["sm80", "sm86"]]
 def compiled():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # silence triton 3.9's notice; fusion is the default
-    procs = [subprocess.Popen([sys.executable, "-m", "kernels.aot", "--causal-only", "--json",
+    procs = [subprocess.Popen([sys.executable, "-m", "usp.kernels.aot", "--causal-only", "--json",
                                *(arg for name in group for arg in ("--family", name))],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for group in GROUPS]

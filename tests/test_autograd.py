@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from bench.numerics import Case, compare, reference, run_backend
+from usp.bench.numerics import Case, compare, reference, run_backend
 from conftest import DEVICE
-from kernels import AttentionShape, attention, flash_attn_func
+from usp.kernels import AttentionShape, flash_attn_func, local_attention
 
 
 def _inputs(dtype=torch.float32, seed=0):
@@ -47,7 +47,7 @@ def test_non_contiguous_inputs_give_the_contiguous_answer(backend):
     v_view = v.repeat_interleave(2, dim=1)[:, ::2]  # every other row
     dout_view = dout.transpose(1, 2).contiguous().transpose(1, 2)
     assert not any(x.is_contiguous() for x in (q_view, k_view, v_view, dout_view))
-    fn = lambda q, k, v: attention(q, k, v, causal=True, backend=backend, return_lse=True)  # noqa: E731
+    fn = lambda q, k, v: local_attention(q, k, v, causal=True, backend=backend, return_lse=True)  # noqa: E731
     got = _autograd(fn, q_view, k_view, v_view, dout_view)
     want = _autograd(fn, q, k, v, dout)
     for name in want:

@@ -1,4 +1,4 @@
-"""``python -m bench kernels | scaling | emulate | model | plot`` end to end at toy sizes:
+"""``usp-bench kernels | scaling | emulate | model | plot`` end to end at toy sizes:
 exit status, progress output, the JSON schema, and PNG figures from the JSON."""
 
 import json
@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from bench.__main__ import COMMANDS, main
-from bench.flops import FLOP_CONVENTION
-from bench.launch import free_port
-from bench.results import TIMING_FIELDS
-from plots.cli import main as plots_main
+from usp.bench.__main__ import COMMANDS, main
+from usp.bench.flops import FLOP_CONVENTION
+from usp.bench.launch import free_port
+from usp.bench.results import TIMING_FIELDS
+from usp.plots.cli import main as plots_main
 
 ROOT = Path(__file__).resolve().parents[1]
 MACHINE_FIELDS = {"device", "device_type", "cpu", "torch", "triton", "python", "platform"}
@@ -55,7 +55,7 @@ def toy_results(tmp_path_factory):
     }
     outputs = {}
     for kind, argv in runs.items():
-        proc = subprocess.run([sys.executable, "-m", "bench", *argv, "--out-dir", str(out)], cwd=ROOT,
+        proc = subprocess.run([sys.executable, "-m", "usp.bench", *argv, "--out-dir", str(out)], cwd=ROOT,
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         outputs[kind] = proc.stdout
@@ -146,7 +146,7 @@ def test_scaling_under_torchrun(tmp_path):
     CUDA), rank 0 gathers the figures and writes the file."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                           str(free_port()), "-m", "bench", "scaling", "--mesh", "2x1", "--seqlen", "32",
+                           str(free_port()), "-m", "usp.bench", "scaling", "--mesh", "2x1", "--seqlen", "32",
                            "--heads", "4", "--kv-heads", "4", "--head-dim", "16", "--pass", "fwd", "--warmup", "0",
                            "--repeats", "2", "--out-dir", str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
@@ -204,7 +204,7 @@ def test_bad_options_get_a_clear_error(argv, message, capsys):
 
 
 def test_an_interrupted_kernel_run_keeps_what_it_measured(tmp_path, monkeypatch, capsys):
-    from bench import kernel_bench
+    from usp.bench import kernel_bench
 
     calls = []
     real = kernel_bench.measure_ms

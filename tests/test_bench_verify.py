@@ -1,4 +1,4 @@
-"""``python -m bench verify``: the table, the JSON file, and the exit status."""
+"""``usp-bench verify``: the table, the JSON file, and the exit status."""
 
 import json
 import subprocess
@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import verify
-from bench.__main__ import main
+from usp.bench import verify
+from usp.bench.__main__ import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_verify_end_to_end_in_a_fresh_process(tmp_path):
     """As a user runs it: a new interpreter that picks the Triton interpreter itself."""
-    proc = subprocess.run([sys.executable, "-m", "bench", "verify", "--backend", "triton", "--dtype", "fp16",
+    proc = subprocess.run([sys.executable, "-m", "usp.bench", "verify", "--backend", "triton", "--dtype", "fp16",
                            "--out-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     n = len(verify.CPU_SHAPES if not torch.cuda.is_available() else verify.GPU_SHAPES) * 2
@@ -36,7 +36,7 @@ def test_verify_end_to_end_in_a_fresh_process(tmp_path):
 
 
 def test_verify_exits_non_zero_when_a_backend_is_wrong(tmp_path, monkeypatch, capsys):
-    from kernels import backends
+    from usp.kernels import backends
 
     naive = backends.BACKENDS["naive"]
 
@@ -99,7 +99,7 @@ def test_verify_runs_the_distributed_checks(tmp_path, capsys):
 
 
 def test_a_distributed_failure_on_any_rank_fails_the_case():
-    from bench.dist_checks import DistCase, merge_ranks
+    from usp.bench.dist_checks import DistCase, merge_ranks
 
     case = DistCase("ring", 1, 2, 2)
     good = dict(errors=dict(out=1e-16), tolerances=dict(out=1e-14), failures=[], forward={}, backward={},

@@ -8,11 +8,11 @@ import functools
 import torch
 import torch.distributed as dist
 
-from attention import (USPAttention, gather_sequence, naive_attention, ring_attention, sequence_positions,
+from usp.attention import (USPAttention, gather_sequence, naive_attention, ring_attention, sequence_positions,
                        shard_sequence, ulysses_attention, usp_attention)
-from bench.launch import run
-from comm import head_to_seq, init_mesh, record_traffic, replicate_kv_heads, seq_to_head
-from comm.mesh import group_timeout
+from usp.bench.launch import run
+from usp.comm import head_to_seq, init_mesh, record_traffic, replicate_kv_heads, seq_to_head
+from usp.comm.mesh import group_timeout
 
 B, D = 2, 3
 _SHORT = datetime.timedelta(seconds=30)

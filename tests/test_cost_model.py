@@ -5,12 +5,12 @@ import time
 
 import pytest
 
-from bench import cost_model as cm
-from bench.emulate import Problem, predict, transfer_bytes
-from bench.flops import attention_flops, tflops
-from bench.scaling import ring_overlap
-from comm import traffic
-from comm.traffic import Event, HostClock, record_traffic
+from usp.bench import cost_model as cm
+from usp.bench.emulate import Problem, predict, transfer_bytes
+from usp.bench.flops import attention_flops, tflops
+from usp.bench.scaling import ring_overlap
+from usp.comm import traffic
+from usp.comm.traffic import Event, HostClock, record_traffic
 
 
 def test_flop_counter_follows_the_convention():

@@ -11,8 +11,8 @@ import itertools
 import pytest
 import torch
 
-from bench.dist_checks import DistCase, check_cases
-from bench.launch import run
+from usp.bench.dist_checks import DistCase, check_cases
+from usp.bench.launch import run
 
 FP64, FP32 = torch.float64, torch.float32
 HEADS = (8, 2, 1)  # K/V heads for 8 query heads: MHA, GQA, MQA (replicated when below u)

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from attention import USPAttention, ring_attention, shard_sequence, ulysses_attention, usp_attention
-from bench.launch import WorkersFailed, run, spawn
-from comm import head_to_seq, init_mesh, seq_to_head
+from usp.attention import USPAttention, ring_attention, shard_sequence, ulysses_attention, usp_attention
+from usp.bench.launch import WorkersFailed, run, spawn
+from usp.comm import head_to_seq, init_mesh, seq_to_head
 
 PG_TIMEOUT_S = 3.0  # the mesh's groups; the world group keeps a generous one for start-up
 

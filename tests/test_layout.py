@@ -5,8 +5,8 @@ import itertools
 import pytest
 import torch
 
-from attention.layout import Block, check_global_seqlen, ring_block, ring_positions, shard_positions
-from comm.mesh import mesh_coordinates, mesh_position
+from usp.attention.layout import Block, check_global_seqlen, ring_block, ring_positions, shard_positions
+from usp.comm.mesh import mesh_coordinates, mesh_position
 
 
 def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool) -> torch.Tensor:

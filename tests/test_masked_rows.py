@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import DEVICE
-from kernels import flash_attn_func, get_backend
+from usp.kernels import flash_attn_func, get_backend
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch", "naive"])

@@ -5,9 +5,9 @@ block per call, merged through the LSE (forward) and fed the global out and lse
 import pytest
 import torch
 
-from bench.numerics import Case, compare, reference
+from usp.bench.numerics import Case, compare, reference
 from conftest import DEVICE
-from kernels import AttentionShape, get_backend, merge_attention
+from usp.kernels import AttentionShape, get_backend, merge_attention
 
 INF = float("inf")
 

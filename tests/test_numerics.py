@@ -6,9 +6,9 @@ import zlib
 import pytest
 import torch
 
-from bench.numerics import Case, run_case
+from usp.bench.numerics import Case, run_case
 from conftest import DEVICE
-from kernels import AttentionShape
+from usp.kernels import AttentionShape
 
 # (batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim). Together they cover head dims
 # 16/64/80/96/128/256, lengths 1/17/64/129/200, Sq < Sk and Sq > Sk, MHA, GQA 4:1 and MQA.
@@ -67,7 +67,7 @@ def test_bf16_on_gpu(backend, shape, causal):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_harness_rejects_a_slightly_wrong_gradient(monkeypatch, dtype):
     """The tolerance catches a 1% error in one gradient of an otherwise exact backend."""
-    from kernels import backends
+    from usp.kernels import backends
 
     torch_backend = backends.BACKENDS["torch"]
 
@@ -82,7 +82,7 @@ def test_harness_rejects_a_slightly_wrong_gradient(monkeypatch, dtype):
 
 
 def test_harness_rejects_nan():
-    from bench.numerics import compare
+    from usp.bench.numerics import compare
 
     case = Case("naive", torch.float32, AttentionShape(1, 2, 2, 1, 1, 16), False)
     ref = {n: torch.zeros(2) for n in ("out", "lse", "dq", "dk", "dv")}

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import DEVICE
-from kernels import flash_attn_func, get_backend
+from usp.kernels import flash_attn_func, get_backend
 
 BACKENDS = ["triton", "torch", "naive"]
 

@@ -1,0 +1,13 @@
+"""USP: Unified Sequence Parallelism for long-context attention.
+
+``usp.kernels``: attention on one device (Triton flash attention with the LSE, PyTorch's
+fused ops, plain torch math) and the exact LSE merge. ``usp.comm``: the device mesh,
+ring point-to-point and the Ulysses all-to-alls. ``usp.attention``: ring, Ulysses and
+USP attention with autograd, the sharding helpers and the float64 oracle.
+``usp.bench`` (``usp-bench``): verification and benchmarks; ``usp.plots``: figures.
+
+Importing ``usp`` imports nothing else, so ``TRITON_INTERPRET`` may still be set
+before ``usp.kernels`` is imported.
+"""
+
+__version__ = "0.2.0"
