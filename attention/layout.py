@@ -24,7 +24,11 @@ def check_layout(layout: str) -> str:
 
 
 def check_global_seqlen(seqlen: int, ulysses_degree: int, ring_degree: int, layout: str) -> None:
-    """Raise a ValueError unless ``seqlen`` can be laid out over the mesh."""
+    """Raise a ValueError (TypeError for a non-integer) unless ``seqlen`` can be laid out over the mesh."""
+    if isinstance(seqlen, bool) or not isinstance(seqlen, int):
+        raise TypeError(f"the sequence length must be an int, got {seqlen!r}")
+    if seqlen < 1:
+        raise ValueError(f"the sequence length must be positive, got {seqlen}")
     check_layout(layout)
     chunks = 2 * ring_degree if layout == "zigzag" else ring_degree
     if seqlen % chunks:
@@ -64,16 +68,33 @@ class Block:
     causal: bool
 
 
+# How ring_block decides, for causal attention (a query sees the keys at or before its
+# global position). Contiguous: ring rank i holds one chunk, so against source j it sees
+# everything when j < i, a lower triangle when j == i, nothing when j > i. Zigzag: the
+# positions a rank holds increase along its local order, so its own block is again a
+# plain lower triangle. Against another rank, with r = 2 and 8 positions (chunks of 2:
+# ring rank 0 holds chunks 0 and 3, ring rank 1 chunks 1 and 2):
+#
+#     rank 0's queries x rank 1's keys         rank 1's queries x rank 0's keys
+#               2 3 4 5                                  0 1 6 7
+#           0   . . . .                              2   x x . .
+#           1   . . . .                              3   x x . .
+#           6   x x x x                              4   x x . .
+#           7   x x x x                              5   x x . .
+#     (source later: the second half of       (source earlier: every query against the
+#      the queries against every key)          first half of the keys)
+#
+# In general a later source's chunks (j, 2r-1-j) lie between this rank's (i, 2r-1-i):
+# only the second local chunk sees them, all of them; an earlier source's first chunk
+# lies before both local chunks and its second after both. tests/test_layout.py checks
+# this against a brute-force mask for every rank pair.
+
+
 def ring_block(rank: int, source: int, seqlen: int, layout: str, causal: bool) -> Block | None:
     """What ring rank ``rank`` computes against the K/V that started on ring rank
-    ``source``; None when every pair is masked. ``seqlen``: the positions each rank
-    holds (causal attention needs as many keys as queries; non-causal takes all of both).
-
-    Non-causal: everything. Contiguous causal: the diagonal block causally, earlier
-    ranks fully, later ranks not at all. Zigzag causal (``c = seqlen / 2``): the
-    diagonal causally (a lower triangle over the local order is exactly right); an
-    earlier source's first chunk is seen by all local queries; a later source is seen
-    fully by the local second chunk only.
+    ``source``; None when every pair is masked (see the picture above). ``seqlen``: the
+    positions each rank holds (causal attention needs as many keys as queries;
+    non-causal takes all of both).
     """
     everything = slice(None)
     if not causal:

@@ -1,11 +1,15 @@
 """Ring attention: the queries stay, the K/V shards travel once around the ring.
 
-Each step computes this rank's queries against the K/V block that is visiting (full,
-causal diagonal, half block or nothing, per ``layout.ring_block``) and merges the
-partial result through the LSE, while the next block is already in flight. Backward
-sends K/V around again; the float32 (float64 for float64 inputs) dK/dV accumulator of
-each block travels one hop behind it and arrives back at its owner after the last step. Every step's backward
-uses the global (merged) out and lse, as the backend contract requires.
+At each step a rank posts the transfer of the K/V block it holds to the next rank (and
+the receive of the previous rank's), computes its queries against the block it holds
+(full, causal diagonal, half block or nothing: ``layout.ring_block``), merges the
+partial result through the LSE, and only then waits for the transfer. Backward sends
+K/V around again; the dK/dV accumulator of each block (float32, float64 for float64
+inputs) travels one hop behind it and is back at its owner after the last step. Every
+step's backward uses the global (merged) out and lse, as the backend contract requires.
+
+``ring_forward`` and ``ring_backward`` are the one schedule: ``ring_attention`` runs
+them over ``RingComm``, the emulator over a transport that replays the transfers.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import torch.distributed as dist
 
 from usp.comm import traffic
 from usp.comm.agreement import call_fields, ensure_ranks_agree
-from usp.comm.ring import RingComm
+from usp.comm.mesh import check_group
+from usp.comm.ring import RingComm, RingTransport
 from usp.kernels import get_backend, merge_attention
 from usp.kernels.checks import check_qkv, resolve_softmax_scale
 from usp.kernels.layout import accum_dtype
@@ -23,64 +28,71 @@ from usp.kernels.layout import accum_dtype
 from .layout import check_layout, ring_block
 
 
-def _forward(q, k, v, comm: RingComm, causal: bool, scale: float, layout: str, backend):
-    """Local ``out [B, S, Hq, D]`` (q's dtype) and global ``lse [B, Hq, S]`` (float32,
-    or float64 for float64 inputs, like the accumulators)."""
+def ring_forward(q, k, v, ring: RingTransport, causal: bool, scale: float, layout: str, backend):
+    """This rank's ``out [B, S, Hq, D]`` (q's dtype) and its rows of the global ``lse
+    [B, Hq, S]`` (float32, float64 for float64 inputs), from its shards ``q, k, v``."""
     batch, seqlen, heads, _ = q.shape
     acc = accum_dtype(q.dtype)
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
     lse = torch.full((batch, heads, seqlen), float("-inf"), dtype=acc, device=q.device)
-    for step, source, (k_block, v_block) in comm.rotate([k, v], label="kv forward"):
-        block = ring_block(comm.rank, source, seqlen, layout, causal)
-        if block is None:
-            continue
-        rows, keys = block.q_rows, block.k_rows
-        with traffic.span("compute", label="forward", step=step):
-            block_out, block_lse = backend.forward(q[:, rows], k_block[:, keys], v_block[:, keys],
-                                                   causal=block.causal, softmax_scale=scale)
-            out[:, rows], lse[:, :, rows] = merge_attention(out[:, rows], lse[:, :, rows], block_out, block_lse)
+    kv = [k, v]  # the block visiting now: at step s, the one ring rank (rank - s) started with
+    for step in range(ring.size):
+        if step + 1 < ring.size:  # the next step's block travels while this one is computed
+            incoming = ring.send_recv(kv, traffic.KV_FORWARD, step + 1)
+        block = ring_block(ring.rank, (ring.rank - step) % ring.size, seqlen, layout, causal)
+        if block is not None:
+            rows, keys = block.q_rows, block.k_rows
+            with traffic.span(traffic.COMPUTE, label=traffic.FORWARD, step=step):
+                block_out, block_lse = backend.forward(q[:, rows], kv[0][:, keys], kv[1][:, keys],
+                                                       causal=block.causal, softmax_scale=scale)
+                out[:, rows], lse[:, :, rows] = merge_attention(out[:, rows], lse[:, :, rows], block_out, block_lse)
+        if step + 1 < ring.size:
+            kv = incoming.wait()
     return out.to(q.dtype), lse
 
 
-def _backward(dout, q, k, v, out, lse, comm: RingComm, causal: bool, scale: float, layout: str, backend):
-    """``dq, dk, dv`` of the local shards, in their input dtypes."""
+def ring_backward(dout, q, k, v, out, lse, ring: RingTransport, causal: bool, scale: float, layout: str, backend):
+    """``dq, dk, dv`` of this rank's shards (their input dtypes), from the global ``out`` and ``lse`` rows."""
     seqlen, acc = q.shape[1], accum_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    accumulator = None  # dK/dV of the block visiting now, summed over the ranks it visited
-    for step, source, (k_block, v_block) in comm.rotate([k, v], label="kv backward"):
-        block = ring_block(comm.rank, source, seqlen, layout, causal)
-        grads = None
+    kv = [k, v]
+    dkv = [torch.zeros(x.shape, dtype=acc, device=x.device) for x in (k, v)]  # the visiting block's dK, dV so far
+    for step in range(ring.size):
+        if step + 1 < ring.size:
+            incoming = ring.send_recv(kv, traffic.KV_BACKWARD, step + 1)
+        block = ring_block(ring.rank, (ring.rank - step) % ring.size, seqlen, layout, causal)
         if block is not None:
             rows, keys = block.q_rows, block.k_rows
-            with traffic.span("compute", label="backward", step=step):
-                grads = backend.backward(dout[:, rows], q[:, rows], k_block[:, keys], v_block[:, keys],
-                                         out[:, rows], lse[:, :, rows], causal=block.causal, softmax_scale=scale)
-                dq[:, rows] += grads[0]
-        if accumulator is None:
-            dk, dv = (torch.zeros(k.shape, dtype=acc, device=k.device) for _ in range(2))
-        else:
-            dk, dv = accumulator.wait()
-        if grads is not None:
-            with traffic.span("compute", label="backward accumulate", step=step):
-                dk[:, keys] += grads[1]
-                dv[:, keys] += grads[2]
-        accumulator = comm.pass_along([dk, dv], step, label="dkv backward")
-    dk, dv = accumulator.wait()
+            with traffic.span(traffic.COMPUTE, label=traffic.BACKWARD, step=step):
+                block_dq, block_dk, block_dv = backend.backward(
+                    dout[:, rows], q[:, rows], kv[0][:, keys], kv[1][:, keys], out[:, rows], lse[:, :, rows],
+                    causal=block.causal, softmax_scale=scale)
+                dq[:, rows] += block_dq
+        if step > 0:  # this block's accumulator, from the ranks it visited before, sent during the compute
+            dkv = arriving.wait()
+        if block is not None:
+            with traffic.span(traffic.COMPUTE, label=traffic.ACCUMULATE, step=step):
+                dkv[0][:, keys] += block_dk
+                dkv[1][:, keys] += block_dv
+        arriving = ring.send_recv(dkv, traffic.DKV_BACKWARD, step)  # on, one hop behind its block
+        if step + 1 < ring.size:
+            kv = incoming.wait()
+    dk, dv = arriving.wait()  # after the last hop each accumulator is home
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, comm, causal, scale, layout, backend):
-        out, lse = _forward(q, k, v, comm, causal, scale, layout, backend)
+    def forward(ctx, q, k, v, ring, causal, scale, layout, backend):
+        out, lse = ring_forward(q, k, v, ring, causal, scale, layout, backend)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.settings = (comm, causal, scale, layout, backend)
+        ctx.settings = (ring, causal, scale, layout, backend)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(dout, q, k, v, out, lse, *ctx.settings)
+        dq, dk, dv = ring_backward(dout, q, k, v, out, lse, *ctx.settings)
         return dq, dk, dv, None, None, None, None, None
 
 
@@ -99,22 +111,23 @@ def check_sequence_split(seqlen_q: int, seqlen_k: int, causal: bool, ring_size: 
 
 def ring_attention(q, k, v, group: dist.ProcessGroup | None, causal: bool = False, softmax_scale=None,
                    layout: str = "zigzag", backend=None, *, check_ranks: bool = True):
-    """Attention over a sequence sharded across the ranks of ``group`` (default: world).
+    """Attention over a sequence sharded across the ranks of ``group`` (None: the world).
 
     ``q: [B, S, Hq, D]``, ``k, v: [B, S, Hkv, D]``: this rank's shard, laid out by
-    ``layout`` (see ``attention.layout``; ``shard_sequence`` makes one). Returns this
+    ``layout`` (see ``usp.attention.layout``; ``shard_sequence`` makes one). Returns this
     rank's shard of the output, ``[B, S, Hq, D]``, differentiable in q, k and v.
-    ``backend``: a ``kernels`` backend name (default: triton on CUDA, else torch).
+    ``backend``: a ``usp.kernels`` backend or its name (default: triton on CUDA, else torch).
     ``check_ranks``: first make sure every rank passes the same shapes and options
     (one small all-gather; a mismatch raises a ValueError on every rank).
     """
+    group = check_group(group)
     check_qkv(q, k, v, causal)
     check_layout(layout)
     scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
     backend = get_backend(backend)
-    comm = RingComm(group or dist.group.WORLD)
-    check_sequence_split(q.shape[1], k.shape[1], causal, comm.size, layout)
+    ring = RingComm(group)
+    check_sequence_split(q.shape[1], k.shape[1], causal, ring.size, layout)
     if check_ranks:
-        ensure_ranks_agree(comm.group, "ring_attention", call_fields(q, k, v, causal, scale, layout, backend.name),
+        ensure_ranks_agree(group, "ring_attention", call_fields(q, k, v, causal, scale, layout, backend.name),
                            q.device)
-    return _RingAttention.apply(q, k, v, comm, causal, scale, layout, backend)
+    return _RingAttention.apply(q, k, v, ring, causal, scale, layout, backend)

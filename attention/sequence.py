@@ -7,13 +7,17 @@ import torch
 import torch.distributed as dist
 
 from usp.comm import Mesh, traffic
+from usp.comm.agreement import ensure_ranks_agree
+from usp.comm.mesh import check_mesh
 
 from .layout import check_global_seqlen, check_layout, shard_positions
+
 
 
 def sequence_positions(seqlen: int, mesh: Mesh, layout: str = "zigzag", device=None) -> torch.Tensor:
     """Global positions of this rank's shard of a ``seqlen``-long sequence, in local
     order: ``[seqlen / (u r)]`` int64, the position ids to feed RoPE."""
+    check_mesh(mesh)
     positions = shard_positions(seqlen, mesh.ulysses_degree, mesh.ring_degree, mesh.ulysses_rank,
                                 mesh.ring_rank, layout)
     return positions.to(device) if device is not None else positions
@@ -27,22 +31,32 @@ def _check_dim(x: torch.Tensor, dim: int) -> int:
 
 def shard_sequence(x: torch.Tensor, mesh: Mesh, dim: int = 1, layout: str = "zigzag") -> torch.Tensor:
     """This rank's shard of the global tensor ``x`` along ``dim`` (a contiguous copy)."""
+    check_mesh(mesh)
     dim = _check_dim(x, dim)
     positions = sequence_positions(x.shape[dim], mesh, layout, device=x.device)
     return x.index_select(dim, positions)
 
 
-def gather_sequence(x_local: torch.Tensor, mesh: Mesh, dim: int = 1, layout: str = "zigzag") -> torch.Tensor:
+def gather_sequence(x_local: torch.Tensor, mesh: Mesh, dim: int = 1, layout: str = "zigzag", *,
+                    check_ranks: bool = True) -> torch.Tensor:
     """The global tensor, on every rank of ``mesh.sp_group``, from the shards
-    ``shard_sequence`` made (same shape on every rank). Not differentiable."""
+    ``shard_sequence`` made (same shape on every rank). Not differentiable.
+    ``check_ranks``: first make sure every rank passes the same shape, dtype, dim and
+    layout (one small all-gather; a mismatch raises a ValueError on every rank)."""
+    check_mesh(mesh)
+    if not isinstance(x_local, torch.Tensor):
+        raise TypeError(f"x_local must be a torch.Tensor, got {type(x_local).__name__}")
     dim = _check_dim(x_local, dim)
     check_layout(layout)
+    if check_ranks:
+        ensure_ranks_agree(mesh.sp_group, "gather_sequence", dict(shape=tuple(x_local.shape), dtype=x_local.dtype,
+                                                                 dim=dim, layout=layout), x_local.device)
     seqlen = x_local.shape[dim] * mesh.sp_degree
     check_global_seqlen(seqlen, mesh.ulysses_degree, mesh.ring_degree, layout)
     x_local = x_local.detach().contiguous()
     pieces = [torch.empty_like(x_local) for _ in range(mesh.sp_degree)]
-    traffic.note("all_gather", x_local.numel() * x_local.element_size() * (mesh.sp_degree - 1), mesh.sp_degree - 1,
-                 "gather_sequence")
+    traffic.note(traffic.ALL_GATHER, x_local.numel() * x_local.element_size() * (mesh.sp_degree - 1),
+                 mesh.sp_degree - 1, traffic.GATHER_SEQUENCE)
     dist.all_gather(pieces, x_local, group=mesh.sp_group)
     shape = list(x_local.shape)
     shape[dim] = seqlen

@@ -13,27 +13,15 @@ from torch import nn
 
 from usp.comm import Mesh
 from usp.comm.agreement import call_fields, ensure_ranks_agree
-from usp.comm.all_to_all import head_to_seq, replicate_kv_heads, seq_to_head
-from usp.kernels import local_attention
-from usp.kernels import get_backend
+from usp.comm.all_to_all import head_to_seq, seq_to_head
+from usp.comm.heads import check_heads, replicate_kv_heads
+from usp.comm.mesh import check_group, check_mesh
+from usp.kernels import get_backend, local_attention
 from usp.kernels.checks import check_qkv, resolve_softmax_scale
 
 from .layout import check_layout
 from .ring import check_sequence_split, ring_attention
 
-
-def _check_heads(q, k, ulysses_degree: int) -> None:
-    heads, kv_heads = q.shape[2], k.shape[2]
-    if heads % ulysses_degree:
-        raise ValueError(f"the heads of q ({heads}) must be divisible by the Ulysses degree ({ulysses_degree})")
-    if kv_heads % ulysses_degree and ulysses_degree % kv_heads:
-        raise ValueError(f"the heads of k and v ({kv_heads}) must be a multiple or a divisor of the Ulysses "
-                         f"degree ({ulysses_degree})")
-
-
-def _check_mesh(mesh) -> None:
-    if not isinstance(mesh, Mesh):
-        raise TypeError(f"mesh must be a comm.Mesh (see comm.init_mesh), got {type(mesh).__name__}")
 
 
 def _head_parallel(q, k, v, group, attend):
@@ -46,18 +34,18 @@ def _head_parallel(q, k, v, group, attend):
 
 def ulysses_attention(q, k, v, group: dist.ProcessGroup | None, causal: bool = False, softmax_scale=None,
                       backend=None, *, check_ranks: bool = True):
-    """Attention over a sequence sharded contiguously across ``group`` (default: world).
+    """Attention over a sequence sharded contiguously across ``group`` (None: the world).
 
     ``q: [B, S/u, Hq, D]``, ``k, v: [B, S/u, Hkv, D]`` (rank ``j`` holds the ``j``-th
     piece) -> this rank's output piece ``[B, S/u, Hq, D]``, differentiable. ``Hq`` must
     be divisible by ``u``; ``Hkv`` a multiple or a divisor of it. ``check_ranks``: see
     ``ring_attention``.
     """
+    group = check_group(group)
     check_qkv(q, k, v, causal)
     scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
     backend = get_backend(backend)
-    group = group or dist.group.WORLD
-    _check_heads(q, k, dist.get_world_size(group))
+    check_heads(q.shape[2], k.shape[2], dist.get_world_size(group))
     if check_ranks:
         ensure_ranks_agree(group, "ulysses_attention", call_fields(q, k, v, causal, scale, "-", backend.name),
                            q.device)
@@ -74,12 +62,12 @@ def usp_attention(q, k, v, mesh: Mesh, causal: bool = False, softmax_scale=None,
     ``ulysses_degree = N`` is pure Ulysses, ``ring_degree = N`` pure ring.
     ``check_ranks``: see ``ring_attention`` (one all-gather over ``mesh.sp_group``).
     """
-    _check_mesh(mesh)
+    check_mesh(mesh)
     check_qkv(q, k, v, causal)
     check_layout(layout)
     scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
     backend = get_backend(backend)
-    _check_heads(q, k, mesh.ulysses_degree)
+    check_heads(q.shape[2], k.shape[2], mesh.ulysses_degree)
     u = mesh.ulysses_degree  # after the all-to-all a rank holds its ring rank's u pieces
     check_sequence_split(q.shape[1] * u, k.shape[1] * u, causal, mesh.ring_degree, layout, what="per-ring-rank")
     if check_ranks:
@@ -98,7 +86,7 @@ class USPAttention(nn.Module):
     def __init__(self, mesh: Mesh, causal: bool = False, softmax_scale=None, layout: str = "zigzag", backend=None,
                  *, check_ranks: bool = True):
         super().__init__()
-        _check_mesh(mesh)
+        check_mesh(mesh)
         self.mesh, self.causal, self.softmax_scale = mesh, causal, softmax_scale
         self.layout, self.backend, self.check_ranks = check_layout(layout), backend, check_ranks
 

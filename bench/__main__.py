@@ -1,6 +1,8 @@
-"""``usp-bench <command>``: verify numerics, time the kernels, run and emulate
-sequence-parallel scaling, evaluate the paper's cost model, and plot the results.
-Every command writes a self-describing JSON file under ``bench/results/``."""
+"""``usp-bench <command>`` (or ``python -m usp.bench <command>``): verify numerics, time the
+kernels, run and emulate sequence-parallel scaling, evaluate the paper's cost model, and
+plot the results. Every command writes a self-describing JSON file, by default into a
+new folder ``runs/<UTC time>-<command>`` under the current directory; ``all`` runs the
+main job into one such folder and draws its figures there."""
 
 from __future__ import annotations
 
@@ -9,20 +11,23 @@ import importlib
 import os
 import sys
 
-# command -> (module of bench, one-line help); each module has add_arguments(parser) and run(args)
+from .cli_args import HelpFormatter, plain
+
+# command -> (module of usp.bench, one-line help); each module has add_arguments(parser) and run(args)
 COMMANDS = {
+    "all": ("main_job", "the main job: verify, kernels, scaling, emulate and model into one run folder, then plot"),
     "verify": ("verify", "check every backend and the sequence-parallel methods against float64 naive attention"),
     "kernels": ("kernel_bench", "time the local backends against PyTorch SDPA (TFLOP/s, ratio to SDPA)"),
     "scaling": ("scaling", "run ring, Ulysses and USP attention on N processes (gloo, or NCCL under torchrun)"),
     "emulate": ("emulate", "time the per-rank schedule of N virtual ranks on one device; predict the step time"),
     "model": ("cost_model_cli", "the paper's communication / memory cost model, rankings and placement advice"),
-    "plot": ("plot", "turn the JSON results into PNG figures (same as python -m usp.plots)"),
+    "plot": ("plot", "draw PNG figures from result JSON files (same as python -m usp.plots)"),
 }
 
 
 def _interpret_triton_without_gpu() -> None:
     """Without a GPU, run the Triton kernels through the interpreter. Must run before
-    ``kernels`` is imported: Triton reads the variable when it decorates a kernel."""
+    ``usp.kernels`` is imported: Triton reads the variable when it decorates a kernel."""
     if "TRITON_INTERPRET" not in os.environ:
         import torch
 
@@ -30,17 +35,20 @@ def _interpret_triton_without_gpu() -> None:
             os.environ["TRITON_INTERPRET"] = "1"
 
 
-def main(argv=None) -> int:
-    _interpret_triton_without_gpu()
-    parser = argparse.ArgumentParser(prog="usp-bench", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="usp-bench", description=plain(__doc__), formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
     for name, (module_name, summary) in COMMANDS.items():
         module = importlib.import_module(f".{module_name}", __package__)
-        sub = commands.add_parser(name, help=summary, description=module.__doc__,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub = commands.add_parser(name, help=summary, description=plain(module.__doc__), formatter_class=HelpFormatter)
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    _interpret_triton_without_gpu()
+    args = build_parser().parse_args(argv)
     return args.run(args)
 
 

@@ -1,12 +1,34 @@
-"""Argument types and options shared by the ``usp-bench`` commands."""
+"""Argument types, options and help formatting shared by the ``usp-bench`` commands."""
 
 from __future__ import annotations
 
 import argparse
+import re
 
 import torch
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
+
+
+def plain(text: str | None) -> str:
+    """A docstring as help text: ``code`` markup becomes plain code."""
+    return re.sub(r"``(.+?)``", r"\1", text or "")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written; every option's help ends with its default. Options whose
+    default is None say in their own help what that means (a test checks it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return f"{text} (default: {'on' if action.default else 'off'})"
+        if action.default is None:
+            return text
+        default = " ".join(map(str, action.default)) if isinstance(action.default, (list, tuple)) else action.default
+        return f"{text} (default: {default})"
 
 
 def device_type(text: str) -> torch.device:
@@ -52,11 +74,17 @@ def default_device(device: torch.device | None) -> torch.device:
     return device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", type=device_type, default=None,
+                        help="cuda or cpu (default: cuda when available, else cpu)")
+
+
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out-dir", default=None, help="where to write the JSON (default: bench/results)")
+    parser.add_argument("--out-dir", default=None,
+                        help="where to write the JSON (default: a new folder runs/<UTC time>-<command> under the "
+                             "current directory)")
 
 
 def add_timing_arguments(parser: argparse.ArgumentParser, warmup: int, repeats: int) -> None:
-    parser.add_argument("--warmup", type=bounded_int(0), default=warmup, help=f"untimed calls first (default {warmup})")
-    parser.add_argument("--repeats", type=bounded_int(1), default=repeats,
-                        help=f"timed calls; the median is reported (default {repeats})")
+    parser.add_argument("--warmup", type=bounded_int(0), default=warmup, help="untimed calls first")
+    parser.add_argument("--repeats", type=bounded_int(1), default=repeats, help="timed calls; the median is reported")

@@ -35,6 +35,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from usp.attention.volume import attention_volume
+from usp.comm.heads import heads_problem
+from usp.comm.mesh import mesh_shapes
+
 from .flops import attention_flops
 
 
@@ -99,37 +103,26 @@ CLUSTERS = {
 }
 
 
-def _ulysses_units(degree: int, kv_share: float, heads: int) -> float:
-    """Units one device would send in Ulysses all-to-alls (fwd + bwd) over ``degree`` ranks
-    if its shard were the whole sequence (the caller scales by its share, ``1/N``)."""
-    if degree == 1:
-        return 0.0
-    kv_sent = kv_share if kv_share * heads >= degree else degree / heads  # replicated K/V heads
-    return (4 + 4 * kv_sent) * (degree - 1) / degree
-
-
-def _kv_features(shape: ModelShape, ulysses_degree: int) -> float:
-    """K/V features per device after the Ulysses all-to-all, as a share of ``d``."""
-    return max(shape.kv_heads // ulysses_degree, 1) / shape.heads
-
-
 def communication(shape: ModelShape, batch: int, seqlen: int, ulysses_degree: int, ring_degree: int,
-                  element_size: int = 2, accumulator_size: int = 4) -> dict:
+                  element_size: int = 2) -> dict:
     """Per device, per block, forward + backward, of USP ``u x r`` (Ulysses when ``r = 1``,
-    ring when ``u = 1``): ``units`` (counted in the input dtype), ``paper_units`` (ring
-    backward counted as the paper does) and ``bytes`` (this implementation: float32 accumulators)."""
+    ring when ``u = 1``), from ``usp.attention.volume``: ``units`` (elements in units of
+    ``b·s·d``), ``paper_units`` (the ring's backward counted as the paper does: the
+    accumulators' ``r - 1`` hops, K/V not re-sent) and ``bytes`` (accumulators in float32)."""
     u, r = ulysses_degree, ring_degree
+    volume = attention_volume(batch, seqlen, shape.heads, shape.kv_heads, shape.head_dim, u, r, element_size)
     unit = batch * seqlen * shape.hidden
-    ulysses = _ulysses_units(u, shape.kv_share, shape.heads) / (u * r)  # this device's shard: 1/N of the sequence
-    kv = _kv_features(shape, u)  # K or V features per device, share of d
-    ring_fwd = 2 * kv * (r - 1) / r
-    ring_bwd_kv = 2 * kv * (r - 1) / r
-    ring_bwd_acc = 2 * kv if r > 1 else 0.0
-    units = ulysses + ring_fwd + ring_bwd_kv + ring_bwd_acc
-    paper_units = ulysses + ring_fwd + ring_bwd_acc * (r - 1) / r if r > 1 else ulysses
-    nbytes = (ulysses + ring_fwd + ring_bwd_kv) * unit * element_size + ring_bwd_acc * unit * accumulator_size
-    return dict(units=units, paper_units=paper_units, bytes=nbytes, all_to_all_units=ulysses,
-                ring_units=units - ulysses, elements=units * unit)
+    accumulator_size = max(element_size, 4)
+    all_to_all = (volume.forward.all_to_all_bytes + volume.backward.all_to_all_bytes) / element_size / unit
+    kv_hops = volume.kv_hop_bytes / element_size / unit  # one hop of K and V, in units
+    accumulator_hops = volume.accumulator_hop_bytes / accumulator_size / unit
+    ring_fwd = ring_bwd_kv = (r - 1) * kv_hops
+    ring_bwd_acc = r * accumulator_hops if r > 1 else 0.0
+    units = all_to_all + ring_fwd + ring_bwd_kv + ring_bwd_acc
+    paper_units = all_to_all + ring_fwd + (r - 1) * accumulator_hops
+    return dict(units=units, paper_units=paper_units, bytes=volume.bytes, all_to_all_units=all_to_all,
+                ring_units=units - all_to_all, elements=units * unit, kv_hop_bytes=volume.kv_hop_bytes,
+                accumulator_hop_bytes=volume.accumulator_hop_bytes)
 
 
 def megatron_tp_sp(batch: int, seqlen: int, hidden: int, degree: int, element_size: int = 2) -> dict:
@@ -183,26 +176,25 @@ def predict_attention(shape: ModelShape, cluster: Cluster, batch: int, seqlen: i
         if u > 1 else 0.0
     exposed_ring = 0.0
     if r > 1:
-        kv_hop = 2 * _kv_features(shape, u) * unit_bytes / r  # K and V of one ring block
-        hop_ms = lambda nbytes: latency + nbytes / (bandwidth["ring"] * 1e9) * 1e3
+        hop_ms = lambda nbytes: latency + nbytes / (bandwidth["ring"] * 1e9) * 1e3  # noqa: E731
         fwd_step, bwd_step = compute / 3.5 / r, compute * 2.5 / 3.5 / r
-        accumulator = hop_ms(kv_hop * 4 / element_size)
-        exposed_ring = (r - 1) * max(0.0, hop_ms(kv_hop) - fwd_step) \
-            + (r - 1) * max(0.0, hop_ms(kv_hop) + accumulator - bwd_step) + accumulator
+        kv_hop, accumulator = hop_ms(comm["kv_hop_bytes"]), hop_ms(comm["accumulator_hop_bytes"])
+        exposed_ring = (r - 1) * max(0.0, kv_hop - fwd_step) \
+            + (r - 1) * max(0.0, kv_hop + accumulator - bwd_step) + accumulator
     total = compute + all_to_all + exposed_ring
     return dict(ulysses_degree=u, ring_degree=r, placement=placement, compute_ms=compute, all_to_all_ms=all_to_all,
                 exposed_ring_ms=exposed_ring, total_ms=total, bandwidth_gbs=bandwidth, comm_bytes=comm["bytes"])
 
 
-def meshes(world_size: int, heads: int) -> list[tuple[int, int]]:
-    """Every ``(u, r)`` with ``u x r = world_size`` and ``u`` dividing the query heads."""
-    return [(u, world_size // u) for u in range(1, world_size + 1) if world_size % u == 0 and heads % u == 0]
+def meshes(world_size: int, shape: ModelShape) -> list[tuple[int, int]]:
+    """Every ``(u, r)`` with ``u x r = world_size`` whose Ulysses degree the heads allow."""
+    return [(u, r) for u, r in mesh_shapes(world_size) if heads_problem(shape.heads, shape.kv_heads, u) is None]
 
 
 def rank_meshes(shape: ModelShape, cluster: Cluster, batch: int, seqlen: int, causal: bool = True) -> list[dict]:
     """Predictions for every mesh and placement, fastest first."""
     predictions = [predict_attention(shape, cluster, batch, seqlen, u, r, placement, causal)
-                   for u, r in meshes(cluster.world_size, shape.heads)
+                   for u, r in meshes(cluster.world_size, shape)
                    for placement in (("ulysses_inner", "ring_inner") if u > 1 and r > 1 else ("ulysses_inner",))]
     return sorted(predictions, key=lambda p: p["total_ms"])
 
@@ -216,9 +208,10 @@ def volume_table(shape: ModelShape, batch: int, seqlen: int, degrees) -> list[di
     rows = []
     for n in degrees:
         row = dict(degree=n, methods={})
-        row["methods"]["SP-Ulysses"] = communication(shape, batch, seqlen, n, 1) if shape.heads % n == 0 else None
+        allowed = meshes(n, shape)
+        row["methods"]["SP-Ulysses"] = communication(shape, batch, seqlen, n, 1) if (n, 1) in allowed else None
         row["methods"]["SP-Ring"] = communication(shape, batch, seqlen, 1, n)
-        for u, r in meshes(n, shape.heads):
+        for u, r in allowed:
             if u > 1 and r > 1:
                 row["methods"][f"USP-u{u}r{r}"] = communication(shape, batch, seqlen, u, r)
         row["methods"]["Megatron TP-SP"] = megatron_tp_sp(batch, seqlen, shape.hidden, n)

@@ -21,22 +21,12 @@ from usp.comm import init_mesh, record_traffic
 from usp.kernels import AttentionShape
 
 from .launch import run
+from .results import sp_impl_name
 from .numerics import (DTYPE_NAMES, Case, Verdict, compare, poisoned_allocations, reference, run_backend,
                        worst_ratio)
 
 QUANTITIES = ("out", "dq", "dk", "dv")
 METHODS = ("ring", "ulysses", "usp")
-
-
-def sp_method(ulysses_degree: int, ring_degree: int) -> str:
-    """The method a ``u x r`` mesh runs: ring when ``u = 1``, Ulysses when ``r = 1``, else USP."""
-    return "ring" if ulysses_degree == 1 else "ulysses" if ring_degree == 1 else "usp"
-
-
-def sp_impl_name(method: str, ulysses_degree: int, ring_degree: int, layout: str) -> str:
-    """A method's name in result files, e.g. ``usp-u2r4-zigzag`` (Ulysses has no layout)."""
-    name = f"{method}-u{ulysses_degree}r{ring_degree}"
-    return name if method == "ulysses" else f"{name}-{layout}"
 
 
 @dataclass(frozen=True)
@@ -68,7 +58,7 @@ class DistCase:
 
     @property
     def impl(self) -> str:
-        return sp_impl_name(self.method, self.ulysses_degree, self.ring_degree, self.layout)
+        return sp_impl_name(self.ulysses_degree, self.ring_degree, self.layout, self.method)
 
     @property
     def shape(self) -> AttentionShape:

@@ -1,17 +1,19 @@
 """``usp-bench emulate``: the sequence-parallel schedule of N virtual ranks, run on
 one device one rank after another, to predict a many-GPU run from one GPU.
 
-Each virtual rank makes exactly the per-step kernel calls and LSE merges (and, for
-forward+backward, the per-step backward calls and gradient accumulation) that ring
-rank ``i`` of a ``u x r`` mesh makes after the Ulysses all-to-all: ``H/u`` query heads
-over its ``S/r`` positions against every visiting K/V block, with the zigzag or
-contiguous layout. All Ulysses ranks of a ring rank do the same work, so one of them is
-timed. Reported per layout and pass:
+Each virtual rank runs the ring loops of ``usp.attention.ring`` themselves
+(``ring_forward``, and ``ring_backward`` for forward+backward) over a transport that
+replays the transfers: a K/V block arrives the moment it is asked for. So the kernel
+calls, LSE merges and gradient accumulations are exactly those of ring rank ``i`` of a
+``u x r`` mesh after the Ulysses all-to-all (``H/u`` query heads over its ``S/r``
+positions, zigzag or contiguous), and a change to the ring changes the emulation. All
+Ulysses ranks of a ring rank do the same work, so one of them is timed. Reported per
+layout and pass:
 
-- ``overhead``: the compute of the whole schedule (all N ranks) over one monolithic
+- overhead: the compute of the whole schedule (all N ranks) over one monolithic
   kernel call on the full sequence with all heads (1 = splitting costs nothing);
-- ``imbalance``: the slowest rank's compute over the mean;
-- per link bandwidth (``--bandwidth name=GB/s``; defaults: NVLink 4 and InfiniBand NDR
+- imbalance: the slowest rank's compute over the mean;
+- per link bandwidth (--bandwidth name=GB/s; defaults: NVLink 4 and InfiniBand NDR
   nominal per-direction figures), the predicted time when each ring transfer overlaps
   the compute of the step before (lock-step: a step lasts as long as the slowest rank's
   compute or the transfer, whichever is longer) plus the Ulysses all-to-alls, not overlapped.
@@ -25,16 +27,22 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from usp.attention.layout import LAYOUTS, check_global_seqlen, ring_block, ring_positions
-from usp.kernels import get_backend, merge_attention
-from usp.kernels.layout import accum_dtype
+from usp.attention.layout import LAYOUTS, check_global_seqlen, ring_positions
+from usp.attention.ring import ring_backward, ring_forward
+from usp.attention.volume import CallVolume, attention_volume
+from usp.comm import traffic
+from usp.comm.heads import heads_problem, kv_heads_per_rank
+from usp.comm.ring import Delivered
+from usp.comm.traffic import CudaClock, HostClock, record_traffic
+from usp.kernels import get_backend
+from usp.kernels.checks import resolve_softmax_scale
 
-from .cli_args import DTYPES, add_output_arguments, add_timing_arguments, bounded_int, default_device, device_type
-from .dist_checks import sp_impl_name, sp_method
+from .cli_args import (DTYPES, add_device_argument, add_output_arguments, add_timing_arguments,
+                       bounded_int, default_device, positive_float)
 from .flops import FLOP_CONVENTION, attention_flops
 from .inputs import random_inputs
-from .results import TIMING_FIELDS, device_name, timing_record, write_result
-from .timing import measure_ms
+from .results import TIMING_FIELDS, device_name, sp_impl_name, timing_record, write_result
+from .timing import measure_ms, synchronize
 
 # Nominal per-direction bandwidths per GPU, GB/s (1e9 B/s): NVLink 4 on H100 SXM is 900 GB/s
 # both directions together; InfiniBand NDR is 400 Gb/s per port (one port per GPU).
@@ -68,89 +76,81 @@ class Problem:
 
     @property
     def local_kv_heads(self) -> int:
-        """K/V heads per Ulysses rank (one replicated head when there are fewer heads than ranks)."""
-        return max(self.kv_heads // self.ulysses_degree, 1)
+        return kv_heads_per_rank(self.kv_heads, self.ulysses_degree)
 
-    @property
-    def element_size(self) -> int:
-        return torch.empty((), dtype=DTYPES[self.dtype]).element_size()
+    def volume(self) -> CallVolume:
+        """What one rank sends (``usp.attention.volume``)."""
+        element_size = torch.empty((), dtype=DTYPES[self.dtype]).element_size()
+        return attention_volume(self.batch, self.seqlen, self.heads, self.kv_heads, self.head_dim,
+                                self.ulysses_degree, self.ring_degree, element_size)
 
 
 def check_problem(problem: Problem) -> None:
     u, n = problem.ulysses_degree, problem.world_size
     if n % u:
         raise ValueError(f"the Ulysses degree {u} must divide the world size {n}")
-    if problem.heads % u:
-        raise ValueError(f"{problem.heads} query heads cannot be split over {u} Ulysses ranks")
     if problem.heads % problem.kv_heads:
         raise ValueError(f"query heads ({problem.heads}) must be a multiple of K/V heads ({problem.kv_heads})")
-    if problem.kv_heads % u and u % problem.kv_heads:
-        raise ValueError(f"{problem.kv_heads} K/V heads are neither a multiple nor a divisor of u = {u}")
+    problem_text = heads_problem(problem.heads, problem.kv_heads, u)
+    if problem_text:
+        raise ValueError(problem_text)
 
 
-def transfer_bytes(problem: Problem) -> dict[str, int]:
-    """Bytes one rank sends: one ring K/V hop, one dK/dV accumulator hop, and the
-    all-to-alls of the forward (q, k, v in; out back) and of the backward (dout in; dq, dk, dv back)."""
-    p, e = problem, problem.element_size
-    acc = torch.empty((), dtype=accum_dtype(DTYPES[p.dtype])).element_size()
-    ring_block_elems = p.batch * (p.seqlen // p.ring_degree) * p.local_kv_heads * p.head_dim
-    shard_tokens = p.batch * p.seqlen // p.world_size
-    kv_heads_sent = p.kv_heads if p.kv_heads % p.ulysses_degree == 0 else p.ulysses_degree
-    share = (p.ulysses_degree - 1) / p.ulysses_degree
-    q_bytes = shard_tokens * p.heads * p.head_dim * e * share
-    kv_bytes = shard_tokens * kv_heads_sent * p.head_dim * e * share
-    return dict(kv_hop=2 * ring_block_elems * e, accumulator_hop=2 * ring_block_elems * acc,
-                all_to_all_fwd=int(2 * q_bytes + 2 * kv_bytes), all_to_all_bwd=int(2 * q_bytes + 2 * kv_bytes))
+class ReplayRing:
+    """The ring transport of ring rank ``rank`` of ``size`` run alone: a K/V transfer
+    posted for ``step`` delivers, at once, the block ring rank ``rank - step`` started
+    with; a dK/dV transfer hands back the tensors sent (their values do not change the
+    work to time). Only the transfers differ from a real run."""
+
+    def __init__(self, rank: int, size: int, kv_blocks: list[list[torch.Tensor]]):
+        self.rank, self.size, self.kv_blocks = rank, size, kv_blocks
+
+    def send_recv(self, tensors, label: str, step: int) -> Delivered:
+        if label in traffic.KV_LABELS:
+            return Delivered(self.kv_blocks[(self.rank - step) % self.size])
+        return Delivered(tensors)
+
+
+def _step_ms(events, labels: tuple[str, ...], steps: int) -> list[float]:
+    """Milliseconds of the compute spans with these labels, per ring step (0 for a step that computes nothing)."""
+    times = [0.0] * steps
+    for e in events:
+        if e.kind == traffic.COMPUTE and e.label in labels:
+            times[e.step] += (e.end - e.start) * 1e3
+    return times
 
 
 def step_times(problem: Problem, layout: str, backend_name: str, device, warmup: int, repeats: int,
                seed: int, with_backward: bool, progress=print) -> dict[str, list[list[float]]]:
-    """``{"fwd": t, "bwd": t}`` with ``t[i][s]``: ms of ring rank ``i``'s step ``s`` (0 when skipped)."""
+    """``{"fwd": t, "bwd": t}`` with ``t[i][s]``: ms of ring rank ``i``'s step ``s`` (0 when
+    skipped), each the median over ``repeats`` runs of the rank's ring loops."""
     backend = get_backend(backend_name)
     r = problem.ring_degree
-    local = problem.seqlen // r
-    # one Ulysses rank's heads over the whole sequence
+    scale = resolve_softmax_scale(None, problem.head_dim)
+    # one Ulysses rank's heads over the whole sequence, then each ring rank's positions
     q, k, v, dout = random_inputs(problem.batch, problem.seqlen, problem.local_heads, problem.local_kv_heads,
                                   problem.head_dim, DTYPES[problem.dtype], device, seed)
-    out = lse = None
-    if with_backward:  # the global out and lse, which every ring step's backward uses (as the ring does)
-        out, lse = backend.forward(q, k, v, causal=problem.causal, softmax_scale=None)
-    acc = accum_dtype(q.dtype)
     positions = [ring_positions(problem.seqlen, r, i, layout).to(device) for i in range(r)]
-    times = {"fwd": [[0.0] * r for _ in range(r)], "bwd": [[0.0] * r for _ in range(r)]}
+    shard = lambda x, i: x.index_select(1, positions[i])  # noqa: E731
+    kv_blocks = [[shard(k, i), shard(v, i)] for i in range(r)]
+    clock = CudaClock() if torch.device(device).type == "cuda" else HostClock()
+    times = {"fwd": [], "bwd": []}
     for i in range(r):
-        mine = lambda x: x.index_select(1, positions[i])
-        q_i, dout_i = mine(q), mine(dout)
-        out_acc = torch.zeros(q_i.shape, dtype=acc, device=device)
-        lse_acc = torch.full((problem.batch, problem.local_heads, local), float("-inf"), dtype=acc, device=device)
-        dq_acc = torch.zeros(q_i.shape, dtype=acc, device=device)
-        if with_backward:
-            out_i, lse_i = mine(out), lse.index_select(2, positions[i])
-        for s in range(r):
-            source = (i - s) % r
-            block = ring_block(i, source, local, layout, problem.causal)
-            if block is None:
-                continue
-            k_s, v_s = k.index_select(1, positions[source]), v.index_select(1, positions[source])
-            rows, keys = block.q_rows, block.k_rows
-            dk_acc = torch.zeros(k_s.shape, dtype=acc, device=device)
-            dv_acc = torch.zeros(k_s.shape, dtype=acc, device=device)
-
-            def forward_step():
-                block_out, block_lse = backend.forward(q_i[:, rows], k_s[:, keys], v_s[:, keys],
-                                                       causal=block.causal, softmax_scale=None)
-                out_acc[:, rows], lse_acc[:, :, rows] = merge_attention(out_acc[:, rows], lse_acc[:, :, rows],
-                                                                        block_out, block_lse)
-            times["fwd"][i][s] = measure_ms(forward_step, device, warmup, repeats)["ms"]
-            if with_backward:
-                def backward_step():
-                    dq, dk, dv = backend.backward(dout_i[:, rows], q_i[:, rows], k_s[:, keys], v_s[:, keys],
-                                                  out_i[:, rows], lse_i[:, :, rows], causal=block.causal,
-                                                  softmax_scale=None)
-                    dq_acc[:, rows] += dq
-                    dk_acc[:, keys] += dk
-                    dv_acc[:, keys] += dv
-                times["bwd"][i][s] = measure_ms(backward_step, device, warmup, repeats)["ms"]
+        ring, q_i, dout_i = ReplayRing(i, r, kv_blocks), shard(q, i), shard(dout, i)
+        runs = {"fwd": [], "bwd": []}
+        for repeat in range(warmup + repeats):
+            with record_traffic(clock) as log:
+                out_i, lse_i = ring_forward(q_i, *kv_blocks[i], ring, problem.causal, scale, layout, backend)
+                if with_backward:
+                    ring_backward(dout_i, q_i, *kv_blocks[i], out_i, lse_i, ring, problem.causal, scale, layout,
+                                  backend)
+            synchronize(device)
+            if repeat >= warmup:
+                events = log.timeline()
+                runs["fwd"].append(_step_ms(events, (traffic.FORWARD,), r))
+                runs["bwd"].append(_step_ms(events, (traffic.BACKWARD, traffic.ACCUMULATE), r))
+        for pass_ in times:
+            times[pass_].append([statistics.median(run[s] for run in runs[pass_]) for s in range(r)])
         progress(f"        ring rank {i}: forward steps {_fmt(times['fwd'][i])} ms"
                  + (f"; backward {_fmt(times['bwd'][i])} ms" if with_backward else ""))
     return times
@@ -178,17 +178,16 @@ def monolithic_ms(problem: Problem, backend_name: str, device, warmup: int, repe
 def predict(problem: Problem, times: dict, pass_: str, bandwidth_gbs: float, latency_us: float) -> dict:
     """Lock-step prediction of one pass: per ring step the slowest rank's compute or the
     transfer in flight, whichever is longer; the Ulysses all-to-alls before and after."""
-    sizes = transfer_bytes(problem)
+    volume = problem.volume()
     r, u = problem.ring_degree, problem.ulysses_degree
-    seconds = lambda nbytes: latency_us * 1e-6 + nbytes / (bandwidth_gbs * 1e9)
-    kv_ms, acc_ms = seconds(sizes["kv_hop"]) * 1e3, seconds(sizes["accumulator_hop"]) * 1e3
-    slowest = lambda which: [max(times[which][i][s] for i in range(r)) for s in range(r)]
+    seconds = lambda nbytes: latency_us * 1e-6 + nbytes / (bandwidth_gbs * 1e9)  # noqa: E731
+    kv_ms, acc_ms = seconds(volume.kv_hop_bytes) * 1e3, seconds(volume.accumulator_hop_bytes) * 1e3
+    slowest = lambda which: [max(times[which][i][s] for i in range(r)) for s in range(r)]  # noqa: E731
     ring_fwd = sum(max(c, kv_ms if s < r - 1 else 0.0) for s, c in enumerate(slowest("fwd"))) if r > 1 \
         else slowest("fwd")[0]
     # four all-to-alls a pass (forward: q, k, v in, out back; backward: dout in, dq, dk, dv back)
-    all_to_all = lambda nbytes: (4 * latency_us * 1e-6 + nbytes / (bandwidth_gbs * 1e9)) * 1e3 if u > 1 else 0.0
-    a2a_fwd = all_to_all(sizes["all_to_all_fwd"])
-    total, ring_ms, a2a_ms = ring_fwd + a2a_fwd, ring_fwd, a2a_fwd
+    a2a_ms = (4 * latency_us * 1e-6 + volume.all_to_all_bytes / (bandwidth_gbs * 1e9)) * 1e3 if u > 1 else 0.0
+    total, ring_ms, all_to_all_ms = ring_fwd + a2a_ms, ring_fwd, a2a_ms
     if pass_ == "fwd+bwd":
         compute = slowest("bwd")
         if r > 1:
@@ -196,11 +195,10 @@ def predict(problem: Problem, times: dict, pass_: str, bandwidth_gbs: float, lat
                            for s, c in enumerate(compute)) + acc_ms
         else:
             ring_bwd = compute[0]
-        a2a_bwd = all_to_all(sizes["all_to_all_bwd"])
-        total, ring_ms, a2a_ms = total + ring_bwd + a2a_bwd, ring_ms + ring_bwd, a2a_ms + a2a_bwd
+        total, ring_ms, all_to_all_ms = total + ring_bwd + a2a_ms, ring_ms + ring_bwd, all_to_all_ms + a2a_ms
     compute_only = sum(slowest("fwd")) + (sum(slowest("bwd")) if pass_ == "fwd+bwd" else 0.0)
     return dict(bandwidth_gbs=bandwidth_gbs, latency_us=latency_us, predicted_ms=total, ring_ms=ring_ms,
-                all_to_all_ms=a2a_ms, exposed_comm_ms=total - compute_only, kv_hop_ms=kv_ms,
+                all_to_all_ms=all_to_all_ms, exposed_comm_ms=total - compute_only, kv_hop_ms=kv_ms,
                 accumulator_hop_ms=acc_ms)
 
 
@@ -208,7 +206,7 @@ def predicted_timeline(problem: Problem, times: dict, bandwidth_gbs: float, late
     """Forward ring steps of every virtual rank laid out lock-step: compute bars and the
     transfer of the next K/V block, for the timeline plot."""
     r = problem.ring_degree
-    kv_ms = (latency_us * 1e-6 + transfer_bytes(problem)["kv_hop"] / (bandwidth_gbs * 1e9)) * 1e3
+    kv_ms = (latency_us * 1e-6 + problem.volume().kv_hop_bytes / (bandwidth_gbs * 1e9)) * 1e3
     events, start = [], 0.0
     for s in range(r):
         compute = [times["fwd"][i][s] for i in range(r)]
@@ -236,25 +234,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     gpu = torch.cuda.is_available()
     parser.add_argument("--world-size", type=bounded_int(1, 1024), default=8 if gpu else 4, help="virtual ranks")
     parser.add_argument("--ulysses-degree", type=bounded_int(1), default=1,
-                        help="Ulysses degree u (the ring degree is world size / u; default 1: pure ring)")
+                        help="Ulysses degree u; the ring degree is world size / u (1: pure ring)")
     parser.add_argument("--tokens-per-rank", type=bounded_int(2), default=8192 if gpu else 256,
-                        help="sequence tokens per rank (default 8192 on GPU, 256 on CPU)")
-    parser.add_argument("--batch", type=bounded_int(1), default=1)
+                        help="sequence tokens per rank")
+    parser.add_argument("--batch", type=bounded_int(1), default=1, help="batch size")
     parser.add_argument("--heads", type=bounded_int(1), default=32 if gpu else 8, help="query heads")
     parser.add_argument("--kv-heads", type=bounded_int(1), default=8 if gpu else 2, help="K/V heads")
-    parser.add_argument("--head-dim", type=bounded_int(1, 256), default=128 if gpu else 64)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16" if gpu else "fp32")
-    parser.add_argument("--backend", choices=["triton", "torch", "naive"], default="triton" if gpu else "torch")
-    parser.add_argument("--layout", choices=LAYOUTS, nargs="+", default=list(LAYOUTS), help="layouts (default both)")
-    parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True, help="causal (default)")
+    parser.add_argument("--head-dim", type=bounded_int(1, 256), default=128 if gpu else 64, help="head dim")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16" if gpu else "fp32", help="dtype")
+    parser.add_argument("--backend", choices=["triton", "torch", "naive"], default="triton" if gpu else "torch",
+                        help="local attention backend")
+    parser.add_argument("--layout", choices=LAYOUTS, nargs="+", default=list(LAYOUTS), help="ring layouts")
+    parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True, help="causal attention")
     parser.add_argument("--pass", dest="passes", action="append", choices=EMULATE_PASSES,
-                        help="pass (repeatable; default both)")
+                        help="pass, repeatable (default: both)")
     parser.add_argument("--bandwidth", type=_bandwidth, action="append",
-                        help="link NAME=GB/s per direction (repeatable; default "
-                             + ", ".join(f"{k}={v:g}" for k, v in DEFAULT_BANDWIDTHS.items()) + ")")
-    parser.add_argument("--latency-us", type=float, default=10.0, help="per-transfer latency in us (default 10)")
-    parser.add_argument("--device", type=device_type, default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--seed", type=int, default=0)
+                        help="link NAME=GB/s per direction, repeatable (default: "
+                             + " ".join(f"{k}={v:g}" for k, v in DEFAULT_BANDWIDTHS.items()) + ")")
+    parser.add_argument("--latency-us", type=positive_float, default=10.0, help="per-transfer latency in microseconds")
+    add_device_argument(parser)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     add_timing_arguments(parser, warmup=1, repeats=3)
     add_output_arguments(parser)
 
@@ -293,7 +292,7 @@ def run(args: argparse.Namespace) -> int:
         flop_convention=FLOP_CONVENTION, timing_fields=list(TIMING_FIELDS),
         config=dict(asdict(problem), ring_degree=r, seqlen=problem.seqlen, backend=args.backend,
                     layouts=args.layout, passes=passes, bandwidths_gbs=bandwidths, latency_us=args.latency_us,
-                    warmup=args.warmup, repeats=args.repeats, transfer_bytes=transfer_bytes(problem),
+                    warmup=args.warmup, repeats=args.repeats, transfer_bytes=asdict(problem.volume()),
                     timeline_bandwidth=next(iter(bandwidths)),
                     model=("lock-step ring: each step lasts max(slowest rank's compute, transfer in flight); "
                            "Ulysses all-to-alls not overlapped; one Ulysses rank per ring rank timed")),
@@ -317,7 +316,7 @@ def _record(problem: Problem, layout: str, pass_: str, times: dict, whole: dict,
         prediction["scaling_efficiency"] = monolithic / problem.world_size / prediction["predicted_ms"]
         predictions[name] = prediction
     return timing_record(
-        where, sp_impl_name(sp_method(u, r), u, r, layout), pass_, problem.dtype, problem.causal, problem.batch,
+        where, sp_impl_name(u, r, layout), pass_, problem.dtype, problem.causal, problem.batch,
         problem.seqlen, problem.heads, problem.kv_heads, problem.head_dim, slowest, flops / problem.world_size,
         emulated=True, backend=args.backend, world_size=problem.world_size, ulysses_degree=u, ring_degree=r,
         layout=layout, tflops_convention="per rank: the call's FLOPs / world size / slowest rank's compute",

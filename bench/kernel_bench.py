@@ -23,7 +23,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from usp.kernels import local_attention
 from usp.kernels.configs import interpreter_active
 
-from .cli_args import DTYPES, add_output_arguments, add_timing_arguments, bounded_int, default_device, device_type
+from .cli_args import (DTYPES, add_device_argument, add_output_arguments, add_timing_arguments, bounded_int,
+                       default_device)
 from .flops import FLOP_CONVENTION, PASSES, attention_flops
 from .inputs import random_inputs
 from .results import TIMING_FIELDS, device_name, timing_record, write_result
@@ -158,17 +159,22 @@ def headline(records: list[dict]) -> dict[str, dict[str, float]]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--impl", action="append", choices=IMPLS,
-                        help="implementation to time (repeatable; default: all that run here, triton only on a GPU)")
-    parser.add_argument("--pass", dest="passes", action="append", choices=PASSES, help="pass (repeatable; default all)")
-    parser.add_argument("--seqlen", type=bounded_int(1), nargs="+", help="sequence lengths (q and k)")
-    parser.add_argument("--head-dim", type=bounded_int(1, 256), nargs="+", help="head dims")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), nargs="+", help="dtypes (default: bf16 fp16 on GPU, fp32)")
+                        help="implementation to time, repeatable (default: all that run here; triton only on a GPU)")
+    parser.add_argument("--pass", dest="passes", action="append", choices=PASSES,
+                        help="pass, repeatable (default: all three)")
+    parser.add_argument("--seqlen", type=bounded_int(1), nargs="+",
+                        help="sequence lengths of q and k (default: 1024 to 16384 on a GPU, 256 to 2048 on a CPU)")
+    parser.add_argument("--head-dim", type=bounded_int(1, 256), nargs="+",
+                        help="head dims (default: 64 128 on a GPU, 64 on a CPU)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), nargs="+",
+                        help="dtypes (default: bf16 fp16 on a GPU, fp32 on a CPU)")
     parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=None,
                         help="only causal (--causal) or only full (--no-causal) attention (default: both)")
-    parser.add_argument("--batch", type=bounded_int(1), help="batch (default: 16K tokens per call on GPU, 1 on CPU)")
-    parser.add_argument("--heads", type=bounded_int(1), help="query heads (default: 2048 / head_dim on GPU, 4)")
+    parser.add_argument("--batch", type=bounded_int(1),
+                        help="batch (default: 16K tokens per call on a GPU, 1 on a CPU)")
+    parser.add_argument("--heads", type=bounded_int(1), help="query heads (default: 2048 / head dim on a GPU, 4)")
     parser.add_argument("--kv-heads", type=bounded_int(1), help="K/V heads (default: as many as query heads)")
-    parser.add_argument("--device", type=device_type, default=None, help="cuda or cpu (default: cuda when available)")
+    add_device_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     add_timing_arguments(parser, warmup=1, repeats=5)
     add_output_arguments(parser)

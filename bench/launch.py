@@ -1,9 +1,11 @@
 """Run a function on N local processes joined in a gloo (or NCCL) process group.
 
-Used by the distributed checks of ``bench verify`` and by the tests: every rank gets
-one CPU thread, the group a free port and a timeout, so a rank that fails makes its
-peers fail within ``pg_timeout_s`` instead of hanging; the launcher itself gives up
-after ``timeout_s`` and kills what is left.
+Used by the distributed checks of ``usp-bench verify``, by ``usp-bench scaling`` and by
+the tests: every rank gets one CPU thread, the group a free port and a timeout, so a
+rank that fails makes its peers fail within ``pg_timeout_s`` instead of hanging. The
+launcher gives the ranks ``start_timeout_s`` to start (spawn, imports, joining the
+group: slow on a loaded machine), then ``timeout_s`` from the moment all have started
+to finish, and kills what is left.
 """
 
 from __future__ import annotations
@@ -47,29 +49,33 @@ def free_port() -> int:
 
 
 def _worker(rank, world_size, port, backend, pg_timeout_s, fn, args, results):
-    start = time.perf_counter()
     torch.set_num_threads(1)
+    start = time.perf_counter()
     try:
         if backend == "nccl":
             torch.cuda.set_device(rank % torch.cuda.device_count())
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=pg_timeout_s))
+        results.put(("ready", rank))
+        start = time.perf_counter()
         try:
             value = fn(*args)
         finally:
             dist.destroy_process_group()
-        results.put((rank, True, value, time.perf_counter() - start))
+        results.put(("done", rank, True, value, time.perf_counter() - start))
     except BaseException:  # report everything, including a KeyboardInterrupt, to the parent
-        results.put((rank, False, traceback.format_exc(), time.perf_counter() - start))
+        results.put(("done", rank, False, traceback.format_exc(), time.perf_counter() - start))
 
 
 def spawn(world_size: int, fn: Callable, args: tuple = (), *, pg_timeout_s: float = 60.0,
-          timeout_s: float = 600.0, backend: str = "gloo") -> list[RankOutcome]:
-    """Run ``fn(*args)`` on ranks ``0 .. world_size - 1``; return each rank's outcome.
-    ``backend="nccl"`` gives rank ``i`` GPU ``i`` (mod the GPU count).
+          timeout_s: float = 600.0, start_timeout_s: float = 300.0, backend: str = "gloo") -> list[RankOutcome]:
+    """Run ``fn(*args)`` on ranks ``0 .. world_size - 1``; return each rank's outcome
+    (``seconds``: from joining the group to the result). ``backend="nccl"`` gives rank
+    ``i`` GPU ``i`` (mod the GPU count).
 
     ``fn`` must be importable by name (a module-level function) and its result picklable.
-    A rank with no result after ``timeout_s`` is killed and reported as not ok.
+    A rank that has not joined the group after ``start_timeout_s``, or has no result
+    ``timeout_s`` after every rank joined, is killed and reported as not ok.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be at least 1, got {world_size}")
@@ -92,18 +98,28 @@ def spawn(world_size: int, fn: Callable, args: tuple = (), *, pg_timeout_s: floa
             else:
                 os.environ[key] = value
     outcomes: dict[int, RankOutcome] = {}
+    ready: set[int] = set()
 
     def collect(wait_s: float) -> bool:
         try:
-            rank, ok, value, seconds = results.get(timeout=wait_s) if wait_s else results.get_nowait()
+            message = results.get(timeout=wait_s) if wait_s else results.get_nowait()
         except queue_module.Empty:
             return False
-        outcomes[rank] = RankOutcome(rank, ok, value, seconds)
+        if message[0] == "ready":
+            ready.add(message[1])
+        else:
+            outcomes[message[1]] = RankOutcome(*message[1:])
         return True
 
     started = time.monotonic()
-    deadline = started + timeout_s
-    while len(outcomes) < world_size and time.monotonic() < deadline:
+    all_started = None  # when every rank had joined the group, died or reported
+    while len(outcomes) < world_size:
+        now = time.monotonic()
+        if all_started is None and all(r in ready or r in outcomes or not p.is_alive()
+                                       for r, p in enumerate(processes)):
+            all_started = now
+        if now >= (all_started + timeout_s if all_started is not None else started + start_timeout_s):
+            break
         if not collect(0.2) and all(r in outcomes or not p.is_alive() for r, p in enumerate(processes)):
             break  # every rank reported or died; a dead rank's report, if any, is already in the queue
     while collect(0):
@@ -115,8 +131,12 @@ def spawn(world_size: int, fn: Callable, args: tuple = (), *, pg_timeout_s: floa
             process.join()
     for rank in range(world_size):
         if rank not in outcomes:
-            reason = f"no result within {timeout_s:g} s" if processes[rank].exitcode in (None, -9) \
-                else f"exited with code {processes[rank].exitcode} without a result"
+            if rank not in ready and processes[rank].exitcode in (None, -9):
+                reason = f"did not join the process group within {start_timeout_s:g} s"
+            elif processes[rank].exitcode in (None, -9):
+                reason = f"no result within {timeout_s:g} s of the start"
+            else:
+                reason = f"exited with code {processes[rank].exitcode} without a result"
             outcomes[rank] = RankOutcome(rank, False, reason, time.monotonic() - started)
     return [outcomes[r] for r in range(world_size)]
 

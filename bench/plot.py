@@ -1,8 +1,8 @@
 """``usp-bench plot``: the same as ``python -m usp.plots``.
 
-PNG figures from the JSON files under ``bench/results/`` (the newest of each kind, or
-the files given): kernel TFLOP/s against sequence length, scaling per mesh,
-communication volume against degree, and a timeline of ring steps.
+PNG figures from result JSON files or run folders: kernel TFLOP/s against sequence
+length, strong and weak scaling, communication volume against degree, and timelines of
+ring steps. Results from different machines are refused unless --mixed-machines.
 """
 
 from usp.plots.cli import add_arguments, run

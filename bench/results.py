@@ -13,7 +13,10 @@ import torch
 
 from .flops import tflops
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# The results committed with the project (reference runs, quoted in the README).
+REFERENCE_DIR = Path(__file__).resolve().parent / "results"
+# Where a run writes by default: a new folder per run, under the current directory.
+RUNS_DIR = Path("runs")
 
 
 def cpu_model() -> str:
@@ -54,9 +57,22 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:40]
 
 
+def new_run_dir(name: str) -> Path:
+    """A fresh folder ``runs/<UTC time>-<name>`` under the current directory."""
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    path = RUNS_DIR / f"{stamp}-{name}"
+    suffix = 1
+    while path.exists():
+        suffix += 1
+        path = RUNS_DIR / f"{stamp}-{name}-{suffix}"
+    path.mkdir(parents=True)
+    return path
+
+
 def write_result(kind: str, device: torch.device, payload: dict, out_dir: Path | str | None = None) -> Path:
-    """Write ``{"kind", "created", "machine", **payload}`` as ``<kind>-<device>-<time>.json``."""
-    out_dir = Path(out_dir) if out_dir is not None else RESULTS_DIR
+    """Write ``{"kind", "created", "machine", **payload}`` as ``<kind>-<device>-<time>.json``
+    into ``out_dir`` (default: a new run folder, see ``new_run_dir``)."""
+    out_dir = Path(out_dir) if out_dir is not None else new_run_dir(kind)
     out_dir.mkdir(parents=True, exist_ok=True)
     now = _dt.datetime.now(_dt.timezone.utc)
     machine = machine_info(device)
@@ -66,7 +82,7 @@ def write_result(kind: str, device: torch.device, payload: dict, out_dir: Path |
     return path
 
 
-# Field names every timing record carries (shared/DESIGN.md); scripts and plots rely on them.
+# Field names every timing record carries, in this order (ARCHITECTURE.md); scripts and plots rely on them.
 TIMING_FIELDS = ("device", "impl", "pass", "dtype", "causal", "batch", "seqlen", "heads", "kv_heads", "head_dim",
                  "ms", "tflops")
 
@@ -78,3 +94,16 @@ def timing_record(device: str, impl: str, pass_: str, dtype: str, causal: bool, 
     return {"device": device, "impl": impl, "pass": pass_, "dtype": dtype, "causal": causal, "batch": batch,
             "seqlen": seqlen, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "ms": ms,
             "tflops": tflops(flops, ms), "flops": flops, **extra}
+
+
+def sp_method(ulysses_degree: int, ring_degree: int) -> str:
+    """The method a ``u x r`` mesh runs: ring when ``u = 1``, Ulysses when ``r = 1``, else USP."""
+    return "ring" if ulysses_degree == 1 else "ulysses" if ring_degree == 1 else "usp"
+
+
+def sp_impl_name(ulysses_degree: int, ring_degree: int, layout: str, method: str | None = None) -> str:
+    """A sequence-parallel method's ``impl`` in result files, e.g. ``usp-u2r4-zigzag``
+    (Ulysses has no ring layout). ``method``: default ``sp_method`` of the mesh."""
+    method = method or sp_method(ulysses_degree, ring_degree)
+    name = f"{method}-u{ulysses_degree}r{ring_degree}"
+    return name if method == "ulysses" else f"{name}-{layout}"

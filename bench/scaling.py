@@ -1,19 +1,23 @@
-"""``usp-bench scaling``: ring, Ulysses and USP attention on N processes, for every
-mesh ``u x r = N``, over global sequence lengths, forward and forward+backward.
+"""``usp-bench scaling``: ring, Ulysses and USP attention on N processes, for each world
+size N and every mesh u x r = N, over global sequence lengths, forward and
+forward+backward.
 
-Without ``torchrun`` it launches N local processes on a gloo group (one CPU thread
-each). Under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) every process is one rank of an
-NCCL group on its GPU (gloo without CUDA), and rank 0 writes the result file.
+Without torchrun it launches, for each --world-size, N local processes on a gloo group
+(one CPU thread each). Under torchrun (RANK and WORLD_SIZE set) every process is one
+rank of an NCCL group on its GPU (gloo without CUDA), and rank 0 writes the result.
+Several world sizes on the same global lengths give strong scaling (fixed length, more
+ranks); lengths that grow with N give weak scaling (fixed tokens per rank).
 
-Per case and rank it records the time (median over repeats of the slowest rank's
-barrier-to-finish time), TFLOP/s per rank (the whole call's FLOPs / N), the bytes it
-sent, the time it spent waiting on communication (ring waits and all-to-alls), the
-compute time, and how well the ring's transfers hid behind compute: ``overlap`` is
-sum over steps of max(step compute, the same transfer timed alone) divided by the
-measured time of the ring loop (1 = fully hidden; above 1 when the transfer timed
-alone was slower than inside the loop, which happens at small, noisy sizes). Peak memory is the GPU's peak
-allocation for the case, or on a CPU the process's peak resident set so far. One traced
-call per case also yields a timeline of compute, transfers and waits per ring step.
+Per case: ms, the median over repeats of the slowest rank's barrier-to-finish time
+(the progress line and the table both show it); TFLOP/s per rank (the call's FLOPs /
+N); and from one more, traced call per rank: its duration, the time it spent waiting on
+communication (ring waits and all-to-alls, never more than the call), the compute time,
+the bytes sent, the ring overlap (sum over steps of max(step compute, the same transfer
+timed alone) / the measured ring loop; 1 = fully hidden, above 1 when the transfer timed
+alone was slower than inside the loop, as happens at small, noisy sizes) and a timeline
+of compute, transfers and waits per ring step. On a GPU also the peak memory of the case.
+More processes than cores make the figures a test of the pipeline, not of performance:
+the result says so (oversubscribed).
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import resource
 import statistics
 import sys
 import time
@@ -32,21 +35,19 @@ import torch.distributed as dist
 
 from usp.attention import shard_sequence, usp_attention
 from usp.attention.layout import check_global_seqlen
-from usp.comm import RingComm, init_mesh, record_traffic
+from usp.comm import RingComm, init_mesh, mesh_shapes, record_traffic, traffic
+from usp.comm.heads import heads_problem, kv_heads_per_rank
 from usp.comm.traffic import CudaClock, HostClock
 
 from .cli_args import (DTYPES, add_output_arguments, add_timing_arguments, bounded_int, positive_float,
                        world_size_type)
-from .dist_checks import sp_impl_name, sp_method
 from .flops import FLOP_CONVENTION, attention_flops
 from .inputs import random_inputs
 from .launch import run as launch_run
-from .results import TIMING_FIELDS, device_name, timing_record, write_result
+from .results import TIMING_FIELDS, device_name, sp_impl_name, timing_record, write_result
 
 SCALING_PASSES = ("fwd", "fwd+bwd")
-# The ring loops' event labels (see attention.ring): compute spans and the waits of each pass.
-RING_LOOPS = {"forward": ({"forward"}, {"kv forward"}),
-              "backward": ({"backward", "backward accumulate"}, {"kv backward", "dkv backward"})}
+PROBE = "transfer alone"  # the label of the hops timed without compute
 
 
 @dataclass(frozen=True)
@@ -71,19 +72,27 @@ class Settings:
 
 
 def mesh_options(world_size: int, heads: int, kv_heads: int, requested=None) -> tuple[list, list[str]]:
-    """The ``(u, r)`` meshes with ``u x r = world_size`` that these heads allow, and why others are left out."""
+    """The ``(u, r)`` meshes of ``world_size`` ranks that these heads allow (all of them,
+    or those ``requested``), and why others are left out."""
     meshes, notes = [], []
-    candidates = requested or [(u, world_size // u) for u in range(1, world_size + 1) if world_size % u == 0]
-    for u, r in candidates:
+    for u, r in requested or mesh_shapes(world_size):
         if u * r != world_size:
-            notes.append(f"u{u}r{r}: u x r must equal the world size {world_size}")
-        elif heads % u:
-            notes.append(f"u{u}r{r}: {heads} query heads cannot be split over {u} Ulysses ranks")
-        elif kv_heads % u and u % kv_heads:
-            notes.append(f"u{u}r{r}: {kv_heads} K/V heads are neither a multiple nor a divisor of u = {u}")
+            notes.append(f"u{u}r{r}: not a mesh of {world_size} ranks")
+            continue
+        problem = heads_problem(heads, kv_heads, u)
+        if problem:
+            notes.append(f"u{u}r{r}: {problem}")
         else:
             meshes.append((u, r))
     return meshes, notes
+
+
+def cores_available() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def _sync(device: torch.device) -> None:
@@ -101,40 +110,33 @@ def _timed_ms(fn, device) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def _peak_memory(device: torch.device) -> tuple[int, str]:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "gpu_peak_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_peak_rss"
-
-
-def _transfer_alone_ms(tensors: list[torch.Tensor], comm: RingComm, device, repeats: int) -> float:
-    """Milliseconds per ring step of rotating ``tensors`` around the ring with no compute."""
-    def rotate():
-        for _ in comm.rotate(tensors, label="probe"):
-            pass
-    rotate()
-    return statistics.median(_timed_ms(rotate, device) for _ in range(repeats)) / (comm.size - 1)
+def _transfer_alone_ms(tensors: list[torch.Tensor], ring: RingComm, device, repeats: int) -> float:
+    """Milliseconds of one ring hop of ``tensors`` with no compute (the median of ``repeats``)."""
+    def hop():
+        ring.send_recv(tensors, PROBE, 0).wait()
+    hop()
+    return statistics.median(_timed_ms(hop, device) for _ in range(repeats))
 
 
 def ring_overlap(events: list, ring_size: int, transfer_ms: dict[str, float]) -> dict:
     """Per ring loop (forward, backward) of one traced call: the measured loop time, the
     compute, the waits, and ``overlap`` = sum_s max(compute_s, transfer alone) / measured."""
     result = {}
-    for loop, (compute_labels, wait_labels) in RING_LOOPS.items():
-        mine = [e for e in events if (e.kind == "compute" and e.label in compute_labels)
-                or (e.kind == "wait" and e.label in wait_labels)]
+    for loop, (compute_labels, wait_labels) in traffic.RING_LOOPS.items():
+        mine = [e for e in events if (e.kind == traffic.COMPUTE and e.label in compute_labels)
+                or (e.kind == traffic.WAIT and e.label in wait_labels)]
         if not mine or ring_size == 1 or loop not in transfer_ms:
             continue
         measured = (max(e.end for e in mine) - min(e.start for e in mine)) * 1e3
         compute = [0.0] * ring_size
         for e in mine:
-            if e.kind == "compute":
+            if e.kind == traffic.COMPUTE:
                 compute[e.step] += (e.end - e.start) * 1e3
         transfer = transfer_ms[loop]
         # forward: the last step receives nothing; backward: every step also passes an accumulator on
         ideal = sum(max(c, transfer if (s < ring_size - 1 or loop == "backward") else 0.0)
                     for s, c in enumerate(compute))
-        waits = sum((e.end - e.start) * 1e3 for e in mine if e.kind == "wait")
+        waits = sum((e.end - e.start) * 1e3 for e in mine if e.kind == traffic.WAIT)
         result[loop] = dict(measured_ms=measured, compute_ms=sum(compute), wait_ms=waits,
                             transfer_alone_ms_per_step=transfer, ideal_ms=ideal,
                             overlap=ideal / measured if measured > 0 else None)
@@ -154,7 +156,7 @@ def _measure(settings: Settings, mesh, seqlen: int, pass_: str, device: torch.de
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    call = lambda q_, k_, v_: usp_attention(q_, k_, v_, mesh, settings.causal, None, settings.layout,
+    call = lambda q_, k_, v_: usp_attention(q_, k_, v_, mesh, settings.causal, None, settings.layout,  # noqa: E731
                                             settings.backend, check_ranks=False)
     if pass_ == "fwd":
         def fn():
@@ -171,25 +173,32 @@ def _measure(settings: Settings, mesh, seqlen: int, pass_: str, device: torch.de
     dist.barrier()
     with record_traffic(CudaClock() if device.type == "cuda" else HostClock()) as log:
         fn()
-        _sync(device)
+        traced_ms = log.elapsed() * 1e3
     events = log.timeline()
-    peak, peak_kind = _peak_memory(device)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     transfer = {}
     if mesh.ring_degree > 1:
-        comm = RingComm(mesh.ring_group)
-        kv_heads = max(settings.kv_heads // mesh.ulysses_degree, 1)
+        ring = RingComm(mesh.ring_group)
+        kv_heads = kv_heads_per_rank(settings.kv_heads, mesh.ulysses_degree)
         block = torch.empty(settings.batch, seqlen // mesh.ring_degree, kv_heads, settings.head_dim, device=device,
                             dtype=DTYPES[settings.dtype])
-        transfer["forward"] = _transfer_alone_ms([block, block], comm, device, settings.repeats)
+        transfer["forward"] = _transfer_alone_ms([block, block], ring, device, settings.repeats)
         if pass_ == "fwd+bwd":
             accumulator = block.float() if block.element_size() < 4 else block
-            transfer["backward"] = _transfer_alone_ms([block, block, accumulator, accumulator], comm, device,
+            transfer["backward"] = _transfer_alone_ms([block, block, accumulator, accumulator], ring, device,
                                                       settings.repeats)
-    span_ms = lambda kinds: sum((e.end - e.start) * 1e3 for e in events if e.kind in kinds and e.end is not None)
-    return dict(times_ms=times, bytes_sent=log.bytes_sent(), p2p_bytes=log.bytes_sent("p2p"),
-                all_to_all_bytes=log.bytes_sent("all_to_all"), compute_ms=span_ms({"compute"}),
-                comm_wait_ms=span_ms({"wait", "all_to_all"}), ring=ring_overlap(events, mesh.ring_degree, transfer),
-                peak_memory_bytes=peak, peak_memory_kind=peak_kind, timeline=_timeline(events))
+    span_ms = lambda kinds: sum((e.end - e.start) * 1e3 for e in events  # noqa: E731
+                                if e.kind in kinds and e.end is not None)
+    return dict(times_ms=times, traced_ms=traced_ms, bytes_sent=log.bytes_sent(), p2p_bytes=log.bytes_sent("p2p"),
+                all_to_all_bytes=log.bytes_sent("all_to_all"), compute_ms=span_ms({traffic.COMPUTE}),
+                comm_wait_ms=span_ms({traffic.WAIT, traffic.ALL_TO_ALL}),
+                ring=ring_overlap(events, mesh.ring_degree, transfer), peak_memory_bytes=peak,
+                timeline=_timeline(events))
+
+
+def slowest_rank_ms(times_per_rank: list[list[float]]) -> float:
+    """The median over repeats of the slowest rank's time: what the progress and the table show."""
+    return statistics.median(max(times) for times in zip(*times_per_rank))
 
 
 def rank_main(settings: Settings) -> list[dict]:
@@ -198,7 +207,7 @@ def rank_main(settings: Settings) -> list[dict]:
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")
-    rank = dist.get_rank()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
     results = []
     total = len(settings.meshes) * len(settings.seqlens) * len(settings.passes)
     for u, r in settings.meshes:
@@ -207,22 +216,26 @@ def rank_main(settings: Settings) -> list[dict]:
             for pass_ in settings.passes:
                 figures = _measure(settings, mesh, seqlen, pass_, device)
                 results.append(dict(ulysses_degree=u, ring_degree=r, seqlen=seqlen, pass_=pass_, **figures))
+                everyone = [None] * world_size
+                dist.all_gather_object(everyone, (figures["times_ms"], figures["traced_ms"], figures["comm_wait_ms"]))
                 if rank == 0:
-                    impl = sp_impl_name(sp_method(u, r), u, r, settings.layout)
-                    print(f"[{len(results):>3}/{total}] {impl:<22} s{seqlen:<7} {pass_:<8} rank 0: "
-                          f"{statistics.median(figures['times_ms']):9.2f} ms, waited {figures['comm_wait_ms']:8.2f} ms,"
-                          f" sent {figures['bytes_sent'] / 2 ** 20:8.2f} MiB", flush=True)
+                    impl = sp_impl_name(u, r, settings.layout)
+                    slowest = max(everyone, key=lambda e: e[1])
+                    print(f"[{len(results):>3}/{total}] N={world_size} {impl:<22} s{seqlen:<7} {pass_:<8}"
+                          f"{slowest_rank_ms([e[0] for e in everyone]):9.2f} ms; traced call {slowest[1]:8.2f} ms, "
+                          f"{slowest[2]:7.2f} ms of it waiting; sent {figures['bytes_sent'] / 2 ** 20:7.2f} MiB "
+                          "per rank", flush=True)
     return results
 
 
-def combine(settings: Settings, per_rank: list[list[dict]], device: str, world_size: int) -> list[dict]:
-    """One timing record per case from every rank's figures: ``ms`` is the median over
-    repeats of the slowest rank's time; ``ranks`` holds each rank's own figures."""
+def combine(settings: Settings, per_rank: list[list[dict]], device: str, world_size: int,
+            oversubscribed: bool) -> list[dict]:
+    """One timing record per case from every rank's figures (``ranks`` holds each rank's own)."""
     records = []
     for cases in zip(*per_rank):
         first = cases[0]
         u, r, seqlen, pass_ = first["ulysses_degree"], first["ring_degree"], first["seqlen"], first["pass_"]
-        ms = statistics.median(max(times) for times in zip(*(c["times_ms"] for c in cases)))
+        ms = slowest_rank_ms([c["times_ms"] for c in cases])
         flops = attention_flops(settings.batch, settings.heads, seqlen, seqlen, settings.head_dim, settings.causal,
                                 pass_)
         ranks = [{key: value for key, value in c.items() if key not in ("ulysses_degree", "ring_degree", "seqlen",
@@ -230,15 +243,17 @@ def combine(settings: Settings, per_rank: list[list[dict]], device: str, world_s
         for rank_figures in ranks:
             rank_figures["ms"] = statistics.median(rank_figures["times_ms"])
             rank_figures["tflops"] = flops / world_size / (rank_figures["ms"] * 1e-3) / 1e12
+        peaks = [c["peak_memory_bytes"] for c in ranks if c["peak_memory_bytes"] is not None]
         records.append(timing_record(
-            device, sp_impl_name(sp_method(u, r), u, r, settings.layout), pass_, settings.dtype, settings.causal,
+            device, sp_impl_name(u, r, settings.layout), pass_, settings.dtype, settings.causal,
             settings.batch, seqlen, settings.heads, settings.kv_heads, settings.head_dim, ms, flops / world_size,
             total_flops=flops, tflops_convention="per rank: the call's FLOPs / world size / ms",
-            world_size=world_size, ulysses_degree=u, ring_degree=r, placement=settings.placement,
-            layout=settings.layout, backend=settings.backend, tokens_per_s=settings.batch * seqlen / (ms * 1e-3),
+            world_size=world_size, tokens_per_rank=seqlen // world_size, ulysses_degree=u, ring_degree=r,
+            placement=settings.placement, layout=settings.layout, backend=settings.backend,
+            tokens_per_s=settings.batch * seqlen / (ms * 1e-3), oversubscribed=oversubscribed,
             bytes_sent_per_rank=max(c["bytes_sent"] for c in ranks),
-            comm_wait_ms_max=max(c["comm_wait_ms"] for c in ranks),
-            peak_memory_bytes_max=max(c["peak_memory_bytes"] for c in ranks), ranks=ranks))
+            traced_ms_max=max(c["traced_ms"] for c in ranks), comm_wait_ms_max=max(c["comm_wait_ms"] for c in ranks),
+            peak_memory_bytes_max=max(peaks) if peaks else None, ranks=ranks))
     return records
 
 
@@ -254,27 +269,29 @@ def _mesh_type(text: str) -> tuple[int, int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     gpu = torch.cuda.is_available()
-    parser.add_argument("--world-size", type=world_size_type, default=4,
-                        help="processes to launch (default 4; under torchrun its WORLD_SIZE is used)")
-    parser.add_argument("--mesh", type=_mesh_type, nargs="+", help="only these meshes, e.g. 1x4 2x2 (default: all)")
+    parser.add_argument("--world-size", type=world_size_type, nargs="+", default=[1, 2, 4],
+                        help="numbers of processes to launch, one run each (under torchrun: its WORLD_SIZE)")
+    parser.add_argument("--mesh", type=_mesh_type, nargs="+",
+                        help="only these meshes, e.g. 1x4 2x2 (default: every mesh of each world size)")
     parser.add_argument("--seqlen", type=bounded_int(2), nargs="+",
-                        help="global sequence lengths (default: 512 to 4096 on CPU, 16K 32K 64K on GPU)")
+                        help="global sequence lengths (default: 512 1024 2048 4096 on CPU, 16384 32768 65536 "
+                             "under torchrun with GPUs)")
     parser.add_argument("--pass", dest="passes", action="append", choices=SCALING_PASSES,
-                        help="pass (repeatable; default both)")
-    parser.add_argument("--batch", type=bounded_int(1), default=1, help="batch (default 1)")
+                        help="pass, repeatable (default: both)")
+    parser.add_argument("--batch", type=bounded_int(1), default=1, help="batch size")
     parser.add_argument("--heads", type=bounded_int(1), default=32 if gpu else 8, help="query heads")
-    parser.add_argument("--kv-heads", type=bounded_int(1), default=8, help="K/V heads (default 8)")
+    parser.add_argument("--kv-heads", type=bounded_int(1), default=8, help="K/V heads")
     parser.add_argument("--head-dim", type=bounded_int(1, 256), default=128 if gpu else 64, help="head dim")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16" if gpu else "fp32", help="dtype")
     parser.add_argument("--backend", choices=["triton", "torch", "naive"], default="triton" if gpu else "torch",
-                        help="local attention backend (default: triton on GPU, torch on CPU)")
+                        help="local attention backend")
     parser.add_argument("--layout", choices=["zigzag", "contiguous"], default="zigzag", help="ring layout")
-    parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True, help="causal (default)")
+    parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True, help="causal attention")
     parser.add_argument("--placement", choices=["ulysses_inner", "ring_inner"], default="ulysses_inner",
-                        help="which axis gets contiguous ranks (default: Ulysses)")
+                        help="which axis gets consecutive ranks")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     parser.add_argument("--timeout", type=positive_float, default=1800.0,
-                        help="seconds before a launched run is killed (default 1800)")
+                        help="seconds before a launched run is killed")
     add_timing_arguments(parser, warmup=1, repeats=3)
     add_output_arguments(parser)
 
@@ -283,10 +300,7 @@ def _under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
 
 
-def run(args: argparse.Namespace) -> int:
-    torchrun = _under_torchrun()
-    world_size = int(os.environ["WORLD_SIZE"]) if torchrun else args.world_size
-    gpu = torchrun and torch.cuda.is_available()
+def _settings(args, world_size: int, gpu: bool) -> tuple[Settings, list[str]]:
     meshes, notes = mesh_options(world_size, args.heads, args.kv_heads, args.mesh)
     seqlens = args.seqlen or ([16384, 32768, 65536] if gpu else [512, 1024, 2048, 4096])
     for seqlen in seqlens:
@@ -295,64 +309,88 @@ def run(args: argparse.Namespace) -> int:
                 check_global_seqlen(seqlen, u, r, args.layout)
             except ValueError as error:
                 raise SystemExit(f"--seqlen {seqlen}: {error}") from None
-    settings = Settings(tuple(meshes), tuple(seqlens), tuple(args.passes or SCALING_PASSES), args.batch, args.heads,
-                        args.kv_heads, args.head_dim, args.dtype, args.backend, args.layout, args.causal,
-                        args.placement, args.warmup, args.repeats, args.seed)
-    if torchrun:
-        return _run_under_torchrun(settings, notes, args)
-    for note in notes:
-        print(f"note: {note}")
-    if not meshes:
+    return Settings(tuple(meshes), tuple(seqlens), tuple(args.passes or SCALING_PASSES), args.batch, args.heads,
+                    args.kv_heads, args.head_dim, args.dtype, args.backend, args.layout, args.causal,
+                    args.placement, args.warmup, args.repeats, args.seed), notes
+
+
+def run(args: argparse.Namespace) -> int:
+    if _under_torchrun():
+        return _run_under_torchrun(args)
+    cores = cores_available()
+    records, all_notes, runs = [], [], []
+    for world_size in dict.fromkeys(args.world_size):
+        settings, notes = _settings(args, world_size, gpu=False)
+        all_notes += [f"N={world_size} {note}" for note in notes]
+        for note in notes:
+            print(f"note: N={world_size} {note}")
+        if not settings.meshes:
+            continue
+        oversubscribed = world_size > cores
+        print(f"scaling: {world_size} gloo processes on {cores} cores (one CPU thread each"
+              + ("; more processes than cores: these figures test the pipeline, not performance" if oversubscribed
+                 else "") + f"), meshes {', '.join(f'u{u}r{r}' for u, r in settings.meshes)}, seqlens "
+              f"{list(settings.seqlens)}, {args.backend} {args.dtype}; ms = median of {args.repeats} after "
+              f"{args.warmup} warm-up, slowest rank", flush=True)
+        per_rank = launch_run(world_size, rank_main, (settings,), pg_timeout_s=min(args.timeout, 300.0),
+                              timeout_s=args.timeout)
+        records += combine(settings, per_rank, device_name(torch.device("cpu")), world_size, oversubscribed)
+        runs.append(dict(world_size=world_size, process_group="gloo", oversubscribed=oversubscribed,
+                         settings=asdict(settings)))
+    if not records:
         print("no mesh to run", file=sys.stderr)
         return 2
-    print(f"scaling: {world_size} gloo processes (one CPU thread each), meshes "
-          f"{', '.join(f'u{u}r{r}' for u, r in meshes)}, seqlens {list(seqlens)}, {args.backend} {args.dtype}; "
-          f"median of {args.repeats} after {args.warmup} warm-up")
-    per_rank = launch_run(world_size, rank_main, (settings,), pg_timeout_s=min(args.timeout, 300.0),
-                          timeout_s=args.timeout)
-    return _report(settings, per_rank, torch.device("cpu"), world_size, "gloo", notes, args)
+    return _report(records, runs, torch.device("cpu"), cores, all_notes, args)
 
 
-def _run_under_torchrun(settings: Settings, notes: list[str], args) -> int:
+def _run_under_torchrun(args) -> int:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=min(args.timeout, 600.0)))
     try:
-        rank = dist.get_rank()
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        settings, notes = _settings(args, world_size, gpu=backend == "nccl")
         if rank == 0:
             for note in notes:
                 print(f"note: {note}")
         mine = rank_main(settings)
-        gathered = [None] * dist.get_world_size()
+        gathered = [None] * world_size
         dist.all_gather_object(gathered, mine)
         device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-        if rank == 0:
-            return _report(settings, gathered, device, dist.get_world_size(), backend, notes, args)
-        return 0
+        if rank != 0:
+            return 0
+        cores = cores_available()
+        oversubscribed = backend == "gloo" and int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) > cores
+        records = combine(settings, gathered, device_name(device), world_size, oversubscribed)
+        runs = [dict(world_size=world_size, process_group=backend, oversubscribed=oversubscribed,
+                     settings=asdict(settings))]
+        return _report(records, runs, device, cores, notes, args)
     finally:
         dist.destroy_process_group()
 
 
-def _report(settings: Settings, per_rank, device: torch.device, world_size: int, backend: str, notes, args) -> int:
-    records = combine(settings, per_rank, device_name(device), world_size)
-    print(f"{'impl':<22}{'seqlen':>8} {'pass':<8}{'ms':>10}{'TF/s/rank':>11}{'MiB sent':>10}{'wait ms':>9}"
-          f"{'overlap':>9}{'peak MiB':>10}")
+def _report(records: list[dict], runs: list[dict], device: torch.device, cores: int, notes, args) -> int:
+    print(f"{'impl':<22}{'N':>3}{'seqlen':>8} {'pass':<8}{'ms':>10}{'TF/s/rank':>11}{'MiB sent':>10}"
+          f"{'traced ms':>11}{'wait ms':>9}{'overlap':>9}{'peak MiB':>10}")
     for r in records:
         overlaps = [loop["overlap"] for rank in r["ranks"] for loop in rank["ring"].values()
                     if loop["overlap"] is not None]
         overlap = f"{min(overlaps):9.2f}" if overlaps else f"{'-':>9}"
-        print(f"{r['impl']:<22}{r['seqlen']:>8} {r['pass']:<8}{r['ms']:10.2f}{r['tflops']:11.4f}"
-              f"{r['bytes_sent_per_rank'] / 2 ** 20:10.2f}{r['comm_wait_ms_max']:9.2f}{overlap}"
-              f"{r['peak_memory_bytes_max'] / 2 ** 20:10.1f}")
+        peak = f"{r['peak_memory_bytes_max'] / 2 ** 20:10.1f}" if r["peak_memory_bytes_max"] is not None \
+            else f"{'-':>10}"
+        print(f"{r['impl']:<22}{r['world_size']:>3}{r['seqlen']:>8} {r['pass']:<8}{r['ms']:10.2f}{r['tflops']:11.4f}"
+              f"{r['bytes_sent_per_rank'] / 2 ** 20:10.2f}{r['traced_ms_max']:11.2f}{r['comm_wait_ms_max']:9.2f}"
+              f"{overlap}{peak}")
+    print("ms: median over repeats of the slowest rank; traced ms and wait ms: one more call, traced, its "
+          "slowest rank and the longest wait of any rank inside it")
     path = write_result("scaling", device, dict(
         flop_convention=FLOP_CONVENTION, timing_fields=list(TIMING_FIELDS),
-        config=dict(asdict(settings), world_size=world_size, process_group=backend,
+        config=dict(runs=runs, world_sizes=[run["world_size"] for run in runs], cores=cores,
+                    oversubscribed=any(run["oversubscribed"] for run in runs),
                     timing="median over repeats of the slowest rank's barrier-to-finish wall clock",
                     overlap="sum over ring steps of max(step compute, transfer timed alone) / measured ring loop time",
-                    peak_memory=("GPU peak allocation per case" if device.type == "cuda" else
-                                 "process peak resident set so far (a high-water mark, not per case)"),
-                    notes=notes),
+                    peak_memory="GPU peak allocation per case; not measured on a CPU", notes=notes),
         records=records), args.out_dir)
     print(f"{len(records)} cases; wrote {path}")
     return 0

@@ -9,13 +9,14 @@ import sys
 
 import torch
 
+from usp.comm.mesh import mesh_shapes
 from usp.kernels import AttentionShape
 from usp.kernels.configs import interpreter_active
 
-from .cli_args import DTYPES, add_output_arguments, default_device, device_type, world_size_type
-from .dist_checks import DistCase, DistResult, run_checks, sp_method
+from .cli_args import DTYPES, add_device_argument, add_output_arguments, default_device, world_size_type
+from .dist_checks import DistCase, DistResult, run_checks
 from .numerics import DTYPE_NAMES, QUANTITIES, TOLERANCE_RULE, Case, CaseResult, run_case
-from .results import write_result
+from .results import sp_method, write_result
 
 # (batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim): MHA, MQA, GQA 4:1, Sq < Sk,
 # Sq > Sk (causal rows that see nothing), one query row, padded head dims.
@@ -71,8 +72,7 @@ def distributed_cases(world_sizes, backends, dtypes=None) -> list[DistCase]:
     and one triton case under the interpreter."""
     cases = []
     for world in world_sizes:
-        meshes = [(u, world // u) for u in range(1, world + 1) if world % u == 0]
-        for u, r in meshes:
+        for u, r in mesh_shapes(world):
             method = sp_method(u, r)
             placements = ("ulysses_inner", "ring_inner") if method == "usp" else ("ulysses_inner",)
             shapes = (("zigzag", True), ("contiguous", False)) if r > 1 else (("contiguous", True),)
@@ -122,13 +122,14 @@ def worst_ratios(results: list[CaseResult | DistResult]) -> dict[str, float]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", action="append", choices=["triton", "torch", "naive"],
-                        help="backend to verify (repeatable; default: all)")
-    parser.add_argument("--dtype", action="append", choices=VERIFY_DTYPES, help="dtype (repeatable; default: all)")
-    parser.add_argument("--device", type=device_type, default=None, help="cuda or cpu (default: cuda when available)")
+                        help="backend to verify, repeatable (default: all that run here)")
+    parser.add_argument("--dtype", action="append", choices=VERIFY_DTYPES,
+                        help="dtype, repeatable (default: all the backend computes right here)")
+    add_device_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     add_output_arguments(parser)
     parser.add_argument("--world-size", type=world_size_type, action="append",
-                        help="gloo world size of the distributed checks (repeatable; default: 4 and 8)")
+                        help="gloo world size of the distributed checks, repeatable (default: 4 and 8)")
     parser.add_argument("--no-distributed", action="store_true", help="skip the distributed checks")
 
 

@@ -3,8 +3,8 @@
 Rank ``j`` of a Ulysses group of ``u`` ranks holds the ``j``-th contiguous piece of the
 sequence; after ``seq_to_head`` it holds the whole sequence (pieces in rank order) for
 heads ``j·H/u .. (j+1)·H/u - 1``. Both directions are autograd functions whose backward
-is the opposite all-to-all. ``replicate_kv_heads`` makes K/V heads divisible by ``u``
-when there are fewer K/V heads than ranks (gradients of the copies are summed by autograd).
+is the opposite all-to-all (``comm.heads`` says how K/V heads fewer than ``u`` are
+replicated first).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from . import traffic
+from .mesh import check_group
 
 
 def _all_to_all(x: torch.Tensor, group: dist.ProcessGroup, label: str) -> torch.Tensor:
@@ -21,7 +22,7 @@ def _all_to_all(x: torch.Tensor, group: dist.ProcessGroup, label: str) -> torch.
     size = dist.get_world_size(group)
     x = x.contiguous()
     out = torch.empty_like(x)
-    with traffic.span("all_to_all", x.numel() * x.element_size() * (size - 1) // size, size - 1, label):
+    with traffic.span(traffic.ALL_TO_ALL, x.numel() * x.element_size() * (size - 1) // size, size - 1, label):
         dist.all_to_all_single(out, x, group=group)
     return out
 
@@ -33,7 +34,7 @@ def _seq_to_head(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     b, s_local, h, d = x.shape
     # [B, S/u, u, H/u, D] -> [u(head piece), B, S/u, H/u, D]: slice j is rank j's heads.
     pieces = x.reshape(b, s_local, size, h // size, d).permute(2, 0, 1, 3, 4)
-    received = _all_to_all(pieces, group, "seq_to_head")  # [u(sequence piece), B, S/u, H/u, D]
+    received = _all_to_all(pieces, group, traffic.SEQ_TO_HEAD)  # [u(sequence piece), B, S/u, H/u, D]
     return received.permute(1, 0, 2, 3, 4).reshape(b, size * s_local, h // size, d)
 
 
@@ -44,7 +45,7 @@ def _head_to_seq(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     b, s, h_local, d = x.shape
     # [B, u, S/u, H/u, D] -> [u(sequence piece), B, S/u, H/u, D]: slice j is rank j's positions.
     pieces = x.reshape(b, size, s // size, h_local, d).permute(1, 0, 2, 3, 4)
-    received = _all_to_all(pieces, group, "head_to_seq")  # [u(head piece), B, S/u, H/u, D]
+    received = _all_to_all(pieces, group, traffic.HEAD_TO_SEQ)  # [u(head piece), B, S/u, H/u, D]
     return received.permute(1, 2, 0, 3, 4).reshape(b, s // size, size * h_local, d)
 
 
@@ -62,7 +63,9 @@ class _Redistribute(torch.autograd.Function):
 
 
 def seq_to_head(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """``[B, S/u, H, D]`` (this rank's sequence piece, all heads) -> ``[B, S, H/u, D]``."""
+    """``[B, S/u, H, D]`` (this rank's sequence piece, all heads) -> ``[B, S, H/u, D]``.
+    ``group``: the Ulysses group (a process group; None is the world)."""
+    group = check_group(group)
     size = dist.get_world_size(group)
     if x.dim() != 4 or x.shape[2] % size:
         raise ValueError(f"seq_to_head needs [batch, seqlen, heads, head_dim] with heads divisible by the "
@@ -71,23 +74,11 @@ def seq_to_head(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
 
 
 def head_to_seq(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """``[B, S, H/u, D]`` (all positions, this rank's heads) -> ``[B, S/u, H, D]``."""
+    """``[B, S, H/u, D]`` (all positions, this rank's heads) -> ``[B, S/u, H, D]``.
+    ``group``: the Ulysses group (a process group; None is the world)."""
+    group = check_group(group)
     size = dist.get_world_size(group)
     if x.dim() != 4 or x.shape[1] % size:
         raise ValueError(f"head_to_seq needs [batch, seqlen, heads, head_dim] with seqlen divisible by the "
                          f"group size {size}, got shape {tuple(x.shape)}")
     return _Redistribute.apply(x, group, _head_to_seq, _seq_to_head)
-
-
-def replicate_kv_heads(x: torch.Tensor, ulysses_degree: int) -> torch.Tensor:
-    """K or V ``[B, S, Hkv, D]`` with ``Hkv`` heads made divisible by ``ulysses_degree``:
-    unchanged when it already is, else each head repeated ``ulysses_degree / Hkv`` times
-    (which must be whole), so each rank of the group holds one copy of the head its
-    query heads use."""
-    kv_heads = x.shape[2]
-    if kv_heads % ulysses_degree == 0:
-        return x
-    if ulysses_degree % kv_heads:
-        raise ValueError(f"the K/V heads ({kv_heads}) must be a multiple or a divisor of the Ulysses degree "
-                         f"({ulysses_degree})")
-    return x.repeat_interleave(ulysses_degree // kv_heads, dim=2)

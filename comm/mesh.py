@@ -15,7 +15,40 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .agreement import collective_device, ensure_ranks_agree
+
 PLACEMENTS = ("ulysses_inner", "ring_inner")
+
+
+def check_group(group, name: str = "group") -> dist.ProcessGroup:
+    """``group`` itself when it is a process group, the world for None; a TypeError that
+    says what was expected for anything else (a Mesh, a list of ranks, a string)."""
+    if group is None:
+        return dist.group.WORLD
+    if isinstance(group, dist.ProcessGroup):
+        return group
+    hint = (" (pick one of its groups, such as mesh.ring_group)" if isinstance(group, Mesh) else
+            " (the placeholder new_group gives a rank outside the group)" if _is_placeholder(group) else "")
+    raise TypeError(f"{name} must be a torch.distributed ProcessGroup or None (the world), got "
+                    f"{type(group).__name__}{hint}")
+
+
+def check_mesh(mesh) -> Mesh:
+    """``mesh`` when it is a ``Mesh``; a TypeError that says what was expected otherwise."""
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a usp.comm.Mesh (see usp.comm.init_mesh), got {type(mesh).__name__}")
+    return mesh
+
+
+def _is_placeholder(group) -> bool:
+    """What ``new_group`` returns to a rank that is not in the group."""
+    return not isinstance(group, bool) and isinstance(group, int) and group == dist.GroupMember.NON_GROUP_MEMBER
+
+
+def mesh_shapes(world_size: int) -> list[tuple[int, int]]:
+    """Every ``(ulysses_degree, ring_degree)`` with ``u x r = world_size``, by increasing ``u``:
+    ``(1, N)`` is pure ring, ``(N, 1)`` pure Ulysses, the others USP."""
+    return [(u, world_size // u) for u in range(1, world_size + 1) if world_size % u == 0]
 
 
 @dataclass(frozen=True)
@@ -99,20 +132,24 @@ def _check_degree(name: str, value) -> int:
     return value
 
 
-def _mesh_ranks(group) -> tuple[int, ...]:
-    """The global ranks a mesh is built over: the world, a group this rank is in, or a list."""
+def _mesh_ranks(group) -> tuple[tuple[int, ...] | None, str]:
+    """The global ranks a mesh is built over (the world, a group this rank is in, or a
+    list), or None and why not. Never raises: the ranks first agree on what they got."""
+    world = dist.get_world_size()
     if group is None:
-        return tuple(range(dist.get_world_size()))
+        return tuple(range(world)), ""
     if isinstance(group, dist.ProcessGroup):
-        return tuple(dist.get_process_group_ranks(group))
+        return tuple(dist.get_process_group_ranks(group)), ""
+    if _is_placeholder(group):
+        return None, ("group is the placeholder new_group gives a rank outside the group, which names no ranks: "
+                      "pass the list of ranks instead")
     if isinstance(group, (list, tuple, range)) and all(isinstance(r, int) and not isinstance(r, bool) for r in group):
         ranks = tuple(sorted(group))
-        if not ranks or len(set(ranks)) != len(ranks) or not 0 <= ranks[0] <= ranks[-1] < dist.get_world_size():
-            raise ValueError(f"group must list distinct ranks of the world (0 .. {dist.get_world_size() - 1}), "
-                             f"got {list(group)}")
-        return ranks
-    raise ValueError(f"group must be None, a process group this rank belongs to, or a list of global ranks, got "
-                     f"{group!r} (a rank outside a group gets a placeholder from new_group: pass the ranks instead)")
+        if not ranks or len(set(ranks)) != len(ranks) or not 0 <= ranks[0] <= ranks[-1] < world:
+            return None, f"group must list distinct ranks of the world (0 .. {world - 1}), got {list(group)}"
+        return ranks, ""
+    return None, (f"group must be None, a process group this rank belongs to, or a list of global ranks, got "
+                  f"{type(group).__name__}")
 
 
 def init_mesh(ulysses_degree: int, ring_degree: int, placement: str = "ulysses_inner",
@@ -125,17 +162,26 @@ def init_mesh(ulysses_degree: int, ring_degree: int, placement: str = "ulysses_i
     Like ``torch.distributed.new_group``, every rank of the default process group must
     call this, with the same arguments, in the same order as its other group creations;
     a rank outside ``group`` gets ``None`` (such a rank cannot read a group's ranks from
-    the placeholder ``new_group`` gave it: pass the list). The new groups inherit the
-    timeout of ``group`` (or of the world) unless ``timeout`` is given, so a rank that
-    fails makes its peers fail within it.
+    the placeholder ``new_group`` gave it: pass the list). Ranks that ask for different
+    meshes all raise the same ValueError, naming what each asked for (one small
+    all-gather over the world first). The new groups inherit the timeout of ``group``
+    (or of the world) unless ``timeout`` is given, so a rank that fails makes its peers
+    fail within it.
     """
+    if not dist.is_initialized():
+        raise RuntimeError("torch.distributed is not initialized: call init_process_group first")
+    ranks, group_problem = _mesh_ranks(group)
+    # Every rank creates the same groups in the same order, or torch's group creation hangs
+    # until the store's timeout: first make sure they all asked for the same mesh.
+    ensure_ranks_agree(dist.group.WORLD, "init_mesh", dict(
+        ulysses_degree=ulysses_degree, ring_degree=ring_degree, placement=placement,
+        group=ranks if ranks is not None else group_problem), collective_device())
+    if ranks is None:
+        raise ValueError(group_problem)
     ulysses_degree = _check_degree("ulysses_degree", ulysses_degree)
     ring_degree = _check_degree("ring_degree", ring_degree)
     if placement not in PLACEMENTS:
         raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
-    if not dist.is_initialized():
-        raise RuntimeError("torch.distributed is not initialized: call init_process_group first")
-    ranks = _mesh_ranks(group)
     sp = ulysses_degree * ring_degree
     if len(ranks) % sp:
         raise ValueError(f"ulysses_degree x ring_degree = {ulysses_degree} x {ring_degree} = {sp} must divide "

@@ -1,79 +1,91 @@
-"""Point-to-point transfers around a ring of ranks, overlapped with compute.
+"""Point-to-point transfers around a ring of ranks, for loops that overlap them with compute.
 
-``RingComm.rotate`` walks a set of tensors once around the ring: at each step it posts
-the send of the tensors it holds to the next rank and the receive of the previous
-rank's into a spare buffer (``batch_isend_irecv``), *then* hands the current tensors to
-the caller's compute, and only waits when the next step needs what was received. Two
-buffer sets are allocated once and alternate (double buffering). ``pass_along`` sends a
-tensor one hop further after compute, for accumulators that travel lagging one step.
-Works on gloo and NCCL: peers are addressed by global rank.
+A ring transport (``RingTransport``) has one operation: ``send_recv(tensors, label,
+step)`` posts the send of ``tensors`` to the next rank of the ring and the receive of
+the previous rank's tensors of the same shapes, and returns at once; the returned
+transfer's ``wait()`` blocks until both are done and gives what was received. A ring
+loop posts first and waits last, so the transfer runs while it computes::
+
+    incoming = ring.send_recv(kv, KV_FORWARD, step + 1)   # posted: in flight ...
+    ...compute on kv...                                   # ... during this step's compute
+    kv = incoming.wait()                                  # needed from the next step on
+
+``RingComm`` is the real transport (``batch_isend_irecv`` on gloo or NCCL, peers by
+global rank). The ring loops (``usp.attention.ring``) take any transport, so the
+emulator in ``usp.bench.emulate`` drives the very same loops with a transport that
+replays what would arrive, and the tests run them on threads of one process.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
 from . import traffic
-
-KV_TAG, ACCUMULATOR_TAG = 0, 1
-
-
-def _nbytes(tensors: Sequence[torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
+from .mesh import check_group
 
 
-class _Pending:
-    """Posted transfers and the buffers they fill."""
+class Transfer(Protocol):
+    def wait(self) -> list[torch.Tensor]:
+        """Block until the posted send and receive are done; the received tensors."""
 
-    def __init__(self, requests, received: list[torch.Tensor], label: str = "", step: int = -1):
-        self._requests, self.received = requests, received
-        self._label, self._step = label, step
+
+class RingTransport(Protocol):
+    """Ring rank ``rank`` of ``size``: transfers to the next rank, from the previous one."""
+
+    rank: int
+    size: int
+
+    def send_recv(self, tensors: Sequence[torch.Tensor], label: str, step: int) -> Transfer:
+        """Post the send of ``tensors`` to rank ``rank + 1`` and the receive of rank
+        ``rank - 1``'s (same shapes and dtypes); ``label`` and ``step`` name the transfer
+        in the traffic log. On a ring of one the tensors come straight back."""
+
+
+class Delivered:
+    """A transfer that is already complete."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor]):
+        self.received = list(tensors)
 
     def wait(self) -> list[torch.Tensor]:
-        with traffic.span("wait", label=self._label, step=self._step):
-            for request in self._requests:
-                request.wait()
         return self.received
 
 
+class _Posted:
+    """Requests in flight and the fresh buffers they fill."""
+
+    def __init__(self, requests, received: list[torch.Tensor], label: str, step: int):
+        self._requests, self._received, self._label, self._step = requests, received, label, step
+
+    def wait(self) -> list[torch.Tensor]:
+        with traffic.span(traffic.WAIT, label=self._label, step=self._step):
+            for request in self._requests:
+                request.wait()
+        return self._received
+
+
 class RingComm:
-    """Transfers to the next rank of ``group`` and from the previous one."""
+    """The ``RingTransport`` of this process over the ranks of ``group`` (None: the world),
+    in group-rank order."""
 
-    def __init__(self, group: dist.ProcessGroup):
-        self.group = group
-        self.size = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
-        self.next_rank = dist.get_global_rank(group, (self.rank + 1) % self.size)
-        self.prev_rank = dist.get_global_rank(group, (self.rank - 1) % self.size)
+    def __init__(self, group: dist.ProcessGroup | None):
+        self.group = check_group(group)
+        self.size = dist.get_world_size(self.group)
+        self.rank = dist.get_rank(self.group)
+        self.next_rank = dist.get_global_rank(self.group, (self.rank + 1) % self.size)
+        self.prev_rank = dist.get_global_rank(self.group, (self.rank - 1) % self.size)
 
-    def post(self, tensors: Sequence[torch.Tensor], into: Sequence[torch.Tensor], tag: int, label: str,
-             step: int) -> _Pending:
-        """Send ``tensors`` to the next rank and receive the previous rank's into ``into``."""
-        ops = [dist.P2POp(dist.isend, t.contiguous(), self.next_rank, self.group, tag) for t in tensors]
+    def send_recv(self, tensors: Sequence[torch.Tensor], label: str, step: int) -> Transfer:
+        if self.size == 1:  # the next and previous rank are this one
+            return Delivered(tensors)
+        tensors = [t.contiguous() for t in tensors]
+        into = [torch.empty_like(t) for t in tensors]
+        tag = 0 if label in traffic.KV_LABELS else 1  # K/V and dK/dV travel side by side in backward
+        ops = [dist.P2POp(dist.isend, t, self.next_rank, self.group, tag) for t in tensors]
         ops += [dist.P2POp(dist.irecv, t, self.prev_rank, self.group, tag) for t in into]
-        traffic.note("p2p", _nbytes(tensors), len(tensors), label, step)
-        return _Pending(dist.batch_isend_irecv(ops), list(into), label, step)
-
-    def rotate(self, tensors: Sequence[torch.Tensor], label: str = "kv") -> Iterator[tuple[int, int, list]]:
-        """Yield ``(step, source, tensors)`` for ``step = 0 .. size - 1``: the tensors that
-        started on ring rank ``source = rank - step``. The next step's transfer is already
-        in flight while the caller computes on a step's tensors."""
-        current = [t.contiguous() for t in tensors]
-        spares = [[torch.empty_like(t) for t in current] for _ in range(2 if self.size > 2 else 1)]
-        for step in range(self.size):
-            pending = None
-            if step + 1 < self.size:
-                pending = self.post(current, spares[step % len(spares)], KV_TAG, label, step + 1)
-            yield step, (self.rank - step) % self.size, current
-            if pending is not None:
-                current = pending.wait()
-
-    def pass_along(self, tensors: Sequence[torch.Tensor], step: int, label: str = "accumulator") -> _Pending:
-        """Send ``tensors`` (computed at ``step``) to the next rank; the returned transfer
-        receives the previous rank's. On a ring of one, they come straight back."""
-        if self.size == 1:
-            return _Pending([], list(tensors))
-        return self.post(tensors, [torch.empty_like(t) for t in tensors], ACCUMULATOR_TAG, label, step)
+        traffic.note(traffic.P2P, sum(t.numel() * t.element_size() for t in tensors), len(tensors), label, step)
+        return _Posted(dist.batch_isend_irecv(ops), into, label, step)

@@ -23,13 +23,27 @@ from dataclasses import dataclass, field
 
 _active = threading.local()
 
+# Event kinds.
+P2P, ALL_TO_ALL, ALL_GATHER, CHECK = "p2p", "all_to_all", "all_gather", "check"  # transfers (CHECK: rank agreement)
+COMPUTE, WAIT = "compute", "wait"  # spans: a ring step's compute, a wait for a transfer
+
+# Labels. The ring loops (usp.attention.ring) label their transfers, their waits and their
+# compute spans with these; the scaling benchmark and the plots find the loops by them.
+KV_FORWARD, KV_BACKWARD, DKV_BACKWARD = "kv forward", "kv backward", "dkv backward"  # transfers and waits
+FORWARD, BACKWARD, ACCUMULATE = "forward", "backward", "backward accumulate"  # compute spans
+KV_LABELS = (KV_FORWARD, KV_BACKWARD)
+SEQ_TO_HEAD, HEAD_TO_SEQ, GATHER_SEQUENCE = "seq_to_head", "head_to_seq", "gather_sequence"
+# Each ring loop of one attention call: (its compute labels, its transfer/wait labels).
+RING_LOOPS = {"forward": ((FORWARD,), (KV_FORWARD,)),
+              "backward": ((BACKWARD, ACCUMULATE), (KV_BACKWARD, DKV_BACKWARD))}
+
 
 @dataclass(frozen=True)
 class Event:
     """One thing that happened on this rank: a posted transfer (with the bytes it sends
     to other ranks), a wait for one, or a ring step's compute."""
 
-    kind: str  # "p2p", "all_to_all", "all_gather", "check" (rank agreement), "compute" or "wait"
+    kind: str  # P2P, ALL_TO_ALL, ALL_GATHER, CHECK, COMPUTE or WAIT
     bytes_sent: int = 0
     sends: int = 0  # point-to-point sends (or peers an all-to-all sends to)
     label: str = ""
@@ -78,6 +92,13 @@ class TrafficLog:
 
     def sends(self, kind: str) -> int:
         return sum(e.sends for e in self.of_kind(kind))
+
+    def elapsed(self) -> float:
+        """Seconds from the start of the log until now, on its clock (for a CUDA clock: until
+        the work queued so far on the current stream has run). Needs a clock."""
+        if self.clock is None:
+            raise ValueError("this log was recorded without a clock: use record_traffic(clock=HostClock())")
+        return self.clock.seconds(self.origin, self.clock.mark())
 
     def timeline(self) -> list[Event]:
         """The events with ``start`` / ``end`` in seconds from the start of the log

@@ -6,13 +6,13 @@ To run the Triton kernels on a CPU, set ``TRITON_INTERPRET=1`` before importing 
 """
 
 from .autograd import flash_attn_func, local_attention
-from .backends import BACKENDS, Backend, get_backend
+from .backends import BACKENDS, Backend, FunctionBackend, get_backend
 from .checks import AttentionShape
 from .flash_bwd import flash_attn_backward
 from .flash_fwd import flash_attn_forward
 from .merge import merge_attention
 
 __all__ = [
-    "AttentionShape", "BACKENDS", "Backend", "flash_attn_backward", "flash_attn_forward",
+    "AttentionShape", "BACKENDS", "Backend", "FunctionBackend", "flash_attn_backward", "flash_attn_forward",
     "flash_attn_func", "get_backend", "local_attention", "merge_attention",
 ]

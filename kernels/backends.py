@@ -1,14 +1,15 @@
-"""The local attention backends behind one contract.
+"""The local attention backends behind one contract, ``Backend``.
 
-``forward(q, k, v, *, causal, softmax_scale) -> (out, lse)`` and
-``backward(dout, q, k, v, out, lse, *, causal, softmax_scale) -> (dq, dk, dv)``, with
 ``q: [B, Sq, Hq, D]``, ``k, v: [B, Sk, Hkv, D]``, ``lse: [B, Hq, Sq]`` (natural log).
+``triton`` (our kernels), ``torch`` (PyTorch's fused ops) and ``naive`` (plain torch)
+are registered here; any object with the same attributes can be passed wherever a
+backend name is taken.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
@@ -17,27 +18,49 @@ from .flash_bwd import flash_attn_backward
 from .flash_fwd import flash_attn_forward
 
 
-@dataclass(frozen=True)
-class Backend:
+@runtime_checkable
+class Backend(Protocol):
+    """Attention on one device that returns the log-sum-exp, and its gradients."""
+
     name: str
-    forward: Callable
-    backward: Callable
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
+                softmax_scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(out [B, Sq, Hq, D] in q's dtype, lse [B, Hq, Sq] float32 or wider)``."""
+
+    def backward(self, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                 lse: torch.Tensor, *, causal: bool, softmax_scale: float | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(dq, dk, dv)`` from the ``out`` and ``lse`` given, used as they are (ring
+        attention passes the global, merged ones while it hands over one K/V block)."""
 
 
-BACKENDS = {
-    "triton": Backend("triton", flash_attn_forward, flash_attn_backward),
-    "torch": Backend("torch", torch_fused.forward, torch_fused.backward),
-    "naive": Backend("naive", naive.forward, naive.backward),
+@dataclass(frozen=True)
+class FunctionBackend:
+    """A ``Backend`` made of two functions."""
+
+    name: str
+    forward: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+BACKENDS: dict[str, Backend] = {
+    "triton": FunctionBackend("triton", flash_attn_forward, flash_attn_backward),
+    "torch": FunctionBackend("torch", torch_fused.forward, torch_fused.backward),
+    "naive": FunctionBackend("naive", naive.forward, naive.backward),
 }
 
 
 def get_backend(name: str | Backend | None = None) -> Backend:
-    """The backend called ``name``; with no name, triton when CUDA is available, else torch."""
-    if isinstance(name, Backend):
-        return name
+    """The backend called ``name`` (one of ``BACKENDS``), or ``name`` itself when it is a
+    ``Backend``; with no name, triton when CUDA is available, else torch."""
     if name is None:
         name = "triton" if torch.cuda.is_available() else "torch"
-    try:
-        return BACKENDS[name]
-    except KeyError:
-        raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {name!r}") from None
+    if isinstance(name, str):
+        try:
+            return BACKENDS[name]
+        except KeyError:
+            raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {name!r}") from None
+    if isinstance(name, Backend):
+        return name
+    raise TypeError(f"backend must be a name in {sorted(BACKENDS)}, a Backend or None, got {type(name).__name__}")

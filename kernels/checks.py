@@ -83,15 +83,14 @@ def check_backward_inputs(dout, q, k, v, out, lse, causal: bool = False) -> Atte
         _check_tensor(name, x)
         if x.shape != q.shape:
             raise ValueError(f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(x.shape)}")
-        if x.device != q.device:
-            raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
+        _check_same(name, x, "q", q)
     if not isinstance(lse, torch.Tensor):
         raise TypeError(f"lse must be a torch.Tensor, got {type(lse).__name__}")
     expected = (shape.batch, shape.heads, shape.seqlen_q)
     if tuple(lse.shape) != expected:
         raise ValueError(f"lse must have shape [batch, heads, seqlen_q] = {list(expected)}, got {list(lse.shape)}")
-    if not lse.dtype.is_floating_point:
-        raise TypeError(f"lse must be a floating-point tensor, got {lse.dtype}")
+    if lse.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"lse must be float32 or float64 (as the forward returns it), got {lse.dtype}")
     if lse.device != q.device:
         raise ValueError(f"lse is on {lse.device} but q is on {q.device}")
     return shape

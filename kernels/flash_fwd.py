@@ -94,8 +94,9 @@ def _flash_fwd_kernel(
         stride_ks, stride_vs, offs_m, offs_d, full_end, end, seqlen_q, seqlen_k, head_dim, qk_scale,
         True, CAUSAL, BLOCK_N, EVEN_D, PRECISION)
 
-    # Rows that saw no key: out = 0 and lse = -inf.
-    seen = l_i > 0.0
+    # Rows that saw no key (l = 0 exactly; a row that sees one has l >= 1): out = 0, lse = -inf.
+    # A NaN l (NaN scores) keeps its NaN in out and lse rather than reporting "saw no key".
+    seen = l_i != 0.0
     l_safe = tl.where(seen, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(seen, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))  # log2 -> ln

@@ -1,7 +1,9 @@
 """Plain torch attention: the readable reference and the fallback backend.
 
-Works for any floating dtype (float64 included) and any device. Matrix products run
-in the input dtype; the softmax and the LSE run in ``promote(dtype, float32)``.
+Works for any floating dtype (float64 included) and any device. The score products
+(``q·k``, and ``dout·v`` in backward) and the softmax run in ``promote(dtype, float32)``,
+as flash kernels accumulate them, so a half-precision score beyond 65504 cannot
+overflow; the products with the probabilities and with ``ds`` run in the input dtype.
 The forward is made of differentiable torch ops, so float64 autograd through it is
 an independent check of every hand-written backward.
 """
@@ -29,7 +31,7 @@ def _probabilities(q, k, scale, causal):
     Rows that see no key get p = 0 and lse = -inf, without NaN in values or gradients.
     """
     acc = accum_dtype(q.dtype)
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k).to(acc) * scale
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.to(acc), k.to(acc)) * scale
     mask = visibility_mask(q.shape[1], k.shape[1], causal, q.device)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
@@ -37,7 +39,7 @@ def _probabilities(q, k, scale, causal):
     row_max = row_max.masked_fill(row_max == float("-inf"), 0.0)
     unnormalised = torch.exp(scores - row_max)
     row_sum = unnormalised.sum(dim=-1, keepdim=True)
-    seen = row_sum > 0
+    seen = row_sum != 0  # 0 exactly when no key is visible (else >= 1); NaN stays NaN in lse
     safe_sum = torch.where(seen, row_sum, torch.ones_like(row_sum))
     lse = torch.where(seen, row_max + torch.log(safe_sum), torch.full_like(row_sum, float("-inf")))
     return unnormalised / safe_sum, lse.squeeze(-1)
@@ -59,7 +61,7 @@ def backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None):
     scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
     acc = accum_dtype(q.dtype)
     ke, ve = expand_kv(k, shape.group), expand_kv(v, shape.group)
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, ke).to(acc) * scale
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.to(acc), ke.to(acc)) * scale
     lse = lse.to(acc)
     # A row with lse = -inf saw no key: its probabilities are 0.
     lse = lse.masked_fill(lse == float("-inf"), float("inf")).unsqueeze(-1)
@@ -69,7 +71,7 @@ def backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None):
         p = p.masked_fill(~mask, 0.0)
     delta = (dout.to(acc) * out.to(acc)).sum(dim=-1).transpose(1, 2).unsqueeze(-1)  # [B, H, Sq, 1]
     dv = torch.einsum("bhqk,bqhd->bkhd", p.to(q.dtype), dout)
-    dp = torch.einsum("bqhd,bkhd->bhqk", dout, ve).to(acc)
+    dp = torch.einsum("bqhd,bkhd->bhqk", dout.to(acc), ve.to(acc))
     ds = (p * (dp - delta) * scale).to(q.dtype)
     dq = torch.einsum("bhqk,bkhd->bqhd", ds, ke)
     dk = torch.einsum("bhqk,bqhd->bkhd", ds, q)

@@ -47,6 +47,10 @@ def _pieces(seqlen_q: int, seqlen_k: int, causal: bool) -> list[_Piece]:
 # --- one fused call on [B, S, H, D] tensors with matching heads -------------------------
 
 def _to_bhsd(x):
+    """``[B, S, H, D]`` <-> ``[B, H, S, D]`` view. PyTorch's fused kernels assume a
+    unit-stride head dim (the CPU one reads garbage otherwise): copy when it is not."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
     return x.transpose(1, 2)
 
 

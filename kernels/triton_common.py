@@ -80,6 +80,29 @@ def load_row_stats(lse2_ptr, delta_ptr, rows, n_rows, CHECK_ROWS: tl.constexpr):
     return lse2, delta
 
 
+# Which key blocks a query tile visits, and which query blocks a key tile visits, causal
+# and bottom-right aligned: query i sees key j iff j <= i + offset, offset = Sk - Sq. An
+# example with Sq = 6, Sk = 10 (offset 4) and 4 x 4 tiles (x: visible):
+#
+#                 keys  0 1 2 3 | 4 5 6 7 | 8 9
+#     query tile 0  0   x x x x | x . . . | . .    key_block_range(0): keys [0, 4) need no
+#                   1   x x x x | x x . . | . .    mask (row 0 sees up to 4), [4, 8) need the
+#                   2   x x x x | x x x . | . .    mask, 8 and 9 are never visited (row 3
+#                   3   x x x x | x x x x | . .    sees up to 7)
+#     query tile 1  4   x x x x | x x x x | x .    key_block_range(4): [0, 8) unmasked,
+#                   5   x x x x | x x x x | x x    [8, 10) masked
+#
+# For query rows [m, m + BLOCK_M): row m sees keys up to m + offset, so keys before
+# m + offset + 1, rounded down to a block, need no mask (full_end); the last row sees up to
+# m + BLOCK_M - 1 + offset, so keys from m + BLOCK_M + offset on are never visited (end).
+# For key rows [n, n + BLOCK_N) (the dK/dV kernel): query n - offset is the first to see
+# key n, so query blocks start at it, rounded down to a block (begin); from query
+# n + BLOCK_N - 1 - offset on a row sees the whole key tile, so query blocks from there,
+# rounded up to a block, need no mask (full_begin). Key tile [4, 8) above: begin 0,
+# full_begin 4; key tile [8, 12): begin 4, full_begin 8 (no query block after it).
+# Both clamp to the sequence ends; without causal every block is unmasked.
+
+
 @triton.jit
 def key_block_range(start_m, seqlen_q, seqlen_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr):

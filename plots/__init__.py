@@ -1,2 +1,2 @@
-"""Figures drawn from the JSON files ``usp-bench`` writes under ``bench/results/``
-(``python -m usp.plots`` or ``usp-bench plot``); PNGs go to ``plots/figures/``."""
+"""Figures drawn from the JSON files ``usp-bench`` writes (``python -m usp.plots`` or
+``usp-bench plot``), into the run folder's figures/ by default. Reads the JSON only."""

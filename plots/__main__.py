@@ -1,4 +1,4 @@
-"""``python -m usp.plots``: see ``plots.cli``."""
+"""``python -m usp.plots``: see ``usp.plots.cli``."""
 
 import sys
 

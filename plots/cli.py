@@ -1,9 +1,13 @@
-"""``python -m usp.plots``: PNG figures from the JSON files ``usp-bench`` wrote.
+"""``python -m usp.plots`` (or ``usp-bench plot``): PNG figures from the JSON files
+``usp-bench`` wrote.
 
-By default, the newest result of each kind (kernels, scaling, emulate, model) under
-``bench/results/``; or the files given. Figures: kernel TFLOP/s against sequence
-length (ours against each SDPA backend), scaling (throughput and TFLOP/s per rank per
-mesh), communication volume against degree per method, and a timeline of ring steps.
+Inputs are result files or run folders (the newest result of each kind in a folder is
+used); with none, the newest run folder under runs/ in the current directory. Figures:
+kernel TFLOP/s against sequence length (ours and each SDPA backend), strong and weak
+scaling over world sizes (or, with a single world size, time against sequence length),
+communication volume against degree per method, and timelines of ring steps. Every
+figure names the machine its data came from; results from different machines are
+refused unless --mixed-machines is given.
 """
 
 from __future__ import annotations
@@ -15,15 +19,13 @@ from pathlib import Path
 
 from .figures import FIGURES
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = ROOT / "bench" / "results"
-FIGURES_DIR = Path(__file__).resolve().parent / "figures"
+RUNS_DIR = Path("runs")
 
 
-def newest_results(results_dir: Path) -> dict[str, Path]:
-    """The newest file of each kind that has figures, by its ``created`` stamp."""
+def newest_results(folder: Path) -> list[Path]:
+    """The newest file of each kind that has figures in ``folder``, by its ``created`` stamp."""
     newest: dict[str, tuple[str, Path]] = {}
-    for path in sorted(results_dir.glob("*.json")):
+    for path in sorted(folder.glob("*.json")):
         try:
             document = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
@@ -31,51 +33,91 @@ def newest_results(results_dir: Path) -> dict[str, Path]:
         kind, created = document.get("kind"), document.get("created", "")
         if kind in FIGURES and (kind not in newest or created >= newest[kind][0]):
             newest[kind] = (created, path)
-    return {kind: path for kind, (_, path) in newest.items()}
+    return [path for _, path in newest.values()]
 
 
-def make_figures(paths: list[Path], out_dir: Path) -> list[Path]:
-    """Draw every figure the given result files support; return the PNGs written."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+def newest_run(runs_dir: Path) -> Path | None:
+    """The most recent folder under ``runs_dir`` holding results with figures."""
+    folders = sorted((p for p in runs_dir.glob("*") if p.is_dir() and newest_results(p)), key=lambda p: p.name)
+    return folders[-1] if folders else None
+
+
+def machine_key(document: dict) -> str:
+    machine = document.get("machine", {})
+    return f"{machine.get('device', '?')} ({machine.get('cpu_count', '?')} cores, {machine.get('cpu', '?')})"
+
+
+def make_figures(paths: list[Path], out_dir: Path, mixed_machines: bool = False) -> list[Path]:
+    """Draw every figure the given result files support; return the PNGs written.
+    Raises ValueError for a file without figures, or for files from several machines
+    unless ``mixed_machines``."""
+    documents = []
     for path in paths:
         document = json.loads(Path(path).read_text())
-        kind = document.get("kind")
-        if kind not in FIGURES:
-            raise ValueError(f"{path}: no figures for results of kind {kind!r} (known: {sorted(FIGURES)})")
-        for draw in FIGURES[kind]:
+        if document.get("kind") not in FIGURES:
+            raise ValueError(f"{path}: no figures for results of kind {document.get('kind')!r} "
+                             f"(known: {sorted(FIGURES)})")
+        documents.append(document)
+    machines = sorted({machine_key(d) for d in documents})
+    if len(machines) > 1 and not mixed_machines:
+        raise ValueError("these results come from different machines: " + "; ".join(machines)
+                         + " (pass --mixed-machines to draw them anyway; each figure names its machine)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for document in documents:
+        for draw in FIGURES[document["kind"]]:
             written += draw(document, out_dir)
     return written
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="*", type=Path,
-                        help="result JSON files (default: the newest of each kind in --results-dir)")
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where to look (default bench/results)")
-    parser.add_argument("--out-dir", type=Path, default=FIGURES_DIR, help="where to write (default plots/figures)")
+                        help="result JSON files or run folders (default: the newest run folder under runs/)")
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="where to write the PNGs (default: figures/ in the folder of the first input)")
+    parser.add_argument("--mixed-machines", action="store_true",
+                        help="draw results from different machines together (default: off, refused)")
 
 
 def run(args: argparse.Namespace) -> int:
-    inputs = list(args.inputs) or list(newest_results(args.results_dir).values())
+    inputs = list(args.inputs)
     if not inputs:
-        print(f"no result files in {args.results_dir}: run usp-bench <command> first", file=sys.stderr)
-        return 2
-    for path in inputs:
+        latest = newest_run(RUNS_DIR)
+        if latest is None:
+            print(f"no results under {RUNS_DIR}/: run usp-bench <command> first, or name the files",
+                  file=sys.stderr)
+            return 2
+        inputs = [latest]
+    paths = []
+    for item in inputs:
+        found = newest_results(item) if item.is_dir() else [item]
+        if item.is_dir() and not found:
+            print(f"plot: no result files with figures in {item}", file=sys.stderr)
+            return 2
+        paths += found
+    out_dir = args.out_dir or (inputs[0] if inputs[0].is_dir() else inputs[0].parent) / "figures"
+    for path in paths:
         print(f"reading {path}")
     try:
-        written = make_figures(inputs, args.out_dir)
+        written = make_figures(paths, out_dir, args.mixed_machines)
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as error:
         print(f"plot: {error}", file=sys.stderr)
         return 1
     for path in written:
         print(f"wrote {path}")
+    print(f"{len(written)} figures in {out_dir}")
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m usp.plots", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m usp.plots", description=__doc__.replace("``", ""),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return parser
+
+
+def main(argv=None) -> int:
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

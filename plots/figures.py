@@ -1,7 +1,8 @@
-"""One function per figure: a result document (the JSON ``bench`` wrote) in, PNG files out.
+"""One function per figure: a result document (the JSON ``usp-bench`` wrote) in, PNG files out.
 
-These read only the JSON fields (``shared/DESIGN.md``'s timing record names and each
-command's documented extras), never ``bench``'s code.
+These read only the JSON fields (the timing record names of ARCHITECTURE.md and each
+command's documented extras) and the event labels of ``usp.comm.traffic``, never
+``usp.bench``'s code. Every figure names the machine its data came from.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from usp.comm import traffic  # noqa: E402
+
 MIB = 2 ** 20
 
 
@@ -25,8 +28,19 @@ def machine_label(document: dict) -> str:
     return f"{where}; torch {machine.get('torch', '?')}, triton {machine.get('triton', '?')}"
 
 
-def _save(figure, path: Path) -> Path:
-    figure.tight_layout()
+def oversubscription_note(document: dict) -> str | None:
+    """A warning for runs with more processes than cores, whose times show the pipeline only."""
+    config = document.get("config", {})
+    if not config.get("oversubscribed"):
+        return None
+    return (f"up to {max(config.get('world_sizes', [0]))} processes on {config.get('cores', '?')} cores: "
+            "these figures show that the pipeline runs, not its performance")
+
+
+def _save(figure, path: Path, note: str | None = None) -> Path:
+    if note:
+        figure.text(0.5, 0.01, note, ha="center", va="bottom", color="firebrick", fontsize=9, weight="bold")
+    figure.tight_layout(rect=(0, 0.04 if note else 0, 1, 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
@@ -70,34 +84,100 @@ def kernel_figures(document: dict, out_dir: Path) -> list[Path]:
     return paths
 
 
+def _family(record: dict) -> str:
+    """The line a scaling record belongs to across world sizes."""
+    u, r = record["ulysses_degree"], record["ring_degree"]
+    return "ring (u = 1)" if u == 1 else f"Ulysses (r = 1)" if r == 1 else f"USP u = {u}"
+
+
 def scaling_figures(document: dict, out_dir: Path) -> list[Path]:
-    """Per pass: throughput (tokens/s) and TF/s per rank against global sequence length,
-    one line per mesh."""
-    config = document["config"]
+    """With several world sizes, per pass: strong scaling (time per call against N at the
+    longest sequence measured at every N, ideal T1/N) and weak scaling (TF/s per rank
+    against N at fixed tokens per rank, ideal flat). With one world size: time per call
+    against the sequence length, one line per mesh."""
     paths = []
     for pass_ in ("fwd", "fwd+bwd"):
         records = [r for r in document["records"] if r["pass"] == pass_]
         if not records:
             continue
-        figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-        lines = defaultdict(list)
-        for r in records:
-            lines[r["impl"]].append((r["seqlen"], r["tokens_per_s"], r["tflops"]))
-        for impl, points in sorted(lines.items()):
-            points.sort()
-            left.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=impl)
-            right.plot([p[0] for p in points], [p[2] for p in points], marker="o", label=impl)
-        for axis, label in ((left, "throughput (tokens/s)"), (right, "TFLOP/s per rank")):
-            _seqlen_axis(axis)
-            axis.set_ylabel(label)
-            axis.legend(fontsize=8)
         first = records[0]
-        figure.suptitle(f"Sequence-parallel attention, {pass_}: {config['world_size']} ranks "
-                        f"({config['process_group']}), {first['backend']} {first['dtype']}, "
-                        f"{first['heads']}/{first['kv_heads']} heads d{first['head_dim']}, "
-                        f"{'causal' if first['causal'] else 'full'}\n{machine_label(document)}", fontsize=10)
-        paths.append(_save(figure, out_dir / f"scaling-{pass_.replace('+', '-')}.png"))
+        title = (f"{first['backend']} {first['dtype']}, {first['heads']}/{first['kv_heads']} heads "
+                 f"d{first['head_dim']}, {'causal' if first['causal'] else 'full'}, {pass_}")
+        world_sizes = sorted({r["world_size"] for r in records})
+        if len(world_sizes) > 1:
+            paths.append(_strong_and_weak(document, records, world_sizes, title, pass_, out_dir))
+        else:
+            paths.append(_time_against_seqlen(document, records, world_sizes[0], title, pass_, out_dir))
     return paths
+
+
+def _lines(records: list[dict], value) -> dict[str, list[tuple[int, float]]]:
+    """Per family, ``(world size, value)`` sorted; the single-rank point starts every line."""
+    single = [r for r in records if r["world_size"] == 1]
+    lines = defaultdict(list)
+    for r in records:
+        if r["world_size"] > 1:
+            lines[_family(r)].append((r["world_size"], value(r)))
+    for points in lines.values():
+        points += [(1, value(r)) for r in single]
+        points.sort()
+    return dict(sorted(lines.items()))
+
+
+def _strong_and_weak(document, records, world_sizes, title, pass_, out_dir) -> Path:
+    figure, (strong, weak) = plt.subplots(1, 2, figsize=(12, 4.5))
+    everywhere = [s for s in sorted({r["seqlen"] for r in records})
+                  if {r["world_size"] for r in records if r["seqlen"] == s} == set(world_sizes)]
+    if everywhere:
+        seqlen = everywhere[-1]
+        chosen = [r for r in records if r["seqlen"] == seqlen]
+        for name, points in _lines(chosen, lambda r: r["ms"]).items():
+            strong.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+        base = [r["ms"] for r in chosen if r["world_size"] == 1]
+        if base:
+            strong.plot(world_sizes, [base[0] / n for n in world_sizes], "k--", linewidth=1, label="ideal: T(1) / N")
+        strong.set_title(f"strong scaling: {seqlen} tokens in all", fontsize=10)
+    strong.set_ylabel("ms per call (slowest rank, median)")
+    strong.set_yscale("log")
+    by_tokens = defaultdict(set)
+    for r in records:
+        by_tokens[r["tokens_per_rank"]].add(r["world_size"])
+    tokens = max(by_tokens, key=lambda t: (len(by_tokens[t]), t))
+    chosen = [r for r in records if r["tokens_per_rank"] == tokens]
+    for name, points in _lines(chosen, lambda r: r["tflops"]).items():
+        weak.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    base = [r["tflops"] for r in chosen if r["world_size"] == 1]
+    if base:
+        weak.axhline(base[0], color="k", linestyle="--", linewidth=1, label="ideal: TF/s per rank of N = 1")
+    weak.set_title(f"weak scaling: {tokens} tokens per rank", fontsize=10)
+    weak.set_ylabel("TFLOP/s per rank")
+    for axis in (strong, weak):
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(world_sizes, [str(n) for n in world_sizes])
+        axis.set_xlabel("world size N (ranks)")
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle(f"Sequence-parallel attention over world sizes {world_sizes}: {title}\n"
+                    f"{machine_label(document)}", fontsize=10)
+    return _save(figure, out_dir / f"scaling-{pass_.replace('+', '-')}.png", oversubscription_note(document))
+
+
+def _time_against_seqlen(document, records, world_size, title, pass_, out_dir) -> Path:
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    lines = defaultdict(list)
+    for r in records:
+        lines[r["impl"]].append((r["seqlen"], r["ms"]))
+    for impl, points in sorted(lines.items()):
+        points.sort()
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=impl)
+    _seqlen_axis(axis)
+    axis.set_yscale("log")
+    axis.set_ylabel("ms per call (slowest rank, median)")
+    axis.legend(fontsize=8)
+    figure.suptitle(f"Sequence-parallel attention on {world_size} ranks against sequence length: {title}\n"
+                    f"{machine_label(document)}", fontsize=10)
+    return _save(figure, out_dir / f"sp-seqlen-n{world_size}-{pass_.replace('+', '-')}.png",
+                 oversubscription_note(document))
 
 
 def comm_volume_figure(document: dict, out_dir: Path) -> list[Path]:
@@ -123,32 +203,42 @@ def comm_volume_figure(document: dict, out_dir: Path) -> list[Path]:
     axis.legend(fontsize=8, ncol=2)
     config = document["config"]
     model = config["model"]
-    axis.set_title(f"Cost model: {model['name']}, batch {config['batch']}, sequence {config['seqlen']} "
-                   f"(bf16; dotted: parameter traffic)", fontsize=10)
+    axis.set_title(f"Cost model (computed, not measured): {model['name']}, batch {config['batch']}, sequence "
+                   f"{config['seqlen']} (bf16; dotted: parameter traffic)", fontsize=10)
     return [_save(figure, out_dir / "comm-volume.png")]
 
 
+def _gaps(bars: list[dict]) -> list[dict]:
+    """The stretches of a rank's ring loop that no compute or wait bar covers."""
+    spans = sorted((b["start_ms"], b["end_ms"]) for b in bars if b["kind"] in ("compute", "wait"))
+    gaps, reached = [], None
+    for start, end in spans:
+        if reached is not None and start > reached:
+            gaps.append(dict(kind="gap", step=-1, start_ms=reached, end_ms=start))
+        reached = end if reached is None else max(reached, end)
+    return gaps
+
+
 def _bars_from_scaling(document: dict) -> tuple[list[list[dict]], str] | None:
-    """Per rank: compute, transfer (post to completion) and wait bars of the forward ring
-    loop of one traced call: the longest sequence of the first mesh with a ring."""
+    """Per rank, the forward ring loop of one traced call (the longest sequence of the
+    largest world size, fewest Ulysses ranks): compute and wait bars as measured, each
+    K/V transfer from its posting for as long as the same transfer took when timed
+    alone (its completion inside the loop is not observable), and the gaps between."""
     candidates = [r for r in document["records"] if r["ring_degree"] > 1 and r["pass"] == "fwd"]
     if not candidates:
         return None
-    record = max(candidates, key=lambda r: (r["seqlen"], -r["ulysses_degree"]))
+    record = max(candidates, key=lambda r: (r["world_size"], r["seqlen"], -r["ulysses_degree"]))
     ranks = []
     for rank in record["ranks"]:
-        events = rank["timeline"]
-        finished = {(e["label"], e["step"]): e["end_ms"] for e in events if e["kind"] == "wait"}
-        bars = [dict(kind="compute", step=e["step"], start_ms=e["start_ms"], end_ms=e["end_ms"])
-                for e in events if e["kind"] == "compute" and e["label"] == "forward"]
-        bars += [dict(kind="transfer", step=e["step"], start_ms=e["start_ms"], end_ms=finished[(e["label"], e["step"])])
-                 for e in events
-                 if e["kind"] == "p2p" and e["label"] == "kv forward" and (e["label"], e["step"]) in finished]
-        bars += [dict(kind="wait", step=e["step"], start_ms=e["start_ms"], end_ms=e["end_ms"])
-                 for e in events if e["kind"] == "wait" and e["label"] == "kv forward"]
-        ranks.append(bars)
-    title = (f"Ring timeline (measured, forward): {record['impl']}, sequence {record['seqlen']}, "
-             f"{record['backend']} {record['dtype']}")
+        events, transfer_ms = rank["timeline"], rank["ring"]["forward"]["transfer_alone_ms_per_step"]
+        bars = [dict(kind=kind, step=e["step"], start_ms=e["start_ms"], end_ms=e["end_ms"]) for e in events
+                for kind in ("compute", "wait")
+                if e["kind"] == kind and e["label"] == (traffic.FORWARD if kind == "compute" else traffic.KV_FORWARD)]
+        bars += [dict(kind="transfer", step=e["step"], start_ms=e["start_ms"], end_ms=e["start_ms"] + transfer_ms)
+                 for e in events if e["kind"] == traffic.P2P and e["label"] == traffic.KV_FORWARD]
+        ranks.append(bars + _gaps(bars))
+    title = (f"Ring timeline (measured, forward): {record['impl']} on {record['world_size']} ranks, sequence "
+             f"{record['seqlen']}, {record['backend']} {record['dtype']}")
     return ranks, title
 
 
@@ -161,6 +251,7 @@ def _bars_from_emulate(document: dict) -> tuple[list[list[dict]], str] | None:
     ranks = [[] for _ in range(1 + max(e["rank"] for e in events))]
     for e in events:
         ranks[e["rank"]].append(e)
+    ranks = [bars + _gaps(bars) for bars in ranks]
     config = document["config"]
     title = (f"Ring timeline (emulated, forward, lock-step): {config['world_size']} virtual ranks, {layout}, "
              f"{config['seqlen']} tokens, link {config['timeline_bandwidth']} "
@@ -168,23 +259,28 @@ def _bars_from_emulate(document: dict) -> tuple[list[list[dict]], str] | None:
     return ranks, title
 
 
+TIMELINE_STYLE = {  # kind: (colour, row offset, bar height, legend label)
+    "compute": ("tab:blue", 0.0, 0.5, "compute (attention and merge of one step)"),
+    "transfer": ("tab:orange", 0.32, 0.16, "K/V transfer, from its posting, as long as it takes alone"),
+    "wait": ("tab:red", -0.32, 0.16, "waiting for the next K/V block"),
+    "gap": ("lightgrey", 0.0, 0.5, "gap: idle, or host work outside the spans"),
+}
+
+
 def timeline_figure(document: dict, out_dir: Path) -> list[Path]:
-    """Compute and transfer bars per ring step per rank, from a scaling or emulate run."""
+    """Compute, transfer, wait and gap bars per ring step per rank, from a scaling or emulate run."""
     found = _bars_from_scaling(document) if document["kind"] == "scaling" else _bars_from_emulate(document)
     if found is None:
         return []
     ranks, title = found
-    colors = dict(compute="tab:blue", transfer="tab:orange", wait="tab:red")
-    offsets = dict(compute=0.0, transfer=0.3, wait=-0.3)
-    figure, axis = plt.subplots(figsize=(10, 0.6 * len(ranks) + 1.8))
+    figure, axis = plt.subplots(figsize=(10, 0.6 * len(ranks) + 2.6))
     labelled = set()
     for index, bars in enumerate(ranks):
         for bar in bars:
             kind = bar["kind"]
-            height = 0.5 if kind == "compute" else 0.2
-            axis.barh(index + offsets[kind], bar["end_ms"] - bar["start_ms"], left=bar["start_ms"], height=height,
-                      color=colors[kind], edgecolor="black", linewidth=0.3,
-                      label=None if kind in labelled else kind)
+            color, offset, height, label = TIMELINE_STYLE[kind]
+            axis.barh(index + offset, bar["end_ms"] - bar["start_ms"], left=bar["start_ms"], height=height,
+                      color=color, edgecolor="black", linewidth=0.3, label=None if kind in labelled else label)
             labelled.add(kind)
             if kind == "compute":
                 axis.text((bar["start_ms"] + bar["end_ms"]) / 2, index, str(bar["step"]), ha="center", va="center",
@@ -193,9 +289,9 @@ def timeline_figure(document: dict, out_dir: Path) -> list[Path]:
     axis.set_yticklabels([f"rank {i}" for i in range(len(ranks))])
     axis.invert_yaxis()
     axis.set_xlabel("time (ms); numbers: ring step")
-    axis.legend(fontsize=8, loc="upper right")
+    axis.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=2, frameon=False)
     axis.set_title(f"{title}\n{machine_label(document)}", fontsize=9)
-    return [_save(figure, out_dir / f"ring-timeline-{document['kind']}.png")]
+    return [_save(figure, out_dir / f"ring-timeline-{document['kind']}.png", oversubscription_note(document))]
 
 
 FIGURES = {"kernels": [kernel_figures], "scaling": [scaling_figures, timeline_figure],

@@ -52,3 +52,17 @@ def test_non_contiguous_inputs_give_the_contiguous_answer(backend):
     want = _autograd(fn, q, k, v, dout)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "naive"])
+def test_a_head_dim_that_is_not_unit_stride(backend):
+    """x.permute(0, 1, 3, 2) of a [B, S, D, H] tensor: the answer of the contiguous copy
+    (PyTorch's CPU kernel read such views as garbage)."""
+    q, k, v, dout = _inputs(seed=2)
+    views = [x.transpose(2, 3).contiguous().transpose(2, 3) for x in (q, k, v, dout)]  # memory [B, S, D, H]
+    assert all(x.stride(-1) != 1 for x in views)
+    fn = lambda q, k, v: local_attention(q, k, v, causal=True, backend=backend, return_lse=True)  # noqa: E731
+    got = _autograd(fn, *views)
+    want = _autograd(fn, q, k, v, dout)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6, msg=name)

@@ -1,18 +1,24 @@
-"""``usp-bench kernels | scaling | emulate | model | plot`` end to end at toy sizes:
-exit status, progress output, the JSON schema, and PNG figures from the JSON."""
+"""``usp-bench kernels | scaling | emulate | model | plot | all`` end to end at toy sizes:
+exit status, progress output, the JSON schema, the figures, and the help of every option."""
 
+import argparse
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from usp.bench.__main__ import COMMANDS, main
+from usp.bench import main_job
+from usp.bench.__main__ import COMMANDS, build_parser, main
+from usp.bench.cli_args import HelpFormatter
 from usp.bench.flops import FLOP_CONVENTION
 from usp.bench.launch import free_port
 from usp.bench.results import TIMING_FIELDS
+from usp.plots.cli import build_parser as build_plots_parser
 from usp.plots.cli import main as plots_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +33,7 @@ def _document(directory: Path, kind: str) -> dict:
 
 
 def _timed_document(directory: Path, kind: str) -> dict:
-    """A benchmark result whose records all carry the DESIGN timing fields, first."""
+    """A benchmark result whose records all carry the timing fields, first."""
     document = _document(directory, kind)
     records = document["records"]
     assert records and document["timing_fields"] == list(TIMING_FIELDS)
@@ -38,35 +44,51 @@ def _timed_document(directory: Path, kind: str) -> dict:
     return document
 
 
+TOY_RUNS = {
+    "kernels": ["--impl", "triton", "--impl", "torch", "--impl", "naive", "--impl", "sdpa-math", "--impl", "sdpa-flash",
+                "--seqlen", "32", "64", "--head-dim", "16", "--heads", "2", "--dtype", "fp32", "--warmup", "0",
+                "--repeats", "1"],
+    "scaling": ["--world-size", "1", "2", "--seqlen", "32", "64", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
+                "--warmup", "0", "--repeats", "1"],
+    "emulate": ["--world-size", "4", "--ulysses-degree", "2", "--tokens-per-rank", "8", "--heads", "4", "--kv-heads",
+                "2", "--head-dim", "16", "--warmup", "0", "--repeats", "1", "--bandwidth", "slow=0.001",
+                "--bandwidth", "fast=100"],
+    "model": ["--seqlen", "32768", "--degrees", "2", "8"],
+}
+
+
 @pytest.fixture(scope="module")
 def toy_results(tmp_path_factory):
-    """Every command once, at toy sizes, into one directory (the plot test reads it)."""
+    """Every command once, at toy sizes, into one folder (the plot test reads it)."""
     out = tmp_path_factory.mktemp("results")
-    runs = {
-        "kernels": ["kernels", "--impl", "triton", "--impl", "torch", "--impl", "naive", "--impl", "sdpa-math",
-                    "--impl", "sdpa-flash", "--seqlen", "32", "64", "--head-dim", "16", "--heads", "2",
-                    "--dtype", "fp32", "--warmup", "0", "--repeats", "1"],
-        "scaling": ["scaling", "--world-size", "2", "--seqlen", "32", "64", "--heads", "4", "--kv-heads", "2",
-                    "--head-dim", "16", "--warmup", "0", "--repeats", "1"],
-        "emulate": ["emulate", "--world-size", "4", "--ulysses-degree", "2", "--tokens-per-rank", "8", "--heads", "4",
-                    "--kv-heads", "2", "--head-dim", "16", "--warmup", "0", "--repeats", "1",
-                    "--bandwidth", "slow=0.001", "--bandwidth", "fast=100"],
-        "model": ["model", "--seqlen", "32768", "--degrees", "2", "8"],
-    }
     outputs = {}
-    for kind, argv in runs.items():
-        proc = subprocess.run([sys.executable, "-m", "usp.bench", *argv, "--out-dir", str(out)], cwd=ROOT,
+    for kind, options in TOY_RUNS.items():
+        proc = subprocess.run([sys.executable, "-m", "usp.bench", kind, *options, "--out-dir", str(out)], cwd=ROOT,
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         outputs[kind] = proc.stdout
     return out, outputs
 
 
-def test_every_command_has_help():
-    for command in COMMANDS:
-        with pytest.raises(SystemExit) as exit_info:
-            main([command, "--help"])
-        assert exit_info.value.code == 0
+def test_every_option_shows_its_default_and_no_markup():
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subparsers.choices) == set(COMMANDS)
+    for name, sub in subparsers.choices.items():
+        text = sub.format_help()
+        assert "``" not in text, name
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert "default" in HelpFormatter(name)._get_help_string(action), f"{name} {action.option_strings}"
+    assert "``" not in parser.format_help()
+
+
+def test_plots_help_shows_defaults():
+    parser = build_plots_parser()
+    assert "``" not in parser.format_help()
+    for action in parser._actions:
+        if action.dest != "help":
+            assert "default" in action.help, action.dest
 
 
 def test_kernels_command(toy_results):
@@ -78,10 +100,12 @@ def test_kernels_command(toy_results):
     assert {r["impl"] for r in records} == {"triton", "torch", "naive", "sdpa-math", "sdpa-flash"}
     assert len(records) == 2 * 2 * 3 * 5
     for r in records:
-        assert r["speedup_vs_sdpa"] == pytest.approx(min(r["vs_sdpa"].values()))
         expected = 4 * r["batch"] * r["heads"] * r["seqlen"] ** 2 * r["head_dim"] * (0.5 if r["causal"] else 1.0)
         expected *= {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[r["pass"]]
         assert r["flops"] == expected and r["tflops"] == pytest.approx(expected / (r["ms"] * 1e-3) / 1e12)
+        sdpa = {s["impl"]: s["ms"] for s in records if s["impl"].startswith("sdpa") and
+                (s["seqlen"], s["causal"], s["pass"]) == (r["seqlen"], r["causal"], r["pass"])}
+        assert r["speedup_vs_sdpa"] == pytest.approx(min(sdpa.values()) / r["ms"])
     assert set(document["summary"]["speedup_vs_fastest_sdpa"]["torch"]) == {"fwd", "bwd", "fwd+bwd"}
     assert "[  1/4] fp32 b1 s32 h2/2 d16 full" in outputs["kernels"]  # progress
     assert "headline torch:" in outputs["kernels"]
@@ -91,16 +115,22 @@ def test_scaling_command(toy_results):
     out, outputs = toy_results
     document = _timed_document(out, "scaling")
     records = document["records"]
-    assert document["config"]["world_size"] == 2 and document["config"]["process_group"] == "gloo"
-    # meshes u1r2 (ring) and u2r1 (Ulysses), 2 seqlens, 2 passes
-    assert {r["impl"] for r in records} == {"ring-u1r2-zigzag", "ulysses-u2r1"} and len(records) == 8
+    assert document["config"]["world_sizes"] == [1, 2]
+    assert [run["process_group"] for run in document["config"]["runs"]] == ["gloo", "gloo"]
+    # N = 1: one mesh; N = 2: ring and Ulysses; 2 seqlens, 2 passes each
+    assert {(r["impl"], r["world_size"]) for r in records} == {("ring-u1r1-zigzag", 1), ("ring-u1r2-zigzag", 2),
+                                                               ("ulysses-u2r1", 2)}
+    assert len(records) == 3 * 2 * 2
     for r in records:
-        assert len(r["ranks"]) == 2 and r["tokens_per_s"] > 0 and r["peak_memory_bytes_max"] > 0
+        assert len(r["ranks"]) == r["world_size"] and r["tokens_per_s"] > 0
+        assert r["tokens_per_rank"] * r["world_size"] == r["seqlen"]
+        assert r["peak_memory_bytes_max"] is None  # not measured on a CPU
         for rank in r["ranks"]:
-            assert rank["bytes_sent"] > 0 and rank["comm_wait_ms"] >= 0 and len(rank["times_ms"]) == 1
+            assert len(rank["times_ms"]) == 1
+            assert 0 <= rank["comm_wait_ms"] <= rank["traced_ms"]  # a wait lies inside its call
             assert rank["tflops"] == pytest.approx(r["flops"] / (rank["ms"] * 1e-3) / 1e12)
             assert rank["timeline"] and all(e["start_ms"] >= 0 for e in rank["timeline"])
-        if r["impl"].startswith("ring"):
+        if r["impl"].startswith("ring-u1r2"):
             # one K/V hop forward: K and V of [1, s/2, 2, 16] fp32; backward adds a hop and 2 accumulator hops
             kv_hop = 2 * r["seqlen"] // 2 * 2 * 16 * 4
             expected = kv_hop if r["pass"] == "fwd" else 2 * kv_hop + 2 * kv_hop
@@ -108,9 +138,16 @@ def test_scaling_command(toy_results):
             loops = r["ranks"][0]["ring"]
             assert set(loops) == ({"forward"} if r["pass"] == "fwd" else {"forward", "backward"})
             assert all(loop["overlap"] > 0 for loop in loops.values())
-        else:
+        elif r["world_size"] == 2:
             assert r["ranks"][0]["p2p_bytes"] == 0 and r["ranks"][0]["all_to_all_bytes"] > 0
-    assert "[  1/8] ring-u1r2-zigzag" in outputs["scaling"]
+        else:
+            assert r["bytes_sent_per_rank"] == 0
+    # the progress line of each case shows the figure the table and the JSON hold
+    progress = re.findall(r"N=(\d+) (\S+) +s(\d+) +(\S+) +([\d.]+) ms;", outputs["scaling"])
+    assert len(progress) == len(records)
+    by_case = {(r["world_size"], r["impl"], r["seqlen"], r["pass"]): r["ms"] for r in records}
+    for world, impl, seqlen, pass_, ms in progress:
+        assert float(ms) == pytest.approx(by_case[(int(world), impl, int(seqlen), pass_)], abs=0.006)
 
 
 def test_emulate_command(toy_results):
@@ -119,10 +156,17 @@ def test_emulate_command(toy_results):
     records = document["records"]
     assert {r["impl"] for r in records} == {"usp-u2r2-zigzag", "usp-u2r2-contiguous"} and len(records) == 4
     for r in records:
-        assert r["seqlen"] == 32 and r["overhead"] > 0 and r["imbalance"] >= 1
+        per_rank = r["per_rank_compute_ms"]
+        assert r["seqlen"] == 32 and len(per_rank) == 2
+        assert r["imbalance"] == pytest.approx(max(per_rank) / (sum(per_rank) / len(per_rank)))
+        assert r["ms"] == pytest.approx(max(per_rank))
         slow, fast = r["predictions"]["slow"], r["predictions"]["fast"]
         assert slow["predicted_ms"] > fast["predicted_ms"] >= r["ms"] * (1 - 1e-9)
-        assert len(r["per_rank_compute_ms"]) == 2
+    # every step the ring plan computes was timed: zigzag causal computes on every step of every rank
+    zigzag_fwd = next(r for r in records if r["impl"] == "usp-u2r2-zigzag" and r["pass"] == "fwd")
+    assert all(t > 0 for steps in zigzag_fwd["step_ms"]["fwd"] for t in steps)
+    contiguous = next(r for r in records if r["impl"] == "usp-u2r2-contiguous" and r["pass"] == "fwd")
+    assert contiguous["step_ms"]["fwd"][0][1] == 0  # rank 0 sees nothing of rank 1's later keys
     assert document["timelines"]["zigzag"]
     assert "layout zigzag: 2 ring ranks" in outputs["emulate"]
 
@@ -131,13 +175,12 @@ def test_model_command(toy_results):
     out, outputs = toy_results
     document = _document(out, "model")
     assert [row["degree"] for row in document["volumes"]] == [2, 8]
-    assert document["recommendation"] == {key: document["ranking"][0][key] for key in
-                                          ("ulysses_degree", "ring_degree", "placement")} | \
-        {"predicted_ms": document["ranking"][0]["total_ms"]}
-    verdicts = {check["claim"]: check["agrees"] for check in document["paper_checks"]}
-    assert verdicts["SP-Ring sends 4 units per block"] is False  # 6 counted: stated in the README
-    assert any(v is None for v in verdicts.values())  # Table 6: not checked, and said so
-    assert all(check["source"] and check["model"] for check in document["paper_checks"])
+    assert document["recommendation"]["predicted_ms"] == min(p["total_ms"] for p in document["ranking"])
+    checks = {check["claim"]: check for check in document["paper_checks"]}
+    ring = checks["SP-Ring sends 4 units per block"]
+    assert ring["model"] == "counted the paper's way 4.00, as sent 6.00 units at N = 1024" and ring["agrees"] is True
+    assert all(check["source"].startswith("paper, Table") and isinstance(check["agrees"], bool)
+               for check in checks.values())
     assert "recommended: u" in outputs["model"] and "against the paper:" in outputs["model"]
 
 
@@ -152,7 +195,7 @@ def test_scaling_under_torchrun(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (record,) = _timed_document(tmp_path, "scaling")["records"]
-    assert record["impl"] == "ulysses-u2r1" and len(record["ranks"]) == 2
+    assert record["impl"] == "ulysses-u2r1" and record["world_size"] == 2 and len(record["ranks"]) == 2
     assert all(len(rank["times_ms"]) == 2 for rank in record["ranks"])
 
 
@@ -163,7 +206,7 @@ def test_model_with_a_custom_shape(tmp_path, capsys):
     document = _document(tmp_path, "model")
     assert document["config"]["model"]["name"] == "custom" and document["config"]["cluster"]["intra_gbs"] == 100
     assert document["config"]["block_params"] == 1024 * 1024 * 2.5 + 3 * 1024 * 4096 + 2 * 1024
-    # 8 GPUs, 8 heads: u in 1, 2, 4, 8; the two hybrids have two placements
+    # 8 GPUs, 8 query and 2 K/V heads: u in 1, 2, 4, 8; the two hybrids have two placements
     assert len(document["ranking"]) == 6
     assert "recommended: u" in capsys.readouterr().out
 
@@ -171,7 +214,7 @@ def test_model_with_a_custom_shape(tmp_path, capsys):
 def test_plot_writes_png_figures_from_the_toy_runs(toy_results, tmp_path):
     out, _ = toy_results
     figures = tmp_path / "figures"
-    assert plots_main(["--results-dir", str(out), "--out-dir", str(figures)]) == 0
+    assert plots_main([str(out), "--out-dir", str(figures)]) == 0
     names = {p.name for p in figures.glob("*.png")}
     assert {"kernels-fp32-d16-full.png", "kernels-fp32-d16-causal.png", "scaling-fwd.png", "scaling-fwd-bwd.png",
             "comm-volume.png", "ring-timeline-scaling.png", "ring-timeline-emulate.png"} == names
@@ -180,18 +223,54 @@ def test_plot_writes_png_figures_from_the_toy_runs(toy_results, tmp_path):
         assert data.startswith(b"\x89PNG") and len(data) > 5000
 
 
-def test_plot_refuses_a_result_without_figures(tmp_path, capsys):
+def test_plot_refuses_results_of_different_machines(toy_results, tmp_path, capsys):
+    out, _ = toy_results
+    (kernels,) = out.glob("kernels-*.json")
+    other = json.loads(kernels.read_text())
+    other["machine"]["device"] = "Some Other CPU"
+    (tmp_path / "kernels-other.json").write_text(json.dumps(other))
+    (scaling,) = out.glob("scaling-*.json")
+    shutil.copy(scaling, tmp_path)
+    assert plots_main([str(tmp_path), "--out-dir", str(tmp_path / "f")]) == 1
+    error = capsys.readouterr().err
+    assert "these results come from different machines: " in error and "Some Other CPU" in error
+    assert plots_main([str(tmp_path), "--out-dir", str(tmp_path / "f"), "--mixed-machines"]) == 0
+
+
+def test_plot_refuses_a_result_without_figures(tmp_path, capsys, monkeypatch):
     bogus = tmp_path / "x.json"
     bogus.write_text(json.dumps({"kind": "verify"}))
     assert plots_main([str(bogus), "--out-dir", str(tmp_path / "f")]) == 1
     assert "no figures for results of kind 'verify'" in capsys.readouterr().err
-    assert plots_main(["--results-dir", str(tmp_path / "empty"), "--out-dir", str(tmp_path / "f")]) == 2
+    monkeypatch.chdir(tmp_path)
+    assert plots_main([]) == 2  # no runs/ folder here
+    assert "no results under runs/" in capsys.readouterr().err
+
+
+def test_the_main_job_writes_one_run_folder_and_nothing_else(tmp_path, monkeypatch, capsys):
+    """usp-bench all: every step's JSON and the figures in one new folder under runs/."""
+    toy = dict(TOY_RUNS, verify=["--backend", "naive", "--world-size", "2"],
+               scaling=["--seqlen", "32", "--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--pass", "fwd",
+                        "--warmup", "0", "--repeats", "1"])
+    real = main_job.step_options
+    monkeypatch.setattr(main_job, "step_options", lambda step, args: real(step, args) + toy[step])
+    monkeypatch.chdir(tmp_path)
+    assert main(["all", "--world-size", "1", "2"]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert list(tmp_path.iterdir()) == [tmp_path / "runs"]
+    kinds = sorted(json.loads(p.read_text())["kind"] for p in run_dir.glob("*.json"))
+    assert kinds == ["emulate", "kernels", "model", "scaling", "verify"]
+    assert {p.name for p in (run_dir / "figures").glob("*.png")} >= {"scaling-fwd.png", "comm-volume.png",
+                                                                     "ring-timeline-emulate.png"}
+    output = capsys.readouterr().out
+    assert f"results in runs/{run_dir.name}, figures in runs/{run_dir.name}/figures" in output
 
 
 @pytest.mark.parametrize("argv, message", [
     (["scaling", "--world-size", "2", "--seqlen", "30"], "--seqlen 30"),
     (["emulate", "--world-size", "4", "--ulysses-degree", "3"], "must divide the world size"),
     (["model", "--model", "custom", "--hidden", "64"], "model custom needs --heads"),
+    (["model", "--seqlen", "1000"], "must be divisible by every degree"),
     (["scaling", "--mesh", "2y2"], "expected a mesh like 2x4"),
     (["emulate", "--bandwidth", "nvlink"], "expected NAME=GB/s"),
 ])

@@ -44,7 +44,7 @@ def test_verify_exits_non_zero_when_a_backend_is_wrong(tmp_path, monkeypatch, ca
         out, lse = naive.forward(q, k, v, **kwargs)
         return out, lse + 1e-3
 
-    monkeypatch.setitem(backends.BACKENDS, "torch", backends.Backend("torch", wrong_lse, naive.backward))
+    monkeypatch.setitem(backends.BACKENDS, "torch", backends.FunctionBackend("torch", wrong_lse, naive.backward))
     monkeypatch.setattr(verify, "CPU_SHAPES", verify.CPU_SHAPES[:1])
     monkeypatch.setattr(verify, "GPU_SHAPES", verify.GPU_SHAPES[:1])
     status = main(["verify", "--backend", "torch", "--dtype", "fp32", "--no-distributed", "--out-dir", str(tmp_path)])

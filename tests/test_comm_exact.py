@@ -76,15 +76,17 @@ def _mesh_groups(placement):
     mesh = init_mesh(2, 2, placement)
     on_sub = init_mesh(2, 1, group=[2, 1])
     sub = dist.new_group([1, 2])
-    if dist.get_rank() in (1, 2):  # members may pass the group itself, the others its ranks
-        assert dist.get_process_group_ranks(init_mesh(2, 1, group=sub, timeout=_SHORT).ulysses_group) == [1, 2]
+    member = dist.get_rank() in (1, 2)
+    try:  # the placeholder a non-member holds names no ranks: every rank hears of it, nothing hangs
+        init_mesh(2, 1, group=sub)
+        raise AssertionError("a non-member's placeholder group was accepted")
+    except ValueError as error:
+        assert "disagree on init_mesh (group)" in str(error) and "pass the list of ranks instead" in str(error)
+    sub_mesh = init_mesh(2, 1, group=sub if member else [1, 2], timeout=_SHORT)  # the group itself, or its ranks
+    if member:
+        assert dist.get_process_group_ranks(sub_mesh.ulysses_group) == [1, 2]
     else:
-        try:  # the placeholder a non-member holds names no ranks: refused before any collective
-            init_mesh(2, 1, group=sub)
-            raise AssertionError("a non-member's placeholder group was accepted")
-        except ValueError as error:
-            assert "pass the ranks instead" in str(error)
-        assert init_mesh(2, 1, group=[1, 2]) is None
+        assert sub_mesh is None
     other = init_mesh(1, 4, "ring_inner")  # a second mesh over the same ranks
     return dict(
         coords=(mesh.dp_rank, mesh.ulysses_rank, mesh.ring_rank),
@@ -141,8 +143,14 @@ def _module_and_options():
     with record_traffic() as unchecked:
         from_function = usp_attention(q, k, v, mesh, causal=True, backend="naive", check_ranks=False)
     assert torch.equal(from_module, from_function)
-    # Non-causal ring attention with more keys than queries (cross attention), contiguous layout.
+    # A head dim that is not unit-stride ([B, S, D, H] memory) reaches the torch backend through a pure ring.
     ring = init_mesh(1, 4)
+    q, k, v = (shard_sequence(torch.randn(1, 16, 4, 8, generator=generator, dtype=torch.float64), ring)
+               for _ in range(3))
+    views = [x.transpose(2, 3).contiguous().transpose(2, 3) for x in (q, k, v)]
+    torch.testing.assert_close(usp_attention(*views, ring, causal=True, backend="torch"),
+                               usp_attention(q, k, v, ring, causal=True, backend="torch"), rtol=0, atol=1e-12)
+    # Non-causal ring attention with more keys than queries (cross attention), contiguous layout.
     q_all = torch.randn(2, 8 * 4, 2, 8, generator=generator, dtype=torch.float64)
     kv_all = torch.randn(2, 12 * 4, 1, 8, generator=generator, dtype=torch.float64)
     out = ring_attention(shard_sequence(q_all, ring, layout="contiguous"),

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from usp.bench import cost_model as cm
-from usp.bench.emulate import Problem, predict, transfer_bytes
+from usp.bench.emulate import Problem, predict
 from usp.bench.flops import attention_flops, tflops
 from usp.bench.scaling import ring_overlap
 from usp.comm import traffic
@@ -66,7 +66,8 @@ def test_memory_by_hand():
     assert LLAMA2.block_params == psi == 202_383_360
     assert cm.memory(LLAMA2, 1, 8192, 8, "dp")["params"] == 16 * psi
     assert cm.memory(LLAMA2, 1, 8192, 8, "zero1")["params"] == pytest.approx((4 + 12 / 8) * psi)
-    assert cm.memory(LLAMA2, 1, 8192, 8, "sp+zero3") == cm.memory(LLAMA2, 1, 8192, 8, "tp-sp")
+    assert cm.memory(LLAMA2, 1, 8192, 8, "sp+zero3")["params"] == 16 * psi / 8
+    assert cm.memory(LLAMA2, 1, 8192, 8, "tp-sp")["params"] == 16 * psi / 8
     assert cm.memory(LLAMA2, 1, 8192, 8, "sp")["activations"] == 34 * 8192 * 4096 / 8
     with pytest.raises(ValueError, match="method must be one of"):
         cm.memory(LLAMA2, 1, 8192, 8, "fsdp")
@@ -89,19 +90,24 @@ def test_group_bandwidth_follows_the_placement():
     assert cm.group_bandwidth(cluster, 2, 4, "ulysses_inner") == dict(ulysses=200.0, ring=200.0)
 
 
-def test_ranking_covers_every_mesh_and_is_sorted():
+def test_ranking_covers_every_mesh_and_placement():
     ranking = cm.rank_meshes(LLAMA3, cm.CLUSTERS["2x8xA800"], 1, 65536)
     assert {(p["ulysses_degree"], p["ring_degree"]) for p in ranking} == {(1, 16), (2, 8), (4, 4), (8, 2), (16, 1)}
     assert len(ranking) == 8  # three hybrids have two placements
-    assert [p["total_ms"] for p in ranking] == sorted(p["total_ms"] for p in ranking)
+    for p in ranking:
+        assert p["total_ms"] == pytest.approx(p["compute_ms"] + p["all_to_all_ms"] + p["exposed_ring_ms"])
+    # 12 heads and 3 K/V heads on 8 GPUs: u = 8 cannot split the query heads, u = 2 and 4 not the K/V heads
+    odd = cm.ModelShape("odd", 1536, 12, 3, 2, 4096)
+    assert [(p["ulysses_degree"], p["ring_degree"]) for p in cm.rank_meshes(odd, cm.CLUSTERS["8xA100-NVLink"],
+                                                                            1, 8192)] == [(1, 8)]
 
 
 def test_emulated_prediction_is_lock_step_by_hand():
     problem = Problem(world_size=2, ulysses_degree=1, tokens_per_rank=4, batch=1, heads=2, kv_heads=1, head_dim=8,
                       dtype="fp32", causal=True)
-    sizes = transfer_bytes(problem)
-    assert sizes["kv_hop"] == 2 * 1 * 4 * 1 * 8 * 4  # K and V: b, s/r, kv heads, d, fp32
-    assert sizes["all_to_all_fwd"] == 0  # no Ulysses
+    volume = problem.volume()
+    assert volume.kv_hop_bytes == 2 * 1 * 4 * 1 * 8 * 4  # K and V: b, s/r, kv heads, d, fp32
+    assert volume.all_to_all_bytes == 0  # no Ulysses
     times = {"fwd": [[1.0, 0.0], [2.0, 3.0]], "bwd": [[4.0, 0.0], [5.0, 6.0]]}
     # a 256-byte hop at 1e-6 GB/s (1000 B/s) takes 256 ms: step 0 waits for it, step 1 does not
     forward = predict(problem, times, "fwd", 1e-6, 0.0)

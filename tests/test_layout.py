@@ -80,6 +80,10 @@ def test_sequence_length_errors_name_the_requirement():
         check_global_seqlen(8, 3, 2, "contiguous")
     with pytest.raises(ValueError, match="layout must be one of"):
         check_global_seqlen(8, 1, 1, "striped")
+    with pytest.raises(TypeError, match="must be an int, got 8.0"):
+        check_global_seqlen(8.0, 1, 1, "zigzag")
+    with pytest.raises(ValueError, match="must be positive, got -4"):
+        check_global_seqlen(-4, 1, 1, "contiguous")
 
 
 @pytest.mark.parametrize("placement", ["ulysses_inner", "ring_inner"])

@@ -1,12 +1,16 @@
-"""merge_attention, and ring semantics at kernel level: attention over K/V blocks, one
-block per call, merged through the LSE (forward) and fed the global out and lse
-(backward), equals attention over the whole sequence."""
+"""merge_attention, and ring semantics in one process: the ring loops of
+usp.attention.ring on a ring of threads, and attention over K/V blocks, one block per
+call, merged through the LSE (forward) and fed the global out and lse (backward), equal
+attention over the whole sequence."""
 
 import pytest
 import torch
 
-from usp.bench.numerics import Case, compare, reference
 from conftest import DEVICE
+from thread_ring import run_on_ring
+from usp.attention.layout import ring_positions
+from usp.attention.ring import ring_backward, ring_forward
+from usp.bench.numerics import Case, compare, reference, run_backend
 from usp.kernels import AttentionShape, get_backend, merge_attention
 
 INF = float("inf")
@@ -63,60 +67,41 @@ def test_merge_rejects_mismatched_shapes():
         merge_attention(out, torch.zeros(1, 4, 2), out, torch.zeros(1, 4, 2))
 
 
-def _block_kind(q_chunk: int, k_chunk: int, causal: bool):
-    """Contiguous ring layout: a query chunk sees earlier key chunks fully, its own
-    chunk causally (square, so the alignment is the diagonal) and later ones not at all."""
-    if not causal or k_chunk < q_chunk:
-        return False
-    return True if k_chunk == q_chunk else None
-
-
-def ring_attention_by_blocks(backend, q, k, v, dout, causal: bool, chunks: int):
-    """Out, lse and gradients of attention computed one (query chunk, key chunk) block at a time."""
+def ring_by_threads(backend: str, q, k, v, dout, causal: bool, ring_size: int, layout: str) -> dict:
+    """Out, lse and gradients of the ring loops of ``usp.attention.ring`` run on a ring of
+    threads, each rank on its shard of the whole sequence, gathered back in order."""
     be = get_backend(backend)
-    qs, ks, vs, dos = (x.chunk(chunks, dim=1) for x in (q, k, v, dout))
-    outs, lses = [], []
-    for i in range(chunks):
-        out = torch.zeros(qs[i].shape, dtype=torch.float32, device=q.device)
-        lse = torch.full((q.shape[0], q.shape[2], qs[i].shape[1]), -INF, device=q.device)
-        for j in range(chunks):
-            kind = _block_kind(i, j, causal)
-            if kind is None:
-                continue
-            block_out, block_lse = be.forward(qs[i], ks[j], vs[j], causal=kind, softmax_scale=None)
-            out, lse = merge_attention(out, lse, block_out, block_lse)
-        outs.append(out.to(q.dtype))
-        lses.append(lse)
-    dq = [torch.zeros(x.shape, dtype=torch.float32, device=q.device) for x in qs]
-    dk = [torch.zeros(x.shape, dtype=torch.float32, device=q.device) for x in ks]
-    dv = [torch.zeros(x.shape, dtype=torch.float32, device=q.device) for x in vs]
-    for i in range(chunks):
-        for j in range(chunks):
-            kind = _block_kind(i, j, causal)
-            if kind is None:
-                continue
-            g = be.backward(dos[i], qs[i], ks[j], vs[j], outs[i], lses[i], causal=kind, softmax_scale=None)
-            dq[i] += g[0]
-            dk[j] += g[1]
-            dv[j] += g[2]
-    cat = lambda xs, dim=1: torch.cat(xs, dim=dim)  # noqa: E731
-    return dict(out=cat(outs), lse=cat(lses, dim=2), dq=cat(dq).to(q.dtype), dk=cat(dk).to(k.dtype),
-                dv=cat(dv).to(v.dtype))
+    positions = [ring_positions(q.shape[1], ring_size, rank, layout) for rank in range(ring_size)]
+    scale = q.shape[-1] ** -0.5
+
+    def rank_main(ring):
+        mine = lambda x: x[:, positions[ring.rank]]  # noqa: E731
+        out, lse = ring_forward(mine(q), mine(k), mine(v), ring, causal, scale, layout, be)
+        grads = ring_backward(mine(dout), mine(q), mine(k), mine(v), out, lse, ring, causal, scale, layout, be)
+        return out, lse, *grads
+
+    per_rank = run_on_ring(ring_size, rank_main)
+    order = torch.cat(positions).argsort()
+    gather = lambda i, dim=1: torch.cat([r[i] for r in per_rank], dim=dim).index_select(dim, order)  # noqa: E731
+    return dict(out=gather(0), lse=gather(1, dim=2), dq=gather(2), dk=gather(3), dv=gather(4))
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch", "naive"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_ring_of_blocks_equals_full_attention(backend, causal, dtype):
-    batch, seqlen, heads, kv_heads, head_dim, chunks = 1, 48, 4, 2, 32, 3
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+def test_the_ring_schedule_equals_full_attention(backend, causal, dtype, layout):
+    """The ring loops themselves, on 3 ranks, against the float64 oracle (tolerance rule of
+    usp.bench.numerics: baseline plain torch on the whole sequence in the input dtype)."""
+    batch, seqlen, heads, kv_heads, head_dim = 1, 48, 4, 2, 32
     q = _randn(batch, seqlen, heads, head_dim, dtype=dtype, seed=7)
     k = _randn(batch, seqlen, kv_heads, head_dim, dtype=dtype, seed=8)
     v = _randn(batch, seqlen, kv_heads, head_dim, dtype=dtype, seed=9)
     dout = _randn(batch, seqlen, heads, head_dim, dtype=dtype, seed=10)
     case = Case(backend, dtype, AttentionShape(batch, seqlen, seqlen, heads, kv_heads, head_dim), causal)
-    ring = ring_attention_by_blocks(backend, q, k, v, dout, causal, chunks)
-    whole = ring_attention_by_blocks("naive", q, k, v, dout, causal, 1)  # plain torch, input dtype
-    errors, tolerances, failures = compare(case, ring, reference(q, k, v, dout, causal), whole)
+    ring = ring_by_threads(backend, q, k, v, dout, causal, 3, layout)
+    baseline = run_backend("naive", q, k, v, dout, causal)
+    errors, tolerances, failures = compare(case, ring, reference(q, k, v, dout, causal), baseline)
     assert not failures, failures
 
 
@@ -138,6 +123,6 @@ def test_ring_over_key_chunks_with_more_keys_than_queries(backend):
     ring = dict(out=out, lse=lse, dq=sum(g[0] for g in grads), dk=torch.cat([g[1] for g in grads], 1),
                 dv=torch.cat([g[2] for g in grads], 1))
     case = Case(backend, torch.float32, AttentionShape(2, 20, 70, 2, 1, 64), False)
-    baseline = ring_attention_by_blocks("naive", q, k, v, dout, False, 1)
+    baseline = run_backend("naive", q, k, v, dout, False)
     _, _, failures = compare(case, ring, reference(q, k, v, dout, False), baseline)
     assert not failures, failures

@@ -6,7 +6,7 @@ import zlib
 import pytest
 import torch
 
-from usp.bench.numerics import Case, run_case
+from usp.bench.numerics import Case, compare, reference, run_backend, run_case
 from conftest import DEVICE
 from usp.kernels import AttentionShape
 
@@ -75,7 +75,7 @@ def test_harness_rejects_a_slightly_wrong_gradient(monkeypatch, dtype):
         dq, dk, dv = torch_backend.backward(*args, **kwargs)
         return dq, dk, dv * 1.01
 
-    wrong = backends.Backend("wrong", torch_backend.forward, dv_off_by_one_percent)
+    wrong = backends.FunctionBackend("wrong", torch_backend.forward, dv_off_by_one_percent)
     monkeypatch.setitem(backends.BACKENDS, "wrong", wrong)
     result = run_case(Case("wrong", dtype, AttentionShape(1, 64, 64, 2, 2, 16), True))
     assert [f.split(":")[0] for f in result.failures] == ["dv"]
@@ -89,3 +89,20 @@ def test_harness_rejects_nan():
     results = dict(ref, dq=torch.tensor([0.0, float("nan")]))
     _, _, failures = compare(case, results, ref, baseline=ref)
     assert [f.split(":")[0] for f in failures] == ["dq"]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "naive"])
+def test_half_precision_scores_beyond_the_fp16_range(backend):
+    """q.k about 1e5 before the softmax scale, over fp16's largest value (65504): every
+    backend stays finite and within the rule (the naive one overflowed to NaN)."""
+    g = torch.Generator().manual_seed(3)
+    make = lambda *s: (40 + torch.randn(*s, generator=g)).to(DEVICE, torch.float16)  # noqa: E731
+    q, k = make(1, 32, 2, 64), make(1, 32, 2, 64)
+    v = torch.randn(1, 32, 2, 64, generator=g).to(DEVICE, torch.float16)
+    dout = torch.randn(1, 32, 2, 64, generator=g).to(DEVICE, torch.float16)
+    assert (torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) > 65504).all()
+    case = Case(backend, torch.float16, AttentionShape(1, 32, 32, 2, 2, 64), True)
+    got = run_backend(backend, q, k, v, dout, True)
+    baseline = None if backend == "naive" else run_backend("naive", q, k, v, dout, True)
+    _, _, failures = compare(case, got, reference(q, k, v, dout, True), baseline)
+    assert not failures, failures

@@ -1,10 +1,13 @@
 """Bad input gets a ValueError or TypeError that names the argument, in every backend."""
 
+import inspect
+
 import pytest
 import torch
 
 from conftest import DEVICE
-from usp.kernels import flash_attn_func, get_backend
+from usp.kernels import BACKENDS as REGISTERED
+from usp.kernels import Backend, flash_attn_func, get_backend, local_attention
 
 BACKENDS = ["triton", "torch", "naive"]
 
@@ -46,6 +49,9 @@ def test_device_mismatch_is_named():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="k is on meta but q is on cpu"):
         get_backend("naive").forward(q, k.to("meta"), v, causal=False, softmax_scale=None)
+    out, lse = get_backend("naive").forward(q, k, v, causal=False, softmax_scale=None)
+    with pytest.raises(ValueError, match="dout is on meta but q is on cpu"):
+        get_backend("naive").backward(q.to("meta"), q, k, v, out, lse, causal=False, softmax_scale=None)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -60,7 +66,11 @@ BACKWARD_ERRORS = [
     ("out shape", lambda a: dict(a, out=a["out"][..., :8]), ValueError, "out must have the shape of q"),
     ("lse shape", lambda a: dict(a, lse=a["lse"].transpose(1, 2)), ValueError, "lse must have shape"),
     ("lse not a tensor", lambda a: dict(a, lse=None), TypeError, "lse must be a torch.Tensor"),
-    ("integer lse", lambda a: dict(a, lse=a["lse"].long()), TypeError, "lse must be a floating-point"),
+    ("integer lse", lambda a: dict(a, lse=a["lse"].long()), TypeError, "lse must be float32 or float64"),
+    ("half lse", lambda a: dict(a, lse=a["lse"].half()), TypeError, "lse must be float32 or float64"),
+    ("float64 dout", lambda a: dict(a, dout=a["dout"].double()), TypeError, "dout has dtype torch.float64 but q"),
+    ("float16 out", lambda a: dict(a, out=a["out"].half()), TypeError, "out has dtype torch.float16 but q"),
+    ("dout not a tensor", lambda a: dict(a, dout=a["dout"].tolist()), TypeError, "dout must be a torch.Tensor"),
 ]
 
 
@@ -110,3 +120,32 @@ def test_default_backend_follows_the_machine():
 def test_flash_attn_func_rejects_dropout():
     with pytest.raises(ValueError, match="dropout_p"):
         flash_attn_func(*_qkv(), dropout_p=0.1)
+
+
+def test_the_backends_satisfy_the_protocol():
+    q, k, v = _qkv()
+    assert sorted(REGISTERED) == sorted(BACKENDS)
+    for name, backend in REGISTERED.items():
+        assert isinstance(backend, Backend) and backend.name == name
+        for method, arguments in (("forward", (q, k, v)), ("backward", (q, q, k, v, q, q[..., 0]))):
+            signature = inspect.signature(getattr(backend, method))
+            signature.bind(*arguments, causal=True, softmax_scale=None)  # the protocol's call shape binds
+
+
+def test_any_object_with_the_contract_is_a_backend():
+    class Doubled:
+        name = "doubled"
+
+        def forward(self, q, k, v, *, causal, softmax_scale):
+            out, lse = REGISTERED["naive"].forward(q, k, v, causal=causal, softmax_scale=softmax_scale)
+            return 2 * out, lse
+
+        def backward(self, dout, q, k, v, out, lse, *, causal, softmax_scale):
+            return REGISTERED["naive"].backward(dout, q, k, v, out, lse, causal=causal, softmax_scale=softmax_scale)
+
+    q, k, v = _qkv()
+    mine = get_backend(Doubled())
+    assert mine.name == "doubled"
+    torch.testing.assert_close(local_attention(q, k, v, backend=mine), 2 * local_attention(q, k, v, backend="naive"))
+    with pytest.raises(TypeError, match="backend must be a name in"):
+        get_backend(42)

@@ -1,0 +1,59 @@
+"""A ring of ranks that are threads of this process, for running the ring loops of
+``usp.attention.ring`` exactly, without processes: each ``send_recv`` puts a copy of
+its tensors in the next rank's mailbox, and ``wait`` takes the previous rank's. One
+thread computes at a time (a baton passed on at every wait), as Triton's interpreter
+is not thread-safe."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+TIMEOUT_S = 60.0
+
+
+class _Mailboxes:
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._boxes: dict[tuple, queue.Queue] = {}
+        self.baton = threading.Lock()  # held by the one thread that computes
+
+    def box(self, rank: int, label: str, step: int) -> queue.Queue:
+        with self._lock:
+            return self._boxes.setdefault((rank, label, step), queue.Queue())
+
+
+class _Arriving:
+    def __init__(self, box: queue.Queue, baton: threading.Lock):
+        self._box, self._baton = box, baton
+
+    def wait(self):
+        self._baton.release()
+        try:
+            return self._box.get(timeout=TIMEOUT_S)
+        finally:
+            self._baton.acquire()
+
+
+class ThreadRing:
+    """The ``RingTransport`` of ring rank ``rank`` of ``size``."""
+
+    def __init__(self, rank: int, size: int, mailboxes: _Mailboxes):
+        self.rank, self.size, self._mailboxes = rank, size, mailboxes
+
+    def send_recv(self, tensors, label: str, step: int) -> _Arriving:
+        self._mailboxes.box((self.rank + 1) % self.size, label, step).put([t.clone() for t in tensors])
+        return _Arriving(self._mailboxes.box(self.rank, label, step), self._mailboxes.baton)
+
+
+def run_on_ring(size: int, fn) -> list:
+    """``fn(ring)`` on every rank of a ring of ``size`` threads; the results in rank order."""
+    mailboxes = _Mailboxes()
+
+    def rank_main(rank: int):
+        with mailboxes.baton:
+            return fn(ThreadRing(rank, size, mailboxes))
+    with ThreadPoolExecutor(max_workers=size) as pool:
+        futures = [pool.submit(rank_main, rank) for rank in range(size)]
+        return [future.result(timeout=TIMEOUT_S) for future in futures]
