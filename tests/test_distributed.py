@@ -43,7 +43,8 @@ def _cases(world: int) -> list[DistCase]:
                    DistCase("usp", 2, 2, 4, layout="contiguous", causal=False, kv_heads=1, backend="triton",
                             dtype=FP32, placement="ring_inner")])
     if world == 8:
-        return (_product("usp", 2, 4, 8, placements=PLACEMENTS) + _product("usp", 4, 2, 8, placements=PLACEMENTS)
+        return (_product("usp", 2, 4, 8, placements=PLACEMENTS, heads=(8, 2))
+                + _product("usp", 4, 2, 8, placements=PLACEMENTS, heads=(8, 2))
                 + _product("usp", 2, 2, 8, placements=PLACEMENTS, heads=(2,))  # dp = 2
                 + _product("ring", 1, 8, 8, layouts=("zigzag",), heads=(2,))
                 + _product("ulysses", 8, 1, 8, layouts=("contiguous",), heads=(1,))

@@ -11,15 +11,16 @@ from conftest import DEVICE
 from usp.kernels import AttentionShape
 
 # (batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim). Together they cover head dims
-# 16/64/80/96/128/256, lengths 1/17/64/129/200, Sq < Sk and Sq > Sk, MHA, GQA 4:1 and MQA.
+# 16/64/80/96/128/256, lengths 1/17/64/129/200, Sq < Sk and Sq > Sk, MHA, GQA 2:1 with two
+# K/V heads, and MQA (4 or 2 query heads on one K/V head).
 SHAPES = [
     (1, 1, 1, 2, 2, 16),
     (2, 17, 17, 2, 2, 64),
     (1, 64, 64, 4, 1, 80),
-    (1, 129, 129, 8, 2, 128),
+    (1, 129, 129, 4, 1, 128),
     (1, 200, 200, 2, 2, 16),
     (1, 17, 129, 4, 1, 64),
-    (1, 200, 64, 8, 2, 80),
+    (1, 200, 64, 4, 2, 80),
     (1, 1, 200, 2, 2, 128),
     (1, 129, 1, 2, 1, 16),
     (1, 64, 100, 2, 2, 96),
