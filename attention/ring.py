@@ -20,7 +20,7 @@ import torch.distributed as dist
 from usp.comm import traffic
 from usp.comm.agreement import call_fields, ensure_ranks_agree
 from usp.comm.mesh import check_group
-from usp.comm.ring import RingComm, RingTransport
+from usp.comm.ring import Delivered, RingComm, RingTransport
 from usp.kernels import get_backend, merge_attention
 from usp.kernels.checks import check_qkv, resolve_softmax_scale
 from usp.kernels.layout import accum_dtype
@@ -56,7 +56,8 @@ def ring_backward(dout, q, k, v, out, lse, ring: RingTransport, causal: bool, sc
     seqlen, acc = q.shape[1], accum_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     kv = [k, v]
-    dkv = [torch.zeros(x.shape, dtype=acc, device=x.device) for x in (k, v)]  # the visiting block's dK, dV so far
+    # dK, dV of the visiting block so far; step 0's block is this rank's own, nothing yet
+    arriving = Delivered([torch.zeros(x.shape, dtype=acc, device=x.device) for x in (k, v)])
     for step in range(ring.size):
         if step + 1 < ring.size:
             incoming = ring.send_recv(kv, traffic.KV_BACKWARD, step + 1)
@@ -68,8 +69,7 @@ def ring_backward(dout, q, k, v, out, lse, ring: RingTransport, causal: bool, sc
                     dout[:, rows], q[:, rows], kv[0][:, keys], kv[1][:, keys], out[:, rows], lse[:, :, rows],
                     causal=block.causal, softmax_scale=scale)
                 dq[:, rows] += block_dq
-        if step > 0:  # this block's accumulator, from the ranks it visited before, sent during the compute
-            dkv = arriving.wait()
+        dkv = arriving.wait()  # from the ranks this block visited before, sent during the compute
         if block is not None:
             with traffic.span(traffic.COMPUTE, label=traffic.ACCUMULATE, step=step):
                 dkv[0][:, keys] += block_dk

@@ -109,7 +109,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=bounded_int(1), default=1, help="batch size")
     parser.add_argument("--degrees", type=bounded_int(1), nargs="+", default=[2, 4, 8, 16, 32],
                         help="degrees N of the volume table")
-    parser.add_argument("--cluster", choices=list(cm.CLUSTERS), default="2x8xA800", help="cluster preset for the ranking")
+    parser.add_argument("--cluster", choices=list(cm.CLUSTERS), default="2x8xA800",
+                        help="cluster preset for the ranking")
     for option, help_ in (("--gpus-per-node", "GPUs per node"), ("--nodes", "nodes")):
         parser.add_argument(option, type=bounded_int(1), help=f"{help_} (default: the preset's)")
     for option, help_ in (("--intra-gbs", "intra-node GB/s per direction per GPU"),

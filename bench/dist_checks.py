@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from usp.attention import gather_sequence, ring_attention, shard_sequence, ulysses_attention, usp_attention
-from usp.comm import init_mesh, record_traffic
+from usp.comm import init_mesh, record_traffic, traffic
 from usp.kernels import AttentionShape
 
 from .launch import run
@@ -88,17 +88,17 @@ def _attend(case: DistCase, mesh, q, k, v):
 
 def _traffic(log) -> dict:
     """What one pass sent: point-to-point sends and bytes, all-to-alls and bytes."""
-    return dict(p2p_sends=log.sends("p2p"), p2p_bytes=log.bytes_sent("p2p"),
-                all_to_alls=len(log.of_kind("all_to_all")), all_to_all_bytes=log.bytes_sent("all_to_all"))
+    return dict(p2p_sends=log.sends(traffic.P2P), p2p_bytes=log.bytes_sent(traffic.P2P),
+                all_to_alls=len(log.of_kind(traffic.ALL_TO_ALL)), all_to_all_bytes=log.bytes_sent(traffic.ALL_TO_ALL))
 
 
 def transfers_lead_compute(log, ring_size: int) -> bool:
     """True when each ring step's compute started after the next step's K/V was posted."""
     posted = set()
     for event in log.events:
-        if event.kind == "p2p" and event.label.startswith("kv"):
+        if event.kind == traffic.P2P and event.label in traffic.KV_LABELS:
             posted.add(event.step)
-        elif event.kind == "compute" and event.step + 1 < ring_size and event.step + 1 not in posted:
+        elif event.kind == traffic.COMPUTE and event.step + 1 < ring_size and event.step + 1 not in posted:
             return False
     return True
 

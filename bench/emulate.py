@@ -212,7 +212,7 @@ def predicted_timeline(problem: Problem, times: dict, bandwidth_gbs: float, late
         compute = [times["fwd"][i][s] for i in range(r)]
         transfer = kv_ms if s < r - 1 else 0.0
         for i in range(r):
-            events.append(dict(rank=i, kind="compute", step=s, start_ms=start, end_ms=start + compute[i]))
+            events.append(dict(rank=i, kind=traffic.COMPUTE, step=s, start_ms=start, end_ms=start + compute[i]))
             if transfer:
                 events.append(dict(rank=i, kind="transfer", step=s + 1, start_ms=start, end_ms=start + transfer))
         start += max(max(compute), transfer)

@@ -1,4 +1,4 @@
-"""The FLOP convention every benchmark figure uses (shared/DESIGN.md).
+"""The FLOP convention every benchmark figure uses (ARCHITECTURE.md).
 
 Forward ``4·B·Hq·Sq·Sk·D`` (two matmuls of ``2·Sq·Sk·D`` per head), halved for causal
 attention (only the unmasked half is counted); backward 2.5x the forward, forward +

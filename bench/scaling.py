@@ -189,8 +189,8 @@ def _measure(settings: Settings, mesh, seqlen: int, pass_: str, device: torch.de
                                                       settings.repeats)
     span_ms = lambda kinds: sum((e.end - e.start) * 1e3 for e in events  # noqa: E731
                                 if e.kind in kinds and e.end is not None)
-    return dict(times_ms=times, traced_ms=traced_ms, bytes_sent=log.bytes_sent(), p2p_bytes=log.bytes_sent("p2p"),
-                all_to_all_bytes=log.bytes_sent("all_to_all"), compute_ms=span_ms({traffic.COMPUTE}),
+    return dict(times_ms=times, traced_ms=traced_ms, bytes_sent=log.bytes_sent(), p2p_bytes=log.bytes_sent(traffic.P2P),
+                all_to_all_bytes=log.bytes_sent(traffic.ALL_TO_ALL), compute_ms=span_ms({traffic.COMPUTE}),
                 comm_wait_ms=span_ms({traffic.WAIT, traffic.ALL_TO_ALL}),
                 ring=ring_overlap(events, mesh.ring_degree, transfer), peak_memory_bytes=peak,
                 timeline=_timeline(events))

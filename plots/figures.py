@@ -87,7 +87,7 @@ def kernel_figures(document: dict, out_dir: Path) -> list[Path]:
 def _family(record: dict) -> str:
     """The line a scaling record belongs to across world sizes."""
     u, r = record["ulysses_degree"], record["ring_degree"]
-    return "ring (u = 1)" if u == 1 else f"Ulysses (r = 1)" if r == 1 else f"USP u = {u}"
+    return "ring (u = 1)" if u == 1 else "Ulysses (r = 1)" if r == 1 else f"USP u = {u}"
 
 
 def scaling_figures(document: dict, out_dir: Path) -> list[Path]:
@@ -190,7 +190,7 @@ def comm_volume_figure(document: dict, out_dir: Path) -> list[Path]:
             if name.startswith("USP-u"):
                 name = f"USP u={name[5:].split('r')[0]}"
             lines[name].append((row["degree"], volume["bytes"] / MIB))
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    figure, axis = plt.subplots(figsize=(8, 5))
     for name, points in lines.items():
         points.sort()
         style = ":" if name.startswith(("DP", "ZeRO")) else "-"
@@ -204,7 +204,8 @@ def comm_volume_figure(document: dict, out_dir: Path) -> list[Path]:
     config = document["config"]
     model = config["model"]
     axis.set_title(f"Cost model (computed, not measured): {model['name']}, batch {config['batch']}, sequence "
-                   f"{config['seqlen']} (bf16; dotted: parameter traffic)", fontsize=10)
+                   f"{config['seqlen']}\nbf16; dotted: parameter traffic; computed on {machine_label(document)}",
+                   fontsize=9)
     return [_save(figure, out_dir / "comm-volume.png")]
 
 
@@ -219,7 +220,7 @@ def _gaps(bars: list[dict]) -> list[dict]:
     return gaps
 
 
-def _bars_from_scaling(document: dict) -> tuple[list[list[dict]], str] | None:
+def _bars_from_scaling(document: dict) -> tuple[list[list[dict]], str, dict] | None:
     """Per rank, the forward ring loop of one traced call (the longest sequence of the
     largest world size, fewest Ulysses ranks): compute and wait bars as measured, each
     K/V transfer from its posting for as long as the same transfer took when timed
@@ -231,18 +232,18 @@ def _bars_from_scaling(document: dict) -> tuple[list[list[dict]], str] | None:
     ranks = []
     for rank in record["ranks"]:
         events, transfer_ms = rank["timeline"], rank["ring"]["forward"]["transfer_alone_ms_per_step"]
-        bars = [dict(kind=kind, step=e["step"], start_ms=e["start_ms"], end_ms=e["end_ms"]) for e in events
-                for kind in ("compute", "wait")
-                if e["kind"] == kind and e["label"] == (traffic.FORWARD if kind == "compute" else traffic.KV_FORWARD)]
+        forward_spans = {(traffic.COMPUTE, traffic.FORWARD): "compute", (traffic.WAIT, traffic.KV_FORWARD): "wait"}
+        bars = [dict(kind=forward_spans[e["kind"], e["label"]], step=e["step"], start_ms=e["start_ms"],
+                     end_ms=e["end_ms"]) for e in events if (e["kind"], e["label"]) in forward_spans]
         bars += [dict(kind="transfer", step=e["step"], start_ms=e["start_ms"], end_ms=e["start_ms"] + transfer_ms)
                  for e in events if e["kind"] == traffic.P2P and e["label"] == traffic.KV_FORWARD]
         ranks.append(bars + _gaps(bars))
     title = (f"Ring timeline (measured, forward): {record['impl']} on {record['world_size']} ranks, sequence "
              f"{record['seqlen']}, {record['backend']} {record['dtype']}")
-    return ranks, title
+    return ranks, title, {}
 
 
-def _bars_from_emulate(document: dict) -> tuple[list[list[dict]], str] | None:
+def _bars_from_emulate(document: dict) -> tuple[list[list[dict]], str, dict] | None:
     timelines = document.get("timelines") or {}
     if not timelines:
         return None
@@ -256,7 +257,7 @@ def _bars_from_emulate(document: dict) -> tuple[list[list[dict]], str] | None:
     title = (f"Ring timeline (emulated, forward, lock-step): {config['world_size']} virtual ranks, {layout}, "
              f"{config['seqlen']} tokens, link {config['timeline_bandwidth']} "
              f"{config['bandwidths_gbs'][config['timeline_bandwidth']]:g} GB/s")
-    return ranks, title
+    return ranks, title, EMULATED_LABELS
 
 
 TIMELINE_STYLE = {  # kind: (colour, row offset, bar height, legend label)
@@ -265,6 +266,8 @@ TIMELINE_STYLE = {  # kind: (colour, row offset, bar height, legend label)
     "wait": ("tab:red", -0.32, 0.16, "waiting for the next K/V block"),
     "gap": ("lightgrey", 0.0, 0.5, "gap: idle, or host work outside the spans"),
 }
+EMULATED_LABELS = {"transfer": "K/V transfer at the link's bandwidth (predicted)",
+                   "gap": "idle: waiting for the slowest rank or the transfer (lock-step)"}
 
 
 def timeline_figure(document: dict, out_dir: Path) -> list[Path]:
@@ -272,7 +275,7 @@ def timeline_figure(document: dict, out_dir: Path) -> list[Path]:
     found = _bars_from_scaling(document) if document["kind"] == "scaling" else _bars_from_emulate(document)
     if found is None:
         return []
-    ranks, title = found
+    ranks, title, labels = found
     figure, axis = plt.subplots(figsize=(10, 0.6 * len(ranks) + 2.6))
     labelled = set()
     for index, bars in enumerate(ranks):
@@ -280,7 +283,8 @@ def timeline_figure(document: dict, out_dir: Path) -> list[Path]:
             kind = bar["kind"]
             color, offset, height, label = TIMELINE_STYLE[kind]
             axis.barh(index + offset, bar["end_ms"] - bar["start_ms"], left=bar["start_ms"], height=height,
-                      color=color, edgecolor="black", linewidth=0.3, label=None if kind in labelled else label)
+                      color=color, edgecolor="black", linewidth=0.3,
+                      label=None if kind in labelled else labels.get(kind, label))
             labelled.add(kind)
             if kind == "compute":
                 axis.text((bar["start_ms"] + bar["end_ms"]) / 2, index, str(bar["step"]), ha="center", va="center",

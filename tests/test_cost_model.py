@@ -119,9 +119,9 @@ def test_emulated_prediction_is_lock_step_by_hand():
 
 
 def test_ring_overlap_from_a_synthetic_timeline():
-    events = [Event("compute", label="forward", step=0, start=0.000, end=0.004),
-              Event("wait", label="kv forward", step=1, start=0.004, end=0.006),
-              Event("compute", label="forward", step=1, start=0.006, end=0.009)]
+    events = [Event(traffic.COMPUTE, label=traffic.FORWARD, step=0, start=0.000, end=0.004),
+              Event(traffic.WAIT, label=traffic.KV_FORWARD, step=1, start=0.004, end=0.006),
+              Event(traffic.COMPUTE, label=traffic.FORWARD, step=1, start=0.006, end=0.009)]
     result = ring_overlap(events, 2, {"forward": 5.0})
     forward = result["forward"]
     assert forward["measured_ms"] == pytest.approx(9.0)
@@ -133,14 +133,14 @@ def test_ring_overlap_from_a_synthetic_timeline():
 
 def test_timed_traffic_log_measures_spans():
     with record_traffic(HostClock()) as log:
-        traffic.note("p2p", 10, 1, "kv", 1)
-        with traffic.span("compute", label="forward", step=0):
+        traffic.note(traffic.P2P, 10, 1, traffic.KV_FORWARD, 1)
+        with traffic.span(traffic.COMPUTE, label=traffic.FORWARD, step=0):
             time.sleep(0.02)
     posted, compute = log.timeline()
     assert posted.end is None and posted.start >= 0
     assert compute.end - compute.start >= 0.02 and compute.start >= posted.start
     with record_traffic() as untimed:
-        with traffic.span("compute"):
+        with traffic.span(traffic.COMPUTE):
             pass
     assert len(untimed.events) == 1 and untimed.events[0].start is None
     with pytest.raises(ValueError, match="without a clock"):

@@ -154,7 +154,8 @@ def test_the_disagreement_message_shows_each_rank():
                               "dtype=torch.float64; rank 1: dtype=torch.float32; rank 2: dtype=torch.float64; "
                               "rank 3: dtype=torch.float64")
     assert "(q_shape, k_shape, v_shape): rank 0: q_shape=(1, 8, 4, 8)" in first["seqlen"]
-    assert "on gather_sequence (shape): rank 0: shape=(1, 4, 1, 1); rank 1: shape=(1, 2, 1, 1)" in first["gather_length"]
+    assert ("on gather_sequence (shape): rank 0: shape=(1, 4, 1, 1); rank 1: shape=(1, 2, 1, 1)"
+            in first["gather_length"])
     assert first["init_mesh"] == ("ValueError: the ranks of the group disagree on init_mesh (ulysses_degree, "
                                   "ring_degree): rank 0: ulysses_degree=2, ring_degree=2; rank 1: ulysses_degree=1, "
                                   "ring_degree=4; rank 2: ulysses_degree=2, ring_degree=2; rank 3: ulysses_degree=2, "
