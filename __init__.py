@@ -6,8 +6,13 @@ ring point-to-point and the Ulysses all-to-alls. ``usp.attention``: ring, Ulysse
 USP attention with autograd, the sharding helpers and the float64 oracle.
 ``usp.bench`` (``usp-bench``): verification and benchmarks; ``usp.plots``: figures.
 
-Importing ``usp`` imports nothing else, so ``TRITON_INTERPRET`` may still be set
-before ``usp.kernels`` is imported.
+Importing ``usp`` imports none of its sub-packages, so ``TRITON_INTERPRET`` may still
+be set before ``usp.kernels`` is imported.
 """
 
+from pathlib import Path
+
 __version__ = "0.2.0"
+# Where usp-bench writes a run by default (a new folder per run) and usp.plots looks for
+# the newest one: relative to the current directory.
+RUNS_DIR = Path("runs")

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from usp.comm import traffic
-from usp.comm.agreement import call_fields, ensure_ranks_agree
+from usp.comm.agreement import call_fields, device_of, ranks_agree
 from usp.comm.mesh import check_group
 from usp.comm.ring import Delivered, RingComm, RingTransport
 from usp.kernels import get_backend, merge_attention
@@ -118,16 +118,15 @@ def ring_attention(q, k, v, group: dist.ProcessGroup | None, causal: bool = Fals
     rank's shard of the output, ``[B, S, Hq, D]``, differentiable in q, k and v.
     ``backend``: a ``usp.kernels`` backend or its name (default: triton on CUDA, else torch).
     ``check_ranks``: first make sure every rank passes the same shapes and options
-    (one small all-gather; a mismatch raises a ValueError on every rank).
+    (one small all-gather; a mismatch, or bad arguments on some ranks only, raises a
+    ValueError on every rank).
     """
-    group = check_group(group)
-    check_qkv(q, k, v, causal)
-    check_layout(layout)
-    scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
-    backend = get_backend(backend)
-    ring = RingComm(group)
-    check_sequence_split(q.shape[1], k.shape[1], causal, ring.size, layout)
-    if check_ranks:
-        ensure_ranks_agree(group, "ring_attention", call_fields(q, k, v, causal, scale, layout, backend.name),
-                           q.device)
+    ring = RingComm(check_group(group))
+    with ranks_agree(ring.group, "ring_attention", device_of(q), check_ranks) as call:
+        check_qkv(q, k, v, causal)
+        check_layout(layout)
+        scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
+        backend = get_backend(backend)
+        check_sequence_split(q.shape[1], k.shape[1], causal, ring.size, layout)
+        call.fields = call_fields(q, k, v, causal, scale, layout, backend.name)
     return _RingAttention.apply(q, k, v, ring, causal, scale, layout, backend)

@@ -7,11 +7,10 @@ import torch
 import torch.distributed as dist
 
 from usp.comm import Mesh, traffic
-from usp.comm.agreement import ensure_ranks_agree
+from usp.comm.agreement import device_of, ranks_agree
 from usp.comm.mesh import check_mesh
 
 from .layout import check_global_seqlen, check_layout, shard_positions
-
 
 
 def sequence_positions(seqlen: int, mesh: Mesh, layout: str = "zigzag", device=None) -> torch.Tensor:
@@ -42,17 +41,17 @@ def gather_sequence(x_local: torch.Tensor, mesh: Mesh, dim: int = 1, layout: str
     """The global tensor, on every rank of ``mesh.sp_group``, from the shards
     ``shard_sequence`` made (same shape on every rank). Not differentiable.
     ``check_ranks``: first make sure every rank passes the same shape, dtype, dim and
-    layout (one small all-gather; a mismatch raises a ValueError on every rank)."""
+    layout (one small all-gather; a mismatch, or bad arguments on some ranks only,
+    raises a ValueError on every rank)."""
     check_mesh(mesh)
-    if not isinstance(x_local, torch.Tensor):
-        raise TypeError(f"x_local must be a torch.Tensor, got {type(x_local).__name__}")
-    dim = _check_dim(x_local, dim)
-    check_layout(layout)
-    if check_ranks:
-        ensure_ranks_agree(mesh.sp_group, "gather_sequence", dict(shape=tuple(x_local.shape), dtype=x_local.dtype,
-                                                                 dim=dim, layout=layout), x_local.device)
+    with ranks_agree(mesh.sp_group, "gather_sequence", device_of(x_local), check_ranks) as call:
+        if not isinstance(x_local, torch.Tensor):
+            raise TypeError(f"x_local must be a torch.Tensor, got {type(x_local).__name__}")
+        dim = _check_dim(x_local, dim)
+        check_layout(layout)
+        check_global_seqlen(x_local.shape[dim] * mesh.sp_degree, mesh.ulysses_degree, mesh.ring_degree, layout)
+        call.fields = dict(shape=tuple(x_local.shape), dtype=x_local.dtype, dim=dim, layout=layout)
     seqlen = x_local.shape[dim] * mesh.sp_degree
-    check_global_seqlen(seqlen, mesh.ulysses_degree, mesh.ring_degree, layout)
     x_local = x_local.detach().contiguous()
     pieces = [torch.empty_like(x_local) for _ in range(mesh.sp_degree)]
     traffic.note(traffic.ALL_GATHER, x_local.numel() * x_local.element_size() * (mesh.sp_degree - 1),

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from usp.comm import Mesh
-from usp.comm.agreement import call_fields, ensure_ranks_agree
+from usp.comm.agreement import call_fields, device_of, ranks_agree
 from usp.comm.all_to_all import head_to_seq, seq_to_head
 from usp.comm.heads import check_heads, replicate_kv_heads
 from usp.comm.mesh import check_group, check_mesh
@@ -21,7 +21,6 @@ from usp.kernels.checks import check_qkv, resolve_softmax_scale
 
 from .layout import check_layout
 from .ring import check_sequence_split, ring_attention
-
 
 
 def _head_parallel(q, k, v, group, attend):
@@ -42,13 +41,12 @@ def ulysses_attention(q, k, v, group: dist.ProcessGroup | None, causal: bool = F
     ``ring_attention``.
     """
     group = check_group(group)
-    check_qkv(q, k, v, causal)
-    scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
-    backend = get_backend(backend)
-    check_heads(q.shape[2], k.shape[2], dist.get_world_size(group))
-    if check_ranks:
-        ensure_ranks_agree(group, "ulysses_attention", call_fields(q, k, v, causal, scale, "-", backend.name),
-                           q.device)
+    with ranks_agree(group, "ulysses_attention", device_of(q), check_ranks) as call:
+        check_qkv(q, k, v, causal)
+        scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
+        backend = get_backend(backend)
+        check_heads(q.shape[2], k.shape[2], dist.get_world_size(group))
+        call.fields = call_fields(q, k, v, causal, scale, "-", backend.name)
     return _head_parallel(q, k, v, group, lambda q, k, v: local_attention(q, k, v, causal, scale, backend=backend))
 
 
@@ -63,16 +61,15 @@ def usp_attention(q, k, v, mesh: Mesh, causal: bool = False, softmax_scale=None,
     ``check_ranks``: see ``ring_attention`` (one all-gather over ``mesh.sp_group``).
     """
     check_mesh(mesh)
-    check_qkv(q, k, v, causal)
-    check_layout(layout)
-    scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
-    backend = get_backend(backend)
-    check_heads(q.shape[2], k.shape[2], mesh.ulysses_degree)
-    u = mesh.ulysses_degree  # after the all-to-all a rank holds its ring rank's u pieces
-    check_sequence_split(q.shape[1] * u, k.shape[1] * u, causal, mesh.ring_degree, layout, what="per-ring-rank")
-    if check_ranks:
-        ensure_ranks_agree(mesh.sp_group, "usp_attention", call_fields(q, k, v, causal, scale, layout, backend.name),
-                           q.device)
+    with ranks_agree(mesh.sp_group, "usp_attention", device_of(q), check_ranks) as call:
+        check_qkv(q, k, v, causal)
+        check_layout(layout)
+        scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
+        backend = get_backend(backend)
+        check_heads(q.shape[2], k.shape[2], mesh.ulysses_degree)
+        u = mesh.ulysses_degree  # after the all-to-all a rank holds its ring rank's u pieces
+        check_sequence_split(q.shape[1] * u, k.shape[1] * u, causal, mesh.ring_degree, layout, what="per-ring-rank")
+        call.fields = call_fields(q, k, v, causal, scale, layout, backend.name)
 
     def ring(q, k, v):
         return ring_attention(q, k, v, mesh.ring_group, causal, scale, layout, backend, check_ranks=False)

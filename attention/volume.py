@@ -43,7 +43,6 @@ class CallVolume:
     backward: PassVolume
     kv_hop_bytes: int  # K and V of one ring block
     accumulator_hop_bytes: int  # dK and dV accumulators of one ring block
-    all_to_all_bytes: int  # the all-to-alls of one pass
 
     @property
     def bytes(self) -> int:
@@ -69,4 +68,4 @@ def attention_volume(batch: int, seqlen: int, heads: int, kv_heads: int, head_di
     forward = PassVolume(2 * (r - 1), (r - 1) * kv_hop, a2a_count, all_to_all)
     backward = PassVolume(2 * (r - 1) + 2 * accumulator_hops, (r - 1) * kv_hop + accumulator_hops * accumulator_hop,
                           a2a_count, all_to_all)
-    return CallVolume(forward, backward, kv_hop, accumulator_hop, all_to_all)
+    return CallVolume(forward, backward, kv_hop, accumulator_hop)

@@ -1,8 +1,8 @@
 """``usp-bench <command>`` (or ``python -m usp.bench <command>``): verify numerics, time the
 kernels, run and emulate sequence-parallel scaling, evaluate the paper's cost model, and
-plot the results. Every command writes a self-describing JSON file, by default into a
-new folder ``runs/<UTC time>-<command>`` under the current directory; ``all`` runs the
-main job into one such folder and draws its figures there."""
+plot the results. Every command but plot writes a self-describing JSON file, by default
+into a new folder ``runs/<UTC time>-<command>`` under the current directory; ``all`` runs
+the main job into one such folder and draws its figures there."""
 
 from __future__ import annotations
 

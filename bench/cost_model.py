@@ -36,7 +36,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from usp.attention.volume import attention_volume
-from usp.comm.heads import heads_problem
 from usp.comm.mesh import mesh_shapes
 
 from .flops import attention_flops
@@ -188,7 +187,7 @@ def predict_attention(shape: ModelShape, cluster: Cluster, batch: int, seqlen: i
 
 def meshes(world_size: int, shape: ModelShape) -> list[tuple[int, int]]:
     """Every ``(u, r)`` with ``u x r = world_size`` whose Ulysses degree the heads allow."""
-    return [(u, r) for u, r in mesh_shapes(world_size) if heads_problem(shape.heads, shape.kv_heads, u) is None]
+    return mesh_shapes(world_size, shape.heads, shape.kv_heads)
 
 
 def rank_meshes(shape: ModelShape, cluster: Cluster, batch: int, seqlen: int, causal: bool = True) -> list[dict]:

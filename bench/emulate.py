@@ -34,7 +34,7 @@ from usp.comm import traffic
 from usp.comm.heads import heads_problem, kv_heads_per_rank
 from usp.comm.ring import Delivered
 from usp.comm.traffic import CudaClock, HostClock, record_traffic
-from usp.kernels import get_backend
+from usp.kernels import BACKENDS, get_backend
 from usp.kernels.checks import resolve_softmax_scale
 
 from .cli_args import (DTYPES, add_device_argument, add_output_arguments, add_timing_arguments,
@@ -185,8 +185,8 @@ def predict(problem: Problem, times: dict, pass_: str, bandwidth_gbs: float, lat
     slowest = lambda which: [max(times[which][i][s] for i in range(r)) for s in range(r)]  # noqa: E731
     ring_fwd = sum(max(c, kv_ms if s < r - 1 else 0.0) for s, c in enumerate(slowest("fwd"))) if r > 1 \
         else slowest("fwd")[0]
-    # four all-to-alls a pass (forward: q, k, v in, out back; backward: dout in, dq, dk, dv back)
-    a2a_ms = (4 * latency_us * 1e-6 + volume.all_to_all_bytes / (bandwidth_gbs * 1e9)) * 1e3 if u > 1 else 0.0
+    # four all-to-alls a pass (forward: q, k, v in, out back; backward: dout in, dq, dk, dv back), as many bytes each
+    a2a_ms = (4 * latency_us * 1e-6 + volume.forward.all_to_all_bytes / (bandwidth_gbs * 1e9)) * 1e3 if u > 1 else 0.0
     total, ring_ms, all_to_all_ms = ring_fwd + a2a_ms, ring_fwd, a2a_ms
     if pass_ == "fwd+bwd":
         compute = slowest("bwd")
@@ -242,7 +242,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-heads", type=bounded_int(1), default=8 if gpu else 2, help="K/V heads")
     parser.add_argument("--head-dim", type=bounded_int(1, 256), default=128 if gpu else 64, help="head dim")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16" if gpu else "fp32", help="dtype")
-    parser.add_argument("--backend", choices=["triton", "torch", "naive"], default="triton" if gpu else "torch",
+    parser.add_argument("--backend", choices=sorted(BACKENDS), default="triton" if gpu else "torch",
                         help="local attention backend")
     parser.add_argument("--layout", choices=LAYOUTS, nargs="+", default=list(LAYOUTS), help="ring layouts")
     parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True, help="causal attention")

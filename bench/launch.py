@@ -70,8 +70,8 @@ def _worker(rank, world_size, port, backend, pg_timeout_s, fn, args, results):
 def spawn(world_size: int, fn: Callable, args: tuple = (), *, pg_timeout_s: float = 60.0,
           timeout_s: float = 600.0, start_timeout_s: float = 300.0, backend: str = "gloo") -> list[RankOutcome]:
     """Run ``fn(*args)`` on ranks ``0 .. world_size - 1``; return each rank's outcome
-    (``seconds``: from joining the group to the result). ``backend="nccl"`` gives rank
-    ``i`` GPU ``i`` (mod the GPU count).
+    (``seconds``: from joining the group to the result, or to being killed or found
+    dead). ``backend="nccl"`` gives rank ``i`` GPU ``i`` (mod the GPU count).
 
     ``fn`` must be importable by name (a module-level function) and its result picklable.
     A rank that has not joined the group after ``start_timeout_s``, or has no result
@@ -98,7 +98,7 @@ def spawn(world_size: int, fn: Callable, args: tuple = (), *, pg_timeout_s: floa
             else:
                 os.environ[key] = value
     outcomes: dict[int, RankOutcome] = {}
-    ready: set[int] = set()
+    joined: dict[int, float] = {}  # rank -> when it reported joining the group
 
     def collect(wait_s: float) -> bool:
         try:
@@ -106,7 +106,7 @@ def spawn(world_size: int, fn: Callable, args: tuple = (), *, pg_timeout_s: floa
         except queue_module.Empty:
             return False
         if message[0] == "ready":
-            ready.add(message[1])
+            joined[message[1]] = time.monotonic()
         else:
             outcomes[message[1]] = RankOutcome(*message[1:])
         return True
@@ -115,7 +115,7 @@ def spawn(world_size: int, fn: Callable, args: tuple = (), *, pg_timeout_s: floa
     all_started = None  # when every rank had joined the group, died or reported
     while len(outcomes) < world_size:
         now = time.monotonic()
-        if all_started is None and all(r in ready or r in outcomes or not p.is_alive()
+        if all_started is None and all(r in joined or r in outcomes or not p.is_alive()
                                        for r, p in enumerate(processes)):
             all_started = now
         if now >= (all_started + timeout_s if all_started is not None else started + start_timeout_s):
@@ -131,13 +131,16 @@ def spawn(world_size: int, fn: Callable, args: tuple = (), *, pg_timeout_s: floa
             process.join()
     for rank in range(world_size):
         if rank not in outcomes:
-            if rank not in ready and processes[rank].exitcode in (None, -9):
+            killed = processes[rank].exitcode in (None, -9)
+            if killed and rank not in joined:
                 reason = f"did not join the process group within {start_timeout_s:g} s"
-            elif processes[rank].exitcode in (None, -9):
+            elif killed and all_started is None:
+                reason = f"killed after other ranks did not join the process group within {start_timeout_s:g} s"
+            elif killed:
                 reason = f"no result within {timeout_s:g} s of the start"
             else:
                 reason = f"exited with code {processes[rank].exitcode} without a result"
-            outcomes[rank] = RankOutcome(rank, False, reason, time.monotonic() - started)
+            outcomes[rank] = RankOutcome(rank, False, reason, time.monotonic() - joined.get(rank, started))
     return [outcomes[r] for r in range(world_size)]
 
 

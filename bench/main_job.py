@@ -1,19 +1,23 @@
 """``usp-bench all``: the main job. Runs, with their defaults for this machine, verify,
 kernels, scaling, emulate and model, each writing its JSON into one run folder, then
 draws that folder's figures into its figures/ subfolder. Nothing outside the run folder
-is written. Exits non-zero when a step fails (the later steps still run).
+is written. Exits non-zero when a step fails (the later steps still run); Ctrl-C stops
+the job, keeping what was written.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+import traceback
 from pathlib import Path
 
 from .cli_args import world_size_type
 from .results import new_run_dir
 
 STEPS = ("verify", "kernels", "scaling", "emulate", "model")
+INTERRUPTED = 130  # the exit status of a command stopped with Ctrl-C
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +42,9 @@ def run(args: argparse.Namespace) -> int:
         status = _run_step(parser, argv)
         print(f"== {step}: {'ok' if status == 0 else f'exit status {status}'} in "
               f"{time.perf_counter() - step_start:.0f} s", flush=True)
+        if status == INTERRUPTED:
+            print(f"interrupted: what was measured so far is in {run_dir}", file=sys.stderr)
+            return INTERRUPTED
         if status != 0:
             failed.append(step)
     print(f"\n== usp-bench plot {run_dir} --out-dir {run_dir / 'figures'}", flush=True)
@@ -54,11 +61,17 @@ def step_options(step: str, args: argparse.Namespace) -> list[str]:
 
 
 def _run_step(parser: argparse.ArgumentParser, argv: list[str]) -> int:
-    """One command's exit status (a SystemExit from it counts as a failure, not the end of the job)."""
+    """One command's exit status: an exception from it counts as a failure of the step,
+    not the end of the job; Ctrl-C (``INTERRUPTED``) ends the job."""
     try:
         step_args = parser.parse_args(argv)
         return step_args.run(step_args)
+    except KeyboardInterrupt:
+        return INTERRUPTED
     except SystemExit as error:
         if error.code not in (0, None) and not isinstance(error.code, int):
-            print(error.code)
+            print(error.code, file=sys.stderr)
         return error.code if isinstance(error.code, int) else 1
+    except Exception:  # the step failed; report it and go on with the next
+        traceback.print_exc()
+        return 1

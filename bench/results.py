@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 import json
 import os
 import platform
@@ -11,12 +12,9 @@ from pathlib import Path
 
 import torch
 
-from .flops import tflops
+from usp import RUNS_DIR
 
-# The results committed with the project (reference runs, quoted in the README).
-REFERENCE_DIR = Path(__file__).resolve().parent / "results"
-# Where a run writes by default: a new folder per run, under the current directory.
-RUNS_DIR = Path("runs")
+from .flops import tflops
 
 
 def cpu_model() -> str:
@@ -42,6 +40,7 @@ def machine_info(device: torch.device) -> dict:
     return dict(
         device=device_name(device),
         device_type=torch.device(device).type,
+        host=platform.node(),
         cpu=cpu_model(),
         cpu_count=os.cpu_count(),
         platform=platform.platform(),
@@ -58,15 +57,17 @@ def _slug(text: str) -> str:
 
 
 def new_run_dir(name: str) -> Path:
-    """A fresh folder ``runs/<UTC time>-<name>`` under the current directory."""
+    """A fresh folder ``runs/<UTC time>-<name>`` under the current directory (``-2``,
+    ``-3``... appended when that one exists already)."""
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    path = RUNS_DIR / f"{stamp}-{name}"
-    suffix = 1
-    while path.exists():
-        suffix += 1
-        path = RUNS_DIR / f"{stamp}-{name}-{suffix}"
-    path.mkdir(parents=True)
-    return path
+    RUNS_DIR.mkdir(exist_ok=True)
+    for suffix in itertools.count(1):
+        path = RUNS_DIR / (f"{stamp}-{name}" + (f"-{suffix}" if suffix > 1 else ""))
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
 
 
 def write_result(kind: str, device: torch.device, payload: dict, out_dir: Path | str | None = None) -> Path:

@@ -34,10 +34,11 @@ import torch
 import torch.distributed as dist
 
 from usp.attention import shard_sequence, usp_attention
-from usp.attention.layout import check_global_seqlen
-from usp.comm import RingComm, init_mesh, mesh_shapes, record_traffic, traffic
+from usp.attention.layout import LAYOUTS, check_global_seqlen
+from usp.comm import PLACEMENTS, RingComm, init_mesh, mesh_shapes, record_traffic, traffic
 from usp.comm.heads import heads_problem, kv_heads_per_rank
 from usp.comm.traffic import CudaClock, HostClock
+from usp.kernels import BACKENDS
 
 from .cli_args import (DTYPES, add_output_arguments, add_timing_arguments, bounded_int, positive_float,
                        world_size_type)
@@ -45,6 +46,7 @@ from .flops import FLOP_CONVENTION, attention_flops
 from .inputs import random_inputs
 from .launch import run as launch_run
 from .results import TIMING_FIELDS, device_name, sp_impl_name, timing_record, write_result
+from .timing import synchronize
 
 SCALING_PASSES = ("fwd", "fwd+bwd")
 PROBE = "transfer alone"  # the label of the hops timed without compute
@@ -95,18 +97,13 @@ def cores_available() -> int:
         return os.cpu_count() or 1
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed_ms(fn, device) -> float:
     """Barrier, then the wall-clock milliseconds until this rank's call has finished."""
     dist.barrier()
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     fn()
-    _sync(device)
+    synchronize(device)
     return (time.perf_counter() - start) * 1e3
 
 
@@ -268,7 +265,6 @@ def _mesh_type(text: str) -> tuple[int, int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    gpu = torch.cuda.is_available()
     parser.add_argument("--world-size", type=world_size_type, nargs="+", default=[1, 2, 4],
                         help="numbers of processes to launch, one run each (under torchrun: its WORLD_SIZE)")
     parser.add_argument("--mesh", type=_mesh_type, nargs="+",
@@ -279,15 +275,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pass", dest="passes", action="append", choices=SCALING_PASSES,
                         help="pass, repeatable (default: both)")
     parser.add_argument("--batch", type=bounded_int(1), default=1, help="batch size")
-    parser.add_argument("--heads", type=bounded_int(1), default=32 if gpu else 8, help="query heads")
+    on_gpus = "under torchrun with GPUs"
+    parser.add_argument("--heads", type=bounded_int(1), help=f"query heads (default: 32 {on_gpus}, else 8)")
     parser.add_argument("--kv-heads", type=bounded_int(1), default=8, help="K/V heads")
-    parser.add_argument("--head-dim", type=bounded_int(1, 256), default=128 if gpu else 64, help="head dim")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16" if gpu else "fp32", help="dtype")
-    parser.add_argument("--backend", choices=["triton", "torch", "naive"], default="triton" if gpu else "torch",
-                        help="local attention backend")
-    parser.add_argument("--layout", choices=["zigzag", "contiguous"], default="zigzag", help="ring layout")
+    parser.add_argument("--head-dim", type=bounded_int(1, 256), help=f"head dim (default: 128 {on_gpus}, else 64)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help=f"dtype (default: bf16 {on_gpus}, else fp32)")
+    parser.add_argument("--backend", choices=sorted(BACKENDS),
+                        help=f"local attention backend (default: triton {on_gpus}, else torch)")
+    parser.add_argument("--layout", choices=LAYOUTS, default="zigzag", help="ring layout")
     parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True, help="causal attention")
-    parser.add_argument("--placement", choices=["ulysses_inner", "ring_inner"], default="ulysses_inner",
+    parser.add_argument("--placement", choices=PLACEMENTS, default="ulysses_inner",
                         help="which axis gets consecutive ranks")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     parser.add_argument("--timeout", type=positive_float, default=1800.0,
@@ -301,7 +298,9 @@ def _under_torchrun() -> bool:
 
 
 def _settings(args, world_size: int, gpu: bool) -> tuple[Settings, list[str]]:
-    meshes, notes = mesh_options(world_size, args.heads, args.kv_heads, args.mesh)
+    """What the ranks run: the options, with the defaults for GPUs (NCCL) or CPUs (gloo)."""
+    heads = args.heads or (32 if gpu else 8)
+    meshes, notes = mesh_options(world_size, heads, args.kv_heads, args.mesh)
     seqlens = args.seqlen or ([16384, 32768, 65536] if gpu else [512, 1024, 2048, 4096])
     for seqlen in seqlens:
         for u, r in meshes:
@@ -309,9 +308,10 @@ def _settings(args, world_size: int, gpu: bool) -> tuple[Settings, list[str]]:
                 check_global_seqlen(seqlen, u, r, args.layout)
             except ValueError as error:
                 raise SystemExit(f"--seqlen {seqlen}: {error}") from None
-    return Settings(tuple(meshes), tuple(seqlens), tuple(args.passes or SCALING_PASSES), args.batch, args.heads,
-                    args.kv_heads, args.head_dim, args.dtype, args.backend, args.layout, args.causal,
-                    args.placement, args.warmup, args.repeats, args.seed), notes
+    return Settings(tuple(meshes), tuple(seqlens), tuple(args.passes or SCALING_PASSES), args.batch, heads,
+                    args.kv_heads, args.head_dim or (128 if gpu else 64), args.dtype or ("bf16" if gpu else "fp32"),
+                    args.backend or ("triton" if gpu else "torch"), args.layout, args.causal, args.placement,
+                    args.warmup, args.repeats, args.seed), notes
 
 
 def run(args: argparse.Namespace) -> int:
@@ -330,7 +330,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"scaling: {world_size} gloo processes on {cores} cores (one CPU thread each"
               + ("; more processes than cores: these figures test the pipeline, not performance" if oversubscribed
                  else "") + f"), meshes {', '.join(f'u{u}r{r}' for u, r in settings.meshes)}, seqlens "
-              f"{list(settings.seqlens)}, {args.backend} {args.dtype}; ms = median of {args.repeats} after "
+              f"{list(settings.seqlens)}, {settings.backend} {settings.dtype}; ms = median of {args.repeats} after "
               f"{args.warmup} warm-up, slowest rank", flush=True)
         per_rank = launch_run(world_size, rank_main, (settings,), pg_timeout_s=min(args.timeout, 300.0),
                               timeout_s=args.timeout)

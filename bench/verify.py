@@ -10,7 +10,7 @@ import sys
 import torch
 
 from usp.comm.mesh import mesh_shapes
-from usp.kernels import AttentionShape
+from usp.kernels import BACKENDS, AttentionShape
 from usp.kernels.configs import interpreter_active
 
 from .cli_args import DTYPES, add_device_argument, add_output_arguments, default_device, world_size_type
@@ -121,7 +121,7 @@ def worst_ratios(results: list[CaseResult | DistResult]) -> dict[str, float]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", action="append", choices=["triton", "torch", "naive"],
+    parser.add_argument("--backend", action="append", choices=sorted(BACKENDS),
                         help="backend to verify, repeatable (default: all that run here)")
     parser.add_argument("--dtype", action="append", choices=VERIFY_DTYPES,
                         help="dtype, repeatable (default: all the backend computes right here)")

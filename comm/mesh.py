@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .agreement import collective_device, ensure_ranks_agree
+from .agreement import device_of, ensure_ranks_agree
+from .heads import heads_problem
 
 PLACEMENTS = ("ulysses_inner", "ring_inner")
 
@@ -45,10 +46,14 @@ def _is_placeholder(group) -> bool:
     return not isinstance(group, bool) and isinstance(group, int) and group == dist.GroupMember.NON_GROUP_MEMBER
 
 
-def mesh_shapes(world_size: int) -> list[tuple[int, int]]:
-    """Every ``(ulysses_degree, ring_degree)`` with ``u x r = world_size``, by increasing ``u``:
-    ``(1, N)`` is pure ring, ``(N, 1)`` pure Ulysses, the others USP."""
-    return [(u, world_size // u) for u in range(1, world_size + 1) if world_size % u == 0]
+def mesh_shapes(world_size: int, heads: int | None = None, kv_heads: int | None = None) -> list[tuple[int, int]]:
+    """Every ``(ulysses_degree, ring_degree)`` with ``u x r = world_size``, by increasing ``u``
+    (``(1, N)`` is pure ring, ``(N, 1)`` pure Ulysses, the others USP); given the heads,
+    only those whose Ulysses degree can split them (``usp.comm.heads``)."""
+    shapes = [(u, world_size // u) for u in range(1, world_size + 1) if world_size % u == 0]
+    if heads is None:
+        return shapes
+    return [(u, r) for u, r in shapes if heads_problem(heads, kv_heads or heads, u) is None]
 
 
 @dataclass(frozen=True)
@@ -127,8 +132,10 @@ def group_timeout(group: dist.ProcessGroup | None) -> datetime.timedelta | None:
 
 
 def _check_degree(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be positive, got {value}")
     return value
 
 
@@ -139,7 +146,7 @@ def _mesh_ranks(group) -> tuple[tuple[int, ...] | None, str]:
     if group is None:
         return tuple(range(world)), ""
     if isinstance(group, dist.ProcessGroup):
-        return tuple(dist.get_process_group_ranks(group)), ""
+        return tuple(sorted(dist.get_process_group_ranks(group))), ""
     if _is_placeholder(group):
         return None, ("group is the placeholder new_group gives a rank outside the group, which names no ranks: "
                       "pass the list of ranks instead")
@@ -166,7 +173,8 @@ def init_mesh(ulysses_degree: int, ring_degree: int, placement: str = "ulysses_i
     meshes all raise the same ValueError, naming what each asked for (one small
     all-gather over the world first). The new groups inherit the timeout of ``group``
     (or of the world) unless ``timeout`` is given, so a rank that fails makes its peers
-    fail within it.
+    fail within it. On NCCL, call ``torch.cuda.set_device`` first: the check runs on
+    the current GPU.
     """
     if not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialized: call init_process_group first")
@@ -175,7 +183,7 @@ def init_mesh(ulysses_degree: int, ring_degree: int, placement: str = "ulysses_i
     # until the store's timeout: first make sure they all asked for the same mesh.
     ensure_ranks_agree(dist.group.WORLD, "init_mesh", dict(
         ulysses_degree=ulysses_degree, ring_degree=ring_degree, placement=placement,
-        group=ranks if ranks is not None else group_problem), collective_device())
+        group=ranks if ranks is not None else group_problem), device_of(None))
     if ranks is None:
         raise ValueError(group_problem)
     ulysses_degree = _check_degree("ulysses_degree", ulysses_degree)

@@ -1,7 +1,8 @@
 """Attention on one device: Triton flash-attention kernels that return the log-sum-exp,
 PyTorch's fused ops, plain torch math, and the exact LSE merge of partial results.
 
-Tensors are ``[B, S, H, D]``; the LSE is float32, natural log, ``[B, Hq, Sq]``.
+Tensors are ``[B, S, H, D]``; the LSE is natural log, ``[B, Hq, Sq]``, float32 (float64
+for float64 inputs on the torch and naive backends).
 To run the Triton kernels on a CPU, set ``TRITON_INTERPRET=1`` before importing this.
 """
 

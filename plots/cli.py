@@ -17,9 +17,9 @@ import json
 import sys
 from pathlib import Path
 
-from .figures import FIGURES
+from usp import RUNS_DIR
 
-RUNS_DIR = Path("runs")
+from .figures import FIGURES
 
 
 def newest_results(folder: Path) -> list[Path]:
@@ -43,8 +43,10 @@ def newest_run(runs_dir: Path) -> Path | None:
 
 
 def machine_key(document: dict) -> str:
+    """The host a result was measured on (its devices, a GPU and the CPU, belong to it)."""
     machine = document.get("machine", {})
-    return f"{machine.get('device', '?')} ({machine.get('cpu_count', '?')} cores, {machine.get('cpu', '?')})"
+    host = f"host {machine['host']}, " if machine.get("host") else ""
+    return f"{host}{machine.get('cpu', '?')} x {machine.get('cpu_count', '?')} cores, {machine.get('platform', '?')}"
 
 
 def make_figures(paths: list[Path], out_dir: Path, mixed_machines: bool = False) -> list[Path]:

@@ -19,12 +19,15 @@ from usp.bench.__main__ import COMMANDS, build_parser, main
 from usp.bench.cli_args import HelpFormatter
 from usp.bench.flops import FLOP_CONVENTION
 from usp.bench.launch import free_port
-from usp.bench.results import TIMING_FIELDS
+from usp.bench.results import new_run_dir
 from usp.plots.cli import build_parser as build_plots_parser
 from usp.plots.cli import main as plots_main
 
 ROOT = Path(__file__).resolve().parents[1]
-MACHINE_FIELDS = {"device", "device_type", "cpu", "torch", "triton", "python", "platform"}
+MACHINE_FIELDS = {"device", "device_type", "host", "cpu", "torch", "triton", "python", "platform"}
+# The fields every timing record starts with, in this order (ARCHITECTURE.md); scripts and plots rely on them.
+TIMING_FIELDS = ["device", "impl", "pass", "dtype", "causal", "batch", "seqlen", "heads", "kv_heads", "head_dim", "ms",
+                 "tflops"]
 
 
 def _document(directory: Path, kind: str) -> dict:
@@ -38,9 +41,9 @@ def _timed_document(directory: Path, kind: str) -> dict:
     """A benchmark result whose records all carry the timing fields, first."""
     document = _document(directory, kind)
     records = document["records"]
-    assert records and document["timing_fields"] == list(TIMING_FIELDS)
+    assert records and document["timing_fields"] == TIMING_FIELDS
     for record in records:
-        assert list(record)[:len(TIMING_FIELDS)] == list(TIMING_FIELDS)
+        assert list(record)[:len(TIMING_FIELDS)] == TIMING_FIELDS
         assert record["ms"] > 0 and record["tflops"] > 0
         assert record["pass"] in ("fwd", "bwd", "fwd+bwd") and isinstance(record["causal"], bool)
     return document
@@ -239,7 +242,7 @@ def test_plot_refuses_results_of_different_machines(toy_results, tmp_path, capsy
     out, _ = toy_results
     (kernels,) = out.glob("kernels-*.json")
     other = json.loads(kernels.read_text())
-    other["machine"]["device"] = "Some Other CPU"
+    other["machine"]["cpu"] = "Some Other CPU"
     (tmp_path / "kernels-other.json").write_text(json.dumps(other))
     (scaling,) = out.glob("scaling-*.json")
     shutil.copy(scaling, tmp_path)
@@ -276,6 +279,28 @@ def test_the_main_job_writes_one_run_folder_and_nothing_else(tmp_path, monkeypat
                                                                      "ring-timeline-emulate.png"}
     output = capsys.readouterr().out
     assert f"results in runs/{run_dir.name}, figures in runs/{run_dir.name}/figures" in output
+
+
+def test_every_run_gets_a_new_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first, second = new_run_dir("kernels"), new_run_dir("kernels")
+    assert first != second and first.is_dir() and second.is_dir() and first.parent == second.parent == Path("runs")
+    stamp = first.name[:len("20260101-000000")]
+    assert second.name == f"{first.name}-2" or not second.name.startswith(stamp)  # same second: a suffix
+
+
+def test_a_failing_step_does_not_stop_the_main_job(tmp_path, monkeypatch, capsys):
+    """A step that fails (here: an option its command refuses) is reported; the others still run."""
+    toy = dict(TOY_RUNS, verify=["--backend", "naive", "--no-distributed"], kernels=["--seqlen", "0"],
+               scaling=["--world-size", "1", "--seqlen", "32", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
+                        "--pass", "fwd", "--warmup", "0", "--repeats", "1"])
+    monkeypatch.setattr(main_job, "step_options", lambda step, args: toy[step])
+    monkeypatch.chdir(tmp_path)
+    assert main(["all"]) == 1
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    kinds = sorted(json.loads(p.read_text())["kind"] for p in run_dir.glob("*.json"))
+    assert kinds == ["emulate", "model", "scaling", "verify"]
+    assert "failed: kernels" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, message", [

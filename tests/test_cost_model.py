@@ -107,15 +107,16 @@ def test_emulated_prediction_is_lock_step_by_hand():
                       dtype="fp32", causal=True)
     volume = problem.volume()
     assert volume.kv_hop_bytes == 2 * 1 * 4 * 1 * 8 * 4  # K and V: b, s/r, kv heads, d, fp32
-    assert volume.all_to_all_bytes == 0  # no Ulysses
+    assert volume.forward.all_to_all_bytes == volume.backward.all_to_all_bytes == 0  # no Ulysses
     times = {"fwd": [[1.0, 0.0], [2.0, 3.0]], "bwd": [[4.0, 0.0], [5.0, 6.0]]}
     # a 256-byte hop at 1e-6 GB/s (1000 B/s) takes 256 ms: step 0 waits for it, step 1 does not
     forward = predict(problem, times, "fwd", 1e-6, 0.0)
     assert forward["kv_hop_ms"] == pytest.approx(256.0)
     assert forward["predicted_ms"] == pytest.approx(max(2.0, 256.0) + 3.0)
     both = predict(problem, times, "fwd+bwd", 1e-6, 0.0)
-    acc = both["accumulator_hop_ms"]  # fp32 accumulators: the same 256 bytes
-    assert both["predicted_ms"] == pytest.approx(259.0 + max(5.0, 256.0) + max(6.0, acc) + acc)
+    assert both["accumulator_hop_ms"] == pytest.approx(256.0)  # fp32 accumulators: the same 256 bytes
+    # backward: step 0 waits for the K/V hop, step 1 for the accumulator hop, then the last one home
+    assert both["predicted_ms"] == pytest.approx(259.0 + max(5.0, 256.0) + max(6.0, 256.0) + 256.0)
 
 
 def test_ring_overlap_from_a_synthetic_timeline():

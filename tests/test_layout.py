@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from usp.attention.layout import Block, check_global_seqlen, ring_block, ring_positions, shard_positions
-from usp.comm.mesh import mesh_coordinates, mesh_position
+from usp.comm.heads import heads_problem, kv_heads_per_rank, kv_heads_sent, replicate_kv_heads
+from usp.comm.mesh import mesh_coordinates, mesh_position, mesh_shapes
 
 
 def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -98,3 +99,25 @@ def test_mesh_coordinates_round_trip(placement):
     inner = [mesh_coordinates(p, u, r, placement) for p in range(u if placement == "ulysses_inner" else r)]
     varying = 1 if placement == "ulysses_inner" else 2
     assert [c[varying] for c in inner] == list(range(len(inner)))  # consecutive ranks vary the inner axis
+
+
+def test_mesh_shapes_and_the_heads_they_allow():
+    assert mesh_shapes(8) == [(1, 8), (2, 4), (4, 2), (8, 1)]
+    assert mesh_shapes(6) == [(1, 6), (2, 3), (3, 2), (6, 1)]
+    # 12 query heads, 3 K/V heads: u = 4 cannot split the K/V heads, u = 8 not the query heads
+    assert mesh_shapes(8, heads=12, kv_heads=3) == [(1, 8)]
+    assert mesh_shapes(8, heads=32, kv_heads=8) == mesh_shapes(8)
+
+
+def test_the_head_split_rule():
+    assert heads_problem(8, 2, 4) is None and heads_problem(8, 8, 4) is None
+    assert heads_problem(6, 6, 4) == "the heads of q (6) must be divisible by the Ulysses degree (4)"
+    assert "the heads of k and v (3) must be a multiple or a divisor" in heads_problem(12, 3, 4)
+    assert (kv_heads_sent(2, 4), kv_heads_per_rank(2, 4)) == (4, 1)  # each K/V head twice, one per rank
+    assert (kv_heads_sent(8, 4), kv_heads_per_rank(8, 4)) == (8, 2)
+    # K/V heads [a, b] over 4 ranks become [a, a, b, b]: rank j gets the head its query heads 2j, 2j+1 use
+    kv = torch.arange(2.0).reshape(1, 1, 2, 1)
+    assert replicate_kv_heads(kv, 4).flatten().tolist() == [0.0, 0.0, 1.0, 1.0]
+    assert replicate_kv_heads(kv, 2) is kv
+    with pytest.raises(ValueError, match="multiple or a divisor"):
+        replicate_kv_heads(torch.zeros(1, 1, 3, 1), 4)
