@@ -110,7 +110,7 @@ def check_sequence_split(seqlen_q: int, seqlen_k: int, causal: bool, ring_size: 
 
 
 def ring_attention(q, k, v, group: dist.ProcessGroup | None, causal: bool = False, softmax_scale=None,
-                   layout: str = "zigzag", backend=None, *, check_ranks: bool = True):
+                   layout: str = "zigzag", backend=None, *, check_ranks: bool = True, check_finite: bool = False):
     """Attention over a sequence sharded across the ranks of ``group`` (None: the world).
 
     ``q: [B, S, Hq, D]``, ``k, v: [B, S, Hkv, D]``: this rank's shard, laid out by
@@ -119,14 +119,16 @@ def ring_attention(q, k, v, group: dist.ProcessGroup | None, causal: bool = Fals
     ``backend``: a ``usp.kernels`` backend or its name (default: triton on CUDA, else torch).
     ``check_ranks``: first make sure every rank passes the same shapes and options
     (one small all-gather; a mismatch, or bad arguments on some ranks only, raises a
-    ValueError on every rank).
+    ValueError on every rank). ``check_finite``: in the same all-gather, raise a
+    ValueError on every rank, naming the rank and the tensor, when any rank's q, k or v
+    holds a NaN or an infinity (costs a sum over each; on a GPU a host synchronisation).
     """
     ring = RingComm(check_group(group))
-    with ranks_agree(ring.group, "ring_attention", device_of(q), check_ranks) as call:
+    with ranks_agree(ring.group, "ring_attention", device_of(q), check_ranks, check_finite) as call:
         check_qkv(q, k, v, causal)
         check_layout(layout)
         scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
         backend = get_backend(backend)
         check_sequence_split(q.shape[1], k.shape[1], causal, ring.size, layout)
-        call.fields = call_fields(q, k, v, causal, scale, layout, backend.name)
+        call.fields, call.inputs = call_fields(q, k, v, causal, scale, layout, backend.name), dict(q=q, k=k, v=v)
     return _RingAttention.apply(q, k, v, ring, causal, scale, layout, backend)

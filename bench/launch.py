@@ -6,6 +6,12 @@ rank that fails makes its peers fail within ``pg_timeout_s`` instead of hanging.
 launcher gives the ranks ``start_timeout_s`` to start (spawn, imports, joining the
 group: slow on a loaded machine), then ``timeout_s`` from the moment all have started
 to finish, and kills what is left.
+
+Nothing a local run opens listens beyond loopback: torch's rendezvous store listens on
+every interface of the machine, without authentication, so the launcher hosts the store
+itself on a socket it has bound to 127.0.0.1 and hands to the store, and points gloo (and
+NCCL's bootstrap) at the loopback interface unless ``GLOO_SOCKET_IFNAME`` (or
+``NCCL_SOCKET_IFNAME``) is already set.
 """
 
 from __future__ import annotations
@@ -48,13 +54,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, backend, pg_timeout_s, fn, args, results):
+def loopback_interface() -> str:
+    """The name of this machine's loopback network interface (``lo`` on Linux, ``lo0`` on macOS)."""
+    names = [name for _, name in socket.if_nameindex() if name.startswith("lo")]
+    return min(names, key=len) if names else "lo"
+
+
+def loopback_store(timeout_s: float) -> dist.TCPStore:
+    """A rendezvous store served by this process on ``127.0.0.1`` only (its ``port``)."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(128)
+    except OSError:
+        listener.close()
+        raise
+    # the store takes over the bound socket (and closes it when it is deleted)
+    return dist.TCPStore("127.0.0.1", 0, None, True, timeout=datetime.timedelta(seconds=timeout_s),
+                         wait_for_workers=False, master_listen_fd=listener.detach(), use_libuv=True)
+
+
+def _worker(rank, world_size, port, backend, pg_timeout_s, start_timeout_s, fn, args, results):
     torch.set_num_threads(1)
     start = time.perf_counter()
     try:
         if backend == "nccl":
             torch.cuda.set_device(rank % torch.cuda.device_count())
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+        store = dist.TCPStore("127.0.0.1", port, None, False, timeout=datetime.timedelta(seconds=start_timeout_s))
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=pg_timeout_s))
         results.put(("ready", rank))
         start = time.perf_counter()
@@ -81,14 +108,16 @@ def spawn(world_size: int, fn: Callable, args: tuple = (), *, pg_timeout_s: floa
         raise ValueError(f"world_size must be at least 1, got {world_size}")
     context = mp.get_context("spawn")
     results = context.Queue()
-    port = free_port()
-    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    store = loopback_store(start_timeout_s + timeout_s)  # lives, in this process, until the ranks are done
+    loopback = loopback_interface()
+    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", loopback),
+           "NCCL_SOCKET_IFNAME": os.environ.get("NCCL_SOCKET_IFNAME", loopback)}
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)  # read by the children as they start
     try:
-        processes = [context.Process(target=_worker, daemon=True,
-                                     args=(rank, world_size, port, backend, pg_timeout_s, fn, args, results))
-                     for rank in range(world_size)]
+        settings = (world_size, store.port, backend, pg_timeout_s, start_timeout_s, fn, args, results)
+        processes = [context.Process(target=_worker, daemon=True, args=(rank, *settings)) for rank in range(world_size)]
         for process in processes:
             process.start()
     finally:

@@ -1,12 +1,14 @@
 """Make ranks that disagree about a collective call fail loudly instead of hanging or
 computing on garbage (gloo accepts a shorter message into a longer buffer).
 
-Each rank describes its call as named fields; one all-gather of two integers (a hash of
-the call's name and field names, and one of the values) shows every rank whether all
-agree, so every rank raises the same ``ValueError`` when any field differs (and only then
-exchanges the readable values for the message). ``ranks_agree`` wraps a call's argument
-checks too: a rank whose own arguments are bad tells the others, instead of raising
-alone and leaving them waiting in the next collective.
+Each rank describes its call as named fields; one all-gather of three integers (a hash
+of the call's name and field names, one of the values, and which input tensors hold a NaN
+or an infinity) shows every rank whether all agree, so every rank raises the same
+``ValueError`` when any field differs (and only then exchanges the readable values for
+the message). ``ranks_agree`` wraps a call's argument checks too: a rank whose own
+arguments are bad tells the others, instead of raising alone and leaving them waiting in
+the next collective. With ``check_finite`` the same exchange also makes every rank raise
+when any rank's inputs hold a NaN or an infinity, naming the rank and the tensor.
 """
 
 from __future__ import annotations
@@ -25,29 +27,74 @@ def _code(value: tuple) -> int:
     return int.from_bytes(hashlib.sha256(repr(value).encode()).digest()[:8], "little", signed=True)
 
 
-def ensure_ranks_agree(group: dist.ProcessGroup, what: str, fields: dict, device: torch.device) -> None:
+def _nonfinite_flags(inputs: dict, device: torch.device) -> torch.Tensor:
+    """An int64 on ``device`` with bit ``i`` set when the ``i``-th input's sum is not
+    finite, without a host synchronisation. A NaN or an infinity always makes the sum so;
+    a finite tensor only when its sum overflows, which the exact count then clears."""
+    sums = torch.stack([t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).to(device)
+                        for t in inputs.values()])
+    weights = torch.tensor([1 << i for i in range(len(inputs))], dtype=torch.int64, device=device)
+    return ((~torch.isfinite(sums)).to(torch.int64) * weights).sum()
+
+
+def _nonfinite_detail(inputs: dict) -> str:
+    """Which inputs hold NaNs or infinities, and how many: ``"q (2 NaN), v (1 inf)"``."""
+    parts = []
+    for name, t in inputs.items():
+        counts = [f"{n} {kind}" for kind, n in (("NaN", int(torch.isnan(t).sum())), ("inf", int(torch.isinf(t).sum())))
+                  if n]
+        if counts:
+            parts.append(f"{name} ({', '.join(counts)})")
+    return ", ".join(parts)
+
+
+def ensure_ranks_agree(group: dist.ProcessGroup, what: str, fields: dict | None, device: torch.device,
+                       inputs: dict | None = None) -> None:
     """Raise a ValueError on every rank of ``group`` unless all ranks pass equal ``what``
     and ``fields`` (``{name: value}``; values are compared by ``repr``, so pass plain
-    values, not objects).
+    values, not objects; None: compare nothing), and, given ``inputs`` (``{name: tensor}``),
+    unless every rank's inputs are finite.
 
     ``device``: where the exchanged tensor lives for a non-gloo (NCCL) group. Costs one
-    all-gather of two integers (on a GPU also a host synchronisation); every rank sends
-    two whatever it describes, so different calls cannot misalign the exchange.
+    all-gather of three integers (on a GPU also a host synchronisation); every rank sends
+    three whatever it describes, so different calls cannot misalign the exchange.
     """
     size = dist.get_world_size(group)
-    if size == 1:
+    if size == 1 and not inputs:
         return
     if dist.get_backend(group) == "gloo":
         device = torch.device("cpu")
-    canonical = {name: value if isinstance(value, (str, int, float, bool)) else str(value)
-                 for name, value in fields.items()}
-    mine = torch.tensor([_code((what, *canonical)), _code(tuple(canonical.values()))], dtype=torch.int64,
-                        device=device)
-    table = [torch.empty_like(mine) for _ in range(size)]
-    traffic.note(traffic.CHECK, mine.numel() * mine.element_size() * (size - 1), size - 1, what)
-    dist.all_gather(table, mine, group=group)
-    if all(torch.equal(row, table[0]) for row in table):
-        return
+    canonical = {} if fields is None else {name: value if isinstance(value, (str, int, float, bool)) else str(value)
+                                           for name, value in fields.items()}
+    codes = [0, 0] if fields is None else [_code((what, *canonical)), _code(tuple(canonical.values()))]
+    flags = _nonfinite_flags(inputs, device) if inputs else torch.zeros((), dtype=torch.int64, device=device)
+    mine = torch.cat([torch.tensor(codes, dtype=torch.int64, device=device), flags.view(1)])
+    table = [mine]
+    if size > 1:
+        table = [torch.empty_like(mine) for _ in range(size)]
+        traffic.note(traffic.CHECK, mine.numel() * mine.element_size() * (size - 1), size - 1, what)
+        dist.all_gather(table, mine, group=group)
+    if not all(torch.equal(row[:2], table[0][:2]) for row in table):
+        _raise_disagreement(group, what, fields)
+    if any(int(row[2]) for row in table):
+        _raise_if_nonfinite(group, what, inputs or {})
+
+
+def _raise_if_nonfinite(group: dist.ProcessGroup, what: str, inputs: dict) -> None:
+    """Some rank's inputs may hold a NaN or an infinity: every rank counts its own exactly
+    and, if any has one, raises the same ValueError naming each such rank and tensor."""
+    details = [_nonfinite_detail(inputs)]
+    if dist.get_world_size(group) > 1:
+        details = [None] * dist.get_world_size(group)
+        dist.all_gather_object(details, _nonfinite_detail(inputs), group=group)
+    named = [f"rank {rank}: {detail}" for rank, detail in zip(dist.get_process_group_ranks(group), details) if detail]
+    if named:
+        raise ValueError(f"non-finite inputs to {what} (check_finite): {'; '.join(named)}")
+
+
+def _raise_disagreement(group: dist.ProcessGroup, what: str, fields: dict) -> None:
+    """The ranks' ``fields`` differ: exchange them readably and raise the same ValueError on every rank."""
+    size = dist.get_world_size(group)
     readable = [None] * size
     dist.all_gather_object(readable, (what, {name: str(value) for name, value in fields.items()}), group=group)
     names = list(dict.fromkeys(name for _, r in readable for name in r))
@@ -63,29 +110,40 @@ def ensure_ranks_agree(group: dist.ProcessGroup, what: str, fields: dict, device
 
 
 class ranks_agree:
-    """Check a collective call's arguments inside the block and set ``fields``; leaving
-    it, the ranks of ``group`` make sure they all agree (``ensure_ranks_agree``), unless
-    ``enabled`` is false. A ValueError or TypeError raised inside the block is part of
-    what they compare: when every rank raised the same one, each raises it; when only
-    some did, every rank raises the disagreement, which names each rank's error.
+    """Check a collective call's arguments inside the block and set ``fields`` (and
+    ``inputs``); leaving it, the ranks of ``group`` make sure they all agree
+    (``ensure_ranks_agree``), unless ``enabled`` is false, and, with ``check_finite``,
+    that no rank's ``inputs`` hold a NaN or an infinity. A ValueError or TypeError raised
+    inside the block is part of what they compare: when every rank raised the same one,
+    each raises it; when only some did, every rank raises the disagreement, which names
+    each rank's error.
 
-        with ranks_agree(group, "ring_attention", device, check_ranks) as call:
+        with ranks_agree(group, "ring_attention", device, check_ranks, check_finite) as call:
             ...argument checks...
-            call.fields = dict(...)
+            call.fields, call.inputs = dict(...), dict(q=q, k=k, v=v)
     """
 
-    def __init__(self, group: dist.ProcessGroup, what: str, device: torch.device, enabled: bool = True):
+    def __init__(self, group: dist.ProcessGroup, what: str, device: torch.device, enabled: bool = True,
+                 check_finite: bool = False):
         self.group, self.what, self.device, self.enabled = group, what, device, enabled
+        self.check_finite = check_finite
         self.fields: dict = {}
+        self.inputs: dict = {}
 
     def __enter__(self) -> "ranks_agree":
         return self
 
     def __exit__(self, kind, error, traceback) -> bool:
-        if self.enabled and (error is None or isinstance(error, (ValueError, TypeError))):
+        if error is not None and not isinstance(error, (ValueError, TypeError)):
+            return False
+        finite = self.inputs if self.check_finite and error is None else None
+        if self.enabled:
             problem = "" if error is None else f"{type(error).__name__}: {error}"
-            ensure_ranks_agree(self.group, self.what, {"error": problem, **(self.fields if error is None else {})},
-                               self.device)
+            fields = {"error": problem, "check_finite": bool(self.check_finite),
+                      **(self.fields if error is None else {})}
+            ensure_ranks_agree(self.group, self.what, fields, self.device, finite)
+        elif finite:
+            ensure_ranks_agree(self.group, self.what, None, self.device, finite)
         return False  # a rank's own error goes on when every rank had it
 
 

@@ -9,7 +9,9 @@ unmasked or square-causal: for ``Sk >= Sq`` the first ``Sk - Sq`` keys are seen
 by every query (an unmasked piece) and the last ``Sq`` keys form a square causal
 piece; for ``Sk < Sq`` the first ``Sq - Sk`` queries see nothing and the rest form
 a square causal piece. Pieces are merged exactly through their LSE.
-GQA/MQA expands K/V heads and sums their gradients back.
+GQA/MQA: the CPU ops take fewer K/V heads than query heads themselves (each K/V head
+shared by its group of query heads, its gradient summed inside the op), so nothing is
+copied; on CUDA K/V heads are expanded to the query heads and their gradients summed back.
 """
 
 from __future__ import annotations
@@ -57,6 +59,12 @@ def _to_bhsd(x):
 def _pad_last_dim(x, multiple: int):
     pad = -x.shape[-1] % multiple
     return F.pad(x, (0, pad)) if pad else x
+
+
+def _kv_group(q, group: int) -> int:
+    """How many query heads share a K/V head in the fused calls: ``group`` where the op
+    shares K/V heads itself (CPU), else 1 (K/V expanded first)."""
+    return group if q.device.type == "cpu" else 1
 
 
 def _fused_forward(q, k, v, causal: bool, scale: float):
@@ -107,7 +115,8 @@ def forward(q, k, v, *, causal=False, softmax_scale=None):
     """(out [B, Sq, Hq, D], lse [B, Hq, Sq] in promote(dtype, float32)) through PyTorch's fused kernels."""
     shape = check_qkv(q, k, v, causal)
     scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
-    k, v = expand_kv(k, shape.group), expand_kv(v, shape.group)
+    expand = shape.group // _kv_group(q, shape.group)
+    k, v = expand_kv(k, expand), expand_kv(v, expand)
     pieces = _pieces(shape.seqlen_q, shape.seqlen_k, causal)
     if len(pieces) == 1 and pieces[0].rows == slice(0, None):
         out, lse = _fused_forward(q, k, v, pieces[0].causal, scale)
@@ -126,17 +135,22 @@ def backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None):
     """(dq, dk, dv) from the given out and lse, which may be global ones from ring attention."""
     shape = check_backward_inputs(dout, q, k, v, out, lse, causal)
     scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
-    ke, ve = expand_kv(k, shape.group), expand_kv(v, shape.group)
+    expand = shape.group // _kv_group(q, shape.group)
+    ke, ve = expand_kv(k, expand), expand_kv(v, expand)
+    pieces = _pieces(shape.seqlen_q, shape.seqlen_k, causal)
+    if len(pieces) == 1 and pieces[0].rows == slice(0, None) and pieces[0].keys == slice(0, None):
+        dq, dk, dv = _fused_backward(dout, q, ke, ve, out, lse, pieces[0].causal, scale)
+        return (dq.to(q.dtype).contiguous(), reduce_kv_grad(dk, expand).to(k.dtype).contiguous(),
+                reduce_kv_grad(dv, expand).to(v.dtype).contiguous())
     acc = accum_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(ke.shape, dtype=acc, device=q.device)
     dv = torch.zeros(ve.shape, dtype=acc, device=q.device)
-    for piece in _pieces(shape.seqlen_q, shape.seqlen_k, causal):
+    for piece in pieces:
         rows, keys = piece.rows, piece.keys
         part = _fused_backward(dout[:, rows], q[:, rows], ke[:, keys], ve[:, keys], out[:, rows],
                                lse[:, :, rows], piece.causal, scale)
         dq[:, rows] += part[0]
         dk[:, keys] += part[1]
         dv[:, keys] += part[2]
-    return (dq.to(q.dtype), reduce_kv_grad(dk, shape.group).to(k.dtype),
-            reduce_kv_grad(dv, shape.group).to(v.dtype))
+    return dq.to(q.dtype), reduce_kv_grad(dk, expand).to(k.dtype), reduce_kv_grad(dv, expand).to(v.dtype)

@@ -218,3 +218,52 @@ def test_the_launcher_reports_ranks_that_die_or_overrun():
     assert outcomes[2].seconds < 30  # killed 3 s after the start, not waited for the 60 s it sleeps
     with pytest.raises(WorkersFailed, match="rank 1: exited with code 3"):
         raise WorkersFailed(outcomes)
+
+
+def _guarded_calls() -> dict:
+    """``check_finite=True`` on 4 ranks: rank 1 puts a NaN in k, rank 3 two infinities in
+    q, one call per method; then finite inputs whose sums overflow; then rank 1 alone
+    asking for the guard; then a group of one rank."""
+    rank = dist.get_rank()
+    mesh = init_mesh(2, 2)
+    torch.manual_seed(rank)
+    q, k, v = (torch.randn(1, 8, 4, 8) for _ in range(3))
+    bad_q, bad_k = q.clone(), k.clone()
+    if rank == 1:
+        bad_k[0, 5, 2, 1] = float("nan")
+    if rank == 3:
+        bad_q[0, 0, 0, :2] = float("inf")
+    calls = {"usp": lambda q, k, v, **kw: usp_attention(q, k, v, mesh, causal=True, **kw),
+             "ring": lambda q, k, v, **kw: ring_attention(q, k, v, None, causal=True, **kw),
+             "ulysses": lambda q, k, v, **kw: ulysses_attention(q, k, v, None, causal=True, **kw),
+             "module": lambda q, k, v, **kw: USPAttention(mesh, causal=True, **kw)(q, k, v)}
+    seen = {}
+    for name, call in calls.items():
+        seen[name] = _error_of(lambda: call(bad_q, bad_k, v, check_finite=True))
+        seen[f"{name} unchecked"] = bool(torch.isnan(call(bad_q, bad_k, v)).any())  # documented NaN spread
+        seen[f"{name} finite"] = torch.equal(call(q, k, v, check_finite=True), call(q, k, v))
+        seen[f"{name} finite, no rank check"] = torch.equal(call(q, k, v, check_finite=True, check_ranks=False),
+                                                             call(q, k, v))
+    huge = torch.full((1, 8, 4, 8), 3e38)  # finite, but its sum overflows float32
+    seen["overflowing sum"] = _error_of(lambda: usp_attention(huge, q, v, mesh, check_finite=True))
+    seen["only rank 1 checks"] = _error_of(lambda: usp_attention(q, k, v, mesh, check_finite=rank == 1))
+    alone = [dist.new_group([r]) for r in range(4)][rank]  # every rank makes every group
+    seen["alone"] = _error_of(lambda: ring_attention(bad_q, bad_k, v, alone, check_finite=True))
+    return seen
+
+
+def test_check_finite_raises_on_every_rank_naming_rank_and_tensor():
+    seen = run(4, _guarded_calls, pg_timeout_s=60)
+    for name in ("usp", "ring", "ulysses", "module"):
+        what = "usp_attention" if name == "module" else f"{name}_attention"
+        expected = f"ValueError: non-finite inputs to {what} (check_finite): rank 1: k (1 NaN); rank 3: q (2 inf)"
+        assert all(s[name] == expected for s in seen), [s[name] for s in seen]
+        assert all(s[f"{name} finite"] and s[f"{name} finite, no rank check"] for s in seen)
+        assert any(s[f"{name} unchecked"] for s in seen)  # without the guard the NaN goes through
+    assert all(s["overflowing sum"] == "no error" for s in seen)
+    assert all(s["only rank 1 checks"].startswith("ValueError: the ranks of the group disagree on usp_attention "
+                                                  "(check_finite): rank 0: check_finite=False; rank 1: "
+                                                  "check_finite=True") for s in seen)
+    assert [s["alone"] for s in seen] == ["no error", "ValueError: non-finite inputs to ring_attention (check_finite): "
+                                          "rank 1: k (1 NaN)", "no error", "ValueError: non-finite inputs to "
+                                          "ring_attention (check_finite): rank 3: q (2 inf)"]
