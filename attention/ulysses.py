@@ -14,7 +14,7 @@ from torch import nn
 from usp.comm import Mesh
 from usp.comm.agreement import call_fields, device_of, ranks_agree
 from usp.comm.all_to_all import head_to_seq, seq_to_head
-from usp.comm.heads import check_heads, replicate_kv_heads
+from usp.comm.heads import check_heads, head_shares, kv_head_shares, replicate_kv_heads
 from usp.comm.mesh import check_group, check_mesh
 from usp.kernels import get_backend, local_attention
 from usp.kernels.checks import check_qkv, resolve_softmax_scale
@@ -24,11 +24,14 @@ from .ring import check_sequence_split, ring_attention
 
 
 def _head_parallel(q, k, v, group, attend):
-    """All-to-all q, k, v to head shards, ``attend`` on them, all-to-all the output back."""
-    size = dist.get_world_size(group)
-    k, v = replicate_kv_heads(k, size), replicate_kv_heads(v, size)
-    out = attend(seq_to_head(q, group), seq_to_head(k, group), seq_to_head(v, group))
-    return head_to_seq(out, group)
+    """All-to-all q, k, v to head shards (``usp.comm.heads``: shares differing by at most
+    one, K/V heads repeated where the shares need it), ``attend`` on them, all-to-all the
+    output back."""
+    size, heads, kv_heads = dist.get_world_size(group), q.shape[2], k.shape[2]
+    shares, kv_shares = head_shares(heads, size), kv_head_shares(heads, kv_heads, size)
+    k, v = replicate_kv_heads(k, heads, size), replicate_kv_heads(v, heads, size)
+    out = attend(seq_to_head(q, group, shares), seq_to_head(k, group, kv_shares), seq_to_head(v, group, kv_shares))
+    return head_to_seq(out, group, shares)
 
 
 def ulysses_attention(q, k, v, group: dist.ProcessGroup | None, causal: bool = False, softmax_scale=None,
@@ -36,8 +39,9 @@ def ulysses_attention(q, k, v, group: dist.ProcessGroup | None, causal: bool = F
     """Attention over a sequence sharded contiguously across ``group`` (None: the world).
 
     ``q: [B, S/u, Hq, D]``, ``k, v: [B, S/u, Hkv, D]`` (rank ``j`` holds the ``j``-th
-    piece) -> this rank's output piece ``[B, S/u, Hq, D]``, differentiable. ``Hq`` must
-    be divisible by ``u``; ``Hkv`` a multiple or a divisor of it. ``check_ranks``,
+    piece) -> this rank's output piece ``[B, S/u, Hq, D]``, differentiable. Each rank
+    takes a contiguous share of the heads, ``Hq / u`` or, when ``u`` does not divide
+    ``Hq``, one more or one less (``Hq >= u``; see ``usp.comm.heads``). ``check_ranks``,
     ``check_finite``: see ``ring_attention``.
     """
     group = check_group(group)

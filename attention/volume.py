@@ -3,22 +3,28 @@ the tests check the counted traffic against, the emulator prices and the cost mo
 reports.
 
 A ``u x r`` mesh (``N = u r``) on a global sequence of ``S`` tokens: each rank starts
-with ``S/N`` tokens of q (``Hq`` heads) and of K/V (``max(Hkv, u)`` heads after the
-replication of ``usp.comm.heads``).
+with ``S/N`` tokens of q (``Hq`` heads) and of K/V (``Hkv x c`` heads after the
+repetition of ``usp.comm.heads``); Ulysses rank ``j`` takes ``h_j`` query and ``k_j``
+K/V heads (``Hq/u`` and ``Hkv c/u`` when ``u`` divides them evenly).
 
-- Ulysses (``u > 1``): four all-to-alls per pass (forward q, k, v in and out back;
-  backward dout in and dq, dk, dv back), each sending ``(u - 1)/u`` of its tensor.
-- Ring (``r > 1``), on ``S/r`` tokens and ``max(Hkv/u, 1)`` K/V heads after the
-  all-to-all: forward, K and V make ``r - 1`` hops; backward, K and V make them again
-  and the dK/dV accumulators (in ``promote(dtype, float32)``) make ``r`` hops, the
-  last one home.
+- Ulysses (``u > 1``): four all-to-alls per pass. Forward, q, k and v go to head shards
+  (rank ``j`` keeps ``h_j`` or ``k_j`` of its heads and sends the rest) and the output
+  comes back (it sends its ``h_j`` heads of the other ``u - 1`` pieces); backward, dout
+  goes to head shards and dq, dk, dv come back. With even shares each sends
+  ``(u - 1)/u`` of its tensor.
+- Ring (``r > 1``), on ``S/r`` tokens and ``k_j`` K/V heads after the all-to-all:
+  forward, K and V make ``r - 1`` hops; backward, K and V make them again and the dK/dV
+  accumulators (in ``promote(dtype, float32)``) make ``r`` hops, the last one home.
+
+With uneven shares the ranks send different amounts: the figures are the busiest
+rank's (the most bytes per call).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from usp.comm.heads import kv_heads_per_rank, kv_heads_sent
+from usp.comm.heads import head_shares, kv_copies, kv_head_shares
 
 
 @dataclass(frozen=True)
@@ -50,22 +56,30 @@ class CallVolume:
 
 
 def attention_volume(batch: int, seqlen: int, heads: int, kv_heads: int, head_dim: int, ulysses_degree: int,
-                     ring_degree: int, element_size: int) -> CallVolume:
+                     ring_degree: int, element_size: int, ulysses_rank: int | None = None) -> CallVolume:
     """Per rank, for a global ``seqlen`` (divisible by ``u x r``) in a dtype of
-    ``element_size`` bytes; accumulators take ``max(element_size, 4)``."""
+    ``element_size`` bytes; accumulators take ``max(element_size, 4)``. ``ulysses_rank``:
+    the rank's index in its Ulysses group (None: the busiest rank's figures)."""
     u, r = ulysses_degree, ring_degree
     if seqlen % (u * r):
         raise ValueError(f"the sequence length {seqlen} must be divisible by u x r = {u * r}")
-    tokens = batch * seqlen // (u * r)  # per rank, before the all-to-all
-    q_bytes = tokens * heads * head_dim * element_size
-    kv_bytes = tokens * kv_heads_sent(kv_heads, u) * head_dim * element_size
-    all_to_all = (2 * q_bytes + 2 * kv_bytes) * (u - 1) // u
-    block = batch * (seqlen // r) * kv_heads_per_rank(kv_heads, u) * head_dim  # elements of K (or V) per ring rank
-    kv_hop = 2 * block * element_size
-    accumulator_hop = 2 * block * max(element_size, 4)
+    head_bytes = batch * seqlen // (u * r) * head_dim * element_size  # one head of one rank's tokens
+    kv_sent = kv_heads * kv_copies(heads, kv_heads, u)
     a2a_count = 4 if u > 1 else 0
     accumulator_hops = r if r > 1 else 0
-    forward = PassVolume(2 * (r - 1), (r - 1) * kv_hop, a2a_count, all_to_all)
-    backward = PassVolume(2 * (r - 1) + 2 * accumulator_hops, (r - 1) * kv_hop + accumulator_hops * accumulator_hop,
-                          a2a_count, all_to_all)
-    return CallVolume(forward, backward, kv_hop, accumulator_hop)
+
+    def rank_volume(q_heads: int, k_heads: int) -> CallVolume:
+        forward_a2a = (heads - q_heads) + 2 * (kv_sent - k_heads) + q_heads * (u - 1)  # q, k, v in; out back
+        backward_a2a = (heads - q_heads) + q_heads * (u - 1) + 2 * k_heads * (u - 1)  # dout in; dq, dk, dv back
+        block = batch * (seqlen // r) * k_heads * head_dim  # elements of K (or V) per ring rank
+        kv_hop, accumulator_hop = 2 * block * element_size, 2 * block * max(element_size, 4)
+        forward = PassVolume(2 * (r - 1), (r - 1) * kv_hop, a2a_count, forward_a2a * head_bytes if u > 1 else 0)
+        backward = PassVolume(2 * (r - 1) + 2 * accumulator_hops,
+                              (r - 1) * kv_hop + accumulator_hops * accumulator_hop, a2a_count,
+                              backward_a2a * head_bytes if u > 1 else 0)
+        return CallVolume(forward, backward, kv_hop, accumulator_hop)
+
+    ranks = [rank_volume(h, k) for h, k in zip(head_shares(heads, u), kv_head_shares(heads, kv_heads, u))]
+    if ulysses_rank is not None:
+        return ranks[ulysses_rank]
+    return max(ranks, key=lambda volume: (volume.bytes, volume.kv_hop_bytes))

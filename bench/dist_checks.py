@@ -139,7 +139,7 @@ def check_cases(cases: list[DistCase], seed: int = 0, device: str = "cpu") -> li
                     for name, x in zip(QUANTITIES, (out_local, q_local.grad, k_local.grad, v_local.grad))}
         errors, tolerances, failures = compare(Case(case.backend, case.dtype, case.shape, case.causal), gathered,
                                                ref, baseline, QUANTITIES)
-        results.append(dict(errors=errors, tolerances=tolerances, failures=failures,
+        results.append(dict(errors=errors, tolerances=tolerances, failures=failures, ulysses_rank=mesh.ulysses_rank,
                             forward=_traffic(forward), backward=_traffic(backward),
                             overlapped=transfers_lead_compute(forward, case.ring_degree)
                             and transfers_lead_compute(backward, case.ring_degree),

@@ -31,7 +31,7 @@ from usp.attention.layout import LAYOUTS, check_global_seqlen, ring_positions
 from usp.attention.ring import ring_backward, ring_forward
 from usp.attention.volume import CallVolume, attention_volume
 from usp.comm import traffic
-from usp.comm.heads import heads_problem, kv_heads_per_rank
+from usp.comm.heads import heads_per_rank, heads_problem, kv_heads_per_rank
 from usp.comm.ring import Delivered
 from usp.comm.traffic import CudaClock, HostClock, record_traffic
 from usp.kernels import BACKENDS, get_backend
@@ -72,11 +72,11 @@ class Problem:
 
     @property
     def local_heads(self) -> int:
-        return self.heads // self.ulysses_degree
+        return heads_per_rank(self.heads, self.ulysses_degree)
 
     @property
     def local_kv_heads(self) -> int:
-        return kv_heads_per_rank(self.kv_heads, self.ulysses_degree)
+        return kv_heads_per_rank(self.heads, self.kv_heads, self.ulysses_degree)
 
     def volume(self) -> CallVolume:
         """What one rank sends (``usp.attention.volume``)."""

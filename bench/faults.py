@@ -68,13 +68,21 @@ class Config:
     """What every run does: the problem, the loop, the timeout and the margin."""
 
     world_size: int = 4
-    seqlen: int = 64
-    heads: int = 4
     kv_heads: int = 2
     head_dim: int = 16
     steps: int = 3
     timeout_s: float = 5.0  # the mesh groups' process-group timeout
     margin_s: float = 10.0
+
+    @property
+    def seqlen(self) -> int:
+        """16 tokens per rank: every method's split works on any even world size."""
+        return 16 * self.world_size
+
+    @property
+    def heads(self) -> int:
+        """Query heads: at least one per rank of pure Ulysses."""
+        return max(4, self.world_size)
 
     @property
     def bound_s(self) -> float:
@@ -97,16 +105,17 @@ class FaultPlan:
 
 
 def make_plans(runs: int, seed: int, config: Config, kinds=FAULT_KINDS, methods=METHODS) -> list[FaultPlan]:
-    """``runs`` plans cycling through ``kinds`` and, shifted by one each round of kinds,
-    through ``methods`` (so that a kind meets every method); the rest drawn from
+    """``runs`` plans cycling through ``kinds``; the method, and the input a NaN goes
+    into, cycle too, shifted by one each round of kinds, so that every kind meets every
+    method (and nan every input) whatever the lists; the rest drawn from
     ``random.Random(seed)``: the same arguments give the same plans."""
     rng = random.Random(seed)
     plans = []
     for run in range(runs):
-        kind = kinds[run % len(kinds)]
-        method = methods[(run + run // len(kinds)) % len(methods)]
-        plans.append(FaultPlan(run, method, kind, rng.randrange(config.world_size), rng.randrange(1, config.steps),
-                               rng.random(), rng.choice(INPUTS), rng.randrange(1 << 30)))
+        kind_index, rounds = run % len(kinds), run // len(kinds)
+        plans.append(FaultPlan(run, methods[(kind_index + rounds) % len(methods)], kinds[kind_index],
+                               rng.randrange(config.world_size), rng.randrange(1, config.steps), rng.random(),
+                               INPUTS[rounds % len(INPUTS)], rng.randrange(1 << 30)))
     return plans
 
 
@@ -233,10 +242,12 @@ def judge(plan: FaultPlan, outcomes: list, config: Config) -> tuple[str, list[st
       than a killed or stalled faulty rank;
     - ``silent``: a rank finished although the run could not be right (every kind but nan);
     - ``late``: a rank raised, but after the timeout plus the margin;
-    - ``unclear``: shape without the disagreement error on every rank; nan without the
-      documented behaviour, or a guard that did not name the rank and the tensor.
+    - ``unclear``: a rank raised before the fault; shape without the same disagreement
+      error on every rank; nan without the documented behaviour, or a guard that did not
+      name the rank and the tensor.
     """
     reasons = []
+    first_error = next((o.value["error"] for o in outcomes if o.ok), None)
     for outcome in outcomes:
         if not outcome.ok:
             if not (outcome.rank == plan.rank and plan.kind in ("kill", "stall")):
@@ -254,13 +265,16 @@ def judge(plan: FaultPlan, outcomes: list, config: Config) -> tuple[str, list[st
                 reasons.append(("unclear", f"{who}: the guard said {seen.get('guard')!r}"))
         elif seen["status"] == "finished":
             reasons.append(("silent", f"{who} finished every step"))
-        elif seen["seconds"] is None or seen["seconds"] > config.bound_s:
-            reasons.append(("late", f"{who} raised after {seen['seconds']} s: {seen['error']}"))
-        elif plan.kind == "shape" and "the ranks of the group disagree" not in seen["error"]:
+        elif seen["seconds"] is None:
+            reasons.append(("unclear", f"{who} raised before the fault: {seen['error']}"))
+        elif seen["seconds"] > config.bound_s:
+            reasons.append(("late", f"{who} raised after {seen['seconds']:.2f} s: {seen['error']}"))
+        elif plan.kind == "shape" and ("the ranks of the group disagree" not in seen["error"]
+                                       or seen["error"] != first_error):
             reasons.append(("unclear", f"{who}: {seen['error']}"))
     if not reasons:
         return "ok", []
-    worst = min(VERDICTS.index(verdict) for verdict, _ in reasons if verdict != "ok")
+    worst = min(VERDICTS.index(verdict) for verdict, _ in reasons)
     return VERDICTS[worst], [text for _, text in reasons]
 
 

@@ -62,16 +62,13 @@ def loopback_interface() -> str:
 
 def loopback_store(timeout_s: float) -> dist.TCPStore:
     """A rendezvous store served by this process on ``127.0.0.1`` only (its ``port``)."""
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(128)
-    except OSError:
-        listener.close()
-        raise
-    # the store takes over the bound socket (and closes it when it is deleted)
-    return dist.TCPStore("127.0.0.1", 0, None, True, timeout=datetime.timedelta(seconds=timeout_s),
-                         wait_for_workers=False, master_listen_fd=listener.detach(), use_libuv=True)
+        port = listener.getsockname()[1]
+        # the store serves on a duplicate of the bound socket; the original closes on leaving the block
+        return dist.TCPStore("127.0.0.1", port, None, True, timeout=datetime.timedelta(seconds=timeout_s),
+                             wait_for_workers=False, master_listen_fd=os.dup(listener.fileno()))
 
 
 def _worker(rank, world_size, port, backend, pg_timeout_s, start_timeout_s, fn, args, results):
@@ -153,22 +150,27 @@ def spawn(world_size: int, fn: Callable, args: tuple = (), *, pg_timeout_s: floa
             break  # every rank reported or died; a dead rank's report, if any, is already in the queue
     while collect(0):
         pass
-    for process in processes:
+    killed_here = set()
+    for rank, process in enumerate(processes):
         process.join(timeout=5.0 if len(outcomes) == world_size else 0.1)
         if process.is_alive():
             process.kill()
             process.join()
+            killed_here.add(rank)
     for rank in range(world_size):
         if rank not in outcomes:
-            killed = processes[rank].exitcode in (None, -9)
+            killed = rank in killed_here
+            exitcode = processes[rank].exitcode
             if killed and rank not in joined:
                 reason = f"did not join the process group within {start_timeout_s:g} s"
             elif killed and all_started is None:
                 reason = f"killed after other ranks did not join the process group within {start_timeout_s:g} s"
             elif killed:
                 reason = f"no result within {timeout_s:g} s of the start"
+            elif exitcode < 0:
+                reason = f"killed by signal {-exitcode} without a result"
             else:
-                reason = f"exited with code {processes[rank].exitcode} without a result"
+                reason = f"exited with code {exitcode} without a result"
             outcomes[rank] = RankOutcome(rank, False, reason, time.monotonic() - joined.get(rank, started))
     return [outcomes[r] for r in range(world_size)]
 

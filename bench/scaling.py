@@ -176,7 +176,7 @@ def _measure(settings: Settings, mesh, seqlen: int, pass_: str, device: torch.de
     transfer = {}
     if mesh.ring_degree > 1:
         ring = RingComm(mesh.ring_group)
-        kv_heads = kv_heads_per_rank(settings.kv_heads, mesh.ulysses_degree)
+        kv_heads = kv_heads_per_rank(settings.heads, settings.kv_heads, mesh.ulysses_degree)
         block = torch.empty(settings.batch, seqlen // mesh.ring_degree, kv_heads, settings.head_dim, device=device,
                             dtype=DTYPES[settings.dtype])
         transfer["forward"] = _transfer_alone_ms([block, block], ring, device, settings.repeats)

@@ -27,6 +27,7 @@ def _code(value: tuple) -> int:
     return int.from_bytes(hashlib.sha256(repr(value).encode()).digest()[:8], "little", signed=True)
 
 
+@torch.no_grad()
 def _nonfinite_flags(inputs: dict, device: torch.device) -> torch.Tensor:
     """An int64 on ``device`` with bit ``i`` set when the ``i``-th input's sum is not
     finite, without a host synchronisation. A NaN or an infinity always makes the sum so;
@@ -37,10 +38,14 @@ def _nonfinite_flags(inputs: dict, device: torch.device) -> torch.Tensor:
     return ((~torch.isfinite(sums)).to(torch.int64) * weights).sum()
 
 
-def _nonfinite_detail(inputs: dict) -> str:
-    """Which inputs hold NaNs or infinities, and how many: ``"q (2 NaN), v (1 inf)"``."""
+@torch.no_grad()
+def _nonfinite_detail(inputs: dict, flags: int) -> str:
+    """Which inputs (among those whose bit is set in ``flags``) hold NaNs or
+    infinities, and how many: ``"q (2 NaN), v (1 inf)"``."""
     parts = []
-    for name, t in inputs.items():
+    for index, (name, t) in enumerate(inputs.items()):
+        if not flags >> index & 1:
+            continue
         counts = [f"{n} {kind}" for kind, n in (("NaN", int(torch.isnan(t).sum())), ("inf", int(torch.isinf(t).sum())))
                   if n]
         if counts:
@@ -77,16 +82,17 @@ def ensure_ranks_agree(group: dist.ProcessGroup, what: str, fields: dict | None,
     if not all(torch.equal(row[:2], table[0][:2]) for row in table):
         _raise_disagreement(group, what, fields)
     if any(int(row[2]) for row in table):
-        _raise_if_nonfinite(group, what, inputs or {})
+        _raise_if_nonfinite(group, what, inputs or {}, int(mine[2]))
 
 
-def _raise_if_nonfinite(group: dist.ProcessGroup, what: str, inputs: dict) -> None:
-    """Some rank's inputs may hold a NaN or an infinity: every rank counts its own exactly
-    and, if any has one, raises the same ValueError naming each such rank and tensor."""
-    details = [_nonfinite_detail(inputs)]
+def _raise_if_nonfinite(group: dist.ProcessGroup, what: str, inputs: dict, flags: int) -> None:
+    """Some rank's inputs may hold a NaN or an infinity: every rank counts those of its
+    own whose bit is set in ``flags`` exactly and, if any has one, raises the same
+    ValueError naming each such rank and tensor."""
+    details = [_nonfinite_detail(inputs, flags)]
     if dist.get_world_size(group) > 1:
         details = [None] * dist.get_world_size(group)
-        dist.all_gather_object(details, _nonfinite_detail(inputs), group=group)
+        dist.all_gather_object(details, _nonfinite_detail(inputs, flags), group=group)
     named = [f"rank {rank}: {detail}" for rank, detail in zip(dist.get_process_group_ranks(group), details) if detail]
     if named:
         raise ValueError(f"non-finite inputs to {what} (check_finite): {'; '.join(named)}")
@@ -96,7 +102,8 @@ def _raise_disagreement(group: dist.ProcessGroup, what: str, fields: dict) -> No
     """The ranks' ``fields`` differ: exchange them readably and raise the same ValueError on every rank."""
     size = dist.get_world_size(group)
     readable = [None] * size
-    dist.all_gather_object(readable, (what, {name: str(value) for name, value in fields.items()}), group=group)
+    dist.all_gather_object(readable, (what, {name: str(value) for name, value in (fields or {}).items()}),
+                           group=group)
     names = list(dict.fromkeys(name for _, r in readable for name in r))
     differing = [name for name in names if len({r.get(name, "-") for _, r in readable}) > 1]
     if "error" in differing:  # some ranks' own arguments were wrong: that is the news

@@ -1,10 +1,19 @@
-"""Ulysses all-to-all: sequence-sharded ``[B, S/u, H, D]`` <-> head-sharded ``[B, S, H/u, D]``.
+"""Ulysses all-to-all: sequence-sharded ``[B, S/u, H, D]`` <-> head-sharded ``[B, S, H_j, D]``.
 
 Rank ``j`` of a Ulysses group of ``u`` ranks holds the ``j``-th contiguous piece of the
 sequence; after ``seq_to_head`` it holds the whole sequence (pieces in rank order) for
-heads ``j·H/u .. (j+1)·H/u - 1``. Both directions are autograd functions whose backward
-is the opposite all-to-all (``comm.heads`` says how K/V heads fewer than ``u`` are
-replicated first).
+its contiguous share of the heads, ``H_j`` of them: ``H/u`` when ``u`` divides ``H``, else
+the shares of ``usp.comm.heads.head_shares`` (or any ``shares`` given), differing by at
+most one. Both directions are autograd functions whose backward is the opposite
+all-to-all (``usp.comm.heads`` says how K/V heads are repeated first).
+
+Picture, 6 heads over 2 ranks, 2 positions each (``pXhY``: position X, head Y):
+
+    rank 0 holds p0 p1, heads 0-5      rank 1 holds p2 p3, heads 0-5
+        -> rank 0: p0 p1 p2 p3, heads 0-2   rank 1: p0 p1 p2 p3, heads 3-5
+
+Each rank sends rank ``i`` its positions of rank ``i``'s heads (one message per pair,
+``B x S/u x H_i x D`` elements) and receives its own heads of every rank's positions.
 """
 
 from __future__ import annotations
@@ -13,72 +22,99 @@ import torch
 import torch.distributed as dist
 
 from . import traffic
+from .heads import head_shares
 from .mesh import check_group
 
 
-def _all_to_all(x: torch.Tensor, group: dist.ProcessGroup, label: str) -> torch.Tensor:
-    """Exchange the ``u`` equal slices of dim 0: slice ``j`` goes to rank ``j``, and
-    slice ``j`` of the result came from rank ``j``."""
-    size = dist.get_world_size(group)
-    x = x.contiguous()
-    out = torch.empty_like(x)
-    with traffic.span(traffic.ALL_TO_ALL, x.numel() * x.element_size() * (size - 1) // size, size - 1, label):
-        dist.all_to_all_single(out, x, group=group)
-    return out
+def _all_to_all(send: torch.Tensor, send_sizes: list[int], receive_sizes: list[int], group: dist.ProcessGroup,
+                label: str) -> torch.Tensor:
+    """Exchange pieces of a flat tensor: piece ``i`` (``send_sizes[i]`` elements) goes to
+    rank ``i``; piece ``i`` of the result (``receive_sizes[i]``) came from rank ``i``."""
+    rank = dist.get_rank(group)
+    received = send.new_empty(sum(receive_sizes))
+    sent = (sum(send_sizes) - send_sizes[rank]) * send.element_size()
+    with traffic.span(traffic.ALL_TO_ALL, sent, dist.get_world_size(group) - 1, label):
+        dist.all_to_all_single(received, send, receive_sizes, send_sizes, group=group)
+    return received
 
 
-def _seq_to_head(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    size = dist.get_world_size(group)
-    if size == 1:
-        return x
-    b, s_local, h, d = x.shape
-    # [B, S/u, u, H/u, D] -> [u(head piece), B, S/u, H/u, D]: slice j is rank j's heads.
-    pieces = x.reshape(b, s_local, size, h // size, d).permute(2, 0, 1, 3, 4)
-    received = _all_to_all(pieces, group, traffic.SEQ_TO_HEAD)  # [u(sequence piece), B, S/u, H/u, D]
-    return received.permute(1, 0, 2, 3, 4).reshape(b, size * s_local, h // size, d)
-
-
-def _head_to_seq(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+def _seq_to_head(x: torch.Tensor, group: dist.ProcessGroup, shares: list[int]) -> torch.Tensor:
     size = dist.get_world_size(group)
     if size == 1:
         return x
-    b, s, h_local, d = x.shape
-    # [B, u, S/u, H/u, D] -> [u(sequence piece), B, S/u, H/u, D]: slice j is rank j's positions.
-    pieces = x.reshape(b, size, s // size, h_local, d).permute(1, 0, 2, 3, 4)
-    received = _all_to_all(pieces, group, traffic.HEAD_TO_SEQ)  # [u(head piece), B, S/u, H/u, D]
-    return received.permute(1, 2, 0, 3, 4).reshape(b, s // size, size * h_local, d)
+    b, s_local, _, d = x.shape
+    mine = shares[dist.get_rank(group)]
+    starts = [sum(shares[:i]) for i in range(size)]
+    send = torch.cat([x[:, :, start:start + share].reshape(-1) for start, share in zip(starts, shares)])
+    piece = b * s_local * d  # elements per head of one sequence piece
+    received = _all_to_all(send, [piece * share for share in shares], [piece * mine] * size, group,
+                           traffic.SEQ_TO_HEAD)  # [u(sequence piece), B, S/u, H_j, D]
+    return received.view(size, b, s_local, mine, d).permute(1, 0, 2, 3, 4).reshape(b, size * s_local, mine, d)
+
+
+def _head_to_seq(x: torch.Tensor, group: dist.ProcessGroup, shares: list[int]) -> torch.Tensor:
+    size = dist.get_world_size(group)
+    if size == 1:
+        return x
+    b, s, mine, d = x.shape
+    s_local = s // size
+    # [B, u, S/u, H_j, D] -> [u(sequence piece), B, S/u, H_j, D]: piece i is rank i's positions.
+    send = x.reshape(b, size, s_local, mine, d).permute(1, 0, 2, 3, 4).reshape(-1)
+    piece = b * s_local * d
+    received = _all_to_all(send, [piece * mine] * size, [piece * share for share in shares], group,
+                           traffic.HEAD_TO_SEQ)  # rank i's heads of my positions, for every i
+    pieces = received.split([piece * share for share in shares])
+    return torch.cat([p.view(b, s_local, share, d) for p, share in zip(pieces, shares)], dim=2)
 
 
 class _Redistribute(torch.autograd.Function):
     """One all-to-all direction; its backward is the other."""
 
     @staticmethod
-    def forward(ctx, x, group, there, back):
-        ctx.group, ctx.back = group, back
-        return there(x, group)
+    def forward(ctx, x, group, shares, there, back):
+        ctx.group, ctx.shares, ctx.back = group, shares, back
+        return there(x, group, shares)
 
     @staticmethod
     def backward(ctx, grad):
-        return ctx.back(grad, ctx.group), None, None, None
+        return ctx.back(grad, ctx.group, ctx.shares), None, None, None, None
 
 
-def seq_to_head(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """``[B, S/u, H, D]`` (this rank's sequence piece, all heads) -> ``[B, S, H/u, D]``.
-    ``group``: the Ulysses group (a process group; None is the world)."""
+def _check_shares(shares: list[int] | None, heads: int | None, size: int, what: str) -> list[int]:
+    if shares is None:
+        return head_shares(heads, size)
+    shares = [int(s) for s in shares]
+    if len(shares) != size or min(shares) < 1:
+        raise ValueError(f"{what}: shares must give each of the {size} ranks one head or more, got {shares}")
+    return shares
+
+
+def seq_to_head(x: torch.Tensor, group: dist.ProcessGroup, shares: list[int] | None = None) -> torch.Tensor:
+    """``[B, S/u, H, D]`` (this rank's sequence piece, all heads) -> ``[B, S, H_j, D]``.
+    ``group``: the Ulysses group (a process group; None is the world); ``shares``: heads
+    per rank, summing to ``H`` (default ``head_shares(H, u)``)."""
     group = check_group(group)
     size = dist.get_world_size(group)
-    if x.dim() != 4 or x.shape[2] % size:
-        raise ValueError(f"seq_to_head needs [batch, seqlen, heads, head_dim] with heads divisible by the "
-                         f"group size {size}, got shape {tuple(x.shape)}")
-    return _Redistribute.apply(x, group, _seq_to_head, _head_to_seq)
+    if x.dim() != 4 or x.shape[2] < size:
+        raise ValueError(f"seq_to_head needs [batch, seqlen, heads, head_dim] with at least one head per rank of "
+                         f"the group ({size}), got shape {tuple(x.shape)}")
+    shares = _check_shares(shares, x.shape[2], size, "seq_to_head")
+    if sum(shares) != x.shape[2]:
+        raise ValueError(f"seq_to_head: shares {shares} must add up to the {x.shape[2]} heads of x")
+    return _Redistribute.apply(x, group, shares, _seq_to_head, _head_to_seq)
 
 
-def head_to_seq(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """``[B, S, H/u, D]`` (all positions, this rank's heads) -> ``[B, S/u, H, D]``.
-    ``group``: the Ulysses group (a process group; None is the world)."""
+def head_to_seq(x: torch.Tensor, group: dist.ProcessGroup, shares: list[int] | None = None) -> torch.Tensor:
+    """``[B, S, H_j, D]`` (all positions, this rank's heads) -> ``[B, S/u, H, D]``.
+    ``group``: the Ulysses group (a process group; None is the world); ``shares``: every
+    rank's heads (default: each rank holds as many as this one)."""
     group = check_group(group)
     size = dist.get_world_size(group)
     if x.dim() != 4 or x.shape[1] % size:
         raise ValueError(f"head_to_seq needs [batch, seqlen, heads, head_dim] with seqlen divisible by the "
                          f"group size {size}, got shape {tuple(x.shape)}")
-    return _Redistribute.apply(x, group, _head_to_seq, _seq_to_head)
+    shares = [x.shape[2]] * size if shares is None else _check_shares(shares, None, size, "head_to_seq")
+    if shares[dist.get_rank(group)] != x.shape[2]:
+        raise ValueError(f"head_to_seq: this rank holds {x.shape[2]} heads but shares {shares} say "
+                         f"{shares[dist.get_rank(group)]}")
+    return _Redistribute.apply(x, group, shares, _head_to_seq, _seq_to_head)

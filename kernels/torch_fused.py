@@ -9,9 +9,10 @@ unmasked or square-causal: for ``Sk >= Sq`` the first ``Sk - Sq`` keys are seen
 by every query (an unmasked piece) and the last ``Sq`` keys form a square causal
 piece; for ``Sk < Sq`` the first ``Sq - Sk`` queries see nothing and the rest form
 a square causal piece. Pieces are merged exactly through their LSE.
-GQA/MQA: the CPU ops take fewer K/V heads than query heads themselves (each K/V head
-shared by its group of query heads, its gradient summed inside the op), so nothing is
-copied; on CUDA K/V heads are expanded to the query heads and their gradients summed back.
+GQA/MQA: the CPU ops of PyTorch 2.9 and newer take fewer K/V heads than query heads
+themselves (each K/V head shared by its group of query heads, its gradient summed
+inside the op), so nothing is copied; on CUDA (and older CPU builds) K/V heads are
+expanded to the query heads and their gradients summed back.
 """
 
 from __future__ import annotations
@@ -61,10 +62,15 @@ def _pad_last_dim(x, multiple: int):
     return F.pad(x, (0, pad)) if pad else x
 
 
+# PyTorch's CPU flash op shares K/V heads among query heads itself since 2.9; before,
+# it indexed K/V by the query head and would read past them.
+_CPU_OP_SHARES_KV_HEADS = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 9)
+
+
 def _kv_group(q, group: int) -> int:
     """How many query heads share a K/V head in the fused calls: ``group`` where the op
-    shares K/V heads itself (CPU), else 1 (K/V expanded first)."""
-    return group if q.device.type == "cpu" else 1
+    shares K/V heads itself (CPU, PyTorch 2.9 or newer), else 1 (K/V expanded first)."""
+    return group if q.device.type == "cpu" and _CPU_OP_SHARES_KV_HEADS else 1
 
 
 def _fused_forward(q, k, v, causal: bool, scale: float):

@@ -12,6 +12,7 @@ from usp.attention import (USPAttention, gather_sequence, naive_attention, ring_
                        shard_sequence, ulysses_attention, usp_attention)
 from usp.bench.launch import run
 from usp.comm import head_to_seq, init_mesh, record_traffic, replicate_kv_heads, seq_to_head
+from usp.comm.heads import head_shares
 from usp.comm.mesh import group_timeout
 
 B, D = 2, 3
@@ -28,19 +29,22 @@ def _encoded(seqlen: int, heads: int) -> torch.Tensor:
 def _check_all_to_all(ulysses_degree: int, ring_degree: int, placement: str):
     mesh = init_mesh(ulysses_degree, ring_degree, placement)
     group, u, j = mesh.ulysses_group, mesh.ulysses_degree, mesh.ulysses_rank
-    heads, seqlen = 2 * u, 4 * u
-    whole = _encoded(seqlen, heads)
-    piece = whole.chunk(u, dim=1)[j].clone().requires_grad_()
-    head_sharded = seq_to_head(piece, group)
-    assert torch.equal(head_sharded, whole.chunk(u, dim=2)[j])
-    assert torch.equal(head_to_seq(head_sharded, group), piece)
-    # backward of seq_to_head is head_to_seq: a head-sharded gradient comes back to the sequence piece
-    grad_whole = -_encoded(seqlen, heads)
-    head_sharded.backward(grad_whole.chunk(u, dim=2)[j])
-    assert torch.equal(piece.grad, grad_whole.chunk(u, dim=1)[j])
+    seqlen = 4 * u
+    for heads in (2 * u, 2 * u + 1):  # even shares, then rank 0 holding one head more: 3, 2, 2, ...
+        first = 2 * j + (heads % u and j > 0)
+        mine = slice(first, first + 2 + (heads % u and j == 0))  # this rank's heads
+        whole = _encoded(seqlen, heads)
+        piece = whole.chunk(u, dim=1)[j].clone().requires_grad_()
+        head_sharded = seq_to_head(piece, group)
+        assert torch.equal(head_sharded, whole[:, :, mine]), (heads, j)
+        assert torch.equal(head_to_seq(head_sharded, group, head_shares(heads, u)), piece)
+        # backward of seq_to_head is head_to_seq: a head-sharded gradient comes back to the sequence piece
+        grad_whole = -_encoded(seqlen, heads)
+        head_sharded.backward(grad_whole[:, :, mine])
+        assert torch.equal(piece.grad, grad_whole.chunk(u, dim=1)[j])
     # one K/V head for u ranks: replicated, each rank gets the copy its query heads use, grads summed
     kv_piece = _encoded(seqlen, 1).chunk(u, dim=1)[j].clone().requires_grad_()
-    kv_sharded = seq_to_head(replicate_kv_heads(kv_piece, u), group)
+    kv_sharded = seq_to_head(replicate_kv_heads(kv_piece, 2 * u, u), group)
     assert torch.equal(kv_sharded, _encoded(seqlen, 1))
     kv_sharded.backward(torch.ones_like(kv_sharded))
     assert torch.equal(kv_piece.grad, torch.full_like(kv_piece, float(u)))

@@ -26,6 +26,13 @@ def _product(method, u, r, world, placements=PLACEMENTS[:1], layouts=LAYOUTS, he
             for p, lay, c, h in itertools.product(placements, layouts, (False, True), heads)]
 
 
+def _uneven(method, u, r, world, kv_heads) -> list[DistCase]:
+    """6 query heads over u = 4: shares 2, 2, 1, 1 (K/V heads repeated as the shares need)."""
+    return [DistCase(method, u, r, world, placement=p, layout="zigzag" if r > 1 else "contiguous", causal=c, heads=6,
+                     kv_heads=h) for p, c, h in itertools.product(PLACEMENTS if r > 1 else PLACEMENTS[:1],
+                                                                  (False, True), kv_heads)]
+
+
 def _cases(world: int) -> list[DistCase]:
     if world == 1:
         return (_product("usp", 1, 1, 1, layouts=("zigzag",), heads=(2,))
@@ -39,7 +46,9 @@ def _cases(world: int) -> list[DistCase]:
         return (_product("ring", 1, 4, 4, heads=(8, 1)) + _product("ulysses", 4, 1, 4, layouts=("contiguous",))
                 + _product("usp", 2, 2, 4, placements=PLACEMENTS)
                 + _product("usp", 2, 2, 4, placements=PLACEMENTS, heads=(1,), backend="torch", dtype=FP32)
-                + [DistCase("usp", 2, 2, 4, layout="zigzag", causal=True, kv_heads=2, backend="triton", dtype=FP32),
+                + _uneven("ulysses", 4, 1, 4, kv_heads=(6, 2, 1))
+                + [DistCase("ulysses", 4, 1, 4, causal=True, heads=6, kv_heads=2, backend="torch", dtype=FP32),
+                   DistCase("usp", 2, 2, 4, layout="zigzag", causal=True, kv_heads=2, backend="triton", dtype=FP32),
                    DistCase("usp", 2, 2, 4, layout="contiguous", causal=False, kv_heads=1, backend="triton",
                             dtype=FP32, placement="ring_inner")])
     if world == 8:
@@ -48,7 +57,8 @@ def _cases(world: int) -> list[DistCase]:
                 + _product("usp", 2, 2, 8, placements=PLACEMENTS, heads=(2,))  # dp = 2
                 + _product("ring", 1, 8, 8, layouts=("zigzag",), heads=(2,))
                 + _product("ulysses", 8, 1, 8, layouts=("contiguous",), heads=(1,))
-                + _product("usp", 4, 2, 8, layouts=("zigzag",), heads=(2,), backend="torch", dtype=FP32))
+                + _product("usp", 4, 2, 8, layouts=("zigzag",), heads=(2,), backend="torch", dtype=FP32)
+                + _uneven("usp", 4, 2, 8, kv_heads=(6, 3)))
     raise ValueError(world)
 
 
@@ -70,10 +80,10 @@ def test_matches_naive_attention(case):
         assert not result["failures"], f"rank {rank}: {result['failures']}"
 
 
-def expected_traffic(case: DistCase) -> dict:
+def expected_traffic(case: DistCase, ulysses_rank: int) -> dict:
     """What one rank sends per forward and per backward, by the formula of usp.attention.volume."""
     volume = attention_volume(case.batch, case.seqlen, case.heads, case.kv_heads, case.head_dim, case.ulysses_degree,
-                              case.ring_degree, torch.finfo(case.dtype).bits // 8)
+                              case.ring_degree, torch.finfo(case.dtype).bits // 8, ulysses_rank)
     return {name: dict(p2p_sends=v.p2p_sends, p2p_bytes=v.p2p_bytes, all_to_alls=v.all_to_alls,
                        all_to_all_bytes=v.all_to_all_bytes)
             for name, v in (("forward", volume.forward), ("backward", volume.backward))}
@@ -81,8 +91,8 @@ def expected_traffic(case: DistCase) -> dict:
 
 @pytest.mark.parametrize("case", ALL_CASES, ids=lambda c: f"w{c.world_size}-{c.label.replace(' ', '-')}")
 def test_traffic_matches_the_formula_and_overlaps(case):
-    expected = expected_traffic(case)
     for rank, result in enumerate(_results(case.world_size)[case]):
+        expected = expected_traffic(case, result["ulysses_rank"])
         assert result["forward"] == expected["forward"], f"rank {rank}"
         assert result["backward"] == expected["backward"], f"rank {rank}"
         assert result["overlapped"], f"rank {rank}: a ring step computed before the next K/V was posted"

@@ -5,6 +5,7 @@ process group's timeout, never a hang."""
 import datetime
 import functools
 import os
+import signal
 import time
 
 import pytest
@@ -41,8 +42,8 @@ def _bad_inputs() -> dict:
     return {
         "odd_zigzag": _error_of(lambda: usp_attention(*qkv(3), ring4, causal=True)),
         "odd_ring_zigzag": _error_of(lambda: ring_attention(*qkv(5), mesh.ring_group, causal=True)),
-        "heads": _error_of(lambda: usp_attention(*qkv(4, heads=6, kv_heads=6), ulysses4)),
-        "kv_heads": _error_of(lambda: usp_attention(*qkv(4, heads=12, kv_heads=3), ulysses4)),
+        "heads": _error_of(lambda: usp_attention(*qkv(4, heads=3, kv_heads=3), ulysses4)),
+        "kv_heads": _error_of(lambda: usp_attention(*qkv(4, heads=6, kv_heads=4), ulysses4)),
         "ulysses_heads": _error_of(lambda: ulysses_attention(*qkv(4, heads=2, kv_heads=2), ulysses4.ulysses_group)),
         "causal_lengths": _error_of(lambda: ring_attention(*qkv(4, k_seqlen=6), mesh.ring_group, causal=True)),
         "head_dims": _error_of(lambda: usp_attention(qkv(4)[0], *qkv(4, head_dim=16)[1:], mesh)),
@@ -58,7 +59,9 @@ def _bad_inputs() -> dict:
         "degree_type": _error_of(lambda: init_mesh(0, 4)),
         "placement": _error_of(lambda: init_mesh(2, 2, "nodes_inner")),
         "group_ranks": _error_of(lambda: init_mesh(1, 1, group=[0, 9])),
-        "seq_to_head": _error_of(lambda: seq_to_head(torch.zeros(1, 4, 6, 2), ulysses4.ulysses_group)),
+        "seq_to_head": _error_of(lambda: seq_to_head(torch.zeros(1, 4, 3, 2), ulysses4.ulysses_group)),
+        "seq_to_head_shares": _error_of(lambda: seq_to_head(torch.zeros(1, 4, 6, 2), ulysses4.ulysses_group,
+                                                            [3, 1, 1, 0])),
         "head_to_seq": _error_of(lambda: head_to_seq(torch.zeros(1, 6, 1, 2), ulysses4.ulysses_group)),
         "module_mesh": _error_of(lambda: USPAttention(mesh.sp_group)),
         "shard_zigzag": _error_of(lambda: shard_sequence(torch.zeros(1, 10, 1, 1), mesh)),
@@ -72,9 +75,10 @@ def test_bad_input_raises_value_errors_naming_the_argument():
     e = errors[0]
     assert "per-ring-rank sequence length must be even" in e["odd_zigzag"] and "2 x ring_degree = 8" in e["odd_zigzag"]
     assert "local sequence length must be even" in e["odd_ring_zigzag"]
-    assert e["heads"] == "ValueError: the heads of q (6) must be divisible by the Ulysses degree (4)"
-    assert "heads of k and v (3) must be a multiple or a divisor of the Ulysses degree (4)" in e["kv_heads"]
-    assert "heads of q (2) must be divisible by the Ulysses degree (4)" in e["ulysses_heads"]
+    assert e["heads"] == ("ValueError: the heads of q (3) must be at least the Ulysses degree (4): every rank takes "
+                          "one or more")
+    assert e["kv_heads"] == "ValueError: the heads of q (6) must be a multiple of the heads of k and v (4)"
+    assert "heads of q (2) must be at least the Ulysses degree (4)" in e["ulysses_heads"]
     assert "same local sequence length, got 4 and 6" in e["causal_lengths"]
     assert "k has head dim 16 but q has 8" in e["head_dims"]
     assert "layout must be one of" in e["layout"]
@@ -90,7 +94,8 @@ def test_bad_input_raises_value_errors_naming_the_argument():
     assert e["degree_type"] == "ValueError: ulysses_degree must be positive, got 0"
     assert "placement must be one of" in e["placement"]
     assert "group must list distinct ranks of the world (0 .. 3), got [0, 9]" in e["group_ranks"]
-    assert "heads divisible by the group size 4, got shape (1, 4, 6, 2)" in e["seq_to_head"]
+    assert "at least one head per rank of the group (4), got shape (1, 4, 3, 2)" in e["seq_to_head"]
+    assert "shares must give each of the 4 ranks one head or more, got [3, 1, 1, 0]" in e["seq_to_head_shares"]
     assert "seqlen divisible by the group size 4, got shape (1, 6, 1, 2)" in e["head_to_seq"]
     assert e["module_mesh"].startswith("TypeError: mesh must be a usp.comm.Mesh")
     assert "sequence length 10 must be divisible by 2 x ring_degree = 4 for the zigzag layout" in e["shard_zigzag"]
@@ -205,17 +210,20 @@ def _die_or_dawdle():
         os._exit(3)
     if dist.get_rank() == 2:
         time.sleep(60)
+    if dist.get_rank() == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
     return "done"
 
 
 def test_the_launcher_reports_ranks_that_die_or_overrun():
     """The run's timeout counts from the moment every rank has joined the group, so a
     slow start on a busy machine does not eat it."""
-    outcomes = spawn(3, _die_or_dawdle, pg_timeout_s=60, timeout_s=3)
+    outcomes = spawn(4, _die_or_dawdle, pg_timeout_s=60, timeout_s=3)
     assert outcomes[0].ok and outcomes[0].value == "done"
     assert not outcomes[1].ok and outcomes[1].value == "exited with code 3 without a result"
     assert not outcomes[2].ok and outcomes[2].value == "no result within 3 s of the start"
     assert outcomes[2].seconds < 30  # killed 3 s after the start, not waited for the 60 s it sleeps
+    assert not outcomes[3].ok and outcomes[3].value == "killed by signal 9 without a result"
     with pytest.raises(WorkersFailed, match="rank 1: exited with code 3"):
         raise WorkersFailed(outcomes)
 

@@ -20,6 +20,11 @@ def test_plans_are_reproducible_and_meet_every_kind_and_method():
     first_round_of_each = make_plans(12, 0, CONFIG)
     assert sorted(p.kind for p in first_round_of_each) == sorted(FAULT_KINDS * 2)
     assert {p.method for p in first_round_of_each[:6]} == set(METHODS)
+    assert {p.tensor for p in make_plans(18, 0, CONFIG) if p.kind == "nan"} == {"q", "k", "v"}
+    for kinds in (("kill", "raise"), ("nan",), FAULT_KINDS[:5]):  # any list of kinds meets every method
+        for methods in (METHODS, ("ring", "usp")):
+            plans = make_plans(len(kinds) * len(methods), 0, CONFIG, kinds, methods)
+            assert {(p.kind, p.method) for p in plans} == {(k, m) for k in kinds for m in methods}
     assert all(1 <= p.step < CONFIG.steps and 0 <= p.rank < CONFIG.world_size and 0 <= p.at < 1 for p in plans)
 
 
@@ -44,18 +49,25 @@ def _finished(rank: int, **seen) -> RankOutcome:
 
 
 def test_the_verdicts():
-    killed = RankOutcome(1, False, "exited with code -9 without a result", 1.0)
+    killed = RankOutcome(1, False, "killed by signal 9 without a result", 1.0)
     assert judge(_plan("kill"), [_raised(0), killed, _raised(2), _raised(3)], CONFIG) == ("ok", [])
     hung = RankOutcome(2, False, "no result within 60 s of the start", 60.0)
     assert judge(_plan("kill"), [_raised(0), killed, hung, _raised(3)], CONFIG) == (
         "hang", ["rank 2: no result within 60 s of the start"])
     assert judge(_plan("raise"), [_raised(0), _raised(1), _finished(2), _raised(3, 14.0)], CONFIG) == (
-        "silent", ["rank 2 finished every step", "rank 3 raised after 14.0 s: RuntimeError: Connection closed by peer"])
+        "silent", ["rank 2 finished every step",
+                   "rank 3 raised after 14.00 s: RuntimeError: Connection closed by peer"])
     assert judge(_plan("stall"), [_raised(0, 13.5), killed, _raised(2), _raised(3)], CONFIG)[0] == "late"
     assert judge(_plan("skip_backward"), [_raised(0), _finished(1), _raised(2), _raised(3)], CONFIG)[0] == "silent"
     disagree = "ValueError: the ranks of the group disagree on usp_attention (q_shape, ...)"
     assert judge(_plan("shape"), [_raised(r, 0.1, disagree) for r in range(4)], CONFIG) == ("ok", [])
     assert judge(_plan("shape"), [_raised(r, 0.1, disagree) for r in range(3)] + [_raised(3)], CONFIG)[0] == "unclear"
+    other = "ValueError: the ranks of the group disagree on usp_attention (dtype)"
+    assert judge(_plan("shape"), [_raised(r, 0.1, disagree) for r in range(3)] + [_raised(3, 0.1, other)],
+                 CONFIG)[0] == "unclear"
+    early = RankOutcome(2, True, dict(rank=2, status="error", error="RuntimeError: boom", seconds=None), 1.0)
+    assert judge(_plan("raise"), [_raised(0), _raised(1), early, _raised(3)], CONFIG) == (
+        "unclear", ["rank 2 raised before the fault: RuntimeError: boom"])
     guard = "non-finite inputs to usp_attention (check_finite): rank 1: k (1 NaN)"
     documented = dict(nan_behaviour="as documented", guard=guard)
     assert judge(_plan("nan"), [_finished(r, **documented) for r in range(4)], CONFIG) == ("ok", [])

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from usp.attention.layout import Block, check_global_seqlen, ring_block, ring_positions, shard_positions
-from usp.comm.heads import heads_problem, kv_heads_per_rank, kv_heads_sent, replicate_kv_heads
+from usp.comm.heads import (head_shares, heads_per_rank, heads_problem, kv_copies, kv_head_shares,
+                            kv_heads_per_rank, replicate_kv_heads)
 from usp.comm.mesh import mesh_coordinates, mesh_position, mesh_shapes
 
 
@@ -104,20 +105,51 @@ def test_mesh_coordinates_round_trip(placement):
 def test_mesh_shapes_and_the_heads_they_allow():
     assert mesh_shapes(8) == [(1, 8), (2, 4), (4, 2), (8, 1)]
     assert mesh_shapes(6) == [(1, 6), (2, 3), (3, 2), (6, 1)]
-    # 12 query heads, 3 K/V heads: u = 4 cannot split the K/V heads, u = 8 not the query heads
-    assert mesh_shapes(8, heads=12, kv_heads=3) == [(1, 8)]
+    # 6 query heads: u = 8 would leave ranks without one; uneven shares (u = 4) are fine
+    assert mesh_shapes(8, heads=6, kv_heads=3) == [(1, 8), (2, 4), (4, 2)]
     assert mesh_shapes(8, heads=32, kv_heads=8) == mesh_shapes(8)
 
 
+def _gqa_is_kept(heads: int, kv_heads: int, u: int, copies: int) -> bool:
+    """Brute force: with each K/V head sent ``copies`` times and split in proportion to
+    the query heads, does rank j's i-th local query head, using local K/V head
+    ``i // (h_j / k_j)`` as the kernels do, get the K/V head GQA gives that query head?"""
+    repeated = [head // copies for head in range(kv_heads * copies)]  # original K/V head of each sent head
+    first_q = first_kv = 0
+    for share in head_shares(heads, u):
+        kv_share, rest = divmod(share * kv_heads * copies, heads)
+        if rest or kv_share == 0 or share % kv_share:
+            return False
+        for i in range(share):
+            if repeated[first_kv + i // (share // kv_share)] != (first_q + i) // (heads // kv_heads):
+                return False
+        first_q, first_kv = first_q + share, first_kv + kv_share
+    return True
+
+
 def test_the_head_split_rule():
-    assert heads_problem(8, 2, 4) is None and heads_problem(8, 8, 4) is None
-    assert heads_problem(6, 6, 4) == "the heads of q (6) must be divisible by the Ulysses degree (4)"
-    assert "the heads of k and v (3) must be a multiple or a divisor" in heads_problem(12, 3, 4)
-    assert (kv_heads_sent(2, 4), kv_heads_per_rank(2, 4)) == (4, 1)  # each K/V head twice, one per rank
-    assert (kv_heads_sent(8, 4), kv_heads_per_rank(8, 4)) == (8, 2)
+    assert head_shares(8, 4) == [2, 2, 2, 2] and head_shares(6, 4) == [2, 2, 1, 1] and head_shares(7, 3) == [3, 2, 2]
+    assert heads_problem(8, 2, 4) is None and heads_problem(6, 6, 4) is None and heads_problem(12, 3, 4) is None
+    assert heads_problem(2, 2, 4) == ("the heads of q (2) must be at least the Ulysses degree (4): every rank takes "
+                                      "one or more")
+    assert heads_problem(6, 4, 2) == "the heads of q (6) must be a multiple of the heads of k and v (4)"
+    assert (kv_copies(8, 2, 4), kv_head_shares(8, 2, 4)) == (2, [1, 1, 1, 1])  # each K/V head twice
+    assert (kv_copies(8, 8, 4), kv_head_shares(8, 8, 4)) == (1, [2, 2, 2, 2])
+    assert (kv_copies(12, 3, 2), kv_head_shares(12, 3, 2)) == (2, [3, 3])  # 6 query heads per rank, 3 K/V
+    assert (kv_copies(6, 2, 4), kv_head_shares(6, 2, 4)) == (3, [2, 2, 1, 1])  # uneven: one copy per query head
+    assert (heads_per_rank(6, 4), kv_heads_per_rank(6, 2, 4)) == (2, 2)
+    for heads in range(1, 17):
+        for kv_heads in (k for k in range(1, heads + 1) if heads % k == 0):
+            group = heads // kv_heads
+            for u in range(1, heads + 1):
+                copies = kv_copies(heads, kv_heads, u)
+                assert _gqa_is_kept(heads, kv_heads, u, copies), (heads, kv_heads, u)
+                assert not any(_gqa_is_kept(heads, kv_heads, u, c) for c in range(1, copies) if group % c == 0)
+                assert kv_head_shares(heads, kv_heads, u) == [h * kv_heads * copies // heads
+                                                              for h in head_shares(heads, u)]
     # K/V heads [a, b] over 4 ranks become [a, a, b, b]: rank j gets the head its query heads 2j, 2j+1 use
     kv = torch.arange(2.0).reshape(1, 1, 2, 1)
-    assert replicate_kv_heads(kv, 4).flatten().tolist() == [0.0, 0.0, 1.0, 1.0]
-    assert replicate_kv_heads(kv, 2) is kv
-    with pytest.raises(ValueError, match="multiple or a divisor"):
-        replicate_kv_heads(torch.zeros(1, 1, 3, 1), 4)
+    assert replicate_kv_heads(kv, 8, 4).flatten().tolist() == [0.0, 0.0, 1.0, 1.0]
+    assert replicate_kv_heads(kv, 8, 2) is kv
+    with pytest.raises(ValueError, match="at least the Ulysses degree"):
+        replicate_kv_heads(torch.zeros(1, 1, 3, 1), 3, 4)
