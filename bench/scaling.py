@@ -18,6 +18,11 @@ alone was slower than inside the loop, as happens at small, noisy sizes) and a t
 of compute, transfers and waits per ring step. On a GPU also the peak memory of the case.
 More processes than cores make the figures a test of the pipeline, not of performance:
 the result says so (oversubscribed).
+
+References (``--reference``, default: every one installed; ``bench/references.py``):
+other projects' implementations of the same mesh, timed on the same inputs with their
+repeats interleaved with ours, written as ``references`` beside the records: their time,
+ours over theirs, and the largest difference from our output and gradients.
 """
 
 from __future__ import annotations
@@ -45,7 +50,8 @@ from .cli_args import (DTYPES, add_output_arguments, add_timing_arguments, bound
 from .flops import FLOP_CONVENTION, attention_flops
 from .inputs import random_inputs
 from .launch import run as launch_run
-from .results import TIMING_FIELDS, device_name, sp_impl_name, timing_record, write_result
+from .references import REFERENCES
+from .results import TIMING_FIELDS, device_name, sp_impl_name, sp_method, timing_record, write_result
 from .timing import synchronize
 
 SCALING_PASSES = ("fwd", "fwd+bwd")
@@ -71,6 +77,7 @@ class Settings:
     warmup: int
     repeats: int
     seed: int
+    references: tuple = ()  # (u, r, name) of each reference to time on that mesh
 
 
 def mesh_options(world_size: int, heads: int, kv_heads: int, requested=None) -> tuple[list, list[str]]:
@@ -145,8 +152,29 @@ def _timeline(events: list) -> list[dict]:
                  end_ms=None if e.end is None else e.end * 1e3) for e in events]
 
 
-def _measure(settings: Settings, mesh, seqlen: int, pass_: str, device: torch.device) -> dict:
-    """This rank's figures for one case."""
+def _runner(call, pass_: str, q, k, v, dout):
+    """A function running one timed call: forward without autograd, or forward and backward."""
+    if pass_ == "fwd":
+        def fn():
+            with torch.no_grad():
+                return call(q, k, v)
+        return fn
+    leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
+
+    def fn():
+        out = call(*leaves)
+        return (out.detach(), *torch.autograd.grad(out, leaves, dout))
+    return fn
+
+
+def _max_difference(ours, theirs) -> float:
+    """The largest absolute difference between two results (out, or out and gradients)."""
+    pairs = zip(ours, theirs) if isinstance(ours, tuple) else [(ours, theirs)]
+    return max((a.double() - b.double()).abs().max().item() for a, b in pairs)
+
+
+def _measure(settings: Settings, mesh, seqlen: int, pass_: str, device: torch.device, references=()) -> dict:
+    """This rank's figures for one case (and for each reference on it, timed interleaved)."""
     inputs = random_inputs(settings.batch, seqlen, settings.heads, settings.kv_heads, settings.head_dim,
                            DTYPES[settings.dtype], device, settings.seed + seqlen)
     q, k, v, dout = (shard_sequence(x, mesh, layout=settings.layout) for x in inputs)
@@ -154,19 +182,20 @@ def _measure(settings: Settings, mesh, seqlen: int, pass_: str, device: torch.de
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     call = lambda q_, k_, v_: usp_attention(q_, k_, v_, mesh, settings.causal, None, settings.layout,  # noqa: E731
-                                            settings.backend, check_ranks=False)
-    if pass_ == "fwd":
-        def fn():
-            with torch.no_grad():
-                call(q, k, v)
-    else:
-        leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
-
-        def fn():
-            torch.autograd.grad(call(*leaves), leaves, dout)
+                                            settings.backend)
+    fn = _runner(call, pass_, q, k, v, dout)
+    others = {name: _runner(REFERENCES[name].build(mesh, settings), pass_, q, k, v, dout) for name in references}
     for _ in range(settings.warmup):
-        _timed_ms(fn, device)
-    times = [_timed_ms(fn, device) for _ in range(settings.repeats)]
+        for runner in (fn, *others.values()):
+            _timed_ms(runner, device)
+    times, their_times = [], {name: [] for name in others}
+    for _ in range(settings.repeats):
+        times.append(_timed_ms(fn, device))
+        for name, runner in others.items():
+            their_times[name].append(_timed_ms(runner, device))
+    ours = fn()
+    compared = {name: dict(times_ms=their_times[name], max_abs_diff=_max_difference(ours, runner()))
+                for name, runner in others.items()}
     dist.barrier()
     with record_traffic(CudaClock() if device.type == "cuda" else HostClock()) as log:
         fn()
@@ -190,7 +219,7 @@ def _measure(settings: Settings, mesh, seqlen: int, pass_: str, device: torch.de
                 all_to_all_bytes=log.bytes_sent(traffic.ALL_TO_ALL), compute_ms=span_ms({traffic.COMPUTE}),
                 comm_wait_ms=span_ms({traffic.WAIT, traffic.ALL_TO_ALL}),
                 ring=ring_overlap(events, mesh.ring_degree, transfer), peak_memory_bytes=peak,
-                timeline=_timeline(events))
+                timeline=_timeline(events), references=compared)
 
 
 def slowest_rank_ms(times_per_rank: list[list[float]]) -> float:
@@ -209,9 +238,10 @@ def rank_main(settings: Settings) -> list[dict]:
     total = len(settings.meshes) * len(settings.seqlens) * len(settings.passes)
     for u, r in settings.meshes:
         mesh = init_mesh(u, r, settings.placement)
+        references = [name for mesh_u, mesh_r, name in settings.references if (mesh_u, mesh_r) == (u, r)]
         for seqlen in settings.seqlens:
             for pass_ in settings.passes:
-                figures = _measure(settings, mesh, seqlen, pass_, device)
+                figures = _measure(settings, mesh, seqlen, pass_, device, references)
                 results.append(dict(ulysses_degree=u, ring_degree=r, seqlen=seqlen, pass_=pass_, **figures))
                 everyone = [None] * world_size
                 dist.all_gather_object(everyone, (figures["times_ms"], figures["traced_ms"], figures["comm_wait_ms"]))
@@ -222,13 +252,21 @@ def rank_main(settings: Settings) -> list[dict]:
                           f"{slowest_rank_ms([e[0] for e in everyone]):9.2f} ms; traced call {slowest[1]:8.2f} ms, "
                           f"{slowest[2]:7.2f} ms of it waiting; sent {figures['bytes_sent'] / 2 ** 20:7.2f} MiB "
                           "per rank", flush=True)
+                for name in references:
+                    theirs = [None] * world_size
+                    dist.all_gather_object(theirs, figures["references"][name]["times_ms"])
+                    if rank == 0:
+                        ours_ms, their_ms = slowest_rank_ms([e[0] for e in everyone]), slowest_rank_ms(theirs)
+                        print(f"      reference {name:<22} {their_ms:9.2f} ms; ours / reference "
+                              f"{ours_ms / their_ms:.3f}", flush=True)
     return results
 
 
 def combine(settings: Settings, per_rank: list[list[dict]], device: str, world_size: int,
-            oversubscribed: bool) -> list[dict]:
-    """One timing record per case from every rank's figures (``ranks`` holds each rank's own)."""
-    records = []
+            oversubscribed: bool) -> tuple[list[dict], list[dict]]:
+    """One timing record per case from every rank's figures (``ranks`` holds each rank's
+    own), and one per reference and case."""
+    records, references = [], []
     for cases in zip(*per_rank):
         first = cases[0]
         u, r, seqlen, pass_ = first["ulysses_degree"], first["ring_degree"], first["seqlen"], first["pass_"]
@@ -236,7 +274,7 @@ def combine(settings: Settings, per_rank: list[list[dict]], device: str, world_s
         flops = attention_flops(settings.batch, settings.heads, seqlen, seqlen, settings.head_dim, settings.causal,
                                 pass_)
         ranks = [{key: value for key, value in c.items() if key not in ("ulysses_degree", "ring_degree", "seqlen",
-                                                                         "pass_")} for c in cases]
+                                                                         "pass_", "references")} for c in cases]
         for rank_figures in ranks:
             rank_figures["ms"] = statistics.median(rank_figures["times_ms"])
             rank_figures["tflops"] = flops / world_size / (rank_figures["ms"] * 1e-3) / 1e12
@@ -251,7 +289,16 @@ def combine(settings: Settings, per_rank: list[list[dict]], device: str, world_s
             bytes_sent_per_rank=max(c["bytes_sent"] for c in ranks),
             traced_ms_max=max(c["traced_ms"] for c in ranks), comm_wait_ms_max=max(c["comm_wait_ms"] for c in ranks),
             peak_memory_bytes_max=max(peaks) if peaks else None, ranks=ranks))
-    return records
+        for name in first["references"]:
+            their_ms = slowest_rank_ms([c["references"][name]["times_ms"] for c in cases])
+            references.append(timing_record(
+                device, f"{name}-u{u}r{r}", pass_, settings.dtype, settings.causal, settings.batch, seqlen,
+                settings.heads, settings.kv_heads, settings.head_dim, their_ms, flops / world_size,
+                reference=name, usp_impl=records[-1]["impl"], usp_ms=ms, usp_over_reference=ms / their_ms,
+                max_abs_diff_vs_usp=max(c["references"][name]["max_abs_diff"] for c in cases),
+                world_size=world_size, ulysses_degree=u, ring_degree=r, backend=settings.backend,
+                oversubscribed=oversubscribed))
+    return records, references
 
 
 def _mesh_type(text: str) -> tuple[int, int]:
@@ -286,6 +333,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True, help="causal attention")
     parser.add_argument("--placement", choices=PLACEMENTS, default="ulysses_inner",
                         help="which axis gets consecutive ranks")
+    parser.add_argument("--reference", dest="references", action="append", choices=sorted(REFERENCES),
+                        help="another implementation to time beside ours, repeatable (default: every one installed "
+                             "that can run the case, but usp-unchecked)")
+    parser.add_argument("--no-references", action="store_true", help="time only ours")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     parser.add_argument("--timeout", type=positive_float, default=1800.0,
                         help="seconds before a launched run is killed")
@@ -308,17 +359,40 @@ def _settings(args, world_size: int, gpu: bool) -> tuple[Settings, list[str]]:
                 check_global_seqlen(seqlen, u, r, args.layout)
             except ValueError as error:
                 raise SystemExit(f"--seqlen {seqlen}: {error}") from None
+    references, reference_notes = _references(args, meshes, heads)
     return Settings(tuple(meshes), tuple(seqlens), tuple(args.passes or SCALING_PASSES), args.batch, heads,
                     args.kv_heads, args.head_dim or (128 if gpu else 64), args.dtype or ("bf16" if gpu else "fp32"),
                     args.backend or ("triton" if gpu else "torch"), args.layout, args.causal, args.placement,
-                    args.warmup, args.repeats, args.seed), notes
+                    args.warmup, args.repeats, args.seed, references), notes + reference_notes
+
+
+def _references(args, meshes, heads: int) -> tuple[tuple, list[str]]:
+    """``(u, r, name)`` for each reference to time on each mesh, and why others are left out."""
+    if args.no_references:
+        return (), []
+    chosen, notes = [], []
+    for name in args.references or sorted(name for name, reference in REFERENCES.items() if reference.by_default):
+        reference = REFERENCES[name]
+        missing = reference.missing()
+        if missing:
+            notes.append(f"reference {name} left out: {missing}")
+            continue
+        for u, r in meshes:
+            if reference.method not in ("any", sp_method(u, r)):
+                continue
+            why_not = reference.why_not(u, r, heads, args.kv_heads)
+            if why_not:
+                notes.append(f"reference {name} left out on u{u}r{r}: {why_not}")
+            else:
+                chosen.append((u, r, name))
+    return tuple(chosen), notes
 
 
 def run(args: argparse.Namespace) -> int:
     if _under_torchrun():
         return _run_under_torchrun(args)
     cores = cores_available()
-    records, all_notes, runs = [], [], []
+    records, references, all_notes, runs = [], [], [], []
     for world_size in dict.fromkeys(args.world_size):
         settings, notes = _settings(args, world_size, gpu=False)
         all_notes += [f"N={world_size} {note}" for note in notes]
@@ -334,13 +408,15 @@ def run(args: argparse.Namespace) -> int:
               f"{args.warmup} warm-up, slowest rank", flush=True)
         per_rank = launch_run(world_size, rank_main, (settings,), pg_timeout_s=min(args.timeout, 300.0),
                               timeout_s=args.timeout)
-        records += combine(settings, per_rank, device_name(torch.device("cpu")), world_size, oversubscribed)
+        mine, theirs = combine(settings, per_rank, device_name(torch.device("cpu")), world_size, oversubscribed)
+        records += mine
+        references += theirs
         runs.append(dict(world_size=world_size, process_group="gloo", oversubscribed=oversubscribed,
                          settings=asdict(settings)))
     if not records:
         print("no mesh to run", file=sys.stderr)
         return 2
-    return _report(records, runs, torch.device("cpu"), cores, all_notes, args)
+    return _report(records, references, runs, torch.device("cpu"), cores, all_notes, args)
 
 
 def _run_under_torchrun(args) -> int:
@@ -362,15 +438,16 @@ def _run_under_torchrun(args) -> int:
             return 0
         cores = cores_available()
         oversubscribed = backend == "gloo" and int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) > cores
-        records = combine(settings, gathered, device_name(device), world_size, oversubscribed)
+        records, references = combine(settings, gathered, device_name(device), world_size, oversubscribed)
         runs = [dict(world_size=world_size, process_group=backend, oversubscribed=oversubscribed,
                      settings=asdict(settings))]
-        return _report(records, runs, device, cores, notes, args)
+        return _report(records, references, runs, device, cores, notes, args)
     finally:
         dist.destroy_process_group()
 
 
-def _report(records: list[dict], runs: list[dict], device: torch.device, cores: int, notes, args) -> int:
+def _report(records: list[dict], references: list[dict], runs: list[dict], device: torch.device, cores: int, notes,
+            args) -> int:
     print(f"{'impl':<22}{'N':>3}{'seqlen':>8} {'pass':<8}{'ms':>10}{'TF/s/rank':>11}{'MiB sent':>10}"
           f"{'traced ms':>11}{'wait ms':>9}{'overlap':>9}{'peak MiB':>10}")
     for r in records:
@@ -384,6 +461,12 @@ def _report(records: list[dict], runs: list[dict], device: torch.device, cores: 
               f"{overlap}{peak}")
     print("ms: median over repeats of the slowest rank; traced ms and wait ms: one more call, traced, its "
           "slowest rank and the longest wait of any rank inside it")
+    if references:
+        print(f"{'reference':<28}{'N':>3}{'seqlen':>8} {'pass':<8}{'ms':>10}{'ours ms':>10}{'ours/ref':>10}"
+              f"{'max |diff|':>12}")
+        for r in references:
+            print(f"{r['impl']:<28}{r['world_size']:>3}{r['seqlen']:>8} {r['pass']:<8}{r['ms']:10.2f}"
+                  f"{r['usp_ms']:10.2f}{r['usp_over_reference']:10.3f}{r['max_abs_diff_vs_usp']:12.1e}")
     path = write_result("scaling", device, dict(
         flop_convention=FLOP_CONVENTION, timing_fields=list(TIMING_FIELDS),
         config=dict(runs=runs, world_sizes=[run["world_size"] for run in runs], cores=cores,
@@ -391,6 +474,6 @@ def _report(records: list[dict], runs: list[dict], device: torch.device, cores: 
                     timing="median over repeats of the slowest rank's barrier-to-finish wall clock",
                     overlap="sum over ring steps of max(step compute, transfer timed alone) / measured ring loop time",
                     peak_memory="GPU peak allocation per case; not measured on a CPU", notes=notes),
-        records=records), args.out_dir)
+        records=records, references=references), args.out_dir)
     print(f"{len(records)} cases; wrote {path}")
     return 0

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from usp.bench import main_job
+from usp.bench import main_job, scaling
 from usp.bench.__main__ import COMMANDS, build_parser, main
 from usp.bench.cli_args import HelpFormatter
 from usp.bench.flops import FLOP_CONVENTION
 from usp.bench.launch import free_port
+from usp.bench.references import Reference
 from usp.bench.results import new_run_dir
 from usp.plots.cli import build_parser as build_plots_parser
 from usp.plots.cli import main as plots_main
@@ -54,7 +55,7 @@ TOY_RUNS = {
                 "--seqlen", "32", "64", "--head-dim", "16", "--heads", "2", "--dtype", "fp32", "--warmup", "0",
                 "--repeats", "1"],
     "scaling": ["--world-size", "1", "2", "--seqlen", "32", "64", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
-                "--warmup", "0", "--repeats", "1"],
+                "--warmup", "0", "--repeats", "1", "--reference", "usp-unchecked"],
     "emulate": ["--world-size", "4", "--ulysses-degree", "2", "--tokens-per-rank", "8", "--heads", "4", "--kv-heads",
                 "2", "--head-dim", "16", "--warmup", "0", "--repeats", "1", "--bandwidth", "slow=0.001",
                 "--bandwidth", "fast=100"],
@@ -157,6 +158,16 @@ def test_scaling_command(toy_results):
             assert r["ranks"][0]["p2p_bytes"] == 0 and r["ranks"][0]["all_to_all_bytes"] > 0
         else:
             assert r["bytes_sent_per_rank"] == 0
+    # the reference timed beside every case: ours without the rank check, the same numbers exactly
+    references = document["references"]
+    assert [(r["usp_impl"], r["seqlen"], r["pass"]) for r in references] == [
+        (r["impl"], r["seqlen"], r["pass"]) for r in records]
+    for reference in references:
+        assert list(reference)[:len(TIMING_FIELDS)] == TIMING_FIELDS
+        assert reference["impl"] == f"usp-unchecked-u{reference['ulysses_degree']}r{reference['ring_degree']}"
+        assert reference["max_abs_diff_vs_usp"] == 0.0
+        assert reference["usp_over_reference"] == pytest.approx(reference["usp_ms"] / reference["ms"])
+    assert "reference usp-unchecked" in outputs["scaling"] and "ours/ref" in outputs["scaling"]
     # the progress line of each case shows the figure the table and the JSON hold
     progress = re.findall(r"N=(\d+) (\S+) +s(\d+) +(\S+) +([\d.]+) ms;", outputs["scaling"])
     assert len(progress) == len(records)
@@ -338,3 +349,19 @@ def test_an_interrupted_kernel_run_keeps_what_it_measured(tmp_path, monkeypatch,
     document = _timed_document(tmp_path, "kernels")
     assert document["summary"]["interrupted"] is True and document["summary"]["configs_done"] == 1
     assert {(r["impl"], r["seqlen"]) for r in document["records"]} == {("torch", 16), ("sdpa-math", 16)}
+
+
+def test_scaling_says_why_a_reference_is_left_out(monkeypatch):
+    references = {"missing": Reference("missing", "no_such_package_for_usp", "pip install it", "ulysses",
+                                       lambda *shape: None, None),
+                  "picky": Reference("picky", "", "", "ulysses", lambda u, r, h, kv: f"not with {kv} K/V heads", None),
+                  "ring-only": Reference("ring-only", "", "", "ring", lambda *shape: None, None, by_default=False)}
+    monkeypatch.setattr(scaling, "REFERENCES", references)
+    args = argparse.Namespace(no_references=False, references=None, kv_heads=2)
+    assert scaling._references(args, [(1, 4), (4, 1)], heads=8) == ((), [
+        "reference missing left out: no_such_package_for_usp is not installed (pip install it)",
+        "reference picky left out on u4r1: not with 2 K/V heads"])
+    args.references = ["ring-only"]  # asked for by name, run on the meshes of its method only
+    assert scaling._references(args, [(1, 4), (4, 1)], heads=8) == (((1, 4, "ring-only"),), [])
+    args.no_references = True
+    assert scaling._references(args, [(1, 4), (4, 1)], heads=8) == ((), [])

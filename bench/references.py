@@ -1,0 +1,77 @@
+"""Other projects' sequence-parallel attention, timed by ``usp-bench scaling`` beside
+ours: the same inputs on the same processes, repeats interleaved with ours.
+
+A reference runs where its package is installed and it can run the case; otherwise the
+run says why it was left out. It wraps the local attention ours uses (the same
+backend), so what differs is the distributed part. Each reference record carries our
+time over its time (``usp_over_reference``: below 1, ours is faster) and the largest
+difference between its output (and gradients) and ours on the same inputs.
+
+``usp-unchecked`` (only when asked for) is ours without the rank-agreement check
+(``check_ranks=False``; ours is timed as called by default, with it): its ratio is what
+the check costs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Callable
+
+import torch.distributed as dist
+
+from usp.attention import usp_attention
+from usp.kernels import local_attention
+
+
+@dataclass(frozen=True)
+class Reference:
+    """One other implementation: what it needs, which of our meshes it matches, when it
+    cannot run a case, and how to build its call ``(q, k, v) -> out`` on local shards."""
+
+    name: str
+    package: str  # the module that must import ("" for none)
+    install: str  # how to install it, for the skip message
+    method: str  # the meshes it runs on: "ulysses" (u = N, r = 1), or "any"
+    why_not: Callable[[int, int, int, int], str | None]  # (u, r, heads, kv_heads) -> reason, or None
+    build: Callable  # (mesh, settings of usp-bench scaling) -> call
+    by_default: bool = True  # timed unless --reference names others
+
+    def missing(self) -> str | None:
+        """Why the reference cannot run on this machine at all, or None."""
+        if self.package and importlib.util.find_spec(self.package) is None:
+            return f"{self.package} is not installed ({self.install})"
+        return None
+
+
+def _always(u: int, r: int, heads: int, kv_heads: int) -> None:
+    return None
+
+
+def _unchecked_build(mesh, settings):
+    return lambda q, k, v: usp_attention(q, k, v, mesh, settings.causal, None, settings.layout, settings.backend,
+                                         check_ranks=False)
+
+
+def _deepspeed_why_not(u: int, r: int, heads: int, kv_heads: int) -> str | None:
+    if kv_heads < u:
+        return f"DeepSpeed-Ulysses needs a K/V head per rank ({kv_heads} K/V heads, {u} ranks)"
+    return None
+
+
+def _deepspeed_build(mesh, settings):
+    import deepspeed
+    from deepspeed.sequence.layer import DistributedAttention
+
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)  # adopts the existing group
+    attention = DistributedAttention(lambda q, k, v: local_attention(q, k, v, settings.causal,
+                                                                     backend=settings.backend),
+                                     mesh.ulysses_group, scatter_idx=2, gather_idx=1)  # [B, S, H, D]
+    return lambda q, k, v: attention(q, k, v, 0)
+
+
+REFERENCES = {
+    "usp-unchecked": Reference("usp-unchecked", "", "", "any", _always, _unchecked_build, by_default=False),
+    "deepspeed-ulysses": Reference("deepspeed-ulysses", "deepspeed", "DS_BUILD_OPS=0 pip install deepspeed",
+                                   "ulysses", _deepspeed_why_not, _deepspeed_build),
+}
