@@ -4,9 +4,8 @@ the float64 oracle."""
 
 from .layout import LAYOUTS
 from .naive import naive_attention
-from .ring import ring_attention
 from .sequence import gather_sequence, sequence_positions, shard_sequence
-from .ulysses import USPAttention, ulysses_attention, usp_attention
+from .functions import USPAttention, ring_attention, ulysses_attention, usp_attention
 
 __all__ = ["LAYOUTS", "USPAttention", "gather_sequence", "naive_attention", "ring_attention", "sequence_positions",
            "shard_sequence", "ulysses_attention", "usp_attention"]

@@ -8,24 +8,21 @@ K/V around again; the dK/dV accumulator of each block (float32, float64 for floa
 inputs) travels one hop behind it and is back at its owner after the last step. Every
 step's backward uses the global (merged) out and lse, as the backend contract requires.
 
-``ring_forward`` and ``ring_backward`` are the one schedule: ``ring_attention`` runs
-them over ``RingComm``, the emulator over a transport that replays the transfers.
+``ring_forward`` and ``ring_backward`` are the one schedule: ring and USP attention
+(``usp.attention.parallel``) run them over ``RingComm``, the emulator over a transport
+that replays the transfers.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from usp.comm import traffic
-from usp.comm.agreement import call_fields, device_of, ranks_agree
-from usp.comm.mesh import check_group
-from usp.comm.ring import Delivered, RingComm, RingTransport
-from usp.kernels import get_backend, merge_attention
-from usp.kernels.checks import check_qkv, resolve_softmax_scale
+from usp.comm.ring import Delivered, RingTransport
+from usp.kernels import merge_attention
 from usp.kernels.layout import accum_dtype
 
-from .layout import check_layout, ring_block
+from .layout import ring_block
 
 
 def ring_forward(q, k, v, ring: RingTransport, causal: bool, scale: float, layout: str, backend):
@@ -81,21 +78,6 @@ def ring_backward(dout, q, k, v, out, lse, ring: RingTransport, causal: bool, sc
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-class _RingAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, ring, causal, scale, layout, backend):
-        out, lse = ring_forward(q, k, v, ring, causal, scale, layout, backend)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.settings = (ring, causal, scale, layout, backend)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ring_backward(dout, q, k, v, out, lse, *ctx.settings)
-        return dq, dk, dv, None, None, None, None, None
-
-
 def check_sequence_split(seqlen_q: int, seqlen_k: int, causal: bool, ring_size: int, layout: str,
                          what: str = "local") -> None:
     """ValueErrors for shards the ring cannot split: causal needs equal q and k lengths,
@@ -107,28 +89,3 @@ def check_sequence_split(seqlen_q: int, seqlen_k: int, causal: bool, ring_size: 
         raise ValueError(f"the zigzag layout holds two chunks per ring rank: the {what} sequence length must be "
                          f"even, got q {seqlen_q} and k {seqlen_k} (global length not divisible by "
                          f"2 x ring_degree = {2 * ring_size})")
-
-
-def ring_attention(q, k, v, group: dist.ProcessGroup | None, causal: bool = False, softmax_scale=None,
-                   layout: str = "zigzag", backend=None, *, check_ranks: bool = True, check_finite: bool = False):
-    """Attention over a sequence sharded across the ranks of ``group`` (None: the world).
-
-    ``q: [B, S, Hq, D]``, ``k, v: [B, S, Hkv, D]``: this rank's shard, laid out by
-    ``layout`` (see ``usp.attention.layout``; ``shard_sequence`` makes one). Returns this
-    rank's shard of the output, ``[B, S, Hq, D]``, differentiable in q, k and v.
-    ``backend``: a ``usp.kernels`` backend or its name (default: triton on CUDA, else torch).
-    ``check_ranks``: first make sure every rank passes the same shapes and options
-    (one small all-gather; a mismatch, or bad arguments on some ranks only, raises a
-    ValueError on every rank). ``check_finite``: in the same all-gather, raise a
-    ValueError on every rank, naming the rank and the tensor, when any rank's q, k or v
-    holds a NaN or an infinity (costs a sum over each; on a GPU a host synchronisation).
-    """
-    ring = RingComm(check_group(group))
-    with ranks_agree(ring.group, "ring_attention", device_of(q), check_ranks, check_finite) as call:
-        check_qkv(q, k, v, causal)
-        check_layout(layout)
-        scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
-        backend = get_backend(backend)
-        check_sequence_split(q.shape[1], k.shape[1], causal, ring.size, layout)
-        call.fields, call.inputs = call_fields(q, k, v, causal, scale, layout, backend.name), dict(q=q, k=k, v=v)
-    return _RingAttention.apply(q, k, v, ring, causal, scale, layout, backend)

@@ -43,10 +43,12 @@ def _seq_to_head(x: torch.Tensor, group: dist.ProcessGroup, shares: list[int]) -
     if size == 1:
         return x
     b, s_local, _, d = x.shape
-    mine = shares[dist.get_rank(group)]
-    starts = [sum(shares[:i]) for i in range(size)]
-    send = torch.cat([x[:, :, start:start + share].reshape(-1) for start, share in zip(starts, shares)])
-    piece = b * s_local * d  # elements per head of one sequence piece
+    mine, piece = shares[dist.get_rank(group)], b * s_local * d  # piece: elements per head of one sequence piece
+    send = x.new_empty(piece * x.shape[2])  # rank i's heads of my positions, for every i, one copy
+    start = 0
+    for share in shares:
+        send[start * piece:(start + share) * piece].view(b, s_local, share, d).copy_(x[:, :, start:start + share])
+        start += share
     received = _all_to_all(send, [piece * share for share in shares], [piece * mine] * size, group,
                            traffic.SEQ_TO_HEAD)  # [u(sequence piece), B, S/u, H_j, D]
     return received.view(size, b, s_local, mine, d).permute(1, 0, 2, 3, 4).reshape(b, size * s_local, mine, d)
@@ -58,13 +60,17 @@ def _head_to_seq(x: torch.Tensor, group: dist.ProcessGroup, shares: list[int]) -
         return x
     b, s, mine, d = x.shape
     s_local = s // size
+    piece = b * s_local * d
     # [B, u, S/u, H_j, D] -> [u(sequence piece), B, S/u, H_j, D]: piece i is rank i's positions.
     send = x.reshape(b, size, s_local, mine, d).permute(1, 0, 2, 3, 4).reshape(-1)
-    piece = b * s_local * d
     received = _all_to_all(send, [piece * mine] * size, [piece * share for share in shares], group,
                            traffic.HEAD_TO_SEQ)  # rank i's heads of my positions, for every i
-    pieces = received.split([piece * share for share in shares])
-    return torch.cat([p.view(b, s_local, share, d) for p, share in zip(pieces, shares)], dim=2)
+    out = x.new_empty(b, s_local, sum(shares), d)
+    start = 0
+    for share in shares:
+        out[:, :, start:start + share] = received[start * piece:(start + share) * piece].view(b, s_local, share, d)
+        start += share
+    return out
 
 
 class _Redistribute(torch.autograd.Function):

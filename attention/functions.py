@@ -1,0 +1,124 @@
+"""Ring, Ulysses and USP attention on local sequence shards: the public calls.
+
+Each checks its arguments (on every rank together unless ``check_ranks=False``, see
+``usp.comm.agreement``) and runs the one sequence-parallel call of
+``usp.attention.parallel``: ring attention is a Ulysses group of one, Ulysses a ring of
+one, USP both. Ulysses trades the sequence shard for a head shard (an all-to-all over the
+Ulysses group), runs attention, or ring attention over the ring group, on its heads, and
+a second all-to-all brings the output back to sequence shards.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from usp.comm import Mesh
+from usp.comm.agreement import call_fields, device_of, ranks_agree
+from usp.comm.heads import check_heads
+from usp.comm.mesh import check_group, check_mesh
+from usp.kernels import get_backend
+from usp.kernels.checks import check_qkv, resolve_softmax_scale
+
+from .layout import check_layout
+from .parallel import Plan, parallel_attention
+from .ring import check_sequence_split
+
+
+def _attend(what: str, check_group, ulysses, ring, q, k, v, causal, softmax_scale, layout, backend, check_ranks,
+            check_finite):
+    """Check the arguments (together with the other ranks of ``check_group``), then run
+    the call. Under ``torch.compile`` the exchange moves into the call, at run time."""
+    u = 1 if ulysses is None else dist.get_world_size(ulysses)
+    r = 1 if ring is None else dist.get_world_size(ring)
+
+    def arguments():
+        check_qkv(q, k, v, causal)
+        check_layout(layout)
+        check_heads(q.shape[2], k.shape[2], u)
+        check_sequence_split(q.shape[1] * u, k.shape[1] * u, causal, r, layout,
+                             what="local" if ulysses is None else "per-ring-rank")
+        return resolve_softmax_scale(softmax_scale, q.shape[-1]), get_backend(backend)
+
+    if torch.compiler.is_compiling():
+        scale, backend = arguments()
+    else:
+        with ranks_agree(check_group, what, device_of(q), check_ranks, check_finite) as call:
+            scale, backend = arguments()
+            call.fields = call_fields(q, k, v, causal, scale, layout if ring is not None else "-", backend.name)
+            call.inputs = dict(q=q, k=k, v=v)
+    plan = Plan(ulysses, ring, causal, scale, layout, backend)
+    return parallel_attention(q, k, v, plan, check_group, what, check_ranks, check_finite)
+
+
+def ring_attention(q, k, v, group: dist.ProcessGroup | None, causal: bool = False, softmax_scale=None,
+                   layout: str = "zigzag", backend=None, *, check_ranks: bool = True, check_finite: bool = False):
+    """Attention over a sequence sharded across the ranks of ``group`` (None: the world).
+
+    ``q: [B, S, Hq, D]``, ``k, v: [B, S, Hkv, D]``: this rank's shard, laid out by
+    ``layout`` (see ``usp.attention.layout``; ``shard_sequence`` makes one). Returns this
+    rank's shard of the output, ``[B, S, Hq, D]``, differentiable in q, k and v.
+    ``backend``: a ``usp.kernels`` backend or its name (default: triton on CUDA, else torch).
+    ``check_ranks``: first make sure every rank passes the same shapes and options
+    (one small all-gather; a mismatch, or bad arguments on some ranks only, raises a
+    ValueError on every rank). ``check_finite``: in the same all-gather, raise a
+    ValueError on every rank, naming the rank and the tensor, when any rank's q, k or v
+    holds a NaN or an infinity (costs a sum over each; on a GPU a host synchronisation).
+    """
+    group = check_group(group)
+    return _attend("ring_attention", group, None, group, q, k, v, causal, softmax_scale, layout, backend, check_ranks,
+                   check_finite)
+
+
+def ulysses_attention(q, k, v, group: dist.ProcessGroup | None, causal: bool = False, softmax_scale=None,
+                      backend=None, *, check_ranks: bool = True, check_finite: bool = False):
+    """Attention over a sequence sharded contiguously across ``group`` (None: the world).
+
+    ``q: [B, S/u, Hq, D]``, ``k, v: [B, S/u, Hkv, D]`` (rank ``j`` holds the ``j``-th
+    piece) -> this rank's output piece ``[B, S/u, Hq, D]``, differentiable. Each rank
+    takes a contiguous share of the heads, ``Hq / u`` or, when ``u`` does not divide
+    ``Hq``, one more or one less (``Hq >= u``; see ``usp.comm.heads``). ``check_ranks``,
+    ``check_finite``: see ``ring_attention``.
+    """
+    group = check_group(group)
+    return _attend("ulysses_attention", group, group, None, q, k, v, causal, softmax_scale, "contiguous", backend,
+                   check_ranks, check_finite)
+
+
+def usp_attention(q, k, v, mesh: Mesh, causal: bool = False, softmax_scale=None, layout: str = "zigzag",
+                  backend=None, *, check_ranks: bool = True, check_finite: bool = False):
+    """Unified sequence parallel attention: Ulysses over ``mesh.ulysses_group`` around
+    ring attention over ``mesh.ring_group``.
+
+    ``q: [B, S/(u r), Hq, D]``, ``k, v: [B, S/(u r), Hkv, D]``: this rank's shard as made
+    by ``shard_sequence(x, mesh, layout=layout)`` -> its output shard, differentiable.
+    ``ulysses_degree = N`` is pure Ulysses, ``ring_degree = N`` pure ring.
+    ``check_ranks``, ``check_finite``: see ``ring_attention`` (one all-gather over
+    ``mesh.sp_group``).
+    """
+    check_mesh(mesh)
+    return _attend("usp_attention", mesh.sp_group, mesh.ulysses_group, mesh.ring_group, q, k, v, causal,
+                   softmax_scale, layout, backend, check_ranks, check_finite)
+
+
+class USPAttention(nn.Module):
+    """``usp_attention`` as a module: ``forward(q, k, v)`` on local shards ``[B, S_local, H, D]``."""
+
+    def __init__(self, mesh: Mesh, causal: bool = False, softmax_scale=None, layout: str = "zigzag", backend=None,
+                 *, check_ranks: bool = True, check_finite: bool = False):
+        super().__init__()
+        check_mesh(mesh)
+        self.mesh, self.causal, self.softmax_scale = mesh, causal, softmax_scale
+        self.layout, self.backend = check_layout(layout), backend
+        self.check_ranks, self.check_finite = check_ranks, check_finite
+
+    def forward(self, q, k, v):
+        return usp_attention(q, k, v, self.mesh, self.causal, self.softmax_scale, self.layout, self.backend,
+                             check_ranks=self.check_ranks, check_finite=self.check_finite)
+
+    def extra_repr(self) -> str:
+        m = self.mesh
+        return (f"ulysses_degree={m.ulysses_degree}, ring_degree={m.ring_degree}, placement={m.placement}, "
+                f"causal={self.causal}, layout={self.layout}, backend={self.backend}"
+                + (", check_finite=True" if self.check_finite else ""))

@@ -1,0 +1,196 @@
+"""One sequence-parallel attention call, forward and backward, for ring, Ulysses and
+USP alike: the Ulysses all-to-alls around the ring loops.
+
+``sp_forward`` / ``sp_backward`` are the whole call on local shards. A Ulysses group of
+one rank (or none) skips the all-to-alls; a ring of one rank (or none) is one call of
+the local kernel. They run in two ways:
+
+- eagerly, through one autograd function (``parallel_attention``);
+- under ``torch.compile``, as the registered custom ops ``usp::sp_attention_forward``
+  and ``usp::sp_attention_backward`` (opaque to the compiler, with fake
+  implementations that give the shapes while tracing, and autograd between them), so
+  a model's attention call compiles into one graph without a break. There the groups
+  travel by name, the backend by name, and the rank-agreement check (and
+  ``check_finite``) runs inside the forward op, at run time.
+
+What backward needs is what forward made: the head-sharded q, k, v, the local output
+and lse (the same tensors the ring loops keep).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.distributed_c10d import _resolve_process_group
+
+from usp.comm.agreement import call_fields, ensure_ranks_agree
+from usp.comm.all_to_all import _head_to_seq, _seq_to_head
+from usp.comm.heads import head_shares, kv_copies, kv_head_shares
+from usp.comm.ring import RingComm
+from usp.kernels import BACKENDS, get_backend
+from usp.kernels.layout import accum_dtype, reduce_kv_grad
+
+from .ring import ring_backward, ring_forward
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The static part of a call: the groups (None: none), the options, the backend."""
+
+    ulysses: dist.ProcessGroup | None
+    ring: dist.ProcessGroup | None
+    causal: bool
+    scale: float
+    layout: str
+    backend: object
+
+    def ulysses_size(self) -> int:
+        return 1 if self.ulysses is None else dist.get_world_size(self.ulysses)
+
+    def ring_transport(self) -> RingComm | None:
+        return None if self.ring is None or dist.get_world_size(self.ring) == 1 else RingComm(self.ring)
+
+
+def sp_forward(q, k, v, plan: Plan):
+    """``q: [B, S, Hq, D]``, ``k, v: [B, S_k, Hkv, D]`` (local shards) -> ``out [B, S, Hq, D]``
+    and what ``sp_backward`` needs: ``(q_h, k_h, v_h, out_h, lse)``, head-sharded."""
+    u, heads, kv_heads = plan.ulysses_size(), q.shape[2], k.shape[2]
+    shares, kv_shares = head_shares(heads, u), kv_head_shares(heads, kv_heads, u)
+    copies = kv_copies(heads, kv_heads, u)
+    k, v = (x.repeat_interleave(copies, dim=2) if copies > 1 else x for x in (k, v))
+    q_h = _seq_to_head(q, plan.ulysses, shares) if u > 1 else q
+    k_h, v_h = (_seq_to_head(x, plan.ulysses, kv_shares) if u > 1 else x for x in (k, v))
+    ring = plan.ring_transport()
+    if ring is None:
+        out_h, lse = plan.backend.forward(q_h, k_h, v_h, causal=plan.causal, softmax_scale=plan.scale)
+    else:
+        out_h, lse = ring_forward(q_h, k_h, v_h, ring, plan.causal, plan.scale, plan.layout, plan.backend)
+    out = _head_to_seq(out_h, plan.ulysses, shares) if u > 1 else out_h
+    return out, (q_h, k_h, v_h, out_h, lse)
+
+
+def sp_backward(dout, saved, plan: Plan, heads: int, kv_heads: int):
+    """``dq, dk, dv`` of the local shards from ``dout [B, S, Hq, D]`` and ``sp_forward``'s saved tensors."""
+    q_h, k_h, v_h, out_h, lse = saved
+    u = plan.ulysses_size()
+    shares, kv_shares = head_shares(heads, u), kv_head_shares(heads, kv_heads, u)
+    dout_h = _seq_to_head(dout.contiguous(), plan.ulysses, shares) if u > 1 else dout
+    ring = plan.ring_transport()
+    if ring is None:
+        dq_h, dk_h, dv_h = plan.backend.backward(dout_h, q_h, k_h, v_h, out_h, lse, causal=plan.causal,
+                                                 softmax_scale=plan.scale)
+    else:
+        dq_h, dk_h, dv_h = ring_backward(dout_h, q_h, k_h, v_h, out_h, lse, ring, plan.causal, plan.scale,
+                                         plan.layout, plan.backend)
+    if u == 1:
+        return dq_h, dk_h, dv_h
+    copies = kv_copies(heads, kv_heads, u)
+    dk, dv = (reduce_kv_grad(_head_to_seq(x, plan.ulysses, kv_shares), copies) for x in (dk_h, dv_h))
+    return _head_to_seq(dq_h, plan.ulysses, shares), dk, dv
+
+
+class _ParallelAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan):
+        out, saved = sp_forward(q, k, v, plan)
+        ctx.save_for_backward(*saved)
+        ctx.plan, ctx.heads, ctx.kv_heads = plan, q.shape[2], k.shape[2]
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        return (*sp_backward(dout, ctx.saved_tensors, ctx.plan, ctx.heads, ctx.kv_heads), None)
+
+
+# --- the same call as custom ops, for torch.compile -------------------------------------
+
+def _group(name: str) -> dist.ProcessGroup | None:
+    return _resolve_process_group(name) if name else None
+
+
+def _plan(ulysses: str, ring: str, causal: bool, scale: float, layout: str, backend: str) -> Plan:
+    return Plan(_group(ulysses), _group(ring), causal, scale, layout, get_backend(backend))
+
+
+@torch.library.custom_op("usp::sp_attention_forward", mutates_args=())
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysses: str, ring: str, causal: bool,
+                scale: float, layout: str, backend: str, check: str, what: str, check_ranks: bool,
+                check_finite: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                             torch.Tensor]:
+    if check_ranks or check_finite:  # the exchange of the checks, at run time, before any transfer
+        fields = {"error": "", "check_finite": check_finite,
+                  **call_fields(q, k, v, causal, scale, layout if ring else "-", backend)}
+        ensure_ranks_agree(_group(check), what, fields if check_ranks else None, q.device,
+                           dict(q=q, k=k, v=v) if check_finite else None)
+    out, (q_h, k_h, v_h, out_h, lse) = sp_forward(q, k, v, _plan(ulysses, ring, causal, scale, layout, backend))
+    if _size(ulysses) == 1:  # the saved tensors are q, k, v and out themselves: outputs may not alias them
+        q_h, k_h, v_h, out_h = (q.new_empty(0) for _ in range(4))
+    return out, q_h, k_h, v_h, out_h, lse
+
+
+def _size(group_name: str) -> int:
+    return 1 if not group_name else dist.get_world_size(_group(group_name))
+
+
+@_forward_op.register_fake
+def _(q, k, v, ulysses, ring, causal, scale, layout, backend, check, what, check_ranks, check_finite):
+    u, lse_dtype = _size(ulysses), accum_dtype(q.dtype)
+    if u == 1:
+        return (torch.empty_like(q), *(q.new_empty(0) for _ in range(4)),
+                q.new_empty(q.shape[0], q.shape[2], q.shape[1], dtype=lse_dtype))
+    j = dist.get_rank(_group(ulysses))
+    h, kv = head_shares(q.shape[2], u)[j], kv_head_shares(q.shape[2], k.shape[2], u)[j]
+    batch, seqlen, seqlen_k, dim = q.shape[0], u * q.shape[1], u * k.shape[1], q.shape[3]
+    q_h, k_h = q.new_empty(batch, seqlen, h, dim), k.new_empty(batch, seqlen_k, kv, dim)
+    lse = q.new_empty(batch, h, seqlen, dtype=lse_dtype)
+    return torch.empty_like(q), q_h, k_h, torch.empty_like(k_h), torch.empty_like(q_h), lse
+
+
+@torch.library.custom_op("usp::sp_attention_backward", mutates_args=())
+def _backward_op(dout: torch.Tensor, q_h: torch.Tensor, k_h: torch.Tensor, v_h: torch.Tensor, out_h: torch.Tensor,
+                 lse: torch.Tensor, ulysses: str, ring: str, causal: bool, scale: float, layout: str, backend: str,
+                 heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    plan = _plan(ulysses, ring, causal, scale, layout, backend)
+    return tuple(x.contiguous() for x in sp_backward(dout, (q_h, k_h, v_h, out_h, lse), plan, heads, kv_heads))
+
+
+@_backward_op.register_fake
+def _(dout, q_h, k_h, v_h, out_h, lse, ulysses, ring, causal, scale, layout, backend, heads, kv_heads):
+    dk = k_h.new_empty(dout.shape[0], k_h.shape[1] // _size(ulysses), kv_heads, dout.shape[3])
+    return torch.empty_like(dout), dk, torch.empty_like(dk)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, ulysses, ring, causal, scale, layout, backend = inputs[:9]
+    out, q_h, k_h, v_h, out_h, lse = output
+    ctx.save_for_backward(*((q, k, v, out) if _size(ulysses) == 1 else (q_h, k_h, v_h, out_h)), lse)
+    ctx.settings = (ulysses, ring, causal, scale, layout, backend, q.shape[2], k.shape[2])
+
+
+def _backward(ctx, dout, *unused):
+    dq, dk, dv = _backward_op(dout, *ctx.saved_tensors, *ctx.settings)
+    return dq, dk, dv, *([None] * 10)
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup)
+
+
+def _name(group: dist.ProcessGroup | None) -> str:
+    return "" if group is None else group.group_name
+
+
+def parallel_attention(q, k, v, plan: Plan, check: dist.ProcessGroup, what: str, check_ranks: bool,
+                       check_finite: bool):
+    """The call, differentiable. Eagerly the checks have run already and the last four
+    arguments are not used; under ``torch.compile`` the custom ops run the call, and the
+    forward op makes the ranks of ``check`` agree (``check_ranks``) and checks their
+    inputs (``check_finite``) at run time, naming the call ``what``."""
+    if not torch.compiler.is_compiling():
+        return _ParallelAttention.apply(q, k, v, plan)
+    name = getattr(plan.backend, "name", None)
+    if BACKENDS.get(name) is not plan.backend:
+        raise TypeError("under torch.compile the backend must be one of usp.kernels.BACKENDS, passed by name")
+    return _forward_op(q, k, v, _name(plan.ulysses), _name(plan.ring), plan.causal, plan.scale, plan.layout, name,
+                       _name(check), what, check_ranks, check_finite)[0]

@@ -1,0 +1,86 @@
+"""``torch.compile(fullgraph=True)`` of a model whose forward calls the sequence-parallel
+attention: no graph break (``torch._dynamo.explain``), and the compiled model's loss and
+gradients equal the eager ones. Float64 with the naive backend, so "equal" means equal
+to 1e-12 (the same operations in the same order; the tolerance only allows for a
+compiler that fuses the surrounding arithmetic differently). The default suite compiles
+with ``aot_eager`` (tracing, fake tensors and AOT autograd through the custom ops, no
+code generation); the slow step with the default inductor backend."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from usp.attention import USPAttention, ring_attention, shard_sequence, ulysses_attention, usp_attention
+from usp.bench.launch import run
+from usp.comm import init_mesh
+
+TOLERANCE = 1e-12
+
+
+def _models(mesh):
+    """Small models around each public call: a projection before and a loss after."""
+    module = USPAttention(mesh, causal=True, backend="naive")
+    calls = {
+        "USPAttention": lambda q, k, v: module(q, k, v),
+        "usp_attention": lambda q, k, v: usp_attention(q, k, v, mesh, causal=True, backend="naive"),
+        "ring_attention": lambda q, k, v: ring_attention(q, k, v, mesh.ring_group, causal=True, backend="naive"),
+        "ulysses_attention": lambda q, k, v: ulysses_attention(q, k, v, mesh.ulysses_group, backend="naive"),
+    }
+    return {name: (lambda q, k, v, call=call: call(q * 1.5, k, v.tanh()).square().sum()) for name, call in
+            calls.items()}
+
+
+def _compare(model, inputs, backend: str) -> dict:
+    """Graph breaks, and the largest difference of the loss and each gradient, compiled against eager."""
+    explained = torch._dynamo.explain(model)(*inputs)
+    custom_op = any("sp_attention_forward" in str(graph.graph) for graph in explained.graphs)
+    results = []
+    for run_model in (model, torch.compile(model, fullgraph=True, backend=backend)):
+        leaves = [x.detach().requires_grad_() for x in inputs]
+        loss = run_model(*leaves)
+        loss.backward()
+        results.append([loss.detach(), *(x.grad for x in leaves)])
+    return dict(breaks=explained.graph_break_count, custom_op=custom_op,
+                difference=max((a - b).abs().max().item() for a, b in zip(*results)))
+
+
+def _compiled_against_eager(ulysses_degree: int, ring_degree: int, backend: str) -> dict:
+    mesh = init_mesh(ulysses_degree, ring_degree)
+    generator = torch.Generator().manual_seed(0)
+    inputs = [shard_sequence(torch.randn(1, 32, heads, 8, dtype=torch.float64, generator=generator), mesh)
+              for heads in (4, 2, 2)]
+    seen = {name: _compare(model, inputs, backend) for name, model in _models(mesh).items()}
+    # the checks run inside the compiled call, at run time: rank 1 passing another length, a NaN on rank 0
+    torch._dynamo.reset()
+    checked = torch.compile(lambda q, k, v, **kw: usp_attention(q, k, v, mesh, causal=True, backend="naive", **kw),
+                            fullgraph=True, backend=backend)
+    odd = inputs[0][:, :-2] if dist.get_rank() == 1 else inputs[0]
+    poisoned = inputs[1].clone()
+    if dist.get_rank() == 0:
+        poisoned[0, 0, 0, 0] = float("nan")
+    for name, arguments, options in (("disagree", (odd, odd, odd), {}),
+                                     ("nan", (inputs[0], poisoned, inputs[2]), dict(check_finite=True))):
+        try:
+            checked(*arguments, **options)
+            seen[name] = "no error"
+        except Exception as error:  # noqa: BLE001 - what a user would see, whatever the compiler wraps it in
+            seen[name] = f"{type(error).__name__}: {error}"
+    return seen
+
+
+@pytest.mark.parametrize("world, mesh", [(1, (1, 1)), (4, (2, 2))])
+def test_compiled_attention_has_no_graph_break_and_equals_eager(world, mesh):
+    for rank, seen in enumerate(run(world, _compiled_against_eager, (*mesh, "aot_eager"), pg_timeout_s=120)):
+        for name in ("USPAttention", "usp_attention", "ring_attention", "ulysses_attention"):
+            assert seen[name]["breaks"] == 0 and seen[name]["custom_op"], (rank, name)  # one graph, the op in it
+            assert seen[name]["difference"] <= TOLERANCE, (rank, name, seen[name])
+        if world > 1:
+            assert "the ranks of the group disagree on usp_attention (q_shape, k_shape, v_shape)" in seen["disagree"]
+            assert "non-finite inputs to usp_attention (check_finite): rank 0: k (1 NaN)" in seen["nan"]
+
+
+@pytest.mark.slow
+def test_inductor_compiles_it_too():
+    for rank, seen in enumerate(run(2, _compiled_against_eager, (1, 2, "inductor"), pg_timeout_s=600)):
+        for name in ("USPAttention", "usp_attention", "ring_attention", "ulysses_attention"):
+            assert seen[name]["breaks"] == 0 and seen[name]["difference"] <= TOLERANCE, (rank, name, seen[name])
