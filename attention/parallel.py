@@ -25,9 +25,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
+from usp.comm import traffic
 from usp.comm.agreement import call_fields, ensure_ranks_agree
 from usp.comm.all_to_all import _head_to_seq, _seq_to_head
-from usp.comm.heads import head_shares, kv_copies, kv_head_shares
+from usp.comm.heads import head_shares, kv_copies, kv_head_shares, replicate_kv_heads
 from usp.comm.ring import RingComm
 from usp.kernels import BACKENDS, get_backend
 from usp.kernels.layout import accum_dtype, reduce_kv_grad
@@ -58,13 +59,13 @@ def sp_forward(q, k, v, plan: Plan):
     and what ``sp_backward`` needs: ``(q_h, k_h, v_h, out_h, lse)``, head-sharded."""
     u, heads, kv_heads = plan.ulysses_size(), q.shape[2], k.shape[2]
     shares, kv_shares = head_shares(heads, u), kv_head_shares(heads, kv_heads, u)
-    copies = kv_copies(heads, kv_heads, u)
-    k, v = (x.repeat_interleave(copies, dim=2) if copies > 1 else x for x in (k, v))
+    k, v = replicate_kv_heads(k, heads, u), replicate_kv_heads(v, heads, u)
     q_h = _seq_to_head(q, plan.ulysses, shares) if u > 1 else q
     k_h, v_h = (_seq_to_head(x, plan.ulysses, kv_shares) if u > 1 else x for x in (k, v))
     ring = plan.ring_transport()
     if ring is None:
-        out_h, lse = plan.backend.forward(q_h, k_h, v_h, causal=plan.causal, softmax_scale=plan.scale)
+        with traffic.span(traffic.COMPUTE, label=traffic.FORWARD, step=0):
+            out_h, lse = plan.backend.forward(q_h, k_h, v_h, causal=plan.causal, softmax_scale=plan.scale)
     else:
         out_h, lse = ring_forward(q_h, k_h, v_h, ring, plan.causal, plan.scale, plan.layout, plan.backend)
     out = _head_to_seq(out_h, plan.ulysses, shares) if u > 1 else out_h
@@ -76,11 +77,12 @@ def sp_backward(dout, saved, plan: Plan, heads: int, kv_heads: int):
     q_h, k_h, v_h, out_h, lse = saved
     u = plan.ulysses_size()
     shares, kv_shares = head_shares(heads, u), kv_head_shares(heads, kv_heads, u)
-    dout_h = _seq_to_head(dout.contiguous(), plan.ulysses, shares) if u > 1 else dout
+    dout_h = _seq_to_head(dout, plan.ulysses, shares) if u > 1 else dout
     ring = plan.ring_transport()
     if ring is None:
-        dq_h, dk_h, dv_h = plan.backend.backward(dout_h, q_h, k_h, v_h, out_h, lse, causal=plan.causal,
-                                                 softmax_scale=plan.scale)
+        with traffic.span(traffic.COMPUTE, label=traffic.BACKWARD, step=0):
+            dq_h, dk_h, dv_h = plan.backend.backward(dout_h, q_h, k_h, v_h, out_h, lse, causal=plan.causal,
+                                                     softmax_scale=plan.scale)
     else:
         dq_h, dk_h, dv_h = ring_backward(dout_h, q_h, k_h, v_h, out_h, lse, ring, plan.causal, plan.scale,
                                          plan.layout, plan.backend)
@@ -127,7 +129,8 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysses: str,
     out, (q_h, k_h, v_h, out_h, lse) = sp_forward(q, k, v, _plan(ulysses, ring, causal, scale, layout, backend))
     if _size(ulysses) == 1:  # the saved tensors are q, k, v and out themselves: outputs may not alias them
         q_h, k_h, v_h, out_h = (q.new_empty(0) for _ in range(4))
-    return out, q_h, k_h, v_h, out_h, lse
+    # contiguous, as the fake implementation promises (a compiler checks the strides)
+    return tuple(x.contiguous() for x in (out, q_h, k_h, v_h, out_h, lse))
 
 
 def _size(group_name: str) -> int:
@@ -138,14 +141,14 @@ def _size(group_name: str) -> int:
 def _(q, k, v, ulysses, ring, causal, scale, layout, backend, check, what, check_ranks, check_finite):
     u, lse_dtype = _size(ulysses), accum_dtype(q.dtype)
     if u == 1:
-        return (torch.empty_like(q), *(q.new_empty(0) for _ in range(4)),
+        return (q.new_empty(q.shape), *(q.new_empty(0) for _ in range(4)),
                 q.new_empty(q.shape[0], q.shape[2], q.shape[1], dtype=lse_dtype))
     j = dist.get_rank(_group(ulysses))
     h, kv = head_shares(q.shape[2], u)[j], kv_head_shares(q.shape[2], k.shape[2], u)[j]
     batch, seqlen, seqlen_k, dim = q.shape[0], u * q.shape[1], u * k.shape[1], q.shape[3]
     q_h, k_h = q.new_empty(batch, seqlen, h, dim), k.new_empty(batch, seqlen_k, kv, dim)
     lse = q.new_empty(batch, h, seqlen, dtype=lse_dtype)
-    return torch.empty_like(q), q_h, k_h, torch.empty_like(k_h), torch.empty_like(q_h), lse
+    return q.new_empty(q.shape), q_h, k_h, k.new_empty(k_h.shape), q.new_empty(q_h.shape), lse
 
 
 @torch.library.custom_op("usp::sp_attention_backward", mutates_args=())
@@ -159,7 +162,7 @@ def _backward_op(dout: torch.Tensor, q_h: torch.Tensor, k_h: torch.Tensor, v_h: 
 @_backward_op.register_fake
 def _(dout, q_h, k_h, v_h, out_h, lse, ulysses, ring, causal, scale, layout, backend, heads, kv_heads):
     dk = k_h.new_empty(dout.shape[0], k_h.shape[1] // _size(ulysses), kv_heads, dout.shape[3])
-    return torch.empty_like(dout), dk, torch.empty_like(dk)
+    return dout.new_empty(dout.shape), dk, k_h.new_empty(dk.shape)
 
 
 def _setup(ctx, inputs, output):

@@ -18,7 +18,8 @@ A *unit* is ``b·s·d`` elements, the size of one full activation, as in the pap
   count K/V re-sent in backward); counted this way it is 6 (for MHA, ``N`` large). Our
   accumulators travel in float32, so in bytes the dK/dV hops weigh ``4/e`` times more.
 - USP ``u x r``: Ulysses over ``u`` on the local shard, then the ring over ``r`` with
-  ``g·d/u`` K/V features per device (one replicated head when ``kv_heads < u``).
+  ``g·d/u`` K/V features per device (K/V heads repeated as ``usp.comm.heads`` says, up
+  to one per query head when the query heads split unevenly).
 - Megatron TP-SP: 2 all-gathers and 2 reduce-scatters of ``b·s·d`` forward, the same
   backward: ``8 (N-1)/N`` units.
 - DP / ZeRO: no activation traffic; gradient all-reduce ``2Ψ(N-1)/N`` elements per block
@@ -36,6 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from usp.attention.volume import attention_volume
+from usp.comm.heads import heads_per_rank
 from usp.comm.mesh import mesh_shapes
 
 from .flops import attention_flops
@@ -166,6 +168,7 @@ def predict_attention(shape: ModelShape, cluster: Cluster, batch: int, seqlen: i
     n = u * r
     bandwidth = group_bandwidth(cluster, u, r, placement)
     flops = attention_flops(batch, shape.heads, seqlen, seqlen, shape.head_dim, causal, "fwd+bwd") / n
+    flops *= heads_per_rank(shape.heads, u) * u / shape.heads  # the busiest rank of an uneven head split
     rate = cluster.peak_tflops * 1e12 * cluster.kernel_efficiency * (cluster.ring_efficiency if r > 1 else 1.0)
     compute = flops / rate * 1e3
     comm = communication(shape, batch, seqlen, u, r, element_size)

@@ -406,7 +406,8 @@ def run(args: argparse.Namespace) -> int:
         guard = guard_cost(config.world_size, args.guard_seqlen, 8, 64, 1, args.guard_repeats)
         print("  " + ", ".join(f"{name} {ms:.1f} ms ({guard['ratio'][name]:.3f}x)" for name, ms in guard["ms"].items()))
     path = write_result("faults", torch.device("cpu"), dict(config=dict(asdict(config), runs=args.runs, seed=args.seed,
-                                                                         bound_s=config.bound_s, seconds=elapsed),
+                                                                         bound_s=config.bound_s, seqlen=config.seqlen,
+                                                                         heads=config.heads, seconds=elapsed),
                                                              summary=rows, guard_cost=guard, runs=results),
                         args.out_dir)
     print(f"wrote {path}")

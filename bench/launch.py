@@ -65,10 +65,14 @@ def loopback_store(timeout_s: float) -> dist.TCPStore:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(128)
-        port = listener.getsockname()[1]
-        # the store serves on a duplicate of the bound socket; the original closes on leaving the block
+        port, fd = listener.getsockname()[1], os.dup(listener.fileno())
+    # the store serves on (and owns) a duplicate of the bound socket; the original is closed
+    try:
         return dist.TCPStore("127.0.0.1", port, None, True, timeout=datetime.timedelta(seconds=timeout_s),
-                             wait_for_workers=False, master_listen_fd=os.dup(listener.fileno()))
+                             wait_for_workers=False, master_listen_fd=fd)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _worker(rank, world_size, port, backend, pg_timeout_s, start_timeout_s, fn, args, results):

@@ -26,7 +26,7 @@ import torch
 
 def head_shares(heads: int, ulysses_degree: int) -> list[int]:
     """Query heads per rank: contiguous shares differing by at most one, larger first."""
-    base, extra = divmod(heads, ulysses_degree)
+    base, extra = heads // ulysses_degree, heads % ulysses_degree  # not divmod: heads may be a SymInt when compiling
     return [base + (rank < extra) for rank in range(ulysses_degree)]
 
 

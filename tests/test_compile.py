@@ -68,6 +68,29 @@ def _compiled_against_eager(ulysses_degree: int, ring_degree: int, backend: str)
     return seen
 
 
+def _opchecks() -> dict:
+    """``torch.library.opcheck`` of the forward op (schema, autograd registration, the fake
+    implementation against the real one, AOT dispatch with dynamic shapes, which runs the
+    backward op too) on 4 ranks: USP with GQA, uneven Ulysses heads, ring, MQA, and one rank
+    alone (dp = 4; the naive kernel's output is a transposed view, the op's must not be)."""
+    results = {}
+    for u, r, heads, kv_heads in ((2, 2, 4, 2), (4, 1, 6, 2), (1, 4, 4, 4), (4, 1, 4, 1), (1, 1, 4, 2)):
+        mesh = init_mesh(u, r)
+        generator = torch.Generator().manual_seed(0)
+        q, k, v = (shard_sequence(torch.randn(1, 32, h, 8, dtype=torch.float64, generator=generator),
+                                  mesh).requires_grad_() for h in (heads, kv_heads, kv_heads))
+        arguments = (q, k, v, mesh.ulysses_group.group_name, mesh.ring_group.group_name, True, 0.35, "zigzag",
+                     "naive", mesh.sp_group.group_name, "usp_attention", True, False)
+        results[f"u{u}r{r} h{heads}/{kv_heads}"] = torch.library.opcheck(torch.ops.usp.sp_attention_forward.default,
+                                                                         arguments)
+    return results
+
+
+def test_the_custom_op_passes_opcheck():
+    for checks in run(4, _opchecks, pg_timeout_s=120)[0].values():
+        assert set(checks.values()) == {"SUCCESS"}, checks
+
+
 @pytest.mark.parametrize("world, mesh", [(1, (1, 1)), (4, (2, 2))])
 def test_compiled_attention_has_no_graph_break_and_equals_eager(world, mesh):
     for rank, seen in enumerate(run(world, _compiled_against_eager, (*mesh, "aot_eager"), pg_timeout_s=120)):

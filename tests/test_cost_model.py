@@ -96,10 +96,10 @@ def test_ranking_covers_every_mesh_and_placement():
     assert len(ranking) == 8  # three hybrids have two placements
     for p in ranking:
         assert p["total_ms"] == pytest.approx(p["compute_ms"] + p["all_to_all_ms"] + p["exposed_ring_ms"])
-    # 12 heads and 3 K/V heads on 8 GPUs: u = 8 cannot split the query heads, u = 2 and 4 not the K/V heads
-    odd = cm.ModelShape("odd", 1536, 12, 3, 2, 4096)
-    assert [(p["ulysses_degree"], p["ring_degree"]) for p in cm.rank_meshes(odd, cm.CLUSTERS["8xA100-NVLink"],
-                                                                            1, 8192)] == [(1, 8)]
+    # 6 heads and 3 K/V heads on 8 GPUs: u = 8 would leave ranks without a head; u = 4 splits them unevenly
+    odd = cm.ModelShape("odd", 768, 6, 3, 2, 4096)
+    assert {(p["ulysses_degree"], p["ring_degree"]) for p in cm.rank_meshes(odd, cm.CLUSTERS["8xA100-NVLink"],
+                                                                            1, 8192)} == {(1, 8), (2, 4), (4, 2)}
 
 
 def test_emulated_prediction_is_lock_step_by_hand():
