@@ -4,7 +4,8 @@ gradients equal the eager ones. Float64 with the naive backend, so "equal" means
 to 1e-12 (the same operations in the same order; the tolerance only allows for a
 compiler that fuses the surrounding arithmetic differently). The default suite compiles
 with ``aot_eager`` (tracing, fake tensors and AOT autograd through the custom ops, no
-code generation); the slow step with the default inductor backend."""
+code generation) on one rank; the slow step on 4 ranks, with ``opcheck``, and with the
+default inductor backend on 2."""
 
 import pytest
 import torch
@@ -86,12 +87,13 @@ def _opchecks() -> dict:
     return results
 
 
+@pytest.mark.slow
 def test_the_custom_op_passes_opcheck():
     for checks in run(4, _opchecks, pg_timeout_s=120)[0].values():
         assert set(checks.values()) == {"SUCCESS"}, checks
 
 
-@pytest.mark.parametrize("world, mesh", [(1, (1, 1)), (4, (2, 2))])
+@pytest.mark.parametrize("world, mesh", [(1, (1, 1)), pytest.param(4, (2, 2), marks=pytest.mark.slow)])
 def test_compiled_attention_has_no_graph_break_and_equals_eager(world, mesh):
     for rank, seen in enumerate(run(world, _compiled_against_eager, (*mesh, "aot_eager"), pg_timeout_s=120)):
         for name in ("USPAttention", "usp_attention", "ring_attention", "ulysses_attention"):
