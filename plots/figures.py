@@ -180,6 +180,33 @@ def _time_against_seqlen(document, records, world_size, title, pass_, out_dir) -
                  oversubscription_note(document))
 
 
+def references_figure(document: dict, out_dir: Path) -> list[Path]:
+    """Each reference's time per call relative to ours (1 = the same; above 1, ours is
+    faster), per case of a scaling run that timed references; none without them."""
+    references = document.get("references") or []
+    if not references:
+        return []
+    cases = list(dict.fromkeys((r["usp_impl"], r["world_size"], r["seqlen"], r["pass"]) for r in references))
+    names = sorted({r["reference"] for r in references})
+    figure, axis = plt.subplots(figsize=(max(7.0, 0.7 * len(cases) + 2), 4.5))
+    for name in names:
+        ratio = {(r["usp_impl"], r["world_size"], r["seqlen"], r["pass"]): r["ms"] / r["usp_ms"]
+                 for r in references if r["reference"] == name}
+        present = [i for i, case in enumerate(cases) if case in ratio]
+        axis.plot(present, [ratio[cases[i]] for i in present], "o", markersize=8, label=name)
+    axis.axhline(1.0, color="k", linewidth=1, label="ours")
+    axis.grid(True, axis="y", alpha=0.3)
+    axis.set_xticks(range(len(cases)), [f"{impl}\nN={n} s{seqlen} {pass_}" for impl, n, seqlen, pass_ in cases],
+                    fontsize=7, rotation=30, ha="right")
+    axis.set_ylabel("time per call / ours (slowest rank, median)")
+    axis.legend(fontsize=8)
+    first = references[0]
+    axis.set_title(f"References against ours: {first['dtype']}, {first['heads']}/{first['kv_heads']} heads "
+                   f"d{first['head_dim']}, {'causal' if first['causal'] else 'full'}\n{machine_label(document)}",
+                   fontsize=9)
+    return [_save(figure, out_dir / "scaling-references.png", oversubscription_note(document))]
+
+
 def comm_volume_figure(document: dict, out_dir: Path) -> list[Path]:
     """Communication per device per block (fwd + bwd) against the degree, per method."""
     lines = defaultdict(list)
@@ -298,5 +325,5 @@ def timeline_figure(document: dict, out_dir: Path) -> list[Path]:
     return [_save(figure, out_dir / f"ring-timeline-{document['kind']}.png", oversubscription_note(document))]
 
 
-FIGURES = {"kernels": [kernel_figures], "scaling": [scaling_figures, timeline_figure],
+FIGURES = {"kernels": [kernel_figures], "scaling": [scaling_figures, timeline_figure, references_figure],
            "emulate": [timeline_figure], "model": [comm_volume_figure]}

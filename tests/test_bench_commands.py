@@ -243,7 +243,8 @@ def test_plot_writes_png_figures_from_the_toy_runs(toy_results, tmp_path):
     assert plots_main([str(out), "--out-dir", str(figures)]) == 0
     names = {p.name for p in figures.glob("*.png")}
     assert {"kernels-fp32-d16-full.png", "kernels-fp32-d16-causal.png", "scaling-fwd.png", "scaling-fwd-bwd.png",
-            "comm-volume.png", "ring-timeline-scaling.png", "ring-timeline-emulate.png"} == names
+            "comm-volume.png", "ring-timeline-scaling.png", "ring-timeline-emulate.png",
+            "scaling-references.png"} == names
     for path in figures.glob("*.png"):
         data = path.read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 5000
