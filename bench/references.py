@@ -7,7 +7,9 @@ backend), so what differs is the distributed part. Each reference record carries
 time over its time (``usp_over_reference``: below 1, ours is faster) and the largest
 difference between its output (and gradients) and ours on the same inputs.
 
-``usp-unchecked`` (only when asked for) is ours without the rank-agreement check
+``torch-cp-allgather`` and ``torch-cp-alltoall`` are PyTorch's context parallel ring
+(``bench/torch_cp.py``) on ring meshes, K/V rotated by one all-gather or an all-to-all
+per step. ``usp-unchecked`` (only when asked for) is ours without the rank-agreement check
 (``check_ranks=False``; ours is timed as called by default, with it): its ratio is what
 the check costs.
 """
@@ -32,16 +34,18 @@ class Reference:
     name: str
     package: str  # the module that must import ("" for none)
     install: str  # how to install it, for the skip message
-    method: str  # the meshes it runs on: "ulysses" (u = N, r = 1), or "any"
+    method: str  # the meshes it runs on: "ring" (u = 1), "ulysses" (r = 1), or "any"
     why_not: Callable[[int, int, int, int], str | None]  # (u, r, heads, kv_heads) -> reason, or None
     build: Callable  # (mesh, settings of usp-bench scaling) -> call
     by_default: bool = True  # timed unless --reference names others
 
     def missing(self) -> str | None:
         """Why the reference cannot run on this machine at all, or None."""
-        if self.package and importlib.util.find_spec(self.package) is None:
-            return f"{self.package} is not installed ({self.install})"
-        return None
+        try:
+            found = not self.package or importlib.util.find_spec(self.package) is not None
+        except ModuleNotFoundError:  # a parent package is missing
+            found = False
+        return None if found else f"{self.package} is not installed ({self.install})"
 
 
 def _always(u: int, r: int, heads: int, kv_heads: int) -> None:
@@ -51,6 +55,17 @@ def _always(u: int, r: int, heads: int, kv_heads: int) -> None:
 def _unchecked_build(mesh, settings):
     return lambda q, k, v: usp_attention(q, k, v, mesh, settings.causal, None, settings.layout, settings.backend,
                                          check_ranks=False)
+
+
+def _several_ranks(u: int, r: int, heads: int, kv_heads: int) -> str | None:
+    return "one rank: nothing to parallelise" if u * r == 1 else None
+
+
+def _torch_cp_build(rotate: str):
+    def build(mesh, settings):
+        from .torch_cp import context_parallel_attention
+        return context_parallel_attention(mesh.ring_group, rotate, settings.causal, settings.layout == "zigzag")
+    return build
 
 
 def _deepspeed_why_not(u: int, r: int, heads: int, kv_heads: int) -> str | None:
@@ -70,7 +85,12 @@ def _deepspeed_build(mesh, settings):
     return lambda q, k, v: attention(q, k, v, 0)
 
 
+TORCH_CP = "torch.distributed.tensor.experimental._context_parallel"
 REFERENCES = {
+    "torch-cp-allgather": Reference("torch-cp-allgather", TORCH_CP, "torch >= 2.9", "ring", _several_ranks,
+                                    _torch_cp_build("allgather")),
+    "torch-cp-alltoall": Reference("torch-cp-alltoall", TORCH_CP, "torch >= 2.9", "ring", _several_ranks,
+                                   _torch_cp_build("alltoall")),
     "usp-unchecked": Reference("usp-unchecked", "", "", "any", _always, _unchecked_build, by_default=False),
     "deepspeed-ulysses": Reference("deepspeed-ulysses", "deepspeed", "DS_BUILD_OPS=0 pip install deepspeed",
                                    "ulysses", _deepspeed_why_not, _deepspeed_build),

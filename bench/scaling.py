@@ -22,7 +22,10 @@ the result says so (oversubscribed).
 References (``--reference``, default: every one installed; ``bench/references.py``):
 other projects' implementations of the same mesh, timed on the same inputs with their
 repeats interleaved with ours, written as ``references`` beside the records: their time,
-ours over theirs, and the largest difference from our output and gradients.
+ours over theirs (on the same mesh, and for each of our meshes at the same N), the
+largest difference from our output and gradients, and the largest error of theirs and
+of ours against float64 attention of the whole case (``bench/oracle.py``, computed once
+per length and shared out between the ranks).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from .cli_args import (DTYPES, add_output_arguments, add_timing_arguments, bound
 from .flops import FLOP_CONVENTION, attention_flops
 from .inputs import random_inputs
 from .launch import run as launch_run
+from .oracle import global_oracle
 from .references import REFERENCES
 from .results import TIMING_FIELDS, device_name, sp_impl_name, sp_method, timing_record, write_result
 from .timing import synchronize
@@ -173,11 +177,22 @@ def _max_difference(ours, theirs) -> float:
     return max((a.double() - b.double()).abs().max().item() for a, b in pairs)
 
 
-def _measure(settings: Settings, mesh, seqlen: int, pass_: str, device: torch.device, references=()) -> dict:
-    """This rank's figures for one case (and for each reference on it, timed interleaved)."""
-    inputs = random_inputs(settings.batch, seqlen, settings.heads, settings.kv_heads, settings.head_dim,
-                           DTYPES[settings.dtype], device, settings.seed + seqlen)
-    q, k, v, dout = (shard_sequence(x, mesh, layout=settings.layout) for x in inputs)
+def _inputs(settings: Settings, seqlen: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The global ``q, k, v, dout`` of a case, the same on every rank."""
+    return random_inputs(settings.batch, seqlen, settings.heads, settings.kv_heads, settings.head_dim,
+                         DTYPES[settings.dtype], device, settings.seed + seqlen)
+
+
+def _max_error(result, oracle_shards) -> float:
+    """The largest absolute difference from the float64 oracle (out, or out and gradients)."""
+    return _max_difference(result, oracle_shards if isinstance(result, tuple) else oracle_shards[0])
+
+
+def _measure(settings: Settings, mesh, seqlen: int, pass_: str, device: torch.device, references=(),
+             oracle=None) -> dict:
+    """This rank's figures for one case (and for each reference on it, timed interleaved,
+    with its error and ours against the global float64 ``oracle``)."""
+    q, k, v, dout = (shard_sequence(x, mesh, layout=settings.layout) for x in _inputs(settings, seqlen, device))
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -196,9 +211,14 @@ def _measure(settings: Settings, mesh, seqlen: int, pass_: str, device: torch.de
             their_times[name].append(_timed_ms(runner, device))
         if repeat % 2 == 1:
             times.append(_timed_ms(fn, device))
-    ours = fn() if others else None  # one more call, only to compare the references' results with
-    compared = {name: dict(times_ms=their_times[name], max_abs_diff=_max_difference(ours, runner()))
-                for name, runner in others.items()}
+    compared = {}
+    if others:  # one more call of each, only to compare the results
+        truth = [shard_sequence(x, mesh, layout=settings.layout) for x in oracle]
+        ours = fn()
+        for name, runner in others.items():
+            theirs = runner()
+            compared[name] = dict(times_ms=their_times[name], max_abs_diff=_max_difference(ours, theirs),
+                                  max_abs_error=_max_error(theirs, truth), usp_max_abs_error=_max_error(ours, truth))
     dist.barrier()
     with record_traffic(CudaClock() if device.type == "cuda" else HostClock()) as log:
         fn()
@@ -230,6 +250,18 @@ def slowest_rank_ms(times_per_rank: list[list[float]]) -> float:
     return statistics.median(max(times) for times in zip(*times_per_rank))
 
 
+def _oracle(settings: Settings, seqlen: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The case's float64 out (and gradients, when a pass needs them), shared out between
+    the ranks, with a progress line: it takes a while at long lengths."""
+    start = time.perf_counter()
+    *inputs, dout = _inputs(settings, seqlen, device)
+    oracle = global_oracle(*inputs, dout, settings.causal, grads="fwd+bwd" in settings.passes)
+    if dist.get_rank() == 0:
+        print(f"      float64 oracle for s{seqlen} (to check each reference and ours): "
+              f"{time.perf_counter() - start:.1f} s", flush=True)
+    return oracle
+
+
 def rank_main(settings: Settings) -> list[dict]:
     """Run every case on this rank (all ranks create the meshes in the same order)."""
     if dist.get_backend() == "nccl":
@@ -239,12 +271,15 @@ def rank_main(settings: Settings) -> list[dict]:
     rank, world_size = dist.get_rank(), dist.get_world_size()
     results = []
     total = len(settings.meshes) * len(settings.seqlens) * len(settings.passes)
+    oracles = {}  # global float64 answers by seqlen, made once where a reference needs them
     for u, r in settings.meshes:
         mesh = init_mesh(u, r, settings.placement)
         references = [name for mesh_u, mesh_r, name in settings.references if (mesh_u, mesh_r) == (u, r)]
         for seqlen in settings.seqlens:
+            if references and seqlen not in oracles:
+                oracles[seqlen] = _oracle(settings, seqlen, device)
             for pass_ in settings.passes:
-                figures = _measure(settings, mesh, seqlen, pass_, device, references)
+                figures = _measure(settings, mesh, seqlen, pass_, device, references, oracles.get(seqlen))
                 results.append(dict(ulysses_degree=u, ring_degree=r, seqlen=seqlen, pass_=pass_, **figures))
                 everyone = [None] * world_size
                 dist.all_gather_object(everyone, (figures["times_ms"], figures["traced_ms"], figures["comm_wait_ms"]))
@@ -299,8 +334,14 @@ def combine(settings: Settings, per_rank: list[list[dict]], device: str, world_s
                 settings.heads, settings.kv_heads, settings.head_dim, their_ms, flops / world_size,
                 reference=name, usp_impl=records[-1]["impl"], usp_ms=ms, usp_over_reference=ms / their_ms,
                 max_abs_diff_vs_usp=max(c["references"][name]["max_abs_diff"] for c in cases),
+                max_abs_error=max(c["references"][name]["max_abs_error"] for c in cases),
+                usp_max_abs_error=max(c["references"][name]["usp_max_abs_error"] for c in cases),
                 world_size=world_size, ulysses_degree=u, ring_degree=r, backend=settings.backend,
                 oversubscribed=oversubscribed))
+    for reference in references:  # every mesh of ours against it, at the same world size
+        reference["usp_over_reference_by_impl"] = {
+            r["impl"]: r["ms"] / reference["ms"] for r in records
+            if (r["seqlen"], r["pass"]) == (reference["seqlen"], reference["pass"])}
     return records, references
 
 
@@ -466,10 +507,14 @@ def _report(records: list[dict], references: list[dict], runs: list[dict], devic
           "slowest rank and the longest wait of any rank inside it")
     if references:
         print(f"{'reference':<28}{'N':>3}{'seqlen':>8} {'pass':<8}{'ms':>10}{'ours ms':>10}{'ours/ref':>10}"
-              f"{'max |diff|':>12}")
+              f"{'best/ref':>10} {'best of ours':<22}{'|ref-ours|':>11}{'ref err':>10}{'our err':>10}")
         for r in references:
+            best = min(r["usp_over_reference_by_impl"], key=r["usp_over_reference_by_impl"].get)
             print(f"{r['impl']:<28}{r['world_size']:>3}{r['seqlen']:>8} {r['pass']:<8}{r['ms']:10.2f}"
-                  f"{r['usp_ms']:10.2f}{r['usp_over_reference']:10.3f}{r['max_abs_diff_vs_usp']:12.1e}")
+                  f"{r['usp_ms']:10.2f}{r['usp_over_reference']:10.3f}{r['usp_over_reference_by_impl'][best]:10.3f} "
+                  f"{best:<22}{r['max_abs_diff_vs_usp']:11.1e}{r['max_abs_error']:10.1e}{r['usp_max_abs_error']:10.1e}")
+        print("ours/ref: ours on the same mesh over the reference; best/ref: the fastest of our meshes at the same "
+              "N; err: largest |difference| from float64 attention (out, and dq, dk, dv with fwd+bwd)")
     path = write_result("scaling", device, dict(
         flop_convention=FLOP_CONVENTION, timing_fields=list(TIMING_FIELDS),
         config=dict(runs=runs, world_sizes=[run["world_size"] for run in runs], cores=cores,

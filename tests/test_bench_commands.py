@@ -55,7 +55,7 @@ TOY_RUNS = {
                 "--seqlen", "32", "64", "--head-dim", "16", "--heads", "2", "--dtype", "fp32", "--warmup", "0",
                 "--repeats", "1"],
     "scaling": ["--world-size", "1", "2", "--seqlen", "32", "64", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
-                "--warmup", "0", "--repeats", "1", "--reference", "usp-unchecked"],
+                "--warmup", "0", "--repeats", "1", "--reference", "usp-unchecked", "--reference", "torch-cp-alltoall"],
     "emulate": ["--world-size", "4", "--ulysses-degree", "2", "--tokens-per-rank", "8", "--heads", "4", "--kv-heads",
                 "2", "--head-dim", "16", "--warmup", "0", "--repeats", "1", "--bandwidth", "slow=0.001",
                 "--bandwidth", "fast=100"],
@@ -158,16 +158,37 @@ def test_scaling_command(toy_results):
             assert r["ranks"][0]["p2p_bytes"] == 0 and r["ranks"][0]["all_to_all_bytes"] > 0
         else:
             assert r["bytes_sent_per_rank"] == 0
-    # the reference timed beside every case: ours without the rank check, the same numbers exactly
+    # ours without the rank check beside every case: the same numbers exactly; torch's
+    # context parallel beside the ring of 2 (one rank has nothing to parallelise)
     references = document["references"]
-    assert [(r["usp_impl"], r["seqlen"], r["pass"]) for r in references] == [
+    unchecked = [r for r in references if r["reference"] == "usp-unchecked"]
+    assert [(r["usp_impl"], r["seqlen"], r["pass"]) for r in unchecked] == [
         (r["impl"], r["seqlen"], r["pass"]) for r in records]
+    torch_cp = [r for r in references if r["reference"] == "torch-cp-alltoall"]
+    assert [(r["usp_impl"], r["seqlen"], r["pass"]) for r in torch_cp] == [
+        (r["impl"], r["seqlen"], r["pass"]) for r in records if r["impl"] == "ring-u1r2-zigzag"]
+    assert len(references) == len(unchecked) + len(torch_cp)
+    assert "N=1 reference torch-cp-alltoall left out on u1r1: one rank: nothing to parallelise" in \
+        document["config"]["notes"]
     for reference in references:
         assert list(reference)[:len(TIMING_FIELDS)] == TIMING_FIELDS
-        assert reference["impl"] == f"usp-unchecked-u{reference['ulysses_degree']}r{reference['ring_degree']}"
-        assert reference["max_abs_diff_vs_usp"] == 0.0
+        u, r = reference["ulysses_degree"], reference["ring_degree"]
+        assert reference["impl"] == f"{reference['reference']}-u{u}r{r}"
         assert reference["usp_over_reference"] == pytest.approx(reference["usp_ms"] / reference["ms"])
+        # against every mesh of ours at the same N, ours on the same mesh included
+        same_n = {x["impl"]: x["ms"] for x in records if x["world_size"] == reference["world_size"]
+                  and (x["seqlen"], x["pass"]) == (reference["seqlen"], reference["pass"])}
+        assert reference["usp_over_reference_by_impl"] == pytest.approx(
+            {impl: ms / reference["ms"] for impl, ms in same_n.items()})
+        # fp32 against the float64 oracle of the whole case (out, and gradients with fwd+bwd)
+        assert 0 < reference["max_abs_error"] < 1e-5 and 0 < reference["usp_max_abs_error"] < 1e-5
+        if reference["reference"] == "usp-unchecked":
+            assert reference["max_abs_diff_vs_usp"] == 0.0
+            assert reference["max_abs_error"] == reference["usp_max_abs_error"]
+        else:
+            assert 0 < reference["max_abs_diff_vs_usp"] < 2e-5
     assert "reference usp-unchecked" in outputs["scaling"] and "ours/ref" in outputs["scaling"]
+    assert "float64 oracle for s64" in outputs["scaling"] and "best of ours" in outputs["scaling"]
     # the progress line of each case shows the figure the table and the JSON hold
     progress = re.findall(r"N=(\d+) (\S+) +s(\d+) +(\S+) +([\d.]+) ms;", outputs["scaling"])
     assert len(progress) == len(records)
