@@ -19,7 +19,7 @@ import torch
 
 from usp.comm import traffic
 from usp.comm.ring import Delivered, RingTransport
-from usp.kernels import merge_attention
+from usp.kernels.merge import PartialResults
 from usp.kernels.layout import accum_dtype
 
 from .layout import ring_block
@@ -28,10 +28,8 @@ from .layout import ring_block
 def ring_forward(q, k, v, ring: RingTransport, causal: bool, scale: float, layout: str, backend):
     """This rank's ``out [B, S, Hq, D]`` (q's dtype) and its rows of the global ``lse
     [B, Hq, S]`` (float32, float64 for float64 inputs), from its shards ``q, k, v``."""
-    batch, seqlen, heads, _ = q.shape
-    acc = accum_dtype(q.dtype)
-    out = torch.zeros(q.shape, dtype=acc, device=q.device)
-    lse = torch.full((batch, heads, seqlen), float("-inf"), dtype=acc, device=q.device)
+    seqlen = q.shape[1]
+    partial = PartialResults(q.shape, accum_dtype(q.dtype), q.device)
     kv = [k, v]  # the block visiting now: at step s, the one ring rank (rank - s) started with
     for step in range(ring.size):
         if step + 1 < ring.size:  # the next step's block travels while this one is computed
@@ -42,9 +40,10 @@ def ring_forward(q, k, v, ring: RingTransport, causal: bool, scale: float, layou
             with traffic.span(traffic.COMPUTE, label=traffic.FORWARD, step=step):
                 block_out, block_lse = backend.forward(q[:, rows], kv[0][:, keys], kv[1][:, keys],
                                                        causal=block.causal, softmax_scale=scale)
-                out[:, rows], lse[:, :, rows] = merge_attention(out[:, rows], lse[:, :, rows], block_out, block_lse)
+                partial.add(rows, block_out, block_lse)
         if step + 1 < ring.size:
             kv = incoming.wait()
+    out, lse = partial.result()
     return out.to(q.dtype), lse
 
 

@@ -10,8 +10,12 @@ loop posts first and waits last, so the transfer runs while it computes::
     ...compute on kv...                                   # ... during this step's compute
     kv = incoming.wait()                                  # needed from the next step on
 
-``RingComm`` is the real transport (``batch_isend_irecv`` on gloo or NCCL, peers by
-global rank). The ring loops (``usp.attention.ring``) take any transport, so the
+``RingComm`` is the real transport: ``batch_isend_irecv`` on NCCL (peers by global
+rank); on gloo, one ``all_to_all_single`` per tensor whose only non-empty pieces go to
+the next rank and come from the previous one. Gloo runs a collective posted with
+``async_op`` on its own worker thread, but writes a point-to-point send from the calling
+thread, which then blocks until the peer has read most of a large message: the compute
+the transfer should hide would start late. The ring loops (``usp.attention.ring``) take any transport, so the
 emulator in ``usp.bench.emulate`` drives the very same loops with a transport that
 replays what would arrive, and the tests run them on threads of one process.
 """
@@ -70,22 +74,35 @@ class _Posted:
 
 class RingComm:
     """The ``RingTransport`` of this process over the ranks of ``group`` (None: the world),
-    in group-rank order."""
+    in group-rank order. ``by_all_to_all``: hop by all-to-all (default: on gloo) or by
+    point-to-point operations (default elsewhere)."""
 
-    def __init__(self, group: dist.ProcessGroup | None):
+    def __init__(self, group: dist.ProcessGroup | None, by_all_to_all: bool | None = None):
         self.group = check_group(group)
         self.size = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
-        self.next_rank = dist.get_global_rank(self.group, (self.rank + 1) % self.size)
-        self.prev_rank = dist.get_global_rank(self.group, (self.rank - 1) % self.size)
+        self._next, self._prev = (self.rank + 1) % self.size, (self.rank - 1) % self.size
+        self.next_rank = dist.get_global_rank(self.group, self._next)
+        self.prev_rank = dist.get_global_rank(self.group, self._prev)
+        self.by_all_to_all = dist.get_backend(self.group) == "gloo" if by_all_to_all is None else by_all_to_all
 
     def send_recv(self, tensors: Sequence[torch.Tensor], label: str, step: int) -> Transfer:
         if self.size == 1:  # the next and previous rank are this one
             return Delivered(tensors)
         tensors = [t.contiguous() for t in tensors]
         into = [torch.empty_like(t) for t in tensors]
-        tag = 0 if label in traffic.KV_LABELS else 1  # K/V and dK/dV travel side by side in backward
-        ops = [dist.P2POp(dist.isend, t, self.next_rank, self.group, tag) for t in tensors]
-        ops += [dist.P2POp(dist.irecv, t, self.prev_rank, self.group, tag) for t in into]
         traffic.note(traffic.P2P, sum(t.numel() * t.element_size() for t in tensors), len(tensors), label, step)
-        return _Posted(dist.batch_isend_irecv(ops), into, label, step)
+        if self.by_all_to_all:
+            requests = [dist.all_to_all_single(r.view(-1), t.view(-1), self._pieces(r, self._prev),
+                                               self._pieces(t, self._next), group=self.group, async_op=True)
+                        for t, r in zip(tensors, into)]
+        else:
+            tag = 0 if label in traffic.KV_LABELS else 1  # K/V and dK/dV travel side by side in backward
+            ops = [dist.P2POp(dist.isend, t, self.next_rank, self.group, tag) for t in tensors]
+            ops += [dist.P2POp(dist.irecv, t, self.prev_rank, self.group, tag) for t in into]
+            requests = dist.batch_isend_irecv(ops)
+        return _Posted(requests, into, label, step)
+
+    def _pieces(self, t: torch.Tensor, neighbour: int) -> list[int]:
+        """All-to-all split sizes of a hop: all of ``t`` to or from ``neighbour``, nothing else."""
+        return [t.numel() if peer == neighbour else 0 for peer in range(self.size)]

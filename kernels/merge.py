@@ -5,6 +5,34 @@ from __future__ import annotations
 import torch
 
 
+def _check_shapes(out, lse, block_out, block_lse) -> None:
+    if out.shape != block_out.shape:
+        raise ValueError(f"block_out has shape {tuple(block_out.shape)} but out has {tuple(out.shape)}")
+    if lse.shape != block_lse.shape:
+        raise ValueError(f"block_lse has shape {tuple(block_lse.shape)} but lse has {tuple(lse.shape)}")
+    expected = (out.shape[0], out.shape[2], out.shape[1])
+    if tuple(lse.shape) != expected:
+        raise ValueError(f"lse must have shape [batch, heads, seqlen] = {list(expected)}, got {list(lse.shape)}")
+
+
+def merge_attention_(out, lse, block_out, block_lse) -> None:
+    """``merge_attention`` in place: ``out`` and ``lse`` (views allowed, e.g. some rows of
+    an accumulator; float32 or wider) become the merged result, with no temporary of
+    ``out``'s size."""
+    _check_shapes(out, lse, block_out, block_lse)
+    if out.dtype not in (torch.float32, torch.float64) or lse.dtype != out.dtype:
+        raise ValueError(f"merge_attention_ accumulates in out and lse: both float32 or both float64, got "
+                         f"{out.dtype} and {lse.dtype}")
+    block_lse = block_lse.to(lse.dtype)
+    merged_lse = torch.logaddexp(lse, block_lse)
+    # exp(x - merged) with merged = -inf would be NaN; such rows have both weights 0.
+    reference = merged_lse.masked_fill(merged_lse == float("-inf"), 0.0)
+    weight = torch.exp(lse - reference).transpose(1, 2).unsqueeze(-1)
+    block_weight = torch.exp(block_lse - reference).transpose(1, 2).unsqueeze(-1)
+    out.mul_(weight).addcmul_(block_out, block_weight)  # [B, S, H, D] scaled by [B, S, H, 1]
+    lse.copy_(merged_lse)
+
+
 def merge_attention(out, lse, block_out, block_lse):
     """Combine two partial results over disjoint key sets into the result over their union.
 
@@ -14,19 +42,41 @@ def merge_attention(out, lse, block_out, block_lse):
     The arithmetic is float32 or wider. A side with ``lse = -inf`` saw no key and
     contributes nothing; rows where both sides are ``-inf`` give out 0 and lse -inf.
     """
-    if out.shape != block_out.shape:
-        raise ValueError(f"block_out has shape {tuple(block_out.shape)} but out has {tuple(out.shape)}")
-    if lse.shape != block_lse.shape:
-        raise ValueError(f"block_lse has shape {tuple(block_lse.shape)} but lse has {tuple(lse.shape)}")
-    expected = (out.shape[0], out.shape[2], out.shape[1])
-    if tuple(lse.shape) != expected:
-        raise ValueError(f"lse must have shape [batch, heads, seqlen] = {list(expected)}, got {list(lse.shape)}")
+    _check_shapes(out, lse, block_out, block_lse)
     acc = torch.promote_types(torch.promote_types(lse.dtype, block_lse.dtype), torch.float32)
-    lse, block_lse = lse.to(acc), block_lse.to(acc)
-    merged_lse = torch.logaddexp(lse, block_lse)
-    # exp(x - merged) with merged = -inf would be NaN; such rows have both weights 0.
-    reference = merged_lse.masked_fill(merged_lse == float("-inf"), 0.0)
-    weight = torch.exp(lse - reference).transpose(1, 2).unsqueeze(-1)
-    block_weight = torch.exp(block_lse - reference).transpose(1, 2).unsqueeze(-1)
-    merged = out.to(acc) * weight + block_out.to(acc) * block_weight
+    merged, merged_lse = out.to(acc, copy=True), lse.to(acc, copy=True)
+    merge_attention_(merged, merged_lse, block_out, block_lse)
     return merged.to(out.dtype), merged_lse
+
+
+class PartialResults:
+    """The running result of attention over blocks of keys, merged one block at a time.
+
+    ``add(rows, block_out, block_lse)`` merges a block's partial result for query rows
+    ``rows`` (a slice of the sequence); the first block that covers every row is kept as
+    it comes (no merge into zeros, no copy unless its dtype is narrower than the
+    accumulator's), the others merge in place. ``result()``: ``(out [B, S, H, D],
+    lse [B, H, S])`` in the accumulation dtype; rows no block covered have out 0 and
+    lse -inf. The blocks' tensors become the accumulator's: pass fresh ones."""
+
+    def __init__(self, shape: tuple, dtype: torch.dtype, device: torch.device):
+        self.shape, self.dtype, self.device = tuple(shape), dtype, device
+        self.out = self.lse = None
+
+    def add(self, rows: slice, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
+        if self.out is None and range(self.shape[1])[rows] == range(self.shape[1]):
+            self.out, self.lse = block_out.to(self.dtype), block_lse.to(self.dtype)
+            return
+        if self.out is None:
+            self._start_empty()
+        merge_attention_(self.out[:, rows], self.lse[:, :, rows], block_out, block_lse)
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.out is None:
+            self._start_empty()
+        return self.out, self.lse
+
+    def _start_empty(self) -> None:
+        batch, seqlen, heads, _ = self.shape
+        self.out = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        self.lse = torch.full((batch, heads, seqlen), float("-inf"), dtype=self.dtype, device=self.device)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .checks import check_backward_inputs, check_qkv, resolve_softmax_scale
-from .merge import merge_attention
+from .merge import PartialResults
 from .layout import accum_dtype, expand_kv, reduce_kv_grad
 
 aten = torch.ops.aten
@@ -127,13 +127,11 @@ def forward(q, k, v, *, causal=False, softmax_scale=None):
     if len(pieces) == 1 and pieces[0].rows == slice(0, None):
         out, lse = _fused_forward(q, k, v, pieces[0].causal, scale)
         return out.contiguous(), lse.contiguous()
-    acc = accum_dtype(q.dtype)
-    out = torch.zeros(q.shape, dtype=acc, device=q.device)
-    lse = torch.full((shape.batch, shape.heads, shape.seqlen_q), float("-inf"), dtype=acc, device=q.device)
+    partial = PartialResults(q.shape, accum_dtype(q.dtype), q.device)
     for piece in pieces:
         rows, keys = piece.rows, piece.keys
-        part_out, part_lse = _fused_forward(q[:, rows], k[:, keys], v[:, keys], piece.causal, scale)
-        out[:, rows], lse[:, :, rows] = merge_attention(out[:, rows], lse[:, :, rows], part_out, part_lse)
+        partial.add(rows, *_fused_forward(q[:, rows], k[:, keys], v[:, keys], piece.causal, scale))
+    out, lse = partial.result()
     return out.to(q.dtype), lse
 
 

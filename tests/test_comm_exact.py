@@ -11,9 +11,11 @@ import torch.distributed as dist
 from usp.attention import (USPAttention, gather_sequence, naive_attention, ring_attention, sequence_positions,
                        shard_sequence, ulysses_attention, usp_attention)
 from usp.bench.launch import run
-from usp.comm import head_to_seq, init_mesh, record_traffic, replicate_kv_heads, seq_to_head
+from usp.attention.ring import ring_backward, ring_forward
+from usp.comm import RingComm, head_to_seq, init_mesh, record_traffic, replicate_kv_heads, seq_to_head
 from usp.comm.heads import head_shares
 from usp.comm.mesh import group_timeout
+from usp.kernels import get_backend
 
 B, D = 2, 3
 _SHORT = datetime.timedelta(seconds=30)
@@ -74,6 +76,43 @@ def _check_all_to_alls():
 
 def test_all_to_all_is_exact_and_its_backward_inverse():
     assert run(4, _check_all_to_alls, pg_timeout_s=60) == [["ok", "ok"]] * 4
+
+
+def _check_ring_hops():
+    """Both transports over the world ring (4) and a mesh's rings (2): each rank gets its
+    previous rank's tensors, two dtypes in flight side by side as in backward; and a
+    whole causal zigzag ring forward and backward over each transport."""
+    mesh = init_mesh(2, 2)
+    for group in (None, mesh.ring_group):
+        for by_all_to_all in (True, False):
+            ring = RingComm(group, by_all_to_all)
+            mine = [_encoded(4, 2) + 1e6 * ring.rank, _encoded(2, 3).float() - ring.rank]
+            first = ring.send_recv(mine, "kv-forward", 1)
+            second = ring.send_recv([x * 2 for x in mine], "dkv-backward", 1)
+            previous = (ring.rank - 1) % ring.size
+            expected = [_encoded(4, 2) + 1e6 * previous, _encoded(2, 3).float() - previous]
+            assert all(torch.equal(a, b) for a, b in zip(first.wait(), expected))
+            assert all(torch.equal(a, 2 * b) for a, b in zip(second.wait(), expected))
+    world = RingComm(None)
+    generator = torch.Generator().manual_seed(0)
+    q, k, v, dout = (torch.randn(1, 32, 2, 8, generator=generator, dtype=torch.float64) for _ in range(4))
+    oracle = torch.func.vjp(lambda *x: naive_attention(*x, True)[0], q, k, v)
+    expected = (oracle[0], *oracle[1](dout))
+    positions = sequence_positions(32, init_mesh(1, 4), "zigzag")
+    shards = [x[:, positions] for x in (q, k, v, dout)]
+    backend, scale = get_backend("torch"), 8 ** -0.5
+    for by_all_to_all in (True, False):
+        ring = RingComm(None, by_all_to_all)
+        out, lse = ring_forward(*shards[:3], ring, True, scale, "zigzag", backend)
+        grads = ring_backward(shards[3], *shards[:3], out, lse, ring, True, scale, "zigzag", backend)
+        for got, want in zip((out, *grads), expected):  # float64 throughout: rounding only
+            torch.testing.assert_close(got, want[:, positions], rtol=0, atol=1e-12)
+    assert world.by_all_to_all  # gloo's default
+    return "ok"
+
+
+def test_ring_hops_are_exact_by_all_to_all_and_point_to_point():
+    assert run(4, _check_ring_hops, pg_timeout_s=60) == ["ok"] * 4
 
 
 def _mesh_groups(placement):

@@ -12,6 +12,7 @@ from usp.attention.layout import ring_positions
 from usp.attention.ring import ring_backward, ring_forward
 from usp.bench.numerics import Case, compare, reference, run_backend
 from usp.kernels import AttentionShape, get_backend, merge_attention
+from usp.kernels.merge import PartialResults, merge_attention_
 
 INF = float("inf")
 
@@ -65,6 +66,48 @@ def test_merge_rejects_mismatched_shapes():
         merge_attention(out, lse, out, torch.zeros(1, 2, 3))
     with pytest.raises(ValueError, match="lse must have shape"):
         merge_attention(out, torch.zeros(1, 4, 2), out, torch.zeros(1, 4, 2))
+
+
+def _blocks_of_keys(q, k, v, cuts):
+    """The naive backend's partial results over the key ranges between ``cuts``."""
+    naive = get_backend("naive")
+    return [naive.forward(q, k[:, a:b], v[:, a:b]) for a, b in zip(cuts, cuts[1:])]
+
+
+def test_partial_results_keep_the_first_whole_block_and_merge_the_rest_in_place():
+    q, k, v = _randn(1, 6, 2, 8, seed=7), _randn(1, 15, 2, 8, seed=8), _randn(1, 15, 2, 8, seed=9)
+    out, lse = get_backend("naive").forward(q, k, v)
+    (first_out, first_lse), *rest = _blocks_of_keys(q, k, v, [0, 4, 9, 15])
+    partial = PartialResults(q.shape, torch.float64, q.device)
+    partial.add(slice(None), first_out, first_lse)
+    assert partial.out is first_out  # kept, not copied
+    for block in rest:
+        partial.add(slice(0, None), *block)
+    merged, merged_lse = partial.result()
+    assert merged is first_out  # merged in place
+    torch.testing.assert_close(merged, out, rtol=0, atol=1e-14)  # float64: exact up to rounding
+    torch.testing.assert_close(merged_lse, lse, rtol=0, atol=1e-14)
+
+
+def test_partial_results_over_some_rows_start_from_nothing():
+    # rows 0-2 see keys [0, 6), rows 3-5 nothing but keys [6, 15), and no block covers row 6
+    q, k, v = _randn(1, 7, 2, 8, seed=10), _randn(1, 15, 2, 8, seed=11), _randn(1, 15, 2, 8, seed=12)
+    naive = get_backend("naive")
+    partial = PartialResults(q.shape, torch.float64, q.device)
+    partial.add(slice(0, 3), *naive.forward(q[:, :3], k[:, :6], v[:, :6]))
+    partial.add(slice(3, 6), *naive.forward(q[:, 3:6], k[:, 6:], v[:, 6:]))
+    out, lse = partial.result()
+    torch.testing.assert_close(out[:, :3], naive.forward(q[:, :3], k[:, :6], v[:, :6])[0], rtol=0, atol=0)
+    torch.testing.assert_close(lse[:, :, 3:6], naive.forward(q[:, 3:6], k[:, 6:], v[:, 6:])[1], rtol=0, atol=0)
+    assert (out[:, 6] == 0).all() and (lse[:, :, 6] == -INF).all()
+    nothing = PartialResults((1, 2, 1, 4), torch.float32, torch.device("cpu")).result()
+    assert (nothing[0] == 0).all() and (nothing[1] == -INF).all()
+
+
+def test_merge_in_place_needs_a_wide_accumulator():
+    out, lse = torch.zeros(1, 2, 1, 4, dtype=torch.float16), torch.zeros(1, 1, 2, dtype=torch.float16)
+    with pytest.raises(ValueError, match="both float32 or both float64"):
+        merge_attention_(out, lse, out, lse)
 
 
 def ring_by_threads(backend: str, q, k, v, dout, causal: bool, ring_size: int, layout: str) -> dict:
