@@ -41,15 +41,17 @@ def _attend(what: str, check_group, ulysses, ring, q, k, v, causal, softmax_scal
                              what="local" if ulysses is None else "per-ring-rank")
         return resolve_softmax_scale(softmax_scale, q.shape[-1]), get_backend(backend)
 
+    agreement = None  # posted here, settled before the call's first transfer
     if torch.compiler.is_compiling():
         scale, backend = arguments()
     else:
-        with ranks_agree(check_group, what, device_of(q), check_ranks, check_finite) as call:
+        with ranks_agree(check_group, what, device_of(q), check_ranks, check_finite, defer=True) as call:
             scale, backend = arguments()
             call.fields = call_fields(q, k, v, causal, scale, layout if ring is not None else "-", backend.name)
             call.inputs = dict(q=q, k=k, v=v)
+        agreement = call.agreement
     plan = Plan(ulysses, ring, causal, scale, layout, backend)
-    return parallel_attention(q, k, v, plan, check_group, what, check_ranks, check_finite)
+    return parallel_attention(q, k, v, plan, check_group, what, check_ranks, check_finite, agreement)
 
 
 def ring_attention(q, k, v, group: dist.ProcessGroup | None, causal: bool = False, softmax_scale=None,

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
 from usp.comm import traffic
-from usp.comm.agreement import call_fields, ensure_ranks_agree
+from usp.comm.agreement import Agreement, call_fields, post_agreement
 from usp.comm.all_to_all import _head_to_seq, _seq_to_head
 from usp.comm.heads import head_shares, kv_copies, kv_head_shares, replicate_kv_heads
 from usp.comm.ring import RingComm
@@ -50,24 +50,30 @@ class Plan:
     def ulysses_size(self) -> int:
         return 1 if self.ulysses is None else dist.get_world_size(self.ulysses)
 
-    def ring_transport(self) -> RingComm | None:
-        return None if self.ring is None or dist.get_world_size(self.ring) == 1 else RingComm(self.ring)
+    def ring_transport(self, after: Agreement | None = None) -> RingComm | None:
+        return None if self.ring is None or dist.get_world_size(self.ring) == 1 else RingComm(self.ring, after=after)
 
 
-def sp_forward(q, k, v, plan: Plan):
+def sp_forward(q, k, v, plan: Plan, agreement: Agreement | None = None):
     """``q: [B, S, Hq, D]``, ``k, v: [B, S_k, Hkv, D]`` (local shards) -> ``out [B, S, Hq, D]``
-    and what ``sp_backward`` needs: ``(q_h, k_h, v_h, out_h, lse)``, head-sharded."""
+    and what ``sp_backward`` needs: ``(q_h, k_h, v_h, out_h, lse)``, head-sharded.
+    ``agreement``: the call's posted rank check, settled before any transfer (a pure
+    ring's first hop waits for it while the first block is computed)."""
     u, heads, kv_heads = plan.ulysses_size(), q.shape[2], k.shape[2]
+    if agreement is not None and u > 1:
+        agreement.settle()
     shares, kv_shares = head_shares(heads, u), kv_head_shares(heads, kv_heads, u)
     k, v = replicate_kv_heads(k, heads, u), replicate_kv_heads(v, heads, u)
     q_h = _seq_to_head(q, plan.ulysses, shares) if u > 1 else q
     k_h, v_h = (_seq_to_head(x, plan.ulysses, kv_shares) if u > 1 else x for x in (k, v))
-    ring = plan.ring_transport()
+    ring = plan.ring_transport(after=agreement)
     if ring is None:
         with traffic.span(traffic.COMPUTE, label=traffic.FORWARD, step=0):
             out_h, lse = plan.backend.forward(q_h, k_h, v_h, causal=plan.causal, softmax_scale=plan.scale)
     else:
         out_h, lse = ring_forward(q_h, k_h, v_h, ring, plan.causal, plan.scale, plan.layout, plan.backend)
+    if agreement is not None:  # nothing was sent (one rank), or the ring's first hop settled it already
+        agreement.settle()
     out = _head_to_seq(out_h, plan.ulysses, shares) if u > 1 else out_h
     return out, (q_h, k_h, v_h, out_h, lse)
 
@@ -95,15 +101,15 @@ def sp_backward(dout, saved, plan: Plan, heads: int, kv_heads: int):
 
 class _ParallelAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plan):
-        out, saved = sp_forward(q, k, v, plan)
+    def forward(ctx, q, k, v, plan, agreement):
+        out, saved = sp_forward(q, k, v, plan, agreement)
         ctx.save_for_backward(*saved)
         ctx.plan, ctx.heads, ctx.kv_heads = plan, q.shape[2], k.shape[2]
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        return (*sp_backward(dout, ctx.saved_tensors, ctx.plan, ctx.heads, ctx.kv_heads), None)
+        return (*sp_backward(dout, ctx.saved_tensors, ctx.plan, ctx.heads, ctx.kv_heads), None, None)
 
 
 # --- the same call as custom ops, for torch.compile -------------------------------------
@@ -121,12 +127,14 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysses: str,
                 scale: float, layout: str, backend: str, check: str, what: str, check_ranks: bool,
                 check_finite: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                              torch.Tensor]:
-    if check_ranks or check_finite:  # the exchange of the checks, at run time, before any transfer
+    agreement = None
+    if check_ranks or check_finite:  # the exchange of the checks, at run time, settled before any transfer
         fields = {"error": "", "check_finite": check_finite,
                   **call_fields(q, k, v, causal, scale, layout if ring else "-", backend)}
-        ensure_ranks_agree(_group(check), what, fields if check_ranks else None, q.device,
-                           dict(q=q, k=k, v=v) if check_finite else None)
-    out, (q_h, k_h, v_h, out_h, lse) = sp_forward(q, k, v, _plan(ulysses, ring, causal, scale, layout, backend))
+        agreement = post_agreement(_group(check), what, fields if check_ranks else None, q.device,
+                                   dict(q=q, k=k, v=v) if check_finite else None)
+    plan = _plan(ulysses, ring, causal, scale, layout, backend)
+    out, (q_h, k_h, v_h, out_h, lse) = sp_forward(q, k, v, plan, agreement)
     if _size(ulysses) == 1:  # the saved tensors are q, k, v and out themselves: outputs may not alias them
         q_h, k_h, v_h, out_h = (q.new_empty(0) for _ in range(4))
     # contiguous, as the fake implementation promises (a compiler checks the strides)
@@ -185,13 +193,14 @@ def _name(group: dist.ProcessGroup | None) -> str:
 
 
 def parallel_attention(q, k, v, plan: Plan, check: dist.ProcessGroup, what: str, check_ranks: bool,
-                       check_finite: bool):
-    """The call, differentiable. Eagerly the checks have run already and the last four
-    arguments are not used; under ``torch.compile`` the custom ops run the call, and the
-    forward op makes the ranks of ``check`` agree (``check_ranks``) and checks their
-    inputs (``check_finite``) at run time, naming the call ``what``."""
+                       check_finite: bool, agreement: Agreement | None = None):
+    """The call, differentiable. Eagerly the checks have been posted already
+    (``agreement``, settled before the first transfer) and ``check`` to ``check_finite``
+    are not used; under ``torch.compile`` the custom ops run the call, and the forward op
+    makes the ranks of ``check`` agree (``check_ranks``) and checks their inputs
+    (``check_finite``) at run time, naming the call ``what``."""
     if not torch.compiler.is_compiling():
-        return _ParallelAttention.apply(q, k, v, plan)
+        return _ParallelAttention.apply(q, k, v, plan, agreement)
     name = getattr(plan.backend, "name", None)
     if BACKENDS.get(name) is not plan.backend:
         raise TypeError("under torch.compile the backend must be one of usp.kernels.BACKENDS, passed by name")

@@ -64,9 +64,16 @@ def ensure_ranks_agree(group: dist.ProcessGroup, what: str, fields: dict | None,
     all-gather of three integers (on a GPU also a host synchronisation); every rank sends
     three whatever it describes, so different calls cannot misalign the exchange.
     """
+    post_agreement(group, what, fields, device, inputs).settle()
+
+
+def post_agreement(group: dist.ProcessGroup, what: str, fields: dict | None, device: torch.device,
+                   inputs: dict | None = None) -> "Agreement":
+    """``ensure_ranks_agree`` in two halves: this one posts the all-gather and returns at
+    once; the ``Agreement``'s ``settle()`` waits for it and raises."""
     size = dist.get_world_size(group)
     if size == 1 and not inputs:
-        return
+        return Agreement(group, what, fields, {}, [], None)
     if dist.get_backend(group) == "gloo":
         device = torch.device("cpu")
     canonical = {} if fields is None else {name: value if isinstance(value, (str, int, float, bool)) else str(value)
@@ -74,15 +81,62 @@ def ensure_ranks_agree(group: dist.ProcessGroup, what: str, fields: dict | None,
     codes = [0, 0] if fields is None else [_code((what, *canonical)), _code(tuple(canonical.values()))]
     flags = _nonfinite_flags(inputs, device) if inputs else torch.zeros((), dtype=torch.int64, device=device)
     mine = torch.cat([torch.tensor(codes, dtype=torch.int64, device=device), flags.view(1)])
-    table = [mine]
-    if size > 1:
-        table = [torch.empty_like(mine) for _ in range(size)]
-        traffic.note(traffic.CHECK, mine.numel() * mine.element_size() * (size - 1), size - 1, what)
-        dist.all_gather(table, mine, group=group)
-    if not all(torch.equal(row[:2], table[0][:2]) for row in table):
-        _raise_disagreement(group, what, fields)
-    if any(int(row[2]) for row in table):
-        _raise_if_nonfinite(group, what, inputs or {}, int(mine[2]))
+    if size == 1:
+        return Agreement(group, what, fields, inputs, [mine], None)
+    table = [torch.empty_like(mine) for _ in range(size)]
+    traffic.note(traffic.CHECK, mine.numel() * mine.element_size() * (size - 1), size - 1, what)
+    return Agreement(group, what, fields, inputs or {}, table, dist.all_gather(table, mine, group=group,
+                                                                               async_op=True))
+
+
+class Agreement:
+    """A posted rank-agreement exchange (``post_agreement``).
+
+    ``settle()`` waits for it and raises the ValueError of ``ensure_ranks_agree`` on every
+    rank when the ranks disagree or an input is not finite (later calls: nothing).
+    ``when_agreed(post)`` runs ``post`` (which posts a transfer and returns it) once
+    every rank's entry is in and they all agree, and returns a transfer whose ``wait()``
+    settles first. On gloo ``post`` runs from gloo's own thread as soon as the exchange
+    completes, so the caller can compute meanwhile; elsewhere it settles and posts at
+    once. Why this cannot hang: every rank gets the same table, so either every rank
+    posts the transfer or none does, and the others raise the same error."""
+
+    def __init__(self, group, what: str, fields: dict | None, inputs: dict, table: list, work):
+        self.group, self.what, self.fields, self.inputs = group, what, fields, inputs
+        self.table, self.work, self.settled = table, work, False
+
+    def _agreed(self) -> bool:
+        return all(torch.equal(row[:2], self.table[0][:2]) for row in self.table) and \
+            not any(int(row[2]) for row in self.table)
+
+    def settle(self) -> None:
+        if self.settled:
+            return
+        self.settled = True
+        if self.work is not None:
+            self.work.wait()
+        if not all(torch.equal(row[:2], self.table[0][:2]) for row in self.table):
+            _raise_disagreement(self.group, self.what, self.fields)
+        if any(int(row[2]) for row in self.table):
+            mine = self.table[dist.get_rank(self.group)]
+            _raise_if_nonfinite(self.group, self.what, self.inputs, int(mine[2]))
+
+    def when_agreed(self, post):
+        if self.work is None or self.settled or dist.get_backend(self.group) != "gloo":
+            self.settle()
+            return post()
+        return _AfterAgreement(self, self.work.get_future().then(lambda _: post() if self._agreed() else None))
+
+
+class _AfterAgreement:
+    """A transfer posted by ``Agreement.when_agreed``'s callback (or, on disagreement, never)."""
+
+    def __init__(self, agreement: Agreement, posted):
+        self.agreement, self.posted = agreement, posted
+
+    def wait(self) -> list[torch.Tensor]:
+        self.agreement.settle()  # raises when the transfer was not posted
+        return self.posted.wait().wait()
 
 
 def _raise_if_nonfinite(group: dist.ProcessGroup, what: str, inputs: dict, flags: int) -> None:
@@ -123,7 +177,9 @@ class ranks_agree:
     that no rank's ``inputs`` hold a NaN or an infinity. A ValueError or TypeError raised
     inside the block is part of what they compare: when every rank raised the same one,
     each raises it; when only some did, every rank raises the disagreement, which names
-    each rank's error.
+    each rank's error. With ``defer``, a block that raised nothing only posts the
+    exchange: ``agreement`` (None when nothing is checked) must be settled, or passed to
+    ``Agreement.when_agreed``, before the call's first transfer.
 
         with ranks_agree(group, "ring_attention", device, check_ranks, check_finite) as call:
             ...argument checks...
@@ -131,11 +187,12 @@ class ranks_agree:
     """
 
     def __init__(self, group: dist.ProcessGroup, what: str, device: torch.device, enabled: bool = True,
-                 check_finite: bool = False):
+                 check_finite: bool = False, defer: bool = False):
         self.group, self.what, self.device, self.enabled = group, what, device, enabled
-        self.check_finite = check_finite
+        self.check_finite, self.defer = check_finite, defer
         self.fields: dict = {}
         self.inputs: dict = {}
+        self.agreement: Agreement | None = None
 
     def __enter__(self) -> "ranks_agree":
         return self
@@ -148,9 +205,11 @@ class ranks_agree:
             problem = "" if error is None else f"{type(error).__name__}: {error}"
             fields = {"error": problem, "check_finite": bool(self.check_finite),
                       **(self.fields if error is None else {})}
-            ensure_ranks_agree(self.group, self.what, fields, self.device, finite)
+            self.agreement = post_agreement(self.group, self.what, fields, self.device, finite)
         elif finite:
-            ensure_ranks_agree(self.group, self.what, None, self.device, finite)
+            self.agreement = post_agreement(self.group, self.what, None, self.device, finite)
+        if self.agreement is not None and (error is not None or not self.defer):
+            self.agreement.settle()
         return False  # a rank's own error goes on when every rank had it
 
 

@@ -75,9 +75,11 @@ class _Posted:
 class RingComm:
     """The ``RingTransport`` of this process over the ranks of ``group`` (None: the world),
     in group-rank order. ``by_all_to_all``: hop by all-to-all (default: on gloo) or by
-    point-to-point operations (default elsewhere)."""
+    point-to-point operations (default elsewhere). ``after``: a posted rank agreement
+    (``usp.comm.agreement.Agreement``) that the first hop waits for: it is posted once
+    every rank agreed, and its ``wait()`` raises on every rank if they did not."""
 
-    def __init__(self, group: dist.ProcessGroup | None, by_all_to_all: bool | None = None):
+    def __init__(self, group: dist.ProcessGroup | None, by_all_to_all: bool | None = None, after=None):
         self.group = check_group(group)
         self.size = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
@@ -85,6 +87,7 @@ class RingComm:
         self.next_rank = dist.get_global_rank(self.group, self._next)
         self.prev_rank = dist.get_global_rank(self.group, self._prev)
         self.by_all_to_all = dist.get_backend(self.group) == "gloo" if by_all_to_all is None else by_all_to_all
+        self._after = after
 
     def send_recv(self, tensors: Sequence[torch.Tensor], label: str, step: int) -> Transfer:
         if self.size == 1:  # the next and previous rank are this one
@@ -92,16 +95,20 @@ class RingComm:
         tensors = [t.contiguous() for t in tensors]
         into = [torch.empty_like(t) for t in tensors]
         traffic.note(traffic.P2P, sum(t.numel() * t.element_size() for t in tensors), len(tensors), label, step)
+        post = lambda: _Posted(self._post(tensors, into, label), into, label, step)  # noqa: E731
+        after, self._after = self._after, None
+        return post() if after is None else after.when_agreed(post)
+
+    def _post(self, tensors: list[torch.Tensor], into: list[torch.Tensor], label: str) -> list:
+        """The requests of one hop: ``tensors`` to the next rank, ``into`` from the previous one."""
         if self.by_all_to_all:
-            requests = [dist.all_to_all_single(r.view(-1), t.view(-1), self._pieces(r, self._prev),
-                                               self._pieces(t, self._next), group=self.group, async_op=True)
-                        for t, r in zip(tensors, into)]
-        else:
-            tag = 0 if label in traffic.KV_LABELS else 1  # K/V and dK/dV travel side by side in backward
-            ops = [dist.P2POp(dist.isend, t, self.next_rank, self.group, tag) for t in tensors]
-            ops += [dist.P2POp(dist.irecv, t, self.prev_rank, self.group, tag) for t in into]
-            requests = dist.batch_isend_irecv(ops)
-        return _Posted(requests, into, label, step)
+            return [dist.all_to_all_single(r.view(-1), t.view(-1), self._pieces(r, self._prev),
+                                           self._pieces(t, self._next), group=self.group, async_op=True)
+                    for t, r in zip(tensors, into)]
+        tag = 0 if label in traffic.KV_LABELS else 1  # K/V and dK/dV travel side by side in backward
+        ops = [dist.P2POp(dist.isend, t, self.next_rank, self.group, tag) for t in tensors]
+        ops += [dist.P2POp(dist.irecv, t, self.prev_rank, self.group, tag) for t in into]
+        return dist.batch_isend_irecv(ops)
 
     def _pieces(self, t: torch.Tensor, neighbour: int) -> list[int]:
         """All-to-all split sizes of a hop: all of ``t`` to or from ``neighbour``, nothing else."""
