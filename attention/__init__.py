@@ -6,6 +6,7 @@ from .layout import LAYOUTS
 from .naive import naive_attention
 from .sequence import gather_sequence, sequence_positions, shard_sequence
 from .functions import USPAttention, ring_attention, ulysses_attention, usp_attention
+from .compat import LongContextAttention
 
-__all__ = ["LAYOUTS", "USPAttention", "gather_sequence", "naive_attention", "ring_attention", "sequence_positions",
-           "shard_sequence", "ulysses_attention", "usp_attention"]
+__all__ = ["LAYOUTS", "LongContextAttention", "USPAttention", "gather_sequence", "naive_attention", "ring_attention",
+           "sequence_positions", "shard_sequence", "ulysses_attention", "usp_attention"]

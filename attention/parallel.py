@@ -27,7 +27,7 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 
 from usp.comm import traffic
 from usp.comm.agreement import Agreement, call_fields, post_agreement
-from usp.comm.all_to_all import _head_to_seq, _seq_to_head
+from usp.comm.all_to_all import _head_to_seq, post_head_to_seq, post_seq_to_head
 from usp.comm.heads import head_shares, kv_copies, kv_head_shares, replicate_kv_heads
 from usp.comm.ring import RingComm
 from usp.kernels import BACKENDS, get_backend
@@ -64,8 +64,7 @@ def sp_forward(q, k, v, plan: Plan, agreement: Agreement | None = None):
         agreement.settle()
     shares, kv_shares = head_shares(heads, u), kv_head_shares(heads, kv_heads, u)
     k, v = replicate_kv_heads(k, heads, u), replicate_kv_heads(v, heads, u)
-    q_h = _seq_to_head(q, plan.ulysses, shares) if u > 1 else q
-    k_h, v_h = (_seq_to_head(x, plan.ulysses, kv_shares) if u > 1 else x for x in (k, v))
+    q_h, k_h, v_h = _exchange(post_seq_to_head, plan.ulysses, ((q, shares), (k, kv_shares), (v, kv_shares)))
     ring = plan.ring_transport(after=agreement)
     if ring is None:
         with traffic.span(traffic.COMPUTE, label=traffic.FORWARD, step=0):
@@ -83,7 +82,7 @@ def sp_backward(dout, saved, plan: Plan, heads: int, kv_heads: int):
     q_h, k_h, v_h, out_h, lse = saved
     u = plan.ulysses_size()
     shares, kv_shares = head_shares(heads, u), kv_head_shares(heads, kv_heads, u)
-    dout_h = _seq_to_head(dout, plan.ulysses, shares) if u > 1 else dout
+    (dout_h,) = _exchange(post_seq_to_head, plan.ulysses, ((dout, shares),))
     ring = plan.ring_transport()
     if ring is None:
         with traffic.span(traffic.COMPUTE, label=traffic.BACKWARD, step=0):
@@ -94,9 +93,18 @@ def sp_backward(dout, saved, plan: Plan, heads: int, kv_heads: int):
                                          plan.layout, plan.backend)
     if u == 1:
         return dq_h, dk_h, dv_h
+    dq, dk, dv = _exchange(post_head_to_seq, plan.ulysses, ((dq_h, shares), (dk_h, kv_shares), (dv_h, kv_shares)))
     copies = kv_copies(heads, kv_heads, u)
-    dk, dv = (reduce_kv_grad(_head_to_seq(x, plan.ulysses, kv_shares), copies) for x in (dk_h, dv_h))
-    return _head_to_seq(dq_h, plan.ulysses, shares), dk, dv
+    return dq, reduce_kv_grad(dk, copies), reduce_kv_grad(dv, copies)
+
+
+def _exchange(post, group: dist.ProcessGroup | None, pieces) -> list[torch.Tensor]:
+    """Each ``(tensor, shares)`` of ``pieces`` through the all-to-all ``post`` makes, all
+    of them in flight at once, then waited for (a Ulysses group of one: as they are)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return [x for x, _ in pieces]
+    posted = [post(x, group, shares) for x, shares in pieces]
+    return [exchange.wait() for exchange in posted]
 
 
 class _ParallelAttention(torch.autograd.Function):

@@ -26,22 +26,35 @@ from .heads import head_shares
 from .mesh import check_group
 
 
-def _all_to_all(send: torch.Tensor, send_sizes: list[int], receive_sizes: list[int], group: dist.ProcessGroup,
-                label: str) -> torch.Tensor:
-    """Exchange pieces of a flat tensor: piece ``i`` (``send_sizes[i]`` elements) goes to
-    rank ``i``; piece ``i`` of the result (``receive_sizes[i]``) came from rank ``i``."""
+class _Exchange:
+    """An all-to-all in flight (``post_*``) and how to unpack what it receives:
+    ``wait()`` gives the result. Several can be in flight at once."""
+
+    def __init__(self, work, received: torch.Tensor, sent: int, peers: int, label: str, unpack):
+        self.work, self.received, self.sent, self.peers, self.label, self.unpack = \
+            work, received, sent, peers, label, unpack
+
+    def wait(self) -> torch.Tensor:
+        with traffic.span(traffic.ALL_TO_ALL, self.sent, self.peers, self.label):  # the time spent waiting
+            self.work.wait()
+        return self.unpack(self.received)
+
+
+def _post(send: torch.Tensor, send_sizes: list[int], receive_sizes: list[int], group: dist.ProcessGroup,
+          label: str, unpack) -> _Exchange:
+    """Post the exchange of pieces of a flat tensor: piece ``i`` (``send_sizes[i]``
+    elements) goes to rank ``i``; piece ``i`` of what arrives (``receive_sizes[i]``) came
+    from rank ``i``; ``unpack`` turns it into the result."""
     rank = dist.get_rank(group)
     received = send.new_empty(sum(receive_sizes))
     sent = (sum(send_sizes) - send_sizes[rank]) * send.element_size()
-    with traffic.span(traffic.ALL_TO_ALL, sent, dist.get_world_size(group) - 1, label):
-        dist.all_to_all_single(received, send, receive_sizes, send_sizes, group=group)
-    return received
+    work = dist.all_to_all_single(received, send, receive_sizes, send_sizes, group=group, async_op=True)
+    return _Exchange(work, received, sent, dist.get_world_size(group) - 1, label, unpack)
 
 
-def _seq_to_head(x: torch.Tensor, group: dist.ProcessGroup, shares: list[int]) -> torch.Tensor:
+def post_seq_to_head(x: torch.Tensor, group: dist.ProcessGroup, shares: list[int]) -> _Exchange:
+    """``_seq_to_head`` posted: ``.wait()`` gives ``[B, S, H_j, D]`` (no checks; ``u > 1``)."""
     size = dist.get_world_size(group)
-    if size == 1:
-        return x
     b, s_local, _, d = x.shape
     mine, piece = shares[dist.get_rank(group)], b * s_local * d  # piece: elements per head of one sequence piece
     send = x.new_empty(piece * x.shape[2])  # rank i's heads of my positions, for every i, one copy
@@ -49,28 +62,39 @@ def _seq_to_head(x: torch.Tensor, group: dist.ProcessGroup, shares: list[int]) -
     for share in shares:
         send[start * piece:(start + share) * piece].view(b, s_local, share, d).copy_(x[:, :, start:start + share])
         start += share
-    received = _all_to_all(send, [piece * share for share in shares], [piece * mine] * size, group,
-                           traffic.SEQ_TO_HEAD)  # [u(sequence piece), B, S/u, H_j, D]
-    return received.view(size, b, s_local, mine, d).permute(1, 0, 2, 3, 4).reshape(b, size * s_local, mine, d)
+    return _post(send, [piece * share for share in shares], [piece * mine] * size, group, traffic.SEQ_TO_HEAD,
+                 # [u(sequence piece), B, S/u, H_j, D] -> [B, S, H_j, D]
+                 lambda got: got.view(size, b, s_local, mine, d).permute(1, 0, 2, 3, 4).reshape(b, size * s_local,
+                                                                                              mine, d))
 
 
-def _head_to_seq(x: torch.Tensor, group: dist.ProcessGroup, shares: list[int]) -> torch.Tensor:
+def post_head_to_seq(x: torch.Tensor, group: dist.ProcessGroup, shares: list[int]) -> _Exchange:
+    """``_head_to_seq`` posted: ``.wait()`` gives ``[B, S/u, H, D]`` (no checks; ``u > 1``)."""
     size = dist.get_world_size(group)
-    if size == 1:
-        return x
     b, s, mine, d = x.shape
     s_local = s // size
     piece = b * s_local * d
     # [B, u, S/u, H_j, D] -> [u(sequence piece), B, S/u, H_j, D]: piece i is rank i's positions.
     send = x.reshape(b, size, s_local, mine, d).permute(1, 0, 2, 3, 4).reshape(-1)
-    received = _all_to_all(send, [piece * mine] * size, [piece * share for share in shares], group,
-                           traffic.HEAD_TO_SEQ)  # rank i's heads of my positions, for every i
-    out = x.new_empty(b, s_local, sum(shares), d)
-    start = 0
-    for share in shares:
-        out[:, :, start:start + share] = received[start * piece:(start + share) * piece].view(b, s_local, share, d)
-        start += share
-    return out
+
+    def unpack(received):  # rank i's heads of my positions, for every i
+        out = x.new_empty(b, s_local, sum(shares), d)
+        start = 0
+        for share in shares:
+            out[:, :, start:start + share] = received[start * piece:(start + share) * piece].view(b, s_local,
+                                                                                                  share, d)
+            start += share
+        return out
+    return _post(send, [piece * mine] * size, [piece * share for share in shares], group, traffic.HEAD_TO_SEQ,
+                 unpack)
+
+
+def _seq_to_head(x: torch.Tensor, group: dist.ProcessGroup, shares: list[int]) -> torch.Tensor:
+    return x if dist.get_world_size(group) == 1 else post_seq_to_head(x, group, shares).wait()
+
+
+def _head_to_seq(x: torch.Tensor, group: dist.ProcessGroup, shares: list[int]) -> torch.Tensor:
+    return x if dist.get_world_size(group) == 1 else post_head_to_seq(x, group, shares).wait()
 
 
 class _Redistribute(torch.autograd.Function):

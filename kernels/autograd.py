@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .backends import Backend, get_backend
+from .checks import refuse_flash_attn_extras
 
 
 class _AttentionFunction(torch.autograd.Function):
@@ -35,12 +36,20 @@ def local_attention(q, k, v, causal=False, softmax_scale=None, *, backend: str |
     return (out, lse) if return_lse else out
 
 
-def flash_attn_func(q, k, v, causal=False, softmax_scale=None, *, dropout_p=0.0, return_lse=False):
-    """Drop-in for flash-attn's function of the same name, on our Triton kernels.
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, backend=None):
+    """Drop-in for flash-attn's function of the same name: its signature and positional
+    order. ``q: [B, Sq, Hq, D]``, ``k, v: [B, Sk, Hkv, D]`` (GQA/MQA with fewer K/V heads)
+    -> ``out [B, Sq, Hq, D]``; with ``return_attn_probs``, ``(out, softmax_lse
+    [B, Hq, Sq] float32, None)`` as flash-attn returns without dropout (the LSE is not
+    differentiable). Causal is aligned bottom-right, as in flash-attn.
 
-    Takes and returns ``[B, S, H, D]`` tensors; GQA/MQA when k and v have fewer heads.
-    Dropout is not supported: ``dropout_p`` must be 0.
+    ``backend``: default the Triton kernels for CUDA tensors, PyTorch's fused ops on a
+    CPU. ``deterministic`` is accepted: every backend's backward is. Dropout, sliding
+    windows, softcap and ALiBi raise a ValueError unless left at their defaults.
     """
-    if dropout_p != 0.0:
-        raise ValueError(f"dropout_p must be 0.0 (dropout is not supported), got {dropout_p}")
-    return local_attention(q, k, v, causal, softmax_scale, backend="triton", return_lse=return_lse)
+    refuse_flash_attn_extras(dropout_p, window_size, softcap, alibi_slopes)
+    if backend is None and isinstance(q, torch.Tensor):
+        backend = "triton" if q.is_cuda else "torch"
+    out, lse = local_attention(q, k, v, causal, softmax_scale, backend=backend, return_lse=True)
+    return (out, lse, None) if return_attn_probs else out

@@ -110,3 +110,16 @@ def resolve_softmax_scale(softmax_scale, head_dim: int) -> float:
 def causal_offset(seqlen_q: int, seqlen_k: int) -> int:
     """Bottom-right causal alignment: query i sees key j iff j <= i + offset."""
     return seqlen_k - seqlen_q
+
+
+def refuse_flash_attn_extras(dropout_p=0.0, window_size=(-1, -1), softcap=0.0, alibi_slopes=None) -> None:
+    """ValueErrors for flash-attn's options that the kernels do not implement, when set
+    to anything but their defaults (dropout, sliding window, logit softcap, ALiBi)."""
+    if dropout_p != 0.0:
+        raise ValueError(f"dropout_p must be 0.0 (dropout is not supported), got {dropout_p}")
+    if tuple(window_size) != (-1, -1):
+        raise ValueError(f"window_size must be (-1, -1) (sliding windows are not supported yet), got {window_size}")
+    if softcap != 0.0:
+        raise ValueError(f"softcap must be 0.0 (logit softcapping is not supported), got {softcap}")
+    if alibi_slopes is not None:
+        raise ValueError("alibi_slopes must be None (ALiBi is not supported)")

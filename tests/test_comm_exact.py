@@ -8,11 +8,13 @@ import functools
 import torch
 import torch.distributed as dist
 
-from usp.attention import (USPAttention, gather_sequence, naive_attention, ring_attention, sequence_positions,
-                       shard_sequence, ulysses_attention, usp_attention)
+from usp.attention import (LongContextAttention, USPAttention, gather_sequence, naive_attention, ring_attention,
+                           sequence_positions, shard_sequence, ulysses_attention, usp_attention)
 from usp.bench.launch import run
 from usp.attention.ring import ring_backward, ring_forward
 from usp.comm import RingComm, head_to_seq, init_mesh, record_traffic, replicate_kv_heads, seq_to_head
+from usp.comm.agreement import post_agreement
+from usp.comm.ring import Delivered
 from usp.comm.heads import head_shares
 from usp.comm.mesh import group_timeout
 from usp.kernels import get_backend
@@ -115,6 +117,33 @@ def test_ring_hops_are_exact_by_all_to_all_and_point_to_point():
     assert run(4, _check_ring_hops, pg_timeout_s=60) == ["ok"] * 4
 
 
+def _check_post_after_agreement():
+    """``when_agreed``: the transfer is posted once, and only when every rank agreed; the
+    transfer's wait raises the disagreement on every rank, with nothing posted."""
+    posted = []
+
+    def post():
+        posted.append(1)
+        return Delivered(["sent"])
+
+    seen = []
+    for fields in ({"shape": (2, 3)}, {"shape": (2, 3 + (dist.get_rank() == 2))}):
+        agreement = post_agreement(dist.group.WORLD, "a call", fields, torch.device("cpu"))
+        transfer = agreement.when_agreed(post)
+        try:
+            seen.append(transfer.wait())
+        except ValueError as error:
+            seen.append(str(error))
+    return seen, len(posted)
+
+
+def test_a_transfer_waits_for_the_ranks_to_agree():
+    for seen, posted in run(4, _check_post_after_agreement, pg_timeout_s=60):
+        assert seen[0] == ["sent"] and posted == 1  # agreed: posted once; disagreed: never
+        assert seen[1].startswith("the ranks of the group disagree on a call (shape): rank 0: shape=(2, 3); "
+                                  "rank 1: shape=(2, 3); rank 2: shape=(2, 4)")
+
+
 def _mesh_groups(placement):
     mesh = init_mesh(2, 2, placement)
     on_sub = init_mesh(2, 1, group=[2, 1])
@@ -208,10 +237,30 @@ def _module_and_options():
     out = ulysses_attention(q_all.chunk(2, dim=1)[j], *(kv_all.chunk(2, dim=1)[j] for _ in range(2)),
                             mesh.ulysses_group, backend="naive")
     torch.testing.assert_close(out, expected.chunk(2, dim=1)[j], rtol=0, atol=1e-14)
-    return dict(repr=repr(module), checks=(len(checked.of_kind("check")), len(unchecked.of_kind("check"))))
+    # yunchang's module signature: the same numbers as usp_attention with the matching layout
+    whole = torch.randn(1, 16, 4, 8, generator=generator, dtype=torch.float64)
+    for ring_impl_type, layout in (("basic", "contiguous"), ("zigzag", "zigzag")):
+        local = shard_sequence(whole, mesh, layout=layout)
+        compatible = LongContextAttention(mesh, ring_impl_type, backend="naive")
+        assert torch.equal(compatible(local, local, local, 0.0, None, True, (-1, -1), 0.0, None, False, False),
+                           usp_attention(local, local, local, mesh, True, None, layout, "naive"))
+    errors = [_error_of(lambda: LongContextAttention(mesh, "strip")),
+              _error_of(lambda: compatible(local, local, local, window_size=(8, 0)))]
+    return dict(repr=repr(module), checks=(len(checked.of_kind("check")), len(unchecked.of_kind("check"))),
+                errors=errors)
+
+
+def _error_of(call) -> str:
+    try:
+        call()
+    except ValueError as error:
+        return str(error)
+    return "no error"
 
 
 def test_module_options_and_cross_attention():
     result = run(4, _module_and_options, pg_timeout_s=60)[0]
     assert "ulysses_degree=2, ring_degree=2, placement=ulysses_inner, causal=True, layout=zigzag" in result["repr"]
     assert result["checks"] == (1, 0)  # one agreement check per call, none with check_ranks=False
+    assert result["errors"] == ["ring_impl_type must be one of ['basic', 'zigzag'], got 'strip'",
+                                "window_size must be (-1, -1) (sliding windows are not supported yet), got (8, 0)"]

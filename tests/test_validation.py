@@ -102,10 +102,32 @@ def test_causal_must_be_a_bool(backend):
         get_backend(backend).forward(*_qkv(), causal=0.1, softmax_scale=None)
 
 
-def test_flash_attn_order_mistake_is_caught():
-    """flash-attn's fourth positional argument is dropout_p; ours is causal."""
-    with pytest.raises(TypeError, match="causal must be a bool"):
-        flash_attn_func(*_qkv(), 0.0)
+# flash-attn 2's flash_attn_func, parameter by parameter (ours adds a keyword-only backend)
+FLASH_ATTN_PARAMETERS = ["q", "k", "v", "dropout_p", "softmax_scale", "causal", "window_size", "softcap",
+                         "alibi_slopes", "deterministic", "return_attn_probs"]
+
+
+def test_flash_attn_func_has_flash_attns_signature():
+    parameters = inspect.signature(flash_attn_func).parameters
+    assert list(parameters)[:len(FLASH_ATTN_PARAMETERS)] == FLASH_ATTN_PARAMETERS
+    assert [p.default for p in list(parameters.values())[3:len(FLASH_ATTN_PARAMETERS)]] == [
+        0.0, None, False, (-1, -1), 0.0, None, False, False]
+    q, k, v = _qkv()
+    backend = "triton" if DEVICE.type == "cuda" else "torch"  # its default
+    # positional, in flash-attn's order: dropout_p, softmax_scale, causal
+    torch.testing.assert_close(flash_attn_func(q, k, v, 0.0, 0.3, True),
+                               local_attention(q, k, v, True, 0.3, backend=backend), rtol=0, atol=0)
+    out, lse, probabilities = flash_attn_func(q, k, v, 0.0, None, False, (-1, -1), 0.0, None, True, True)
+    expected = local_attention(q, k, v, False, backend=backend, return_lse=True)
+    assert torch.equal(out, expected[0]) and torch.equal(lse, expected[1]) and probabilities is None
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("dropout_p", 0.1, "dropout_p must be 0.0"), ("window_size", (4, 0), "window_size must be"),
+    ("softcap", 30.0, "softcap must be 0.0"), ("alibi_slopes", torch.ones(2), "alibi_slopes must be None")])
+def test_flash_attn_func_refuses_what_it_does_not_implement(option, value, message):
+    with pytest.raises(ValueError, match=message):
+        flash_attn_func(*_qkv(), **{option: value})
 
 
 def test_unknown_backend():
@@ -115,11 +137,6 @@ def test_unknown_backend():
 
 def test_default_backend_follows_the_machine():
     assert get_backend().name == ("triton" if torch.cuda.is_available() else "torch")
-
-
-def test_flash_attn_func_rejects_dropout():
-    with pytest.raises(ValueError, match="dropout_p"):
-        flash_attn_func(*_qkv(), dropout_p=0.1)
 
 
 def test_the_backends_satisfy_the_protocol():
