@@ -9,9 +9,11 @@ difference between its output (and gradients) and ours on the same inputs.
 
 ``torch-cp-allgather`` and ``torch-cp-alltoall`` are PyTorch's context parallel ring
 (``bench/torch_cp.py``) on ring meshes, K/V rotated by one all-gather or an all-to-all
-per step. ``usp-unchecked`` (only when asked for) is ours without the rank-agreement check
-(``check_ranks=False``; ours is timed as called by default, with it): its ratio is what
-the check costs.
+per step. ``yunchang`` is the paper's own ``LongContextAttention`` on our groups (on a
+CPU through its torch "math" path, forward only: it returns no usable LSE there, so its
+ring merges are wrong, which its error column shows). ``usp-unchecked`` (only when asked
+for) is ours without the rank-agreement check (``check_ranks=False``; ours is timed as
+called by default, with it): its ratio is what the check costs.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class Reference:
     why_not: Callable[[int, int, int, int], str | None]  # (u, r, heads, kv_heads) -> reason, or None
     build: Callable  # (mesh, settings of usp-bench scaling) -> call
     by_default: bool = True  # timed unless --reference names others
+    cpu_passes: tuple = ("fwd", "fwd+bwd")  # what it can run on a CPU (on GPUs: every pass)
 
     def missing(self) -> str | None:
         """Why the reference cannot run on this machine at all, or None."""
@@ -68,6 +71,17 @@ def _torch_cp_build(rotate: str):
     return build
 
 
+def _yunchang_build(mesh, settings):
+    from yunchang import LongContextAttention
+    from yunchang.globals import PROCESS_GROUP
+    from yunchang.kernels import AttnType
+    PROCESS_GROUP.ULYSSES_PG, PROCESS_GROUP.RING_PG = mesh.ulysses_group, mesh.ring_group  # ours, not new ones
+    on_cpu = dist.get_backend() == "gloo"
+    attention = LongContextAttention(ring_impl_type="zigzag" if settings.layout == "zigzag" else "basic",
+                                     attn_type=AttnType.TORCH_MATH if on_cpu else AttnType.FA)
+    return lambda q, k, v: attention(q, k, v, causal=settings.causal)
+
+
 def _deepspeed_why_not(u: int, r: int, heads: int, kv_heads: int) -> str | None:
     if kv_heads < u:
         return f"DeepSpeed-Ulysses needs a K/V head per rank ({kv_heads} K/V heads, {u} ranks)"
@@ -85,6 +99,12 @@ def _deepspeed_build(mesh, settings):
     return lambda q, k, v: attention(q, k, v, 0)
 
 
+def _yunchang_why_not(u: int, r: int, heads: int, kv_heads: int) -> str | None:
+    if heads != kv_heads:
+        return f"yunchang's all-to-all needs as many K/V heads as query heads ({kv_heads} and {heads})"
+    return _several_ranks(u, r, heads, kv_heads)
+
+
 TORCH_CP = "torch.distributed.tensor.experimental._context_parallel"
 REFERENCES = {
     "torch-cp-allgather": Reference("torch-cp-allgather", TORCH_CP, "torch >= 2.9", "ring", _several_ranks,
@@ -94,4 +114,7 @@ REFERENCES = {
     "usp-unchecked": Reference("usp-unchecked", "", "", "any", _always, _unchecked_build, by_default=False),
     "deepspeed-ulysses": Reference("deepspeed-ulysses", "deepspeed", "DS_BUILD_OPS=0 pip install deepspeed",
                                    "ulysses", _deepspeed_why_not, _deepspeed_build),
+    # yunchang on a CPU: its torch "math" path, forward only (its torch backward raises)
+    "yunchang": Reference("yunchang", "yunchang", "pip install yunchang", "any", _yunchang_why_not,
+                          _yunchang_build, cpu_passes=("fwd",)),
 }

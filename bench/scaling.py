@@ -81,7 +81,7 @@ class Settings:
     warmup: int
     repeats: int
     seed: int
-    references: tuple = ()  # (u, r, name) of each reference to time on that mesh
+    references: tuple = ()  # (u, r, name, passes) of each reference to time on that mesh
 
 
 def mesh_options(world_size: int, heads: int, kv_heads: int, requested=None) -> tuple[list, list[str]]:
@@ -274,11 +274,12 @@ def rank_main(settings: Settings) -> list[dict]:
     oracles = {}  # global float64 answers by seqlen, made once where a reference needs them
     for u, r in settings.meshes:
         mesh = init_mesh(u, r, settings.placement)
-        references = [name for mesh_u, mesh_r, name in settings.references if (mesh_u, mesh_r) == (u, r)]
+        on_mesh = [(name, passes) for mesh_u, mesh_r, name, passes in settings.references if (mesh_u, mesh_r) == (u, r)]
         for seqlen in settings.seqlens:
-            if references and seqlen not in oracles:
+            if on_mesh and seqlen not in oracles:
                 oracles[seqlen] = _oracle(settings, seqlen, device)
             for pass_ in settings.passes:
+                references = [name for name, passes in on_mesh if pass_ in passes]
                 figures = _measure(settings, mesh, seqlen, pass_, device, references, oracles.get(seqlen))
                 results.append(dict(ulysses_degree=u, ring_degree=r, seqlen=seqlen, pass_=pass_, **figures))
                 everyone = [None] * world_size
@@ -403,24 +404,30 @@ def _settings(args, world_size: int, gpu: bool) -> tuple[Settings, list[str]]:
                 check_global_seqlen(seqlen, u, r, args.layout)
             except ValueError as error:
                 raise SystemExit(f"--seqlen {seqlen}: {error}") from None
-    references, reference_notes = _references(args, meshes, heads)
+    references, reference_notes = _references(args, meshes, heads, args.passes or SCALING_PASSES, gpu)
     return Settings(tuple(meshes), tuple(seqlens), tuple(args.passes or SCALING_PASSES), args.batch, heads,
                     args.kv_heads, args.head_dim or (128 if gpu else 64), args.dtype or ("bf16" if gpu else "fp32"),
                     args.backend or ("triton" if gpu else "torch"), args.layout, args.causal, args.placement,
                     args.warmup, args.repeats, args.seed, references), notes + reference_notes
 
 
-def _references(args, meshes, heads: int) -> tuple[tuple, list[str]]:
-    """``(u, r, name)`` for each reference to time on each mesh, and why others are left out."""
+def _references(args, meshes, heads: int, passes=SCALING_PASSES, gpu: bool = False) -> tuple[tuple, list[str]]:
+    """``(u, r, name, passes)`` for each reference to time on each mesh, and why others
+    (or some passes) are left out."""
     if args.no_references:
         return (), []
     chosen, notes = [], []
     for name in args.references or sorted(name for name, reference in REFERENCES.items() if reference.by_default):
         reference = REFERENCES[name]
         missing = reference.missing()
+        can_run = tuple(p for p in passes if gpu or p in reference.cpu_passes)
+        if not can_run:
+            missing = missing or f"runs only {', '.join(reference.cpu_passes)} on a CPU"
         if missing:
             notes.append(f"reference {name} left out: {missing}")
             continue
+        if can_run != tuple(passes):
+            notes.append(f"reference {name}: {', '.join(can_run)} only on a CPU")
         for u, r in meshes:
             if reference.method not in ("any", sp_method(u, r)):
                 continue
@@ -428,7 +435,7 @@ def _references(args, meshes, heads: int) -> tuple[tuple, list[str]]:
             if why_not:
                 notes.append(f"reference {name} left out on u{u}r{r}: {why_not}")
             else:
-                chosen.append((u, r, name))
+                chosen.append((u, r, name, can_run))
     return tuple(chosen), notes
 
 

@@ -377,13 +377,23 @@ def test_scaling_says_why_a_reference_is_left_out(monkeypatch):
     references = {"missing": Reference("missing", "no_such_package_for_usp", "pip install it", "ulysses",
                                        lambda *shape: None, None),
                   "picky": Reference("picky", "", "", "ulysses", lambda u, r, h, kv: f"not with {kv} K/V heads", None),
-                  "ring-only": Reference("ring-only", "", "", "ring", lambda *shape: None, None, by_default=False)}
+                  "ring-only": Reference("ring-only", "", "", "ring", lambda *shape: None, None, by_default=False),
+                  "forward-only": Reference("forward-only", "", "", "any", lambda *shape: None, None,
+                                            by_default=False, cpu_passes=("fwd",))}
     monkeypatch.setattr(scaling, "REFERENCES", references)
     args = argparse.Namespace(no_references=False, references=None, kv_heads=2)
     assert scaling._references(args, [(1, 4), (4, 1)], heads=8) == ((), [
         "reference missing left out: no_such_package_for_usp is not installed (pip install it)",
         "reference picky left out on u4r1: not with 2 K/V heads"])
     args.references = ["ring-only"]  # asked for by name, run on the meshes of its method only
-    assert scaling._references(args, [(1, 4), (4, 1)], heads=8) == (((1, 4, "ring-only"),), [])
+    assert scaling._references(args, [(1, 4), (4, 1)], heads=8) == (((1, 4, "ring-only", ("fwd", "fwd+bwd")),), [])
+    # what a reference cannot run on a CPU is left out there, and said; on GPUs it runs every pass
+    args.references = ["forward-only"]
+    assert scaling._references(args, [(1, 4)], heads=8) == (
+        ((1, 4, "forward-only", ("fwd",)),), ["reference forward-only: fwd only on a CPU"])
+    assert scaling._references(args, [(1, 4)], 8, ("fwd+bwd",)) == (
+        (), ["reference forward-only left out: runs only fwd on a CPU"])
+    assert scaling._references(args, [(1, 4)], 8, ("fwd+bwd",), gpu=True) == (
+        ((1, 4, "forward-only", ("fwd+bwd",)),), [])
     args.no_references = True
     assert scaling._references(args, [(1, 4), (4, 1)], heads=8) == ((), [])
