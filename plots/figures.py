@@ -180,9 +180,17 @@ def _time_against_seqlen(document, records, world_size, title, pass_, out_dir) -
                  oversubscription_note(document))
 
 
+def wrong_result(reference: dict) -> bool:
+    """A reference whose error against float64 attention is far beyond ours (100 times,
+    and at least 1e-3): its time is not that of a correct answer."""
+    error = reference.get("max_abs_error")
+    return error is not None and error > max(1e-3, 100 * reference["usp_max_abs_error"])
+
+
 def references_figure(document: dict, out_dir: Path) -> list[Path]:
     """Each reference's time per call relative to ours (1 = the same; above 1, ours is
-    faster), per case of a scaling run that timed references; none without them."""
+    faster), per case of a scaling run that timed references; none without them. Cases
+    where a reference's result was wrong (``wrong_result``) are drawn as crosses."""
     references = document.get("references") or []
     if not references:
         return []
@@ -190,10 +198,14 @@ def references_figure(document: dict, out_dir: Path) -> list[Path]:
     names = sorted({r["reference"] for r in references})
     figure, axis = plt.subplots(figsize=(max(7.0, 0.7 * len(cases) + 2), 4.5))
     for name in names:
-        ratio = {(r["usp_impl"], r["world_size"], r["seqlen"], r["pass"]): r["ms"] / r["usp_ms"]
-                 for r in references if r["reference"] == name}
-        present = [i for i, case in enumerate(cases) if case in ratio]
-        axis.plot(present, [ratio[cases[i]] for i in present], "o", markersize=8, label=name)
+        mine = {(r["usp_impl"], r["world_size"], r["seqlen"], r["pass"]): r for r in references
+                if r["reference"] == name}
+        ratio = lambda indices: [mine[cases[i]]["ms"] / mine[cases[i]]["usp_ms"] for i in indices]  # noqa: E731
+        right = [i for i, case in enumerate(cases) if case in mine and not wrong_result(mine[case])]
+        wrong = [i for i, case in enumerate(cases) if case in mine and wrong_result(mine[case])]
+        (points,) = axis.plot(right, ratio(right), "o", markersize=8, label=name)
+        if wrong:
+            axis.plot(wrong, ratio(wrong), "x", markersize=9, color=points.get_color(), label=f"{name}: wrong result")
     axis.axhline(1.0, color="k", linewidth=1, label="ours")
     axis.grid(True, axis="y", alpha=0.3)
     axis.set_xticks(range(len(cases)), [f"{impl}\nN={n} s{seqlen} {pass_}" for impl, n, seqlen, pass_ in cases],

@@ -397,3 +397,10 @@ def test_scaling_says_why_a_reference_is_left_out(monkeypatch):
         ((1, 4, "forward-only", ("fwd+bwd",)),), [])
     args.no_references = True
     assert scaling._references(args, [(1, 4), (4, 1)], heads=8) == ((), [])
+
+
+def test_a_reference_that_computed_a_wrong_result_is_marked():
+    from usp.plots.figures import wrong_result
+    assert wrong_result({"max_abs_error": 1.5, "usp_max_abs_error": 1e-6})  # yunchang's ring on a CPU
+    assert not wrong_result({"max_abs_error": 3e-7, "usp_max_abs_error": 2e-6})  # as exact as ours
+    assert not wrong_result({"max_abs_error": 5e-4, "usp_max_abs_error": 1e-7})  # below the 1e-3 floor
