@@ -4,7 +4,7 @@ Code written against yunchang builds the module and calls it the same way, excep
 the constructor takes the ``Mesh`` (yunchang reads process groups set globally) and the
 shards must come from ``shard_sequence`` with the matching layout::
 
-    attention = LongContextAttention(mesh, ring_impl_type="zigzag")
+    attention = LongContextAttention(mesh)   # ring_impl_type="basic": contiguous shards
     out = attention(q, k, v, causal=True)   # [B, S/(u r), H, D] shards in and out
 """
 
@@ -23,7 +23,8 @@ RING_IMPL_LAYOUTS = {"basic": "contiguous", "zigzag": "zigzag"}  # yunchang's ri
 class LongContextAttention(nn.Module):
     """USP attention with the call signature of yunchang's ``LongContextAttention``.
 
-    ``ring_impl_type``: "basic" (the contiguous split) or "zigzag" (the balanced one);
+    ``ring_impl_type``: "basic" (the contiguous split, yunchang's default) or "zigzag"
+    (the balanced one: better for causal attention);
     ``backend``, ``check_ranks``, ``check_finite``: as for ``usp_attention``.
     ``forward(query, key, value, dropout_p=0.0, softmax_scale=None, causal=False,
     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
@@ -31,7 +32,7 @@ class LongContextAttention(nn.Module):
     whatever ``return_attn_probs``); options the kernels do not implement raise a
     ValueError unless left at their defaults."""
 
-    def __init__(self, mesh: Mesh, ring_impl_type: str = "zigzag", *, backend=None, check_ranks: bool = True,
+    def __init__(self, mesh: Mesh, ring_impl_type: str = "basic", *, backend=None, check_ranks: bool = True,
                  check_finite: bool = False):
         super().__init__()
         check_mesh(mesh)

@@ -66,11 +66,16 @@ def sp_forward(q, k, v, plan: Plan, agreement: Agreement | None = None):
     k, v = replicate_kv_heads(k, heads, u), replicate_kv_heads(v, heads, u)
     q_h, k_h, v_h = _exchange(post_seq_to_head, plan.ulysses, ((q, shares), (k, kv_shares), (v, kv_shares)))
     ring = plan.ring_transport(after=agreement)
-    if ring is None:
-        with traffic.span(traffic.COMPUTE, label=traffic.FORWARD, step=0):
-            out_h, lse = plan.backend.forward(q_h, k_h, v_h, causal=plan.causal, softmax_scale=plan.scale)
-    else:
-        out_h, lse = ring_forward(q_h, k_h, v_h, ring, plan.causal, plan.scale, plan.layout, plan.backend)
+    try:
+        if ring is None:
+            with traffic.span(traffic.COMPUTE, label=traffic.FORWARD, step=0):
+                out_h, lse = plan.backend.forward(q_h, k_h, v_h, causal=plan.causal, softmax_scale=plan.scale)
+        else:
+            out_h, lse = ring_forward(q_h, k_h, v_h, ring, plan.causal, plan.scale, plan.layout, plan.backend)
+    except BaseException:  # a rank failing in its first block still takes part in the check: when the
+        if agreement is not None:  # ranks disagreed (the likely cause), every rank raises that instead
+            agreement.settle()
+        raise
     if agreement is not None:  # nothing was sent (one rank), or the ring's first hop settled it already
         agreement.settle()
     out = _head_to_seq(out_h, plan.ulysses, shares) if u > 1 else out_h

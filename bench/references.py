@@ -102,6 +102,8 @@ def _deepspeed_build(mesh, settings):
 def _yunchang_why_not(u: int, r: int, heads: int, kv_heads: int) -> str | None:
     if heads != kv_heads:
         return f"yunchang's all-to-all needs as many K/V heads as query heads ({kv_heads} and {heads})"
+    if heads % u:
+        return f"yunchang's all-to-all needs heads divisible by the Ulysses degree ({heads} heads, {u} ranks)"
     return _several_ranks(u, r, heads, kv_heads)
 
 

@@ -213,7 +213,7 @@ def _measure(settings: Settings, mesh, seqlen: int, pass_: str, device: torch.de
             times.append(_timed_ms(fn, device))
     compared = {}
     if others:  # one more call of each, only to compare the results
-        truth = [shard_sequence(x, mesh, layout=settings.layout) for x in oracle]
+        truth = [shard_sequence(x, mesh, layout=settings.layout).to(device) for x in oracle]  # kept on the host
         ours = fn()
         for name, runner in others.items():
             theirs = runner()
@@ -252,10 +252,11 @@ def slowest_rank_ms(times_per_rank: list[list[float]]) -> float:
 
 def _oracle(settings: Settings, seqlen: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     """The case's float64 out (and gradients, when a pass needs them), shared out between
-    the ranks, with a progress line: it takes a while at long lengths."""
+    the ranks, with a progress line: it takes a while at long lengths. Kept in host
+    memory, so that GPU peak memory stays the cases' own."""
     start = time.perf_counter()
     *inputs, dout = _inputs(settings, seqlen, device)
-    oracle = global_oracle(*inputs, dout, settings.causal, grads="fwd+bwd" in settings.passes)
+    oracle = [x.cpu() for x in global_oracle(*inputs, dout, settings.causal, grads="fwd+bwd" in settings.passes)]
     if dist.get_rank() == 0:
         print(f"      float64 oracle for s{seqlen} (to check each reference and ours): "
               f"{time.perf_counter() - start:.1f} s", flush=True)

@@ -99,7 +99,9 @@ class Agreement:
     settles first. On gloo ``post`` runs from gloo's own thread as soon as the exchange
     completes, so the caller can compute meanwhile; elsewhere it settles and posts at
     once. Why this cannot hang: every rank gets the same table, so either every rank
-    posts the transfer or none does, and the others raise the same error."""
+    posts the transfer or none does, and then all raise the same error; a caller that
+    fails before waiting for the transfer must settle before it raises (``sp_forward``
+    does), so that ranks which disagreed all report the disagreement."""
 
     def __init__(self, group, what: str, fields: dict | None, inputs: dict, table: list, work):
         self.group, self.what, self.fields, self.inputs = group, what, fields, inputs
@@ -125,18 +127,25 @@ class Agreement:
         if self.work is None or self.settled or dist.get_backend(self.group) != "gloo":
             self.settle()
             return post()
-        return _AfterAgreement(self, self.work.get_future().then(lambda _: post() if self._agreed() else None))
+        def post_if_agreed(exchanged):
+            exchanged.value()  # a failed exchange fails the transfer too
+            return post() if self._agreed() else None
+        return _AfterAgreement(self, self.work.get_future().then(post_if_agreed), post)
 
 
 class _AfterAgreement:
-    """A transfer posted by ``Agreement.when_agreed``'s callback (or, on disagreement, never)."""
+    """A transfer posted by ``Agreement.when_agreed``'s callback (or, when some rank's
+    flags were set, after settling: every rank saw the same table and does the same)."""
 
-    def __init__(self, agreement: Agreement, posted):
-        self.agreement, self.posted = agreement, posted
+    def __init__(self, agreement: Agreement, posted, post):
+        self.agreement, self.posted, self.post = agreement, posted, post
 
     def wait(self) -> list[torch.Tensor]:
-        self.agreement.settle()  # raises when the transfer was not posted
-        return self.posted.wait().wait()
+        transfer = self.posted.wait()
+        self.agreement.settle()  # raises on every rank when the ranks disagree or an input is not finite
+        if transfer is None:  # a flag was set but the exact count cleared it (a finite sum overflowed)
+            transfer = self.post()
+        return transfer.wait()
 
 
 def _raise_if_nonfinite(group: dist.ProcessGroup, what: str, inputs: dict, flags: int) -> None:

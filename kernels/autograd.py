@@ -41,8 +41,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     """Drop-in for flash-attn's function of the same name: its signature and positional
     order. ``q: [B, Sq, Hq, D]``, ``k, v: [B, Sk, Hkv, D]`` (GQA/MQA with fewer K/V heads)
     -> ``out [B, Sq, Hq, D]``; with ``return_attn_probs``, ``(out, softmax_lse
-    [B, Hq, Sq] float32, None)`` as flash-attn returns without dropout (the LSE is not
-    differentiable). Causal is aligned bottom-right, as in flash-attn.
+    [B, Hq, Sq], None)`` as flash-attn returns without dropout (the LSE float32, float64
+    for float64 inputs; not differentiable). Causal is aligned bottom-right, as in flash-attn.
 
     ``backend``: default the Triton kernels for CUDA tensors, PyTorch's fused ops on a
     CPU. ``deterministic`` is accepted: every backend's backward is. Dropout, sliding

@@ -17,6 +17,7 @@ from usp.attention import (USPAttention, gather_sequence, naive_attention, ring_
 from usp.attention.layout import ring_positions
 from usp.bench.launch import WorkersFailed, run, spawn
 from usp.comm import head_to_seq, init_mesh, seq_to_head
+from usp.kernels.backends import FunctionBackend
 
 PG_TIMEOUT_S = 3.0  # the mesh's groups; the world group keeps a generous one for start-up
 
@@ -103,7 +104,12 @@ def test_bad_input_raises_value_errors_naming_the_argument():
     assert "sequence length 6 must be divisible by ulysses_degree x ring_degree = 4" in e["shard_ulysses"]
 
 
-KINDS = ("seqlen", "dtype", "causal", "ring_heads", "gather_length", "init_mesh", "bad_on_one_rank")
+KINDS = ("seqlen", "dtype", "causal", "ring_heads", "broken_backend", "gather_length", "init_mesh", "bad_on_one_rank")
+RING_KINDS = ("ring_heads", "broken_backend")  # a bare ring checks only its ring
+
+
+def _broken(*args, **kwargs):
+    raise RuntimeError("this backend always fails")
 
 
 def _disagree() -> dict:
@@ -120,9 +126,12 @@ def _disagree() -> dict:
         if kind == "ring_heads":
             q = torch.randn(1, 8, 2 if odd else 4, 8)
             return ring_attention(q, q, q, mesh.ring_group, causal=True, backend="naive")
+        if kind == "broken_backend":  # rank 1's backend fails in the first block, before the check is settled
+            backend = FunctionBackend("broken", _broken, _broken) if odd else "naive"
+            return ring_attention(q, q, q, mesh.ring_group, causal=True, backend=backend)
         return usp_attention(q, q, q, mesh, causal=not odd if kind == "causal" else True, backend="naive")
 
-    calls = {kind: lambda kind=kind: attention_call(kind) for kind in ("seqlen", "dtype", "causal", "ring_heads")}
+    calls = {kind: lambda kind=kind: attention_call(kind) for kind in ("seqlen", "dtype", "causal", *RING_KINDS)}
     calls["gather_length"] = lambda: gather_sequence(torch.zeros(1, 2 if odd else 4, 1, 1), mesh)
     calls["init_mesh"] = lambda: init_mesh(1, 4) if odd else init_mesh(2, 2)
     # arguments only rank 1's own checks refuse: it must not raise alone and leave the others waiting
@@ -154,7 +163,7 @@ def _disagreements() -> list[dict]:
 @pytest.mark.parametrize("kind", KINDS)
 def test_ranks_that_disagree_all_raise(kind):
     # usp checks the whole sequence group; a bare ring only its ring ({1, 3} holds rank 1, {0, 2} agrees).
-    failing = {1, 3} if kind == "ring_heads" else {0, 1, 2, 3}
+    failing = {1, 3} if kind in RING_KINDS else {0, 1, 2, 3}
     for rank, seen in enumerate(_disagreements()):
         if rank in failing:
             assert seen[kind].startswith("ValueError: the ranks of the group disagree"), seen[kind]
@@ -262,6 +271,8 @@ def _guarded_calls() -> dict:
                                                              call(q, k, v))
     huge = torch.full((1, 8, 4, 8), 3e38)  # finite, but its sum overflows float32
     seen["overflowing sum"] = _error_of(lambda: usp_attention(huge, q, v, mesh, check_finite=True))
+    # a pure ring too, whose first hop waits for the check: posted once the exact count cleared the flag
+    seen["overflowing sum, ring"] = _error_of(lambda: ring_attention(huge, q, v, None, check_finite=True))
     seen["only rank 1 checks"] = _error_of(lambda: usp_attention(q, k, v, mesh, check_finite=rank == 1))
     alone = [dist.new_group([r]) for r in range(4)][rank]  # every rank makes every group
     seen["alone"] = _error_of(lambda: ring_attention(bad_q, bad_k, v, alone, check_finite=True))
@@ -276,7 +287,7 @@ def test_check_finite_raises_on_every_rank_naming_rank_and_tensor():
         assert all(s[name] == expected for s in seen), [s[name] for s in seen]
         assert all(s[f"{name} finite"] and s[f"{name} finite, no rank check"] for s in seen)
         assert any(s[f"{name} unchecked"] for s in seen)  # without the guard the NaN goes through
-    assert all(s["overflowing sum"] == "no error" for s in seen)
+    assert all(s["overflowing sum"] == s["overflowing sum, ring"] == "no error" for s in seen)
     assert all(s["only rank 1 checks"].startswith("ValueError: the ranks of the group disagree on usp_attention "
                                                   "(check_finite): rank 0: check_finite=False; rank 1: "
                                                   "check_finite=True") for s in seen)
