@@ -27,7 +27,7 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 
 from usp.comm import traffic
 from usp.comm.agreement import Agreement, call_fields, post_agreement
-from usp.comm.all_to_all import _head_to_seq, post_head_to_seq, post_seq_to_head
+from usp.comm.all_to_all import post_head_to_seq, post_seq_to_head
 from usp.comm.heads import head_shares, kv_copies, kv_head_shares, replicate_kv_heads
 from usp.comm.ring import RingComm
 from usp.kernels import BACKENDS, get_backend
@@ -78,7 +78,7 @@ def sp_forward(q, k, v, plan: Plan, agreement: Agreement | None = None):
         raise
     if agreement is not None:  # nothing was sent (one rank), or the ring's first hop settled it already
         agreement.settle()
-    out = _head_to_seq(out_h, plan.ulysses, shares) if u > 1 else out_h
+    (out,) = _exchange(post_head_to_seq, plan.ulysses, ((out_h, shares),))
     return out, (q_h, k_h, v_h, out_h, lse)
 
 

@@ -107,9 +107,12 @@ class Agreement:
         self.group, self.what, self.fields, self.inputs = group, what, fields, inputs
         self.table, self.work, self.settled = table, work, False
 
-    def _agreed(self) -> bool:
-        return all(torch.equal(row[:2], self.table[0][:2]) for row in self.table) and \
-            not any(int(row[2]) for row in self.table)
+    def _same_call(self) -> bool:
+        return all(torch.equal(row[:2], self.table[0][:2]) for row in self.table)
+
+    def _flagged(self) -> bool:
+        """Some rank's inputs may hold a NaN or an infinity (its sum is not finite)."""
+        return any(int(row[2]) for row in self.table)
 
     def settle(self) -> None:
         if self.settled:
@@ -117,9 +120,9 @@ class Agreement:
         self.settled = True
         if self.work is not None:
             self.work.wait()
-        if not all(torch.equal(row[:2], self.table[0][:2]) for row in self.table):
+        if not self._same_call():
             _raise_disagreement(self.group, self.what, self.fields)
-        if any(int(row[2]) for row in self.table):
+        if self._flagged():
             mine = self.table[dist.get_rank(self.group)]
             _raise_if_nonfinite(self.group, self.what, self.inputs, int(mine[2]))
 
@@ -129,7 +132,7 @@ class Agreement:
             return post()
         def post_if_agreed(exchanged):
             exchanged.value()  # a failed exchange fails the transfer too
-            return post() if self._agreed() else None
+            return post() if self._same_call() and not self._flagged() else None
         return _AfterAgreement(self, self.work.get_future().then(post_if_agreed), post)
 
 

@@ -15,9 +15,10 @@ rank); on gloo, one ``all_to_all_single`` per tensor whose only non-empty pieces
 the next rank and come from the previous one. Gloo runs a collective posted with
 ``async_op`` on its own worker thread, but writes a point-to-point send from the calling
 thread, which then blocks until the peer has read most of a large message: the compute
-the transfer should hide would start late. The ring loops (``usp.attention.ring``) take any transport, so the
-emulator in ``usp.bench.emulate`` drives the very same loops with a transport that
-replays what would arrive, and the tests run them on threads of one process.
+the transfer should hide would start late. The ring loops (``usp.attention.ring``) take
+any transport, so the emulator in ``usp.bench.emulate`` drives the very same loops with
+a transport that replays what would arrive, and the tests run them on threads of one
+process.
 """
 
 from __future__ import annotations
