@@ -20,6 +20,7 @@ COMMANDS = {
     "kernels": ("kernel_bench", "time the local backends against PyTorch SDPA (TFLOP/s, ratio to SDPA)"),
     "scaling": ("scaling", "run ring, Ulysses and USP attention on N processes (gloo, or NCCL under torchrun)"),
     "emulate": ("emulate", "time the per-rank schedule of N virtual ranks on one device; predict the step time"),
+    "train": ("train", "train a small LLaMA-family model with USP on gloo processes and on one; compare the losses"),
     "faults": ("faults", "inject one fault per run into ring, Ulysses and USP on gloo processes; count hangs"),
     "model": ("cost_model_cli", "the paper's communication / memory cost model, rankings and placement advice"),
     "plot": ("plot", "draw PNG figures from result JSON files (same as python -m usp.plots)"),

@@ -70,6 +70,17 @@ def positive_float(text: str) -> float:
 world_size_type = bounded_int(1, 64)
 
 
+def mesh_type(text: str) -> tuple[int, int]:
+    """An argparse type: a mesh ``UxR`` (Ulysses degree x ring degree) as ``(u, r)``."""
+    try:
+        u, r = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a mesh like 2x4 (ulysses x ring), got {text!r}") from None
+    if u < 1 or r < 1:
+        raise argparse.ArgumentTypeError(f"degrees must be at least 1, got {text!r}")
+    return u, r
+
+
 def default_device(device: torch.device | None) -> torch.device:
     return device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -48,6 +48,19 @@ class WorkersFailed(RuntimeError):
         super().__init__("distributed run failed:\n  " + "\n  ".join(lines))
 
 
+def cores_available() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def under_torchrun() -> bool:
+    """Whether this process was started by torchrun (one rank of its group)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,6 +1,7 @@
 """``usp-bench all``: the main job. Runs, with their defaults for this machine, verify,
-kernels, scaling, emulate and model, each writing its JSON into one run folder, then
-draws that folder's figures into its figures/ subfolder. Nothing outside the run folder
+kernels, scaling, emulate, model and train (train only where transformers is
+installed: ``pip install "usp-attention[hf]"``), each writing its JSON into one run
+folder, then draws that folder's figures into its figures/ subfolder. Nothing outside the run folder
 is written. Exits non-zero when a step fails (the later steps still run); Ctrl-C stops
 the job, keeping what was written.
 """
@@ -8,6 +9,7 @@ the job, keeping what was written.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 import traceback
@@ -16,7 +18,7 @@ from pathlib import Path
 from .cli_args import world_size_type
 from .results import new_run_dir
 
-STEPS = ("verify", "kernels", "scaling", "emulate", "model")
+STEPS = ("verify", "kernels", "scaling", "emulate", "model", "train")
 INTERRUPTED = 130  # the exit status of a command stopped with Ctrl-C
 
 
@@ -36,6 +38,9 @@ def run(args: argparse.Namespace) -> int:
     parser = build_parser()
     failed, started = [], time.perf_counter()
     for step in STEPS:
+        if step == "train" and not transformers_installed():
+            print('\n== train: skipped, transformers is not installed (pip install "usp-attention[hf]")', flush=True)
+            continue
         argv = [step, "--out-dir", str(run_dir), *step_options(step, args)]
         print(f"\n== usp-bench {' '.join(argv)}", flush=True)
         step_start = time.perf_counter()
@@ -53,6 +58,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nmain job done in {time.perf_counter() - started:.0f} s: results in {run_dir}, figures in "
           f"{run_dir / 'figures'}" + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
+
+
+def transformers_installed() -> bool:
+    return importlib.util.find_spec("transformers") is not None
 
 
 def step_options(step: str, args: argparse.Namespace) -> list[str]:

@@ -48,10 +48,11 @@ from usp.comm.heads import heads_problem, kv_head_shares
 from usp.comm.traffic import CudaClock, HostClock
 from usp.kernels import BACKENDS
 
-from .cli_args import (DTYPES, add_output_arguments, add_timing_arguments, bounded_int, positive_float,
-                       world_size_type)
+from .cli_args import (DTYPES, add_output_arguments, add_timing_arguments, bounded_int, mesh_type,
+                       positive_float, world_size_type)
 from .flops import FLOP_CONVENTION, attention_flops
 from .inputs import random_inputs
+from .launch import cores_available, under_torchrun
 from .launch import run as launch_run
 from .oracle import global_oracle
 from .references import REFERENCES
@@ -98,14 +99,6 @@ def mesh_options(world_size: int, heads: int, kv_heads: int, requested=None) -> 
         else:
             meshes.append((u, r))
     return meshes, notes
-
-
-def cores_available() -> int:
-    """CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def _timed_ms(fn, device) -> float:
@@ -348,20 +341,10 @@ def combine(settings: Settings, per_rank: list[list[dict]], device: str, world_s
     return records, references
 
 
-def _mesh_type(text: str) -> tuple[int, int]:
-    try:
-        u, r = (int(part) for part in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a mesh like 2x4 (ulysses x ring), got {text!r}") from None
-    if u < 1 or r < 1:
-        raise argparse.ArgumentTypeError(f"degrees must be at least 1, got {text!r}")
-    return u, r
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--world-size", type=world_size_type, nargs="+", default=[1, 2, 4],
                         help="numbers of processes to launch, one run each (under torchrun: its WORLD_SIZE)")
-    parser.add_argument("--mesh", type=_mesh_type, nargs="+",
+    parser.add_argument("--mesh", type=mesh_type, nargs="+",
                         help="only these meshes, e.g. 1x4 2x2 (default: every mesh of each world size)")
     parser.add_argument("--seqlen", type=bounded_int(2), nargs="+",
                         help="global sequence lengths (default: 512 1024 2048 4096 on CPU, 16384 32768 65536 "
@@ -389,10 +372,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds before a launched run is killed")
     add_timing_arguments(parser, warmup=1, repeats=3)
     add_output_arguments(parser)
-
-
-def _under_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
 
 
 def _settings(args, world_size: int, gpu: bool) -> tuple[Settings, list[str]]:
@@ -442,7 +421,7 @@ def _references(args, meshes, heads: int, passes=SCALING_PASSES, gpu: bool = Fal
 
 
 def run(args: argparse.Namespace) -> int:
-    if _under_torchrun():
+    if under_torchrun():
         return _run_under_torchrun(args)
     cores = cores_available()
     records, references, all_notes, runs = [], [], [], []

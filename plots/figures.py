@@ -11,6 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -337,5 +338,39 @@ def timeline_figure(document: dict, out_dir: Path) -> list[Path]:
     return [_save(figure, out_dir / f"ring-timeline-{document['kind']}.png", oversubscription_note(document))]
 
 
+def train_figure(document: dict, out_dir: Path) -> list[Path]:
+    """Loss per step of the one-process reference and of each sequence-parallel
+    configuration (left axis), and each one's relative difference from the reference
+    (right axis, log scale; zero drawn at the axis' floor)."""
+    records, config = document["records"], document["config"]
+    figure, loss_axis = plt.subplots(figsize=(10, 4.8))
+    difference_axis = loss_axis.twinx()
+    steps = range(1, len(records[0]["reference_losses"]) + 1)
+    loss_axis.plot(steps, records[0]["reference_losses"], color="0.6", linewidth=5, label="one process")
+    floor = 1e-18
+    for record in records:
+        (line,) = loss_axis.plot(steps, record["losses"], linewidth=1.2, label=record["name"])
+        difference_axis.plot(steps, [max(d, floor) for d in record["relative_difference"]], ".", markersize=5,
+                             color=line.get_color())
+    bar = records[0].get("parity_bar")
+    if bar:
+        difference_axis.axhline(bar, color="firebrick", linestyle="--", linewidth=1)
+        difference_axis.annotate(f"parity bar {bar:g}", (steps[0], bar), color="firebrick", fontsize=8,
+                                 ha="left", va="bottom")
+    difference_axis.set_yscale("log")
+    difference_axis.set_ylim(floor, max(1.0, 10 * (bar or 0)))
+    difference_axis.set_ylabel(f"|loss - one process| / one process (dots; 0 drawn at {floor:g})")
+    loss_axis.set_xlabel("optimizer step")
+    loss_axis.set_ylabel("training loss (lines)")
+    loss_axis.grid(True, alpha=0.3)
+    loss_axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.13, 1.0))
+    loss_axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    loss_axis.set_title(f"USP training against one process: {config['family']}, {config['layers']} layers, "
+                        f"{config['heads']}/{config['kv_heads']} heads, {config['dtype']}, "
+                        f"{config['batch']} x {config['seqlen']} tokens, {config['world_size']} processes\n"
+                        f"{machine_label(document)}", fontsize=9)
+    return [_save(figure, out_dir / f"train-{config['dtype']}.png")]
+
+
 FIGURES = {"kernels": [kernel_figures], "scaling": [scaling_figures, timeline_figure, references_figure],
-           "emulate": [timeline_figure], "model": [comm_volume_figure]}
+           "emulate": [timeline_figure], "model": [comm_volume_figure], "train": [train_figure]}

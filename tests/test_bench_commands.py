@@ -60,6 +60,8 @@ TOY_RUNS = {
                 "2", "--head-dim", "16", "--warmup", "0", "--repeats", "1", "--bandwidth", "slow=0.001",
                 "--bandwidth", "fast=100"],
     "model": ["--seqlen", "32768", "--degrees", "2", "8"],
+    "train": ["--world-size", "2", "--mesh", "1x2", "--layout", "zigzag", "--steps", "2", "--seqlen", "16",
+              "--layers", "1", "--hidden", "16", "--ffn-hidden", "32", "--vocab", "32"],
 }
 
 
@@ -231,6 +233,17 @@ def test_model_command(toy_results):
     assert "recommended: u" in outputs["model"] and "against the paper:" in outputs["model"]
 
 
+def test_train_command(toy_results):
+    out, outputs = toy_results
+    document = _document(out, "train")
+    assert document["config"]["world_size"] == 2 and document["config"]["dtype"] == "fp64"
+    (record,) = document["records"]
+    assert record["name"] == "u1r2-zigzag"
+    assert len(record["losses"]) == len(record["reference_losses"]) == len(record["tokens_per_s"]) == 2
+    assert record["max_relative_difference"] <= 1e-10 and record["parity"] is True
+    assert "one process: step 2/2, loss" in outputs["train"] and "parity (bar 1e-10;" in outputs["train"]
+
+
 def test_scaling_under_torchrun(tmp_path):
     """The torchrun path: every process is a rank of the launcher's group (gloo without
     CUDA), rank 0 gathers the figures and writes the file."""
@@ -265,7 +278,7 @@ def test_plot_writes_png_figures_from_the_toy_runs(toy_results, tmp_path):
     names = {p.name for p in figures.glob("*.png")}
     assert {"kernels-fp32-d16-full.png", "kernels-fp32-d16-causal.png", "scaling-fwd.png", "scaling-fwd-bwd.png",
             "comm-volume.png", "ring-timeline-scaling.png", "ring-timeline-emulate.png",
-            "scaling-references.png"} == names
+            "scaling-references.png", "train-fp64.png"} == names
     for path in figures.glob("*.png"):
         data = path.read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 5000
@@ -296,12 +309,15 @@ def test_plot_refuses_a_result_without_figures(tmp_path, capsys, monkeypatch):
 
 
 def test_the_main_job_writes_one_run_folder_and_nothing_else(tmp_path, monkeypatch, capsys):
-    """usp-bench all: every step's JSON and the figures in one new folder under runs/."""
+    """usp-bench all: every step's JSON and the figures in one new folder under runs/;
+    without transformers the train step is skipped, saying why (the train command runs
+    in ``toy_results``)."""
     toy = dict(TOY_RUNS, verify=["--backend", "naive", "--no-distributed"],
                scaling=["--seqlen", "32", "--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--pass", "fwd",
                         "--warmup", "0", "--repeats", "1"])
     real = main_job.step_options
     monkeypatch.setattr(main_job, "step_options", lambda step, args: real(step, args) + toy[step])
+    monkeypatch.setattr(main_job, "transformers_installed", lambda: False)
     monkeypatch.chdir(tmp_path)
     assert main(["all", "--world-size", "1", "2"]) == 0
     (run_dir,) = (tmp_path / "runs").iterdir()
@@ -312,6 +328,7 @@ def test_the_main_job_writes_one_run_folder_and_nothing_else(tmp_path, monkeypat
                                                                      "ring-timeline-emulate.png"}
     output = capsys.readouterr().out
     assert f"results in runs/{run_dir.name}, figures in runs/{run_dir.name}/figures" in output
+    assert "== train: skipped, transformers is not installed" in output
 
 
 def test_every_run_gets_a_new_folder(tmp_path, monkeypatch):
@@ -325,6 +342,7 @@ def test_every_run_gets_a_new_folder(tmp_path, monkeypatch):
 def test_a_failing_step_does_not_stop_the_main_job(tmp_path, monkeypatch, capsys):
     """A step that fails (here: an option its command refuses) is reported; the others still run."""
     toy = dict(TOY_RUNS, verify=["--backend", "naive", "--no-distributed"], kernels=["--seqlen", "0"],
+               train=["--steps", "0"],
                scaling=["--world-size", "1", "--seqlen", "32", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
                         "--pass", "fwd", "--warmup", "0", "--repeats", "1"])
     monkeypatch.setattr(main_job, "step_options", lambda step, args: toy[step])
@@ -333,7 +351,7 @@ def test_a_failing_step_does_not_stop_the_main_job(tmp_path, monkeypatch, capsys
     (run_dir,) = (tmp_path / "runs").iterdir()
     kinds = sorted(json.loads(p.read_text())["kind"] for p in run_dir.glob("*.json"))
     assert kinds == ["emulate", "model", "scaling", "verify"]
-    assert "failed: kernels" in capsys.readouterr().out
+    assert "failed: kernels, train" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -343,6 +361,10 @@ def test_a_failing_step_does_not_stop_the_main_job(tmp_path, monkeypatch, capsys
     (["model", "--seqlen", "1000"], "must be divisible by every degree"),
     (["scaling", "--mesh", "2y2"], "expected a mesh like 2x4"),
     (["emulate", "--bandwidth", "nvlink"], "expected NAME=GB/s"),
+    (["train", "--mesh", "3x1"], "u x r must divide the world size 4"),
+    (["train", "--hidden", "30"], "--hidden 30 must be divisible by --heads 4"),
+    (["train", "--mesh", "1x2", "--batch", "1"], "must be divisible by the data-parallel degree 2"),
+    (["train", "--seqlen", "12"], "sequence length 12 must be divisible by 2 x ring_degree = 8"),
 ])
 def test_bad_options_get_a_clear_error(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -1,11 +1,14 @@
-"""The README's runnable parts: the CPU example of sequence-parallel attention runs as
-written under torchrun with 4 processes, and the commands it names exist."""
+"""The README's runnable parts: the CPU examples (sequence-parallel attention, and
+training a transformers model) run as written under torchrun with 4 processes, and the
+commands it names exist."""
 
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from usp.bench.__main__ import COMMANDS
 from usp.bench.launch import free_port
@@ -20,16 +23,29 @@ def _block_after(marker: str) -> str:
     return re.search(r"```\w*\n(.*?)```", rest, re.S).group(1)
 
 
-def test_the_gloo_example_runs_as_written_under_torchrun(tmp_path):
-    script = tmp_path / "usp_example.py"
-    script.write_text(_block_after("<!-- example: gloo -->"))
+def _run_example(marker: str, tmp_path: Path) -> str:
+    """The README's example after ``marker``, run under torchrun with 4 processes: its output."""
+    script = tmp_path / "example.py"
+    script.write_text(_block_after(marker))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-port",
                            str(free_port()), str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    (error,) = re.findall(r"max \|USP - float64\| = (\S+)", proc.stdout)
+    return proc.stdout
+
+
+def test_the_gloo_example_runs_as_written_under_torchrun(tmp_path):
+    stdout = _run_example("<!-- example: gloo -->", tmp_path)
+    (error,) = re.findall(r"max \|USP - float64\| = (\S+)", stdout)
     assert float(error) < 1e-5  # float32 attention against float64 on the whole sequence
-    assert "rank 0 holds positions [0, 1, 2]" in proc.stdout
+    assert "rank 0 holds positions [0, 1, 2]" in stdout
+
+
+@pytest.mark.slow
+def test_the_training_example_runs_as_written_under_torchrun(tmp_path):
+    pytest.importorskip("transformers")
+    losses = [float(x) for x in re.findall(r"step \d: loss (\S+)", _run_example("<!-- example: hf -->", tmp_path))]
+    assert len(losses) == 5 and losses[-1] < losses[0] - 0.1  # printed by rank 0 only; it learns
 
 
 def test_the_commands_the_readme_names_exist():

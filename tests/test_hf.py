@@ -1,0 +1,170 @@
+"""transformers models trained with USP (``usp.attention.hf``): loss and parameters equal
+to the same model trained on one process with transformers' own attention, for every
+mesh kind (Ulysses, USP, ring, data parallel x ring) and both layouts; and bad input
+refused on every rank.
+
+Tolerance rule: in float64 every step's loss agrees to 1e-10 relative (rounding is
+~1e-16; a wrong label shift, loss normalisation or gradient reduction gives 1e-2 or
+more), parameters to 1e-10 of their largest magnitude; in float32 losses to 1e-4.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from usp.bench.launch import free_port, run  # noqa: E402
+from usp.bench.train import (PARITY_BAR, TrainSetup, build_model, compare, rank_main, reference_run,  # noqa: E402
+                             training_flops)
+
+CONFIGS = [(4, 1, "zigzag"), (2, 2, "zigzag"), (2, 2, "contiguous"), (1, 4, "zigzag"), (1, 4, "contiguous"),
+           (1, 2, "zigzag"), (1, 2, "contiguous")]  # on 4 ranks; (1, 2): data parallel 2 x ring 2
+
+
+def _setup(dtype: str, steps: int, family: str = "llama", zero: bool = False) -> TrainSetup:
+    return TrainSetup(family, vocab=64, hidden=32, ffn_hidden=64, layers=2, heads=4, kv_heads=2, seqlen=32, batch=2,
+                      steps=steps, lr=3e-3, seed=0, dtype=dtype, zero=zero)
+
+
+def _parity(setup: TrainSetup, configs, per_rank=None) -> list[dict]:
+    """Train with USP (``per_rank``: its results, else trained here on 4 ranks) and on one process; compare."""
+    reference = reference_run(setup, torch.device("cpu"))
+    per_rank = per_rank or run(4, rank_main, (setup, configs), pg_timeout_s=60.0)
+    records = compare(setup, reference, per_rank, configs, world_size=4)
+    assert reference["losses"][-1] < reference["losses"][0]  # it trains
+    return records
+
+
+def _assert_parity(records, bar: float, parameter_bar: float) -> None:
+    for record in records:
+        assert record["max_relative_difference"] <= bar, record["name"]
+        assert record["max_relative_parameter_difference"] <= parameter_bar, record["name"]
+        assert record["parity"] is True
+
+
+def _train_and_refuse(setup: TrainSetup) -> tuple[list[dict], dict]:
+    """On each of 4 ranks: the USP training runs, then the bad inputs (one launch for both)."""
+    return rank_main(setup, CONFIGS), _bad_inputs()
+
+
+@pytest.fixture(scope="module")
+def four_ranks():
+    setup = _setup("fp64", steps=3)
+    per_rank, refusals = zip(*run(4, _train_and_refuse, (setup,), pg_timeout_s=60.0))
+    return setup, list(per_rank), list(refusals)
+
+
+def test_training_with_usp_matches_one_process_in_float64(four_ranks):
+    setup, per_rank, _ = four_ranks
+    records = _parity(setup, CONFIGS, per_rank)
+    assert [r["name"] for r in records] == ["u4r1", "u2r2-zigzag", "u2r2-contiguous", "u1r4-zigzag",
+                                            "u1r4-contiguous", "dp2-u1r2-zigzag", "dp2-u1r2-contiguous"]
+    _assert_parity(records, PARITY_BAR["fp64"], 1e-10)
+
+
+@pytest.mark.slow
+def test_training_with_usp_matches_one_process_over_longer_runs():
+    """The bars over the command's lengths: 20 steps in float64 (other model families
+    too), 50 in float32; and with ZeRO-1 sharding of the optimizer state."""
+    _assert_parity(_parity(_setup("fp64", steps=20), CONFIGS), PARITY_BAR["fp64"], 1e-10)
+    for family in ("mistral", "qwen2"):
+        _assert_parity(_parity(_setup("fp64", steps=5, family=family), CONFIGS[1:2]), PARITY_BAR["fp64"], 1e-10)
+    _assert_parity(_parity(_setup("fp32", steps=50), CONFIGS), PARITY_BAR["fp32"], 1e-3)
+    _assert_parity(_parity(_setup("fp64", steps=5, zero=True), CONFIGS[1:2] + CONFIGS[-1:]), PARITY_BAR["fp64"],
+                   1e-10)  # the optimizer state sharded over the 4 ranks (ZeroRedundancyOptimizer)
+
+
+def test_training_flops_count_linear_weights_and_attention():
+    """Worked by hand for the test model: per layer q 32x32, k and v 32x16, o 32x32, gate,
+    up and down 32x64: 9216 weights; 2 layers and lm_head 64x32: 20480; 6 FLOPs each per
+    token over 2 x 32 tokens, plus per layer causal attention 4·2·4·32·32·8 / 2 x 3.5."""
+    setup = _setup("fp32", steps=1)
+    assert training_flops(build_model(setup, torch.device("cpu")), setup) == 6 * 20480 * 64 + 2 * 458752
+
+
+def _error_of(call) -> str:
+    try:
+        call()
+    except (ValueError, TypeError) as error:
+        return f"{type(error).__name__}: {error}"
+    return "no error"
+
+
+def _bad_inputs() -> dict:
+    """Each bad call; every rank must raise."""
+    from usp.attention.hf import all_reduce_gradients, sequence_parallel, sequence_parallel_loss, shard_batch
+    from usp.comm import init_mesh
+
+    mesh = init_mesh(1, 2)  # dp 2 x ring 2 on 4 ranks
+    ulysses = init_mesh(2, 1)
+    ids = torch.arange(16).view(2, 8)
+    setup = _setup("fp32", 1)
+    model = sequence_parallel(build_model(setup, torch.device("cpu")), mesh)
+    shard = shard_batch(mesh, ids)
+    one_head = build_model(TrainSetup(**{**setup.__dict__, "heads": 1, "kv_heads": 1}), torch.device("cpu"))
+    mask = torch.ones(2, 1, 4, 4, dtype=torch.bool)
+    errors = {
+        "labels_length": _error_of(lambda: shard_batch(mesh, ids, ids[:, :6])),
+        "odd_length": _error_of(lambda: shard_batch(mesh, ids[:, :6])),
+        "padding": _error_of(lambda: shard_batch(mesh, ids, attention_mask=(ids % 7 != 0).long())),
+        "different_batches": _error_of(lambda: shard_batch(mesh, ids + mesh.ring_rank)),
+        "not_2d": _error_of(lambda: shard_batch(mesh, ids[0])),
+        "heads": _error_of(lambda: sequence_parallel(one_head, ulysses)),
+        "mask_4d": _error_of(lambda: model(input_ids=shard["input_ids"], attention_mask=mask)),
+        "loss_shapes": _error_of(lambda: sequence_parallel_loss(torch.zeros(2, 3, 64), shard["shift_labels"], mesh)),
+        "mesh_type": _error_of(lambda: all_reduce_gradients(model, mesh.sp_group)),
+    }
+    # what a correct call gives: the shifted labels of the global sequence, this rank's positions
+    from usp.attention import sequence_positions
+    positions = sequence_positions(8, mesh)
+    shifted = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
+    errors["shard_ok"] = bool(torch.equal(shard["position_ids"][0], positions)
+                              and torch.equal(shard["input_ids"], ids[:, positions])
+                              and torch.equal(shard["shift_labels"], shifted[:, positions]))
+    return errors
+
+
+def test_bad_input_is_refused_on_every_rank(four_ranks):
+    first, second, third, fourth = four_ranks[2]
+    # the same verdict on every rank; the disagreement names the ranks of each sequence-parallel group
+    assert first == second and third == fourth
+    assert {k: v for k, v in first.items() if k != "different_batches"} == \
+        {k: v for k, v in third.items() if k != "different_batches"}
+    assert "rank 2: input_ids=" in third["different_batches"] and "rank 3: input_ids=" in third["different_batches"]
+    assert first["shard_ok"] is True
+    assert "labels must have the shape of input_ids (2, 8)" in first["labels_length"]
+    assert "sequence length 6 must be divisible by 2 x ring_degree = 4" in first["odd_length"]
+    assert "attention_mask masks some tokens" in first["padding"]
+    assert first["different_batches"].startswith("ValueError") and "input_ids" in first["different_batches"]
+    assert "input_ids must be a [batch, seqlen] tensor" in first["not_2d"]
+    assert "must be at least the Ulysses degree (2)" in first["heads"]
+    assert "does not support a 4-D attention mask" in first["mask_4d"]
+    assert "do not match" in first["loss_shapes"]
+    assert "mesh must be a usp.comm.Mesh" in first["mesh_type"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["fp64", "bf16"])
+def test_the_train_command_under_torchrun(tmp_path, dtype):
+    """The torchrun path (gloo without CUDA): rank 0 trains the reference, every process a
+    rank; bf16 is autocast over float32 weights and has no bar, only its difference."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           str(free_port()), "-m", "usp.bench", "train", "--mesh", "2x1", "1x2", "--layout", "zigzag",
+                           "--steps", "3", "--seqlen", "32", "--dtype", dtype, "--out-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (path,) = tmp_path.glob("train-*.json")
+    document = json.loads(path.read_text())
+    assert document["config"]["process_group"] == "gloo" and document["config"]["world_size"] == 2
+    assert [r["name"] for r in document["records"]] == ["u2r1", "u1r2-zigzag"]
+    for record in document["records"]:
+        assert record["mfu"] is None and all(t > 0 for t in record["model_tflops_per_process"])
+        if dtype == "fp64":
+            assert record["parity"] is True and record["max_relative_difference"] <= 1e-10
+        else:  # bf16 rounding: a difference, but a small one
+            assert record["parity"] is None and 0 < record["max_relative_difference"] < 1e-2
