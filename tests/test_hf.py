@@ -168,3 +168,35 @@ def test_the_train_command_under_torchrun(tmp_path, dtype):
             assert record["parity"] is True and record["max_relative_difference"] <= 1e-10
         else:  # bf16 rounding: a difference, but a small one
             assert record["parity"] is None and 0 < record["max_relative_difference"] < 1e-2
+
+
+def _compiled_against_eager() -> dict:
+    """A LLaMA on USP (ring of 2 ranks) compiled whole with fullgraph: graph breaks, and
+    the largest differences of its loss and gradients from eager (float64)."""
+    from usp.attention.hf import sequence_parallel, sequence_parallel_loss, shard_batch
+    from usp.comm import init_mesh
+
+    setup = _setup("fp64", steps=1)
+    mesh = init_mesh(1, 2)
+    model = sequence_parallel(build_model(setup, torch.device("cpu")), mesh)
+    shard = shard_batch(mesh, torch.randint(64, (2, 32), generator=torch.Generator().manual_seed(0)))
+    inputs = dict(input_ids=shard["input_ids"], position_ids=shard["position_ids"])
+
+    def loss_and_grads(forward):
+        model.zero_grad()
+        loss = sequence_parallel_loss(forward(**inputs).logits, shard["shift_labels"], mesh)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    explain = torch._dynamo.explain(model)(**inputs)
+    eager_loss, eager_grads = loss_and_grads(model)
+    loss, grads = loss_and_grads(torch.compile(model, backend="aot_eager", fullgraph=True))
+    return dict(graph_breaks=explain.graph_break_count, loss=(loss - eager_loss).abs().item(),
+                grads=max((g - e).abs().max().item() for g, e in zip(grads, eager_grads)))
+
+
+@pytest.mark.slow
+def test_a_model_on_usp_compiles_with_fullgraph():
+    for result in run(2, _compiled_against_eager, pg_timeout_s=120.0):
+        assert result["graph_breaks"] == 0
+        assert result["loss"] <= 1e-12 and result["grads"] <= 1e-12
