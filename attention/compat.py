@@ -17,14 +17,14 @@ from usp.kernels.checks import refuse_flash_attn_extras
 
 from .functions import usp_attention
 
-RING_IMPL_LAYOUTS = {"basic": "contiguous", "zigzag": "zigzag"}  # yunchang's ring kinds -> our layouts
+RING_IMPL_LAYOUTS = {"basic": "contiguous", "zigzag": "zigzag", "strip": "stripe"}  # yunchang's ring kinds -> ours
 
 
 class LongContextAttention(nn.Module):
     """USP attention with the call signature of yunchang's ``LongContextAttention``.
 
-    ``ring_impl_type``: "basic" (the contiguous split, yunchang's default) or "zigzag"
-    (the balanced one: better for causal attention);
+    ``ring_impl_type``: "basic" (the contiguous split, yunchang's default), "zigzag" or
+    "strip" (the balanced ones, better for causal attention: our zigzag and stripe);
     ``backend``, ``check_ranks``, ``check_finite``: as for ``usp_attention``.
     ``forward(query, key, value, dropout_p=0.0, softmax_scale=None, causal=False,
     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,

@@ -2,7 +2,9 @@
 
 The ring level: ``"contiguous"`` gives ring rank ``i`` the ``i``-th of ``r`` equal
 chunks; ``"zigzag"`` cuts the sequence into ``2r`` chunks and gives ring rank ``i``
-chunks ``i`` and ``2r - 1 - i`` (in that order), so causal work is balanced. The Ulysses
+chunks ``i`` and ``2r - 1 - i`` (in that order), so causal work is balanced;
+``"stripe"`` gives ring rank ``i`` every position ``t`` with ``t mod r = i`` (Striped
+Attention), balanced too, with nothing to cut but the length into multiples of ``r``. The Ulysses
 level splits a ring rank's positions contiguously over its ``u`` ranks. So the local
 shard of ``(ring_rank, ulysses_rank)`` is piece ``ulysses_rank`` of ring rank
 ``ring_rank``'s positions, and a Ulysses all-to-all gives back exactly those positions.
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-LAYOUTS = ("contiguous", "zigzag")
+LAYOUTS = ("contiguous", "zigzag", "stripe")
 
 
 def check_layout(layout: str) -> str:
@@ -41,6 +43,8 @@ def check_global_seqlen(seqlen: int, ulysses_degree: int, ring_degree: int, layo
 
 def ring_positions(seqlen: int, ring_degree: int, ring_rank: int, layout: str) -> torch.Tensor:
     """Global positions held by a ring rank, in local order. ``[seqlen / ring_degree]``."""
+    if layout == "stripe":
+        return torch.arange(ring_rank, seqlen, ring_degree)
     if layout == "contiguous":
         chunk = seqlen // ring_degree
         return torch.arange(ring_rank * chunk, (ring_rank + 1) * chunk)
@@ -86,8 +90,24 @@ class Block:
 #
 # In general a later source's chunks (j, 2r-1-j) lie between this rank's (i, 2r-1-i):
 # only the second local chunk sees them, all of them; an earlier source's first chunk
-# lies before both local chunks and its second after both. tests/test_layout.py checks
-# this against a brute-force mask for every rank pair.
+# lies before both local chunks and its second after both.
+#
+# Stripe: local index j of ring rank i is position j r + i, so against source s the pair
+# (query j, key k) is visible iff k r + s <= j r + i: k <= j when s <= i (its own block
+# and earlier sources: the lower triangle with its diagonal), k < j when s > i (later
+# sources: the triangle strictly below the diagonal, which is queries 1.. against keys
+# ..S-2 with the causal mask, query 0 seeing none of it). With r = 2 and 8 positions
+# (ring rank 0 holds 0 2 4 6, ring rank 1 holds 1 3 5 7):
+#
+#     rank 1's queries x rank 0's keys         rank 0's queries x rank 1's keys
+#               0 2 4 6                                  1 3 5 7
+#           1   x . . .                              0   . . . .
+#           3   x x . .                              2   x . . .
+#           5   x x x .                              4   x x . .
+#           7   x x x x                              6   x x x .
+#
+# tests/test_layout.py checks all three layouts against a brute-force mask for every
+# rank pair.
 
 
 def ring_block(rank: int, source: int, seqlen: int, layout: str, causal: bool) -> Block | None:
@@ -103,6 +123,10 @@ def ring_block(rank: int, source: int, seqlen: int, layout: str, causal: bool) -
         return Block(everything, everything, True)
     if layout == "contiguous":
         return Block(everything, everything, False) if source < rank else None
+    if layout == "stripe":
+        if source < rank:
+            return Block(everything, everything, True)
+        return Block(slice(1, seqlen), slice(0, seqlen - 1), True) if seqlen > 1 else None
     half = seqlen // 2
     if source < rank:
         return Block(everything, slice(0, half), False)

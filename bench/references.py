@@ -25,6 +25,7 @@ from typing import Callable
 import torch.distributed as dist
 
 from usp.attention import usp_attention
+from usp.attention.layout import LAYOUTS
 from usp.kernels import local_attention
 
 
@@ -41,6 +42,7 @@ class Reference:
     build: Callable  # (mesh, settings of usp-bench scaling) -> call
     by_default: bool = True  # timed unless --reference names others
     cpu_passes: tuple = ("fwd", "fwd+bwd")  # what it can run on a CPU (on GPUs: every pass)
+    ring_layouts: tuple = LAYOUTS  # the shard layouts it reads on meshes with a ring
 
     def missing(self) -> str | None:
         """Why the reference cannot run on this machine at all, or None."""
@@ -108,15 +110,16 @@ def _yunchang_why_not(u: int, r: int, heads: int, kv_heads: int) -> str | None:
 
 
 TORCH_CP = "torch.distributed.tensor.experimental._context_parallel"
+TWO_CHUNK_LAYOUTS = ("contiguous", "zigzag")  # the ones torch's context parallel and yunchang shard as we do
 REFERENCES = {
     "torch-cp-allgather": Reference("torch-cp-allgather", TORCH_CP, "torch >= 2.9", "ring", _several_ranks,
-                                    _torch_cp_build("allgather")),
+                                    _torch_cp_build("allgather"), ring_layouts=TWO_CHUNK_LAYOUTS),
     "torch-cp-alltoall": Reference("torch-cp-alltoall", TORCH_CP, "torch >= 2.9", "ring", _several_ranks,
-                                   _torch_cp_build("alltoall")),
+                                   _torch_cp_build("alltoall"), ring_layouts=TWO_CHUNK_LAYOUTS),
     "usp-unchecked": Reference("usp-unchecked", "", "", "any", _always, _unchecked_build, by_default=False),
     "deepspeed-ulysses": Reference("deepspeed-ulysses", "deepspeed", "DS_BUILD_OPS=0 pip install deepspeed",
                                    "ulysses", _deepspeed_why_not, _deepspeed_build),
     # yunchang on a CPU: its torch "math" path, forward only (its torch backward raises)
     "yunchang": Reference("yunchang", "yunchang", "pip install yunchang", "any", _yunchang_why_not,
-                          _yunchang_build, cpu_passes=("fwd",)),
+                          _yunchang_build, cpu_passes=("fwd",), ring_layouts=TWO_CHUNK_LAYOUTS),
 }

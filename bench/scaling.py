@@ -412,7 +412,8 @@ def _references(args, meshes, heads: int, passes=SCALING_PASSES, gpu: bool = Fal
         for u, r in meshes:
             if reference.method not in ("any", sp_method(u, r)):
                 continue
-            why_not = reference.why_not(u, r, heads, args.kv_heads)
+            why_not = reference.why_not(u, r, heads, args.kv_heads) or (
+                f"it shards no {args.layout} layout" if r > 1 and args.layout not in reference.ring_layouts else None)
             if why_not:
                 notes.append(f"reference {name} left out on u{u}r{r}: {why_not}")
             else:

@@ -403,12 +403,20 @@ def test_scaling_says_why_a_reference_is_left_out(monkeypatch):
                   "forward-only": Reference("forward-only", "", "", "any", lambda *shape: None, None,
                                             by_default=False, cpu_passes=("fwd",))}
     monkeypatch.setattr(scaling, "REFERENCES", references)
-    args = argparse.Namespace(no_references=False, references=None, kv_heads=2)
+    args = argparse.Namespace(no_references=False, references=None, kv_heads=2, layout="zigzag")
     assert scaling._references(args, [(1, 4), (4, 1)], heads=8) == ((), [
         "reference missing left out: no_such_package_for_usp is not installed (pip install it)",
         "reference picky left out on u4r1: not with 2 K/V heads"])
     args.references = ["ring-only"]  # asked for by name, run on the meshes of its method only
     assert scaling._references(args, [(1, 4), (4, 1)], heads=8) == (((1, 4, "ring-only", ("fwd", "fwd+bwd")),), [])
+    # a layout it does not shard: left out on rings, said
+    references["ring-only"] = Reference("ring-only", "", "", "any", lambda *shape: None, None, by_default=False,
+                                        ring_layouts=("zigzag",))
+    args.layout = "stripe"
+    assert scaling._references(args, [(1, 4), (4, 1)], heads=8) == (
+        ((4, 1, "ring-only", ("fwd", "fwd+bwd")),),
+        ["reference ring-only left out on u1r4: it shards no stripe layout"])
+    args.layout = "zigzag"
     # what a reference cannot run on a CPU is left out there, and said; on GPUs it runs every pass
     args.references = ["forward-only"]
     assert scaling._references(args, [(1, 4)], heads=8) == (

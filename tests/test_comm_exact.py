@@ -8,8 +8,8 @@ import functools
 import torch
 import torch.distributed as dist
 
-from usp.attention import (LongContextAttention, USPAttention, gather_sequence, naive_attention, ring_attention,
-                           sequence_positions, shard_sequence, ulysses_attention, usp_attention)
+from usp.attention import (LAYOUTS, LongContextAttention, USPAttention, gather_sequence, naive_attention,
+                           ring_attention, sequence_positions, shard_sequence, ulysses_attention, usp_attention)
 from usp.bench.launch import run
 from usp.attention.ring import ring_backward, ring_forward
 from usp.comm import RingComm, head_to_seq, init_mesh, record_traffic, replicate_kv_heads, seq_to_head
@@ -58,7 +58,7 @@ def _check_all_to_all(ulysses_degree: int, ring_degree: int, placement: str):
 def _check_shard_gather(world_meshes):
     for u, r, placement in world_meshes:
         mesh = init_mesh(u, r, placement)
-        for layout in ("zigzag", "contiguous"):
+        for layout in LAYOUTS:
             seqlen = 2 * u * r * 3
             whole = _encoded(seqlen, 2)
             local = shard_sequence(whole, mesh, layout=layout)
@@ -239,12 +239,12 @@ def _module_and_options():
     torch.testing.assert_close(out, expected.chunk(2, dim=1)[j], rtol=0, atol=1e-14)
     # yunchang's module signature: the same numbers as usp_attention with the matching layout
     whole = torch.randn(1, 16, 4, 8, generator=generator, dtype=torch.float64)
-    for ring_impl_type, layout in (("basic", "contiguous"), ("zigzag", "zigzag")):
+    for ring_impl_type, layout in (("basic", "contiguous"), ("zigzag", "zigzag"), ("strip", "stripe")):
         local = shard_sequence(whole, mesh, layout=layout)
         compatible = LongContextAttention(mesh, ring_impl_type, backend="naive")
         assert torch.equal(compatible(local, local, local, 0.0, None, True, (-1, -1), 0.0, None, False, False),
                            usp_attention(local, local, local, mesh, True, None, layout, "naive"))
-    errors = [_error_of(lambda: LongContextAttention(mesh, "strip")),
+    errors = [_error_of(lambda: LongContextAttention(mesh, "striped")),
               _error_of(lambda: compatible(local, local, local, window_size=(8, 0)))]
     return dict(repr=repr(module), checks=(len(checked.of_kind("check")), len(unchecked.of_kind("check"))),
                 errors=errors)
@@ -262,5 +262,5 @@ def test_module_options_and_cross_attention():
     result = run(4, _module_and_options, pg_timeout_s=60)[0]
     assert "ulysses_degree=2, ring_degree=2, placement=ulysses_inner, causal=True, layout=zigzag" in result["repr"]
     assert result["checks"] == (1, 0)  # one agreement check per call, none with check_ranks=False
-    assert result["errors"] == ["ring_impl_type must be one of ['basic', 'zigzag'], got 'strip'",
+    assert result["errors"] == ["ring_impl_type must be one of ['basic', 'strip', 'zigzag'], got 'striped'",
                                 "window_size must be (-1, -1) (sliding windows are not supported yet), got (8, 0)"]

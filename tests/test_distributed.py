@@ -17,7 +17,7 @@ from usp.bench.launch import run
 
 FP64, FP32 = torch.float64, torch.float32
 HEADS = (8, 2, 1)  # K/V heads for 8 query heads: MHA, GQA, MQA (replicated when below u)
-LAYOUTS = ("zigzag", "contiguous")
+LAYOUTS = ("zigzag", "contiguous")  # stripe: the cases that name it
 PLACEMENTS = ("ulysses_inner", "ring_inner")
 
 
@@ -41,12 +41,16 @@ def _cases(world: int) -> list[DistCase]:
     if world == 2:
         return (_product("ring", 1, 2, 2) + _product("ulysses", 2, 1, 2, layouts=("contiguous",))
                 + _product("usp", 1, 2, 2, heads=(2,)) + _product("usp", 2, 1, 2, layouts=("zigzag",), heads=(1,))
-                + _product("ring", 1, 2, 2, heads=(2,), backend="torch", dtype=FP32))
+                + _product("ring", 1, 2, 2, heads=(2,), backend="torch", dtype=FP32)
+                + _product("ring", 1, 2, 2, layouts=("stripe",), heads=(8, 2)))
     if world == 4:
         return (_product("ring", 1, 4, 4, heads=(8, 1)) + _product("ulysses", 4, 1, 4, layouts=("contiguous",))
                 + _product("usp", 2, 2, 4, placements=PLACEMENTS)
                 + _product("usp", 2, 2, 4, placements=PLACEMENTS, heads=(1,), backend="torch", dtype=FP32)
                 + _uneven("ulysses", 4, 1, 4, kv_heads=(6, 2, 1))
+                + _product("ring", 1, 4, 4, layouts=("stripe",), heads=(2,))
+                + _product("usp", 2, 2, 4, layouts=("stripe",), heads=(2,))
+                + _product("usp", 2, 2, 4, layouts=("stripe",), heads=(1,), backend="torch", dtype=FP32)
                 + [DistCase("ulysses", 4, 1, 4, causal=True, heads=6, kv_heads=2, backend="torch", dtype=FP32),
                    DistCase("usp", 2, 2, 4, layout="zigzag", causal=True, kv_heads=2, backend="triton", dtype=FP32),
                    DistCase("usp", 2, 2, 4, layout="contiguous", causal=False, kv_heads=1, backend="triton",
@@ -58,7 +62,8 @@ def _cases(world: int) -> list[DistCase]:
                 + _product("ring", 1, 8, 8, layouts=("zigzag",), heads=(2,))
                 + _product("ulysses", 8, 1, 8, layouts=("contiguous",), heads=(1,))
                 + _product("usp", 4, 2, 8, layouts=("zigzag",), heads=(2,), backend="torch", dtype=FP32)
-                + _uneven("usp", 4, 2, 8, kv_heads=(6, 3)))
+                + _uneven("usp", 4, 2, 8, kv_heads=(6, 3))
+                + _product("usp", 2, 4, 8, layouts=("stripe",), heads=(2,)))
     raise ValueError(world)
 
 

@@ -1,6 +1,6 @@
 """transformers models trained with USP (``usp.attention.hf``): loss and parameters equal
 to the same model trained on one process with transformers' own attention, for every
-mesh kind (Ulysses, USP, ring, data parallel x ring) and both layouts; and bad input
+mesh kind (Ulysses, USP, ring, data parallel x ring) and the three layouts; and bad input
 refused on every rank.
 
 Tolerance rule: in float64 every step's loss agrees to 1e-10 relative (rounding is
@@ -22,8 +22,9 @@ from usp.bench.launch import free_port, run  # noqa: E402
 from usp.bench.train import (PARITY_BAR, TrainSetup, build_model, compare, rank_main, reference_run,  # noqa: E402
                              training_flops)
 
-CONFIGS = [(4, 1, "zigzag"), (2, 2, "zigzag"), (2, 2, "contiguous"), (1, 4, "zigzag"), (1, 4, "contiguous"),
-           (1, 2, "zigzag"), (1, 2, "contiguous")]  # on 4 ranks; (1, 2): data parallel 2 x ring 2
+CONFIGS = [(4, 1, "zigzag"), (2, 2, "zigzag"), (2, 2, "contiguous"), (2, 2, "stripe"), (1, 4, "zigzag"),
+           (1, 4, "contiguous"), (1, 4, "stripe"), (1, 2, "zigzag"), (1, 2, "contiguous")]
+# on 4 ranks; (1, 2): data parallel 2 x ring 2
 
 
 def _setup(dtype: str, steps: int, family: str = "llama", zero: bool = False) -> TrainSetup:
@@ -62,8 +63,9 @@ def four_ranks():
 def test_training_with_usp_matches_one_process_in_float64(four_ranks):
     setup, per_rank, _ = four_ranks
     records = _parity(setup, CONFIGS, per_rank)
-    assert [r["name"] for r in records] == ["u4r1", "u2r2-zigzag", "u2r2-contiguous", "u1r4-zigzag",
-                                            "u1r4-contiguous", "dp2-u1r2-zigzag", "dp2-u1r2-contiguous"]
+    assert [r["name"] for r in records] == ["u4r1", "u2r2-zigzag", "u2r2-contiguous", "u2r2-stripe", "u1r4-zigzag",
+                                            "u1r4-contiguous", "u1r4-stripe", "dp2-u1r2-zigzag",
+                                            "dp2-u1r2-contiguous"]
     _assert_parity(records, PARITY_BAR["fp64"], 1e-10)
 
 

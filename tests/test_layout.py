@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from usp.attention.layout import Block, check_global_seqlen, ring_block, ring_positions, shard_positions
+from usp.attention.layout import LAYOUTS, Block, check_global_seqlen, ring_block, ring_positions, shard_positions
 from usp.comm.heads import (head_shares, heads_per_rank, heads_problem, kv_copies, kv_head_shares,
                             kv_heads_per_rank, replicate_kv_heads)
 from usp.comm.mesh import mesh_coordinates, mesh_position, mesh_shapes
@@ -32,7 +32,7 @@ def _covered(block: Block | None, n_q: int, n_k: int) -> torch.Tensor:
     return covered
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("ring_degree", [1, 2, 3, 4, 8])
 def test_ring_block_computes_exactly_the_visible_pairs(layout, causal, ring_degree):
@@ -47,16 +47,27 @@ def test_ring_block_computes_exactly_the_visible_pairs(layout, causal, ring_degr
             assert expected.any()
 
 
-def test_zigzag_balances_causal_work():
-    ring_degree, seqlen = 4, 64
-    work = []
-    for rank in range(ring_degree):
-        q_pos = ring_positions(seqlen, ring_degree, rank, "zigzag")
-        work.append(int(_visible(q_pos, torch.arange(seqlen), True).sum()))
-    assert len(set(work)) == 1, work
+def _causal_work(layout: str, ring_degree: int, seqlen: int) -> list[int]:
+    """Visible (query, key) pairs of each ring rank's queries under causal attention."""
+    return [int(_visible(ring_positions(seqlen, ring_degree, rank, layout), torch.arange(seqlen), True).sum())
+            for rank in range(ring_degree)]
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_zigzag_and_stripe_balance_causal_work():
+    assert len(set(_causal_work("zigzag", 4, 64))) == 1
+    # stripe: rank i's queries sit i places after rank 0's, so each sees i more pairs per query row
+    assert _causal_work("stripe", 4, 64) == [496 + 16 * rank for rank in range(4)]  # 1.03x the mean at most
+    contiguous = _causal_work("contiguous", 4, 64)
+    assert max(contiguous) / (sum(contiguous) / 4) > 1.7  # the imbalance the other two remove
+
+
+def test_stripe_positions_deal_tokens_round_robin():
+    assert ring_positions(8, 2, 0, "stripe").tolist() == [0, 2, 4, 6]
+    assert ring_positions(8, 2, 1, "stripe").tolist() == [1, 3, 5, 7]
+    assert shard_positions(8, 2, 2, 1, 1, "stripe").tolist() == [5, 7]  # Ulysses splits a ring rank's part
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("ulysses_degree, ring_degree", [(1, 1), (1, 4), (4, 1), (2, 2), (3, 2), (2, 4)])
 def test_shards_partition_the_sequence(layout, ulysses_degree, ring_degree):
     seqlen = 2 * ulysses_degree * ring_degree * 2
@@ -80,6 +91,8 @@ def test_sequence_length_errors_name_the_requirement():
         check_global_seqlen(6, 1, 4, "contiguous")
     with pytest.raises(ValueError, match="ulysses_degree x ring_degree = 6"):
         check_global_seqlen(8, 3, 2, "contiguous")
+    with pytest.raises(ValueError, match="ring_degree = 3 for the stripe layout"):
+        check_global_seqlen(8, 1, 3, "stripe")
     with pytest.raises(ValueError, match="layout must be one of"):
         check_global_seqlen(8, 1, 1, "striped")
     with pytest.raises(TypeError, match="must be an int, got 8.0"):

@@ -8,7 +8,7 @@ import torch
 
 from conftest import DEVICE
 from thread_ring import run_on_ring
-from usp.attention.layout import ring_positions
+from usp.attention.layout import LAYOUTS, ring_positions
 from usp.attention.ring import ring_backward, ring_forward
 from usp.bench.numerics import Case, compare, reference, run_backend
 from usp.kernels import AttentionShape, get_backend, merge_attention
@@ -132,7 +132,7 @@ def ring_by_threads(backend: str, q, k, v, dout, causal: bool, ring_size: int, l
 @pytest.mark.parametrize("backend", ["triton", "torch", "naive"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_the_ring_schedule_equals_full_attention(backend, causal, dtype, layout):
     """The ring loops themselves, on 3 ranks, against the float64 oracle (tolerance rule of
     usp.bench.numerics: baseline plain torch on the whole sequence in the input dtype)."""
