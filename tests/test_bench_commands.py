@@ -203,7 +203,8 @@ def test_emulate_command(toy_results):
     out, outputs = toy_results
     document = _timed_document(out, "emulate")
     records = document["records"]
-    assert {r["impl"] for r in records} == {"usp-u2r2-zigzag", "usp-u2r2-contiguous"} and len(records) == 4
+    assert {r["impl"] for r in records} == {"usp-u2r2-zigzag", "usp-u2r2-contiguous", "usp-u2r2-stripe"}
+    assert len(records) == 6
     for r in records:
         per_rank = r["per_rank_compute_ms"]
         assert r["seqlen"] == 32 and len(per_rank) == 2
@@ -216,6 +217,8 @@ def test_emulate_command(toy_results):
     assert all(t > 0 for steps in zigzag_fwd["step_ms"]["fwd"] for t in steps)
     contiguous = next(r for r in records if r["impl"] == "usp-u2r2-contiguous" and r["pass"] == "fwd")
     assert contiguous["step_ms"]["fwd"][0][1] == 0  # rank 0 sees nothing of rank 1's later keys
+    stripe = next(r for r in records if r["impl"] == "usp-u2r2-stripe" and r["pass"] == "fwd")
+    assert all(t > 0 for steps in stripe["step_ms"]["fwd"] for t in steps)  # a triangle on every step
     assert document["timelines"]["zigzag"]
     assert "layout zigzag: 2 ring ranks" in outputs["emulate"]
 

@@ -183,7 +183,7 @@ def test_the_disagreement_message_shows_each_rank():
             in first["gather_length"])
     assert first["bad_on_one_rank"] == ("ValueError: the ranks of the group disagree on usp_attention (error): rank 0: "
                                         "error=none; rank 1: error=ValueError: layout must be one of ('contiguous', "
-                                        "'zigzag'), got 'striped'; rank 2: error=none; rank 3: error=none")
+                                        "'zigzag', 'stripe'), got 'striped'; rank 2: error=none; rank 3: error=none")
     assert first["init_mesh"] == ("ValueError: the ranks of the group disagree on init_mesh (ulysses_degree, "
                                   "ring_degree): rank 0: ulysses_degree=2, ring_degree=2; rank 1: ulysses_degree=1, "
                                   "ring_degree=4; rank 2: ulysses_degree=2, ring_degree=2; rank 3: ulysses_degree=2, "
