@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
+from errors import error_of
 
 from usp.attention import (USPAttention, gather_sequence, naive_attention, ring_attention, sequence_positions,
                            shard_sequence, ulysses_attention, usp_attention)
@@ -20,14 +21,6 @@ from usp.comm import head_to_seq, init_mesh, seq_to_head
 from usp.kernels.backends import FunctionBackend
 
 PG_TIMEOUT_S = 3.0  # the mesh's groups; the world group keeps a generous one for start-up
-
-
-def _error_of(call) -> str:
-    try:
-        call()
-    except (ValueError, TypeError) as error:
-        return f"{type(error).__name__}: {error}"
-    return "no error"
 
 
 def _bad_inputs() -> dict:
@@ -42,32 +35,32 @@ def _bad_inputs() -> dict:
         return q, k, k.clone()
 
     return {
-        "odd_zigzag": _error_of(lambda: usp_attention(*qkv(3), ring4, causal=True)),
-        "odd_ring_zigzag": _error_of(lambda: ring_attention(*qkv(5), mesh.ring_group, causal=True)),
-        "heads": _error_of(lambda: usp_attention(*qkv(4, heads=3, kv_heads=3), ulysses4)),
-        "kv_heads": _error_of(lambda: usp_attention(*qkv(4, heads=6, kv_heads=4), ulysses4)),
-        "ulysses_heads": _error_of(lambda: ulysses_attention(*qkv(4, heads=2, kv_heads=2), ulysses4.ulysses_group)),
-        "causal_lengths": _error_of(lambda: ring_attention(*qkv(4, k_seqlen=6), mesh.ring_group, causal=True)),
-        "head_dims": _error_of(lambda: usp_attention(qkv(4)[0], *qkv(4, head_dim=16)[1:], mesh)),
-        "layout": _error_of(lambda: usp_attention(*qkv(4), mesh, layout="striped")),
-        "mesh_type": _error_of(lambda: usp_attention(*qkv(4), mesh.ring_group)),
-        "ring_group_type": _error_of(lambda: ring_attention(*qkv(4), mesh)),
-        "ulysses_group_type": _error_of(lambda: ulysses_attention(*qkv(4), [0, 1, 2, 3])),
-        "all_to_all_group_type": _error_of(lambda: seq_to_head(torch.zeros(1, 4, 4, 2), "world")),
-        "gather_mesh_type": _error_of(lambda: gather_sequence(torch.zeros(1, 4, 1, 1), mesh.sp_group)),
-        "positions_float": _error_of(lambda: sequence_positions(8.0, mesh)),
-        "positions_negative": _error_of(lambda: sequence_positions(-8, mesh)),
-        "degrees": _error_of(lambda: init_mesh(3, 1)),
-        "degree_type": _error_of(lambda: init_mesh(0, 4)),
-        "placement": _error_of(lambda: init_mesh(2, 2, "nodes_inner")),
-        "group_ranks": _error_of(lambda: init_mesh(1, 1, group=[0, 9])),
-        "seq_to_head": _error_of(lambda: seq_to_head(torch.zeros(1, 4, 3, 2), ulysses4.ulysses_group)),
-        "seq_to_head_shares": _error_of(lambda: seq_to_head(torch.zeros(1, 4, 6, 2), ulysses4.ulysses_group,
+        "odd_zigzag": error_of(lambda: usp_attention(*qkv(3), ring4, causal=True)),
+        "odd_ring_zigzag": error_of(lambda: ring_attention(*qkv(5), mesh.ring_group, causal=True)),
+        "heads": error_of(lambda: usp_attention(*qkv(4, heads=3, kv_heads=3), ulysses4)),
+        "kv_heads": error_of(lambda: usp_attention(*qkv(4, heads=6, kv_heads=4), ulysses4)),
+        "ulysses_heads": error_of(lambda: ulysses_attention(*qkv(4, heads=2, kv_heads=2), ulysses4.ulysses_group)),
+        "causal_lengths": error_of(lambda: ring_attention(*qkv(4, k_seqlen=6), mesh.ring_group, causal=True)),
+        "head_dims": error_of(lambda: usp_attention(qkv(4)[0], *qkv(4, head_dim=16)[1:], mesh)),
+        "layout": error_of(lambda: usp_attention(*qkv(4), mesh, layout="striped")),
+        "mesh_type": error_of(lambda: usp_attention(*qkv(4), mesh.ring_group)),
+        "ring_group_type": error_of(lambda: ring_attention(*qkv(4), mesh)),
+        "ulysses_group_type": error_of(lambda: ulysses_attention(*qkv(4), [0, 1, 2, 3])),
+        "all_to_all_group_type": error_of(lambda: seq_to_head(torch.zeros(1, 4, 4, 2), "world")),
+        "gather_mesh_type": error_of(lambda: gather_sequence(torch.zeros(1, 4, 1, 1), mesh.sp_group)),
+        "positions_float": error_of(lambda: sequence_positions(8.0, mesh)),
+        "positions_negative": error_of(lambda: sequence_positions(-8, mesh)),
+        "degrees": error_of(lambda: init_mesh(3, 1)),
+        "degree_type": error_of(lambda: init_mesh(0, 4)),
+        "placement": error_of(lambda: init_mesh(2, 2, "nodes_inner")),
+        "group_ranks": error_of(lambda: init_mesh(1, 1, group=[0, 9])),
+        "seq_to_head": error_of(lambda: seq_to_head(torch.zeros(1, 4, 3, 2), ulysses4.ulysses_group)),
+        "seq_to_head_shares": error_of(lambda: seq_to_head(torch.zeros(1, 4, 6, 2), ulysses4.ulysses_group,
                                                             [3, 1, 1, 0])),
-        "head_to_seq": _error_of(lambda: head_to_seq(torch.zeros(1, 6, 1, 2), ulysses4.ulysses_group)),
-        "module_mesh": _error_of(lambda: USPAttention(mesh.sp_group)),
-        "shard_zigzag": _error_of(lambda: shard_sequence(torch.zeros(1, 10, 1, 1), mesh)),
-        "shard_ulysses": _error_of(lambda: shard_sequence(torch.zeros(1, 6, 1, 1), ulysses4)),
+        "head_to_seq": error_of(lambda: head_to_seq(torch.zeros(1, 6, 1, 2), ulysses4.ulysses_group)),
+        "module_mesh": error_of(lambda: USPAttention(mesh.sp_group)),
+        "shard_zigzag": error_of(lambda: shard_sequence(torch.zeros(1, 10, 1, 1), mesh)),
+        "shard_ulysses": error_of(lambda: shard_sequence(torch.zeros(1, 6, 1, 1), ulysses4)),
     }
 
 
@@ -267,18 +260,18 @@ def _guarded_calls() -> dict:
              "module": lambda q, k, v, **kw: USPAttention(mesh, causal=True, **kw)(q, k, v)}
     seen = {}
     for name, call in calls.items():
-        seen[name] = _error_of(lambda: call(bad_q, bad_k, v, check_finite=True))
+        seen[name] = error_of(lambda: call(bad_q, bad_k, v, check_finite=True))
         seen[f"{name} unchecked"] = bool(torch.isnan(call(bad_q, bad_k, v)).any())  # documented NaN spread
         seen[f"{name} finite"] = torch.equal(call(q, k, v, check_finite=True), call(q, k, v))
         seen[f"{name} finite, no rank check"] = torch.equal(call(q, k, v, check_finite=True, check_ranks=False),
                                                              call(q, k, v))
     huge = torch.full((1, 8, 4, 8), 3e38)  # finite, but its sum overflows float32
-    seen["overflowing sum"] = _error_of(lambda: usp_attention(huge, q, v, mesh, check_finite=True))
+    seen["overflowing sum"] = error_of(lambda: usp_attention(huge, q, v, mesh, check_finite=True))
     # a pure ring too, whose first hop waits for the check: posted once the exact count cleared the flag
-    seen["overflowing sum, ring"] = _error_of(lambda: ring_attention(huge, q, v, None, check_finite=True))
-    seen["only rank 1 checks"] = _error_of(lambda: usp_attention(q, k, v, mesh, check_finite=rank == 1))
+    seen["overflowing sum, ring"] = error_of(lambda: ring_attention(huge, q, v, None, check_finite=True))
+    seen["only rank 1 checks"] = error_of(lambda: usp_attention(q, k, v, mesh, check_finite=rank == 1))
     alone = [dist.new_group([r]) for r in range(4)][rank]  # every rank makes every group
-    seen["alone"] = _error_of(lambda: ring_attention(bad_q, bad_k, v, alone, check_finite=True))
+    seen["alone"] = error_of(lambda: ring_attention(bad_q, bad_k, v, alone, check_finite=True))
     return seen
 
 

@@ -18,6 +18,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from errors import error_of  # noqa: E402
+
 from usp.bench.launch import free_port, run  # noqa: E402
 from usp.bench.train import (PARITY_BAR, TrainSetup, build_model, compare, rank_main, reference_run,  # noqa: E402
                              training_flops)
@@ -89,14 +91,6 @@ def test_training_flops_count_linear_weights_and_attention():
     assert training_flops(build_model(setup, torch.device("cpu")), setup) == 6 * 20480 * 64 + 2 * 458752
 
 
-def _error_of(call) -> str:
-    try:
-        call()
-    except (ValueError, TypeError) as error:
-        return f"{type(error).__name__}: {error}"
-    return "no error"
-
-
 def _bad_inputs() -> dict:
     """Each bad call; every rank must raise."""
     from usp.attention.hf import all_reduce_gradients, sequence_parallel, sequence_parallel_loss, shard_batch
@@ -111,15 +105,15 @@ def _bad_inputs() -> dict:
     one_head = build_model(TrainSetup(**{**setup.__dict__, "heads": 1, "kv_heads": 1}), torch.device("cpu"))
     mask = torch.ones(2, 1, 4, 4, dtype=torch.bool)
     errors = {
-        "labels_length": _error_of(lambda: shard_batch(mesh, ids, ids[:, :6])),
-        "odd_length": _error_of(lambda: shard_batch(mesh, ids[:, :6])),
-        "padding": _error_of(lambda: shard_batch(mesh, ids, attention_mask=(ids % 7 != 0).long())),
-        "different_batches": _error_of(lambda: shard_batch(mesh, ids + mesh.ring_rank)),
-        "not_2d": _error_of(lambda: shard_batch(mesh, ids[0])),
-        "heads": _error_of(lambda: sequence_parallel(one_head, ulysses)),
-        "mask_4d": _error_of(lambda: model(input_ids=shard["input_ids"], attention_mask=mask)),
-        "loss_shapes": _error_of(lambda: sequence_parallel_loss(torch.zeros(2, 3, 64), shard["shift_labels"], mesh)),
-        "mesh_type": _error_of(lambda: all_reduce_gradients(model, mesh.sp_group)),
+        "labels_length": error_of(lambda: shard_batch(mesh, ids, ids[:, :6])),
+        "odd_length": error_of(lambda: shard_batch(mesh, ids[:, :6])),
+        "padding": error_of(lambda: shard_batch(mesh, ids, attention_mask=(ids % 7 != 0).long())),
+        "different_batches": error_of(lambda: shard_batch(mesh, ids + mesh.ring_rank)),
+        "not_2d": error_of(lambda: shard_batch(mesh, ids[0])),
+        "heads": error_of(lambda: sequence_parallel(one_head, ulysses)),
+        "mask_4d": error_of(lambda: model(input_ids=shard["input_ids"], attention_mask=mask)),
+        "loss_shapes": error_of(lambda: sequence_parallel_loss(torch.zeros(2, 3, 64), shard["shift_labels"], mesh)),
+        "mesh_type": error_of(lambda: all_reduce_gradients(model, mesh.sp_group)),
     }
     # what a correct call gives: the shifted labels of the global sequence, this rank's positions
     from usp.attention import sequence_positions
