@@ -31,6 +31,7 @@ Training and prefill only: the key/value cache of generation is refused.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import itertools
@@ -55,7 +56,6 @@ except ImportError as error:  # pragma: no cover - the message is the point
     raise ImportError("usp.attention.hf needs transformers: pip install \"usp-attention[hf]\"") from error
 
 IGNORE_INDEX = -100  # the label transformers' losses skip
-_UNSUPPORTED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")  # packed-document inputs
 
 
 def _attention(settings: tuple, module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
@@ -63,22 +63,44 @@ def _attention(settings: tuple, module, query, key, value, attention_mask, dropo
     """transformers' attention-function contract: ``query: [B, Hq, S_local, D]``,
     ``key, value: [B, Hkv, S_local, D]`` -> ``([B, S_local, Hq, D], None)``."""
     mesh, layout, backend, check_ranks = settings
+    seqlen = query.shape[2] * mesh.sp_degree  # the global length
+    extra = sorted(name for name, x in kwargs.items() if isinstance(x, torch.Tensor) and name != "position_ids")
     problem = (
         "a 4-D attention mask (sequences must be whole and unpadded)" if attention_mask is not None else
         f"attention dropout {dropout}" if dropout else
-        f"a sliding window ({sliding_window})" if sliding_window is not None else
+        f"a sliding window of {sliding_window} tokens over a {seqlen}-token sequence"
+        if sliding_window is not None and sliding_window < seqlen else
         f"a logit softcap ({softcap})" if softcap else
         "a key/value cache (call the model with use_cache=False: generation is not sequence parallel)"
         if query.shape[2] != key.shape[2] else
-        f"packed-document inputs ({', '.join(k for k in _UNSUPPORTED_KWARGS if kwargs.get(k) is not None)})"
-        if any(kwargs.get(k) is not None for k in _UNSUPPORTED_KWARGS) else None)
+        f"the inputs {', '.join(extra)} (packed documents, attention sinks, ...)" if extra else None)
     if problem:
         raise ValueError(f"USP attention in {type(module).__name__} does not support {problem}")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
-    if torch.is_autocast_enabled(q.device.type):  # RoPE gives float32 q, k beside a low-precision v: one dtype
-        q, k, v = (x.to(torch.get_autocast_dtype(q.device.type)) for x in (q, k, v))
-    return usp_attention(q, k, v, mesh, causal, scaling, layout, backend, check_ranks=check_ranks), None
+    device_type = q.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    if autocast:  # RoPE gives float32 q, k beside a low-precision v: all to the autocast dtype, as SDPA does
+        low = torch.get_autocast_dtype(device_type)
+        q, k, v = (x.to(low) if x.dtype == torch.float32 else x for x in (q, k, v))
+    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+        return usp_attention(q, k, v, mesh, causal, scaling, layout, backend, check_ranks=check_ranks), None
+
+
+def _check_positions(mesh: Mesh, layout: str, model, args, kwargs) -> None:
+    """Before each forward: the model gets the position ids of ``shard_batch`` for the
+    layout its attention was set up with (up to an offset per row), or a ValueError."""
+    positions = kwargs.get("position_ids")
+    if positions is None:
+        raise ValueError("a sequence-parallel model needs position_ids=shard['position_ids'] from shard_batch: "
+                         "without them its RoPE numbers this rank's tokens from 0")
+    if torch.compiler.is_compiling():
+        return
+    expected = sequence_positions(positions.shape[-1] * mesh.sp_degree, mesh, layout, device=positions.device)
+    offset = positions - expected
+    if not bool((offset == offset[..., :1]).all()):
+        raise ValueError(f"position_ids are not this rank's positions in the {layout} layout the model's attention "
+                         f"was set up with: shard the batch with shard_batch(..., layout={layout!r})")
 
 
 _names = itertools.count()
@@ -97,9 +119,13 @@ def sequence_parallel(model, mesh: Mesh, *, layout: str = "zigzag", backend=None
     family: LLaMA, Mistral, Qwen2, ... whose attention goes through transformers' attention
     interface) run ``usp_attention`` over ``mesh`` on this rank's shard. Returns the model.
 
-    Feed it the shards of ``shard_batch`` with the same ``layout``. ``backend``,
-    ``check_ranks``: as for ``usp_attention``. Raises a ValueError (the same on every rank)
-    when the Ulysses degree cannot split the model's heads."""
+    Feed it the shards of ``shard_batch`` with the same ``layout``, ``position_ids``
+    included: before each forward a hook checks that they are this rank's positions in
+    that layout (up to an offset per row). ``backend``, ``check_ranks``: as for
+    ``usp_attention``. Raises a ValueError (the same on every rank) when the Ulysses
+    degree cannot split the model's heads; the attention raises one for what it cannot
+    honour (masks, dropout, a window shorter than the sequence, softcap, a KV cache, any
+    extra tensor input such as packed-document offsets or attention sinks)."""
     check_mesh(mesh)
     check_layout(layout)
     config = model.config
@@ -107,6 +133,7 @@ def sequence_parallel(model, mesh: Mesh, *, layout: str = "zigzag", backend=None
     check_heads(heads, getattr(config, "num_key_value_heads", None) or heads, mesh.ulysses_degree)
     backend = get_backend(backend) if backend is not None else None
     model.set_attn_implementation(_register(mesh, layout, backend, check_ranks))
+    model.register_forward_pre_hook(functools.partial(_check_positions, mesh, layout), with_kwargs=True)
     return model
 
 
@@ -130,7 +157,7 @@ def shard_batch(mesh: Mesh, input_ids: torch.Tensor, labels: torch.Tensor | None
     ValueError on every rank).
     """
     check_mesh(mesh)
-    with ranks_agree(mesh.sp_group, "shard_batch", device_of(input_ids), check_ranks) as call:
+    with ranks_agree(mesh.sp_group, "shard_batch", device_of(None), check_ranks) as call:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError(f"input_ids must be a [batch, seqlen] tensor, got "
                              f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)}")
@@ -141,9 +168,13 @@ def shard_batch(mesh: Mesh, input_ids: torch.Tensor, labels: torch.Tensor | None
                                  f"{tuple(x.shape)}")
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             raise ValueError("attention_mask masks some tokens: USP attention takes whole, unpadded sequences")
+        if position_ids is not None and not bool((position_ids.diff(dim=1) == 1).all()):
+            raise ValueError("position_ids do not count up by one along each row: packed documents (positions "
+                             "that restart) are not supported yet")
         check_layout(layout)
         check_global_seqlen(input_ids.shape[1], mesh.ulysses_degree, mesh.ring_degree, layout)
-        call.fields = dict(shape=tuple(input_ids.shape), layout=layout, input_ids=_fingerprint(input_ids),
+        call.fields = dict(shape=tuple(input_ids.shape), layout=layout, ignore_index=ignore_index,
+                           input_ids=_fingerprint(input_ids),
                            labels=_fingerprint(labels),
                            position_ids=None if position_ids is None else _fingerprint(position_ids))
     seqlen = input_ids.shape[1]
@@ -180,16 +211,27 @@ def sequence_parallel_loss(logits: torch.Tensor, shift_labels: torch.Tensor, mes
     local = F.cross_entropy(logits.flatten(0, -2), shift_labels.flatten(), ignore_index=ignore_index, reduction="sum")
     totals = torch.stack([local.detach(), (shift_labels != ignore_index).sum().to(local.dtype)])
     total, count = _all_reduce_over_mesh(totals, mesh).unbind()
-    return (local + (total - local.detach())) / count
+    return (total + (local - local.detach())) / count  # the value is exactly total / count on every rank
 
 
 @torch.no_grad()
 def all_reduce_gradients(model: torch.nn.Module, mesh: Mesh) -> None:
     """Sum every parameter's gradient over the mesh's sequence- and data-parallel groups
     (one flat all-reduce per dtype and group). With ``sequence_parallel_loss`` the sum is
-    the gradient of the batch's mean loss: do not average again."""
+    the gradient of the batch's mean loss: do not average again. A parameter without a
+    gradient on some ranks gets zeros there; one without a gradient anywhere stays None."""
     check_mesh(mesh)
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        return
+    present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
+    present = _all_reduce_over_mesh(present, mesh).tolist()
+    grads = []
+    for p, anywhere in zip(params, present):
+        if anywhere and p.grad is None:
+            p.grad = torch.zeros_like(p)
+        if anywhere:
+            grads.append(p.grad)
     for dtype in sorted({g.dtype for g in grads}, key=str):
         same = [g for g in grads if g.dtype == dtype]
         flat = _all_reduce_over_mesh(torch.cat([g.reshape(-1) for g in same]), mesh)

@@ -8,14 +8,18 @@ processes, once per ``--mesh u x r`` and ``--layout`` (the rest of the world is 
 parallel: ``dp = world / (u r)``), through ``usp.attention.hf``; and once in one process
 with transformers' own SDPA attention over the whole batch and a plain shifted cross
 entropy, the independent reference. Per step: both losses, their relative difference,
-tokens/s and model TFLOP/s per process (MFU on a GPU whose peak is known); at the end
-the largest parameter difference. Fails (exit status 1) when a loss differs by more
-than the bar of its dtype: 1e-10 relative in fp64, 1e-4 in fp32 (bf16, autocast over
-fp32 weights, has no bar: its difference is reported).
+tokens/s and model TFLOP/s per process (bf16 on a GPU whose peak is known: MFU); the
+first step's gradients (after the all-reduce) against the reference's; at the end the
+largest parameter difference. Fails (exit status 1) when a loss, or the first step's
+gradients (relative to their largest magnitude), differ by more than the bar of the
+dtype: 1e-10 relative in fp64, 1e-4 in fp32 (bf16, autocast over fp32 weights, has no
+bar: its differences are reported). The gradients are checked on their own because
+AdamW hides a wrong gradient scale from the losses.
 
 Under ``torchrun`` every process is a rank (NCCL with one GPU each, else gloo) and rank
 0 trains the reference on its own device first:
-``torchrun --nproc-per-node 8 -m usp.bench train --mesh 4x2 --dtype bf16``.
+``torchrun --nproc-per-node 8 -m usp.bench train --mesh 4x2`` (bf16 by default there;
+fp64, which the GPU kernels do not run, is refused).
 """
 
 from __future__ import annotations
@@ -49,8 +53,9 @@ FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}  # transfo
 WEIGHT_DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.float32}
 PARITY_BAR = {"fp64": 1e-10, "fp32": 1e-4}  # largest relative loss difference at any step
 NEXT_TOKEN_KEPT = 0.75  # chance that the synthetic stream follows its successor table
-# Dense bf16 tensor-core peak per GPU, TFLOP/s, from NVIDIA's datasheets (SXM parts).
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+# Dense bf16 tensor-core peak per GPU, TFLOP/s, from NVIDIA's datasheets; the first name
+# the device's name contains wins (the PCIe H100 before the SXM one).
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
 FLOP_COUNT = ("6 FLOPs per weight of every linear layer (lm_head included, embeddings not) per token, plus "
               "attention by the benchmark convention (causal counted as half, fwd+bwd 3.5x the forward)")
 
@@ -112,19 +117,20 @@ def training_flops(model, setup: TrainSetup) -> float:
     return 6.0 * linear * setup.batch * setup.seqlen + attention
 
 
-def train(model, setup: TrainSetup, device: torch.device, loss_of, after_backward=None, group=None,
-          label: str = "", progress: bool = True) -> dict:
-    """AdamW over the token stream (its state sharded over ``group`` with ``setup.zero``);
-    ``loss_of(batch [B, S]) -> scalar loss`` runs under bf16 autocast for ``bf16``;
-    ``after_backward()`` before each optimizer step. Returns per-step losses and seconds."""
+def train(model, setup: TrainSetup, device: torch.device, loss_of, after_backward=None, label: str = "",
+          progress: bool = True) -> dict:
+    """AdamW over the token stream (its state sharded over every process with
+    ``setup.zero``); ``loss_of(batch [B, S]) -> scalar loss`` runs under bf16 autocast for
+    ``bf16``; ``after_backward()`` before each optimizer step. Returns per-step losses and
+    seconds, and the first step's gradients (flat, as ``flat_parameters``)."""
     options = dict(lr=setup.lr, weight_decay=0.01)
     if setup.zero:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
-        optimizer = ZeroRedundancyOptimizer(model.parameters(), torch.optim.AdamW, group, **options)
+        optimizer = ZeroRedundancyOptimizer(model.parameters(), torch.optim.AdamW, **options)
     else:
         optimizer = torch.optim.AdamW(model.parameters(), **options)
-    losses, seconds = [], []
+    losses, seconds, first_gradients = [], [], None
     for step, batch in enumerate(token_stream(setup).to(device)):
         synchronize(device)
         start = time.perf_counter()
@@ -134,13 +140,15 @@ def train(model, setup: TrainSetup, device: torch.device, loss_of, after_backwar
         loss.backward()
         if after_backward is not None:
             after_backward()
+        if step == 0:
+            first_gradients = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).cpu().numpy()
         optimizer.step()
         losses.append(loss.item())
         synchronize(device)
         seconds.append(time.perf_counter() - start)
         if progress and (step + 1 == setup.steps or (step + 1) % 10 == 0):
             print(f"  {label}: step {step + 1}/{setup.steps}, loss {losses[-1]:.6f}", flush=True)
-    return dict(losses=losses, seconds=seconds)
+    return dict(losses=losses, seconds=seconds, first_gradients=first_gradients)
 
 
 def flat_parameters(model) -> np.ndarray:
@@ -155,8 +163,8 @@ def reference_run(setup: TrainSetup, device: torch.device) -> dict:
 
     def loss_of(batch):
         logits = model(input_ids=batch).logits
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float() if setup.dtype == "bf16" else
-                               logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
+        logits = logits.float() if setup.dtype == "bf16" else logits
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
 
     setup_for_one = TrainSetup(**{**asdict(setup), "zero": False})  # nothing to shard on one process
     result = train(model, setup_for_one, device, loss_of, label="one process")
@@ -182,7 +190,9 @@ def rank_main(setup: TrainSetup, configs: list[tuple[int, int, str]], device_typ
         name = config_name(u, r, mesh.dp_degree, layout)
         result = train(model, setup, device, loss_of, lambda: all_reduce_gradients(model, mesh), label=name,
                        progress=dist.get_rank() == 0)
-        results.append(dict(result, parameters=flat_parameters(model) if dist.get_rank() == 0 else None))
+        first = dist.get_rank() == 0  # only rank 0's gradients and parameters are compared
+        results.append(dict(result, first_gradients=result["first_gradients"] if first else None,
+                            parameters=flat_parameters(model) if first else None))
     return results
 
 
@@ -190,12 +200,13 @@ def config_name(u: int, r: int, dp: int, layout: str) -> str:
     return (f"dp{dp}-" if dp > 1 else "") + f"u{u}r{r}" + (f"-{layout}" if r > 1 else "")
 
 
-def peak_tflops(device: torch.device) -> float | None:
-    """The GPU's dense bf16 peak (``PEAK_BF16_TFLOPS``), None on a CPU or an unknown GPU."""
-    if device.type != "cuda":
+def peak_tflops(device: torch.device, dtype: str) -> float | None:
+    """The GPU's dense bf16 peak (``PEAK_BF16_TFLOPS``) for a bf16 run; None on a CPU, an
+    unknown GPU or another dtype (MFU is quoted against the bf16 peak only)."""
+    if device.type != "cuda" or dtype != "bf16":
         return None
     name = device_name(device)
-    return next((peak for model, peak in PEAK_BF16_TFLOPS.items() if model in name), None)
+    return next((peak for model, peak in PEAK_BF16_TFLOPS if model in name), None)
 
 
 def compare(setup: TrainSetup, reference: dict, per_rank: list[list[dict]], configs, world_size: int,
@@ -209,6 +220,9 @@ def compare(setup: TrainSetup, reference: dict, per_rank: list[list[dict]], conf
         ours = per_rank[0][index]
         step_seconds = [max(rank[index]["seconds"][step] for rank in per_rank) for step in range(setup.steps)]
         relative = [abs(a - b) / abs(b) for a, b in zip(ours["losses"], reference["losses"])]
+        reference_gradients = reference["first_gradients"]
+        gradient_difference = float(np.abs(ours["first_gradients"] - reference_gradients).max()
+                                    / np.abs(reference_gradients).max())
         parameter_difference = float(np.abs(ours["parameters"] - reference["parameters"]).max())
         tflops_per_process = [reference["flops"] / s / world_size / 1e12 for s in step_seconds]
         records.append(dict(
@@ -217,11 +231,12 @@ def compare(setup: TrainSetup, reference: dict, per_rank: list[list[dict]], conf
             reference_losses=reference["losses"], relative_difference=relative,
             max_relative_difference=max(relative), max_parameter_difference=parameter_difference,
             max_relative_parameter_difference=parameter_difference / float(np.abs(reference["parameters"]).max()),
+            first_step_gradient_difference=gradient_difference,
             tokens_per_s=[tokens / s for s in step_seconds],
             reference_tokens_per_s=[tokens / s for s in reference["seconds"]],
             model_tflops_per_process=tflops_per_process,
             mfu=None if peak is None else [t / peak for t in tflops_per_process],
-            parity_bar=bar, parity=None if bar is None else max(relative) <= bar))
+            parity_bar=bar, parity=None if bar is None else max(relative) <= bar and gradient_difference <= bar))
     return records
 
 
@@ -235,8 +250,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ring layouts (a mesh without a ring runs once)")
     parser.add_argument("--model", dest="family", choices=sorted(FAMILIES), default="llama",
                         help="model family (architecture only, built from a config)")
-    parser.add_argument("--dtype", choices=sorted(WEIGHT_DTYPES), default="fp64",
-                        help="weights and compute (bf16: autocast over fp32 weights)")
+    parser.add_argument("--dtype", choices=sorted(WEIGHT_DTYPES),
+                        help="weights and compute (bf16: autocast over fp32 weights; default: fp64 on CPUs, bf16 "
+                             "under torchrun with GPUs)")
     parser.add_argument("--zero", action="store_true",
                         help="shard AdamW's state over every process (torch's ZeroRedundancyOptimizer)")
     parser.add_argument("--steps", type=bounded_int(1), default=20, help="optimizer steps")
@@ -259,6 +275,10 @@ def _setup_and_configs(args, world_size: int) -> tuple[TrainSetup, list[tuple[in
     """The options checked, with a message naming the option at fault."""
     if args.hidden % args.heads:
         raise SystemExit(f"--hidden {args.hidden} must be divisible by --heads {args.heads}")
+    gpus = under_torchrun() and torch.cuda.is_available()
+    dtype = args.dtype or ("bf16" if gpus else "fp64")
+    if gpus and dtype == "fp64":
+        raise SystemExit("--dtype fp64: the GPU kernels do not run float64; pick fp32 or bf16")
     configs = []
     for u, r in dict.fromkeys(args.mesh):
         if world_size % (u * r):
@@ -276,7 +296,7 @@ def _setup_and_configs(args, world_size: int) -> tuple[TrainSetup, list[tuple[in
                 raise SystemExit(f"--mesh {u}x{r}: {error}") from None
             configs.append((u, r, layout))
     setup = TrainSetup(args.family, args.vocab, args.hidden, args.ffn_hidden, args.layers, args.heads, args.kv_heads,
-                       args.seqlen, args.batch, args.steps, args.lr, args.seed, args.dtype, args.zero)
+                       args.seqlen, args.batch, args.steps, args.lr, args.seed, dtype, args.zero)
     return setup, configs
 
 
@@ -324,10 +344,10 @@ def _run_under_torchrun(args, setup: TrainSetup, configs, names: list[str]) -> i
         dist.barrier()
         mine = rank_main(setup, configs, device.type)
         gathered = [None] * world_size
-        dist.all_gather_object(gathered, mine)
+        dist.gather_object(mine, gathered if rank == 0 else None, dst=0)
         if rank != 0:
             return 0
-        records = compare(setup, reference, gathered, configs, world_size, peak_tflops(device))
+        records = compare(setup, reference, gathered, configs, world_size, peak_tflops(device, setup.dtype))
         return report(setup, records, world_size, backend, device, args)
     finally:
         dist.destroy_process_group()
@@ -346,14 +366,16 @@ def report(setup: TrainSetup, records: list[dict], world_size: int, process_grou
 
     bar = PARITY_BAR.get(setup.dtype)
     mfu = records[0]["mfu"] is not None
-    print(f"\n{'config':<22} {'final loss':>12} {'max rel loss diff':>18} {'max param diff':>15} {'tokens/s':>10} "
+    print(f"\n{'config':<22} {'final loss':>12} {'max rel loss diff':>18} {'step-1 grad diff':>17} "
+          f"{'max param diff':>15} {'tokens/s':>10} "
           f"{'one process':>12} {'MFU' if mfu else 'TFLOP/s/proc':>12}  "
           f"parity ({f'bar {bar:g}' if bar else 'no bar for ' + setup.dtype}; throughput: slowest rank, median step)")
     for record in records:
         verdict = "-" if record["parity"] is None else "ok" if record["parity"] else "MISSED"
         rate = _median(record["mfu"] if mfu else record["model_tflops_per_process"])
         print(f"{record['name']:<22} {record['losses'][-1]:>12.6f} {record['max_relative_difference']:>18.2e} "
-              f"{record['max_parameter_difference']:>15.2e} {_median(record['tokens_per_s']):>10.0f} "
+              f"{record['first_step_gradient_difference']:>17.2e} {record['max_parameter_difference']:>15.2e} "
+              f"{_median(record['tokens_per_s']):>10.0f} "
               f"{_median(record['reference_tokens_per_s']):>12.0f} {rate:>12.4g}  {verdict}")
     cores = cores_available()
     config = dict(asdict(setup), world_size=world_size, process_group=process_group, cores=cores,
@@ -361,12 +383,13 @@ def report(setup: TrainSetup, records: list[dict], world_size: int, process_grou
                   oversubscribed=process_group == "gloo" and world_size > cores,
                   token_stream=f"successor chain, kept with p = {NEXT_TOKEN_KEPT}",
                   reference="one process, transformers' SDPA attention, whole batch, plain shifted cross entropy",
-                  flop_count=FLOP_COUNT, peak_tflops=peak_tflops(device))
+                  flop_count=FLOP_COUNT, peak_tflops=peak_tflops(device, setup.dtype))
     path = write_result("train", device, dict(config=config, records=records), args.out_dir)
     print(f"wrote {path}")
     missed = [r["name"] for r in records if r["parity"] is False]
     if missed:
-        print(f"parity missed (relative loss difference above {bar:g}): {', '.join(missed)}", file=sys.stderr)
+        print(f"parity missed (relative loss or step-1 gradient difference above {bar:g}): {', '.join(missed)}",
+              file=sys.stderr)
     return 1 if missed else 0
 
 

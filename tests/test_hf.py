@@ -3,10 +3,14 @@ to the same model trained on one process with transformers' own attention, for e
 mesh kind (Ulysses, USP, ring, data parallel x ring) and the three layouts; and bad input
 refused on every rank.
 
-Tolerance rule: in float64 every step's loss agrees to 1e-10 relative (rounding is
-~1e-16; a wrong label shift, loss normalisation or gradient reduction gives 1e-2 or
-more), parameters to 1e-10 of their largest magnitude; in float32 losses to 1e-4.
+Tolerance rule: in float64 every step's loss and the first step's gradients agree to
+1e-10 relative (rounding is ~1e-16; a wrong label shift or loss normalisation moves the
+loss by 1e-2 or more; a wrong gradient scale, which AdamW nearly hides from the losses,
+moves the gradients by its factor), parameters to 1e-10 of their largest magnitude; in
+float32 losses and gradients to 1e-4.
 """
+
+import types
 
 import json
 import os
@@ -46,6 +50,7 @@ def _parity(setup: TrainSetup, configs, per_rank=None) -> list[dict]:
 def _assert_parity(records, bar: float, parameter_bar: float) -> None:
     for record in records:
         assert record["max_relative_difference"] <= bar, record["name"]
+        assert record["first_step_gradient_difference"] <= bar, record["name"]
         assert record["max_relative_parameter_difference"] <= parameter_bar, record["name"]
         assert record["parity"] is True
 
@@ -111,7 +116,12 @@ def _bad_inputs() -> dict:
         "different_batches": error_of(lambda: shard_batch(mesh, ids + mesh.ring_rank)),
         "not_2d": error_of(lambda: shard_batch(mesh, ids[0])),
         "heads": error_of(lambda: sequence_parallel(one_head, ulysses)),
-        "mask_4d": error_of(lambda: model(input_ids=shard["input_ids"], attention_mask=mask)),
+        "mask_4d": error_of(lambda: model(input_ids=shard["input_ids"], position_ids=shard["position_ids"],
+                                          attention_mask=mask)),
+        "no_positions": error_of(lambda: model(input_ids=shard["input_ids"])),
+        "other_layout": error_of(lambda: model(input_ids=shard["input_ids"],
+                                               position_ids=shard_batch(mesh, ids, layout="stripe")["position_ids"])),
+        "restarting_positions": error_of(lambda: shard_batch(mesh, ids, position_ids=ids % 4)),
         "loss_shapes": error_of(lambda: sequence_parallel_loss(torch.zeros(2, 3, 64), shard["shift_labels"], mesh)),
         "mesh_type": error_of(lambda: all_reduce_gradients(model, mesh.sp_group)),
     }
@@ -122,6 +132,15 @@ def _bad_inputs() -> dict:
     errors["shard_ok"] = bool(torch.equal(shard["position_ids"][0], positions)
                               and torch.equal(shard["input_ids"], ids[:, positions])
                               and torch.equal(shard["shift_labels"], shifted[:, positions]))
+    # the loss value is bit-identical on every rank (ranks may branch on it)
+    logits = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(mesh.rank), dtype=torch.float64)
+    errors["loss_value"] = sequence_parallel_loss(logits, shard["shift_labels"], mesh).item()
+    # a parameter with a gradient on rank 0 only: summed as zeros elsewhere; none anywhere: stays None
+    layer = torch.nn.Linear(2, 2, bias=True)
+    if mesh.rank == 0:
+        layer.weight.grad = torch.ones(2, 2)
+    all_reduce_gradients(layer, mesh)
+    errors["gradients"] = (layer.weight.grad.tolist(), layer.bias.grad)
     return errors
 
 
@@ -142,6 +161,33 @@ def test_bad_input_is_refused_on_every_rank(four_ranks):
     assert "does not support a 4-D attention mask" in first["mask_4d"]
     assert "do not match" in first["loss_shapes"]
     assert "mesh must be a usp.comm.Mesh" in first["mesh_type"]
+    assert "needs position_ids=shard['position_ids'] from shard_batch" in first["no_positions"]
+    assert "not this rank's positions in the zigzag layout" in first["other_layout"]
+    assert "packed documents (positions that restart) are not supported yet" in first["restarting_positions"]
+    assert first["loss_value"] == third["loss_value"]
+    assert first["gradients"] == ([[1.0, 1.0], [1.0, 1.0]], None)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(attention_mask=torch.ones(1, 1, 4, 4)), "a 4-D attention mask"),
+    (dict(dropout=0.1), "attention dropout 0.1"),
+    (dict(sliding_window=6), "a sliding window of 6 tokens over a 8-token sequence"),
+    (dict(softcap=30.0), "a logit softcap (30.0)"),
+    (dict(key_length=6), "a key/value cache (call the model with use_cache=False"),
+    (dict(cu_seq_lens_q=torch.tensor([0, 4])), "the inputs cu_seq_lens_q (packed documents"),
+    (dict(s_aux=torch.zeros(4)), "the inputs s_aux (packed documents, attention sinks, ...)"),
+])
+def test_the_attention_refuses_what_it_cannot_honour(options, message):
+    """Raised before any communication, so one process and a stand-in mesh (2 ranks) do."""
+    from usp.attention.hf import _attention
+
+    options = dict(options)
+    key = torch.zeros(1, 2, options.pop("key_length", 4), 8)
+    settings = (types.SimpleNamespace(sp_degree=2), "zigzag", None, True)
+    with pytest.raises(ValueError, match="USP attention in Module does not support") as error:
+        _attention(settings, torch.nn.Module(), torch.zeros(1, 4, 4, 8), key, key,
+                   options.pop("attention_mask", None), **options)
+    assert message in str(error.value)
 
 
 @pytest.mark.slow
