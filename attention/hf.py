@@ -48,7 +48,7 @@ from usp.kernels import get_backend
 
 from .functions import usp_attention
 from .layout import check_global_seqlen, check_layout
-from .sequence import sequence_positions
+from .sequence import sequence_positions, shard_sequence
 
 try:
     from transformers import AttentionInterface
@@ -181,8 +181,7 @@ def shard_batch(mesh: Mesh, input_ids: torch.Tensor, labels: torch.Tensor | None
     if position_ids is None:
         position_ids = torch.arange(seqlen, device=input_ids.device).expand_as(input_ids)
     shift_labels = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore_index)], dim=1)
-    index = sequence_positions(seqlen, mesh, layout, device=input_ids.device)
-    return {name: x.index_select(1, index) for name, x in
+    return {name: shard_sequence(x, mesh, layout=layout) for name, x in
             (("input_ids", input_ids), ("position_ids", position_ids), ("shift_labels", shift_labels))}
 
 
@@ -228,9 +227,9 @@ def all_reduce_gradients(model: torch.nn.Module, mesh: Mesh) -> None:
     present = _all_reduce_over_mesh(present, mesh).tolist()
     grads = []
     for p, anywhere in zip(params, present):
-        if anywhere and p.grad is None:
-            p.grad = torch.zeros_like(p)
         if anywhere:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
             grads.append(p.grad)
     for dtype in sorted({g.dtype for g in grads}, key=str):
         same = [g for g in grads if g.dtype == dtype]

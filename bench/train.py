@@ -122,7 +122,7 @@ def train(model, setup: TrainSetup, device: torch.device, loss_of, after_backwar
     """AdamW over the token stream (its state sharded over every process with
     ``setup.zero``); ``loss_of(batch [B, S]) -> scalar loss`` runs under bf16 autocast for
     ``bf16``; ``after_backward()`` before each optimizer step. Returns per-step losses and
-    seconds, and the first step's gradients (flat, as ``flat_parameters``)."""
+    seconds, and the first step's gradients (flat, in the order of ``flat_parameters``)."""
     options = dict(lr=setup.lr, weight_decay=0.01)
     if setup.zero:
         from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -141,7 +141,7 @@ def train(model, setup: TrainSetup, device: torch.device, loss_of, after_backwar
         if after_backward is not None:
             after_backward()
         if step == 0:
-            first_gradients = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).cpu().numpy()
+            first_gradients = _flat(p.grad for p in model.parameters())
         optimizer.step()
         losses.append(loss.item())
         synchronize(device)
@@ -151,9 +151,13 @@ def train(model, setup: TrainSetup, device: torch.device, loss_of, after_backwar
     return dict(losses=losses, seconds=seconds, first_gradients=first_gradients)
 
 
+def _flat(tensors) -> np.ndarray:
+    """The tensors flattened into one, on the host (numpy: it travels between processes by value)."""
+    return torch.cat([t.detach().reshape(-1) for t in tensors]).cpu().numpy()
+
+
 def flat_parameters(model) -> np.ndarray:
-    """Every parameter, flattened, on the host (numpy: it travels between processes by value)."""
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).cpu().numpy()
+    return _flat(model.parameters())
 
 
 def reference_run(setup: TrainSetup, device: torch.device) -> dict:
@@ -187,10 +191,9 @@ def rank_main(setup: TrainSetup, configs: list[tuple[int, int, str]], device_typ
             logits = model(input_ids=shard["input_ids"], position_ids=shard["position_ids"]).logits
             return sequence_parallel_loss(logits, shard["shift_labels"], mesh)
 
-        name = config_name(u, r, mesh.dp_degree, layout)
-        result = train(model, setup, device, loss_of, lambda: all_reduce_gradients(model, mesh), label=name,
-                       progress=dist.get_rank() == 0)
-        first = dist.get_rank() == 0  # only rank 0's gradients and parameters are compared
+        first = dist.get_rank() == 0  # prints progress; only its gradients and parameters are compared
+        result = train(model, setup, device, loss_of, lambda: all_reduce_gradients(model, mesh),
+                       label=config_name(u, r, mesh.dp_degree, layout), progress=first)
         results.append(dict(result, first_gradients=result["first_gradients"] if first else None,
                             parameters=flat_parameters(model) if first else None))
     return results
