@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -24,7 +25,9 @@ from dataclasses import dataclass, field
 import torch
 
 from usp.attention import naive_attention
-from usp.kernels import AttentionShape, get_backend
+from usp.attention.naive import document_mask
+from usp.kernels import AttentionShape, get_backend, varlen_backward, varlen_forward
+from usp.kernels.backends import window_kwargs
 
 QUANTITIES = ("out", "lse", "dq", "dk", "dv")
 MULTIPLIER = {"out": 3.0, "lse": 3.0, "dq": 4.0, "dk": 4.0, "dv": 4.0}
@@ -37,20 +40,38 @@ DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp
 
 @dataclass(frozen=True)
 class Case:
-    """One verification problem: a backend, a dtype and an attention shape."""
+    """One verification problem: a backend, a dtype and an attention shape; optionally a
+    sliding window and packed documents, given as (query length, key length) pairs whose
+    sums are the shape's ``seqlen_q`` and ``seqlen_k`` (batch 1)."""
 
     backend: str
     dtype: torch.dtype
     shape: AttentionShape
     causal: bool
     softmax_scale: float | None = None  # None: head_dim ** -0.5
+    window_size: tuple[int, int] = (-1, -1)
+    documents: tuple[tuple[int, int], ...] | None = None
+
+    def __post_init__(self):
+        if self.documents is not None:
+            totals = tuple(sum(lengths) for lengths in zip(*self.documents))
+            if self.shape.batch != 1 or totals != (self.shape.seqlen_q, self.shape.seqlen_k):
+                raise ValueError(f"documents {self.documents} do not pack into {self.shape}")
 
     @property
     def label(self) -> str:
         s = self.shape
         scale = "" if self.softmax_scale is None else f" scale{self.softmax_scale:g}"
+        window = "" if self.window_size == (-1, -1) else f" window{self.window_size[0]},{self.window_size[1]}"
+        docs = "" if self.documents is None else " docs" + "+".join(
+            str(a) if a == b else f"{a}:{b}" for a, b in self.documents)
         return (f"{self.backend} {DTYPE_NAMES[self.dtype]} b{s.batch} sq{s.seqlen_q} sk{s.seqlen_k} "
-                f"h{s.heads}/{s.kv_heads} d{s.head_dim}{' causal' if self.causal else ''}{scale}")
+                f"h{s.heads}/{s.kv_heads} d{s.head_dim}{' causal' if self.causal else ''}{scale}{window}{docs}")
+
+    def offsets(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cu_seqlens_q, cu_seqlens_k`` (int32) of the documents."""
+        return tuple(torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+                     for lengths in zip(*self.documents))
 
 
 class Verdict:
@@ -77,7 +98,8 @@ class CaseResult(Verdict):
     def record(self) -> dict:
         """A JSON-ready summary."""
         return dict(backend=self.case.backend, dtype=DTYPE_NAMES[self.case.dtype], causal=self.case.causal,
-                    softmax_scale=self.case.softmax_scale,
+                    softmax_scale=self.case.softmax_scale, window_size=list(self.case.window_size),
+                    documents=self.case.documents,
                     **dataclasses.asdict(self.case.shape), errors=self.errors, tolerances=self.tolerances,
                     seed=self.seed, worst_ratio=self.worst_ratio, passed=self.passed, failures=self.failures,
                     seconds=round(self.seconds, 3))
@@ -110,20 +132,32 @@ def _inputs(case: Case, device, generator: torch.Generator):
     return q, k, v, dout
 
 
-def reference(q, k, v, dout, causal: bool, softmax_scale=None) -> dict[str, torch.Tensor]:
-    """The oracle: float64 naive attention's out, lse and gradients through autograd."""
+def reference(q, k, v, dout, causal: bool, softmax_scale=None, mask=None) -> dict[str, torch.Tensor]:
+    """The oracle: float64 naive attention's out, lse and gradients through autograd;
+    ``mask``: a boolean [Sq, Sk] in place of causal (see ``document_mask``)."""
     q, k, v = (x.detach().to(torch.float64).requires_grad_() for x in (q, k, v))
-    out, lse = naive_attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    out, lse = naive_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, mask=mask)
     out.backward(dout.to(torch.float64))
     return dict(out=out.detach(), lse=lse.detach(), dq=q.grad, dk=k.grad, dv=v.grad)
 
 
-def run_backend(backend, q, k, v, dout, causal: bool, softmax_scale=None) -> dict[str, torch.Tensor]:
-    """A backend's out, lse and gradients (its backward fed its own out and lse)."""
+def run_backend(backend, q, k, v, dout, causal: bool, softmax_scale=None, window_size=(-1, -1),
+                offsets=None) -> dict[str, torch.Tensor]:
+    """A backend's out, lse and gradients (its backward fed its own out and lse). With
+    ``offsets`` (``cu_seqlens_q, cu_seqlens_k``), the batch-1 inputs run packed through
+    ``varlen_forward`` / ``varlen_backward``; results come back in the batch-1 shapes."""
     backend = get_backend(backend)
-    out, lse = backend.forward(q, k, v, causal=causal, softmax_scale=softmax_scale)
-    dq, dk, dv = backend.backward(dout, q, k, v, out, lse, causal=causal, softmax_scale=softmax_scale)
-    return dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv)
+    if offsets is None:
+        options = dict(causal=causal, softmax_scale=softmax_scale, **window_kwargs(window_size))
+        out, lse = backend.forward(q, k, v, **options)
+        dq, dk, dv = backend.backward(dout, q, k, v, out, lse, **options)
+        return dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv)
+    documents = (*offsets, *(int((cu[1:] - cu[:-1]).max()) for cu in offsets))
+    options = dict(causal=causal, softmax_scale=softmax_scale, window_size=window_size)
+    dout, q, k, v = (x[0] for x in (dout, q, k, v))
+    out, lse = varlen_forward(backend, q, k, v, *documents, **options)
+    dq, dk, dv = varlen_backward(backend, dout, q, k, v, out, lse, *documents, **options)
+    return dict(out=out[None], lse=lse[None], dq=dq[None], dk=dk[None], dv=dv[None])
 
 
 def tolerance(name: str, dtype: torch.dtype, head_dim: int, ref: torch.Tensor, baseline_error: float | None) -> float:
@@ -177,10 +211,19 @@ def run_case(case: Case, device="cpu", seed: int = 0) -> CaseResult:
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
     q, k, v, dout = _inputs(case, device, generator)
-    ref = reference(q, k, v, dout, case.causal, case.softmax_scale)
+    s = case.shape
+    masked = case.documents is not None or case.window_size != (-1, -1)
+    offsets = case.offsets(device) if case.documents is not None else None
+    mask = None
+    if masked:  # the oracle's own rule: the document mask (one document per row when dense)
+        single = tuple(torch.tensor([0, n], dtype=torch.int32) for n in (s.seqlen_q, s.seqlen_k))
+        mask = document_mask(*(offsets or single), case.causal, case.window_size)
+    ref = reference(q, k, v, dout, case.causal, case.softmax_scale, mask)
+    options = dict(window_size=case.window_size, offsets=offsets)
     with poisoned_allocations():
-        results = run_backend(case.backend, q, k, v, dout, case.causal, case.softmax_scale)
+        results = run_backend(case.backend, q, k, v, dout, case.causal, case.softmax_scale, **options)
     has_baseline = case.backend != "naive" and case.dtype != torch.float64
-    baseline = run_backend("naive", q, k, v, dout, case.causal, case.softmax_scale) if has_baseline else None
+    baseline = (run_backend("naive", q, k, v, dout, case.causal, case.softmax_scale, **options)
+                if has_baseline else None)
     errors, tolerances, failures = compare(case, results, ref, baseline)
     return CaseResult(case, seed, errors, tolerances, time.perf_counter() - start, failures)

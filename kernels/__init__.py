@@ -2,18 +2,22 @@
 PyTorch's fused ops, plain torch math, and the exact LSE merge of partial results.
 
 Tensors are ``[B, S, H, D]``; the LSE is natural log, ``[B, Hq, Sq]``, float32 (float64
-for float64 inputs on the torch and naive backends).
+for float64 inputs on the torch and naive backends). Packed documents (flash-attn's
+varlen layout) are ``[total, H, D]`` with int32 offsets ``cu_seqlens`` and an LSE of
+``[Hq, total_q]``. Every function takes flash-attn's sliding ``window_size``.
 To run the Triton kernels on a CPU, set ``TRITON_INTERPRET=1`` before importing this.
 """
 
 from .autograd import flash_attn_func, local_attention
 from .backends import BACKENDS, Backend, FunctionBackend, get_backend
 from .checks import AttentionShape
-from .flash_bwd import flash_attn_backward
-from .flash_fwd import flash_attn_forward
+from .flash_bwd import flash_attn_backward, flash_attn_varlen_backward
+from .flash_fwd import flash_attn_forward, flash_attn_varlen_forward
 from .merge import merge_attention
+from .varlen import flash_attn_varlen_func, varlen_backward, varlen_forward
 
 __all__ = [
     "AttentionShape", "BACKENDS", "Backend", "FunctionBackend", "flash_attn_backward", "flash_attn_forward",
-    "flash_attn_func", "get_backend", "local_attention", "merge_attention",
+    "flash_attn_func", "flash_attn_varlen_backward", "flash_attn_varlen_forward", "flash_attn_varlen_func",
+    "get_backend", "local_attention", "merge_attention", "varlen_backward", "varlen_forward",
 ]

@@ -2,7 +2,8 @@
 
 ``python -m usp.kernels.aot [--family sm90] [--json]`` builds, for each config table entry,
 each kernel the launchers would start (forward, backward preprocess, dK/dV, dQ), for
-bf16 and fp32, causal and not, into a cubin for the family's target with
+bf16 and fp32, and each mask variant (``MASK_VARIANTS``: full, causal, and packed
+documents with a causal sliding window), into a cubin for the family's target with
 ``triton.compile``, and reports the shared memory each needs against the family's
 limit and the PTX features it uses (wgmma, cp.async, TMA, vector loads). It uses the
 launchers' own argument lists on meta tensors, specialised as Triton's JIT specialises
@@ -27,11 +28,11 @@ from triton.compiler import ASTSource
 from .configs import GPU_FAMILIES, KERNELS, PADDED_HEAD_DIMS, GpuFamily, config_for_dtype, interpreter_active
 from .flash_bwd import backward_launches
 from .flash_fwd import forward_launch
-from .triton_common import Launch
+from .triton_common import Launch, MaskSpec
 
 # Sequence lengths that are not multiples of any tile, so the masked variants are built.
 _SEQLEN_Q, _SEQLEN_K = 1000, 1100
-_TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32"}
 
 
 @dataclass
@@ -40,7 +41,7 @@ class CompileResult:
     kernel: str
     head_dim: int
     dtype: str
-    causal: bool
+    variant: str  # a key of MASK_VARIANTS
     block_m: int
     block_n: int
     num_warps: int
@@ -62,6 +63,8 @@ def specialization(value) -> tuple[str, bool]:
     unit stride), which the JIT compiles in as a constant. Compiling without these would
     check a different kernel (for sm_90 d128 bf16, a forward with 49 KB of shared memory
     and scalar loads instead of 131 KB, vector loads and cp.async)."""
+    if value is None:  # an unused optional pointer (no document offsets, no visit counts)
+        return "constexpr", False
     if isinstance(value, torch.Tensor):
         return "*" + _TRITON_TYPES[value.dtype], value.data_ptr() % 16 == 0
     if isinstance(value, bool):
@@ -95,13 +98,32 @@ def _meta(*shape, dtype):
     return torch.empty(shape, dtype=dtype, device="meta")
 
 
-def _launches(family: GpuFamily, head_dim: int, dtype: torch.dtype, causal: bool) -> dict[str, Launch]:
+# The mask variants the launchers build: no mask, causal, and packed documents with a
+# causal sliding window (every switch on: LEFT, RIGHT, VARLEN).
+MASK_VARIANTS = ("full", "causal", "packed-window")
+
+
+def _mask(variant: str) -> MaskSpec:
+    if variant == "packed-window":
+        offsets = _meta(5, dtype=torch.int32)
+        return MaskSpec(left=256, right=0, cu_seqlens_q=offsets, cu_seqlens_k=offsets,
+                        max_seqlen_q=_SEQLEN_Q, max_seqlen_k=_SEQLEN_Q)
+    return MaskSpec(right=0) if variant == "causal" else MaskSpec()
+
+
+def _launches(family: GpuFamily, head_dim: int, dtype: torch.dtype, variant: str) -> dict[str, Launch]:
     configs = {name: config_for_dtype(family.table[name][head_dim], dtype) for name in KERNELS}
-    q = _meta(1, _SEQLEN_Q, 4, head_dim, dtype=dtype)
-    k = _meta(1, _SEQLEN_K, 2, head_dim, dtype=dtype)
-    lse = _meta(1, 4, _SEQLEN_Q, dtype=torch.float32)
-    fwd = forward_launch(q, k, k, q, lse, causal=causal, scale=head_dim**-0.5, config=configs["fwd"])
-    pre, dkdv, dq = backward_launches(q, q, k, k, q, lse, lse, lse, q, k, k, causal=causal,
+    mask = _mask(variant)
+    if mask.varlen:  # packed [total, H, D] tensors, lse [H, total]
+        q = _meta(_SEQLEN_Q, 4, head_dim, dtype=dtype)
+        k = _meta(_SEQLEN_Q, 2, head_dim, dtype=dtype)
+        lse = _meta(4, _SEQLEN_Q, dtype=torch.float32)
+    else:
+        q = _meta(1, _SEQLEN_Q, 4, head_dim, dtype=dtype)
+        k = _meta(1, _SEQLEN_K, 2, head_dim, dtype=dtype)
+        lse = _meta(1, 4, _SEQLEN_Q, dtype=torch.float32)
+    fwd = forward_launch(q, k, k, q, lse, mask=mask, scale=head_dim**-0.5, config=configs["fwd"])
+    pre, dkdv, dq = backward_launches(q, q, k, k, q, lse, lse, lse, q, k, k, mask=mask,
                                       scale=head_dim**-0.5, configs=configs)
     return {"fwd": fwd, "bwd_preprocess": pre, "bwd_dkdv": dkdv, "bwd_dq": dq}
 
@@ -116,19 +138,19 @@ def ptx_features(ptx: str) -> list[str]:
 
 
 def compile_family(family: GpuFamily, head_dims=PADDED_HEAD_DIMS, dtypes=(torch.bfloat16, torch.float32),
-                   causal_modes=(False, True), progress=None) -> list[CompileResult]:
+                   variants=MASK_VARIANTS, progress=None) -> list[CompileResult]:
     """Compile every kernel of every table entry of ``family``; one result per kernel."""
     results = []
     for head_dim in head_dims:
         for dtype in dtypes:
-            for causal in causal_modes:
-                for name, launch in _launches(family, head_dim, dtype, causal).items():
-                    if name == "bwd_preprocess" and causal != causal_modes[0]:
-                        continue  # the preprocess has no causal variant: build it once
+            for variant in variants:
+                for name, launch in _launches(family, head_dim, dtype, variant).items():
+                    if name == "bwd_preprocess" and variant != variants[0]:
+                        continue  # the preprocess has no mask: build it once
                     start = time.perf_counter()
                     compiled = compile_launch(launch, family.capability)
                     result = CompileResult(
-                        family.name, name, head_dim, _TRITON_TYPES[dtype], causal,
+                        family.name, name, head_dim, _TRITON_TYPES[dtype], variant,
                         launch.constexprs["BLOCK_M"], launch.constexprs.get("BLOCK_N", 0),
                         launch.num_warps, launch.num_stages, compiled.metadata.shared,
                         family.shared_memory_bytes, time.perf_counter() - start, ptx_features(compiled.asm["ptx"]))
@@ -146,8 +168,8 @@ def main(argv=None) -> int:
                         help="padded head dim to compile (repeatable; default: all)")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], action="append",
                         help="input dtype to compile (repeatable; default: both)")
-    parser.add_argument("--causal-only", action="store_true",
-                        help="build only the causal variants (a superset of the non-causal code paths)")
+    parser.add_argument("--variant", choices=MASK_VARIANTS, action="append",
+                        help="mask variant to compile (repeatable; default: all)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON only")
     args = parser.parse_args(argv)
     if interpreter_active():
@@ -158,15 +180,15 @@ def main(argv=None) -> int:
 
     def show(r: CompileResult) -> None:
         if not args.json:
-            print(f"{r.family} {r.kernel:<14} d={r.head_dim:<3} {r.dtype:<4} causal={int(r.causal)} "
+            print(f"{r.family} {r.kernel:<14} d={r.head_dim:<3} {r.dtype:<4} {r.variant:<13} "
                   f"tile={r.block_m}x{r.block_n} warps={r.num_warps} stages={r.num_stages} "
                   f"smem={r.shared_bytes}/{r.shared_limit} {'ok' if r.fits else 'TOO BIG'} "
                   f"[{', '.join(r.ptx_features)}] ({r.seconds:.1f}s)",
                   flush=True)
 
-    causal_modes = (True,) if args.causal_only else (False, True)
+    variants = tuple(v for v in MASK_VARIANTS if v in (args.variant or MASK_VARIANTS))
     results = [r for family in families
-               for r in compile_family(family, head_dims, dtypes, causal_modes, progress=show)]
+               for r in compile_family(family, head_dims, dtypes, variants, progress=show)]
     if args.json:
         print(json.dumps([asdict(r) | {"fits": r.fits} for r in results]))
     return 0 if all(r.fits for r in results) else 1

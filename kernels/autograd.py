@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from .backends import Backend, get_backend
+from .backends import Backend, get_backend, window_kwargs
 from .checks import refuse_flash_attn_extras
 
 
 class _AttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, softmax_scale, backend):
-        out, lse = backend.forward(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    def forward(ctx, q, k, v, causal, softmax_scale, backend, window):
+        out, lse = backend.forward(q, k, v, causal=causal, softmax_scale=softmax_scale, **window)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.softmax_scale, ctx.backend = causal, softmax_scale, backend
+        ctx.causal, ctx.softmax_scale, ctx.backend, ctx.window = causal, softmax_scale, backend, window
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -21,18 +21,20 @@ class _AttentionFunction(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = ctx.backend.backward(dout, q, k, v, out, lse, causal=ctx.causal,
-                                          softmax_scale=ctx.softmax_scale)
-        return dq, dk, dv, None, None, None
+                                          softmax_scale=ctx.softmax_scale, **ctx.window)
+        return dq, dk, dv, None, None, None, None
 
 
 def local_attention(q, k, v, causal=False, softmax_scale=None, *, backend: str | Backend | None = None,
-              return_lse=False):
+                    return_lse=False, window_size=(-1, -1)):
     """Differentiable attention through a backend (see ``get_backend``).
 
     ``q: [B, Sq, Hq, D]``, ``k, v: [B, Sk, Hkv, D]`` -> ``out: [B, Sq, Hq, D]``, and
-    ``lse: [B, Hq, Sq]`` (not differentiable) when ``return_lse``.
+    ``lse: [B, Hq, Sq]`` (not differentiable) when ``return_lse``. ``window_size``:
+    flash-attn's sliding window ``(left, right)``, -1 unbounded, bottom-right aligned.
     """
-    out, lse = _AttentionFunction.apply(q, k, v, causal, softmax_scale, get_backend(backend))
+    out, lse = _AttentionFunction.apply(q, k, v, causal, softmax_scale, get_backend(backend),
+                                        window_kwargs(window_size))
     return (out, lse) if return_lse else out
 
 
@@ -45,11 +47,13 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     for float64 inputs; not differentiable). Causal is aligned bottom-right, as in flash-attn.
 
     ``backend``: default the Triton kernels for CUDA tensors, PyTorch's fused ops on a
-    CPU. ``deterministic`` is accepted: every backend's backward is. Dropout, sliding
-    windows, softcap and ALiBi raise a ValueError unless left at their defaults.
+    CPU. ``deterministic`` is accepted: every backend's backward is. ``window_size``:
+    a sliding window as flash-attn's. Dropout, softcap and ALiBi raise a ValueError
+    unless left at their defaults.
     """
-    refuse_flash_attn_extras(dropout_p, window_size, softcap, alibi_slopes)
+    refuse_flash_attn_extras(dropout_p, softcap, alibi_slopes)
     if backend is None and isinstance(q, torch.Tensor):
         backend = "triton" if q.is_cuda else "torch"
-    out, lse = local_attention(q, k, v, causal, softmax_scale, backend=backend, return_lse=True)
+    out, lse = local_attention(q, k, v, causal, softmax_scale, backend=backend, return_lse=True,
+                               window_size=window_size)
     return (out, lse, None) if return_attn_probs else out

@@ -3,7 +3,11 @@
 ``q: [B, Sq, Hq, D]``, ``k, v: [B, Sk, Hkv, D]``, ``lse: [B, Hq, Sq]`` (natural log).
 ``triton`` (our kernels), ``torch`` (PyTorch's fused ops) and ``naive`` (plain torch)
 are registered here; any object with the same attributes can be passed wherever a
-backend name is taken.
+backend name is taken. A sliding window reaches a backend as the keyword
+``window_size``, passed only when one is set, so a backend without windows still serves
+every other call. Packed documents (``usp.kernels.varlen``) use a backend's own
+``varlen_forward`` / ``varlen_backward`` where it has them (triton), else one call per
+document.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ from typing import Callable, Protocol, runtime_checkable
 import torch
 
 from . import naive, torch_fused
-from .flash_bwd import flash_attn_backward
-from .flash_fwd import flash_attn_forward
+from .checks import resolve_window
+from .flash_bwd import flash_attn_backward, flash_attn_varlen_backward
+from .flash_fwd import flash_attn_forward, flash_attn_varlen_forward
 
 
 @runtime_checkable
@@ -25,11 +30,11 @@ class Backend(Protocol):
     name: str
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
-                softmax_scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+                softmax_scale: float | None, **window_size) -> tuple[torch.Tensor, torch.Tensor]:
         """``(out [B, Sq, Hq, D] in q's dtype, lse [B, Hq, Sq] float32 or wider)``."""
 
     def backward(self, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                 lse: torch.Tensor, *, causal: bool, softmax_scale: float | None
+                 lse: torch.Tensor, *, causal: bool, softmax_scale: float | None, **window_size
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(dq, dk, dv)`` from the ``out`` and ``lse`` given, used as they are (ring
         attention passes the global, merged ones while it hands over one K/V block)."""
@@ -42,10 +47,19 @@ class FunctionBackend:
     name: str
     forward: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    varlen_forward: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+    varlen_backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+
+
+def window_kwargs(window_size) -> dict:
+    """The keywords that hand ``window_size`` (checked here) to a backend: none for no window."""
+    resolve_window(False, window_size)
+    return {} if tuple(window_size) == (-1, -1) else {"window_size": tuple(window_size)}
 
 
 BACKENDS: dict[str, Backend] = {
-    "triton": FunctionBackend("triton", flash_attn_forward, flash_attn_backward),
+    "triton": FunctionBackend("triton", flash_attn_forward, flash_attn_backward,
+                              flash_attn_varlen_forward, flash_attn_varlen_backward),
     "torch": FunctionBackend("torch", torch_fused.forward, torch_fused.backward),
     "naive": FunctionBackend("naive", naive.forward, naive.backward),
 }

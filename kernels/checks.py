@@ -32,11 +32,14 @@ class AttentionShape:
         return self.heads // self.kv_heads
 
 
-def _check_tensor(name: str, x) -> None:
+_DIMS = {4: "[batch, seqlen, heads, head_dim]", 3: "[total_tokens, heads, head_dim] (packed)"}
+
+
+def _check_tensor(name: str, x, dims: int = 4) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{name} must have 4 dims [batch, seqlen, heads, head_dim], got shape {tuple(x.shape)}")
+    if x.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dims {_DIMS[dims]}, got shape {tuple(x.shape)}")
     if not x.dtype.is_floating_point:
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
 
@@ -112,13 +115,71 @@ def causal_offset(seqlen_q: int, seqlen_k: int) -> int:
     return seqlen_k - seqlen_q
 
 
-def refuse_flash_attn_extras(dropout_p=0.0, window_size=(-1, -1), softcap=0.0, alibi_slopes=None) -> None:
+def resolve_window(causal: bool, window_size) -> tuple[int | None, int | None]:
+    """flash-attn's ``window_size=(left, right)`` as ``(left, right)`` bounds, None where
+    unbounded (-1): query i sees key j iff ``i + Sk - Sq - left <= j <= i + Sk - Sq + right``.
+    Causal sets ``right = 0``, as flash-attn does."""
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window_size)):
+        raise TypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
+    if min(window_size) < -1:
+        raise ValueError(f"window_size entries must be >= 0, or -1 for unbounded, got {tuple(window_size)}")
+    left, right = (None if w == -1 else w for w in window_size)
+    return left, 0 if causal else right
+
+
+def check_packed_qkv(q, k, v, causal: bool = False) -> AttentionShape:
+    """Validate packed ``q: [total_q, Hq, D]``, ``k, v: [total_k, Hkv, D]``; the sizes of
+    the equivalent batch of one (``seqlen_*`` are the totals)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, x, dims=3)
+    return check_qkv(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), causal)
+
+
+def check_packed_backward_inputs(dout, q, k, v, out, lse, causal: bool = False) -> AttentionShape:
+    """Validate a packed backward call: ``dout, out`` like ``q: [total_q, Hq, D]``, ``lse: [Hq, total_q]``."""
+    shape = check_packed_qkv(q, k, v, causal)
+    for name, x in (("dout", dout), ("out", out)):
+        _check_tensor(name, x, dims=3)
+    if not isinstance(lse, torch.Tensor) or lse.dim() != 2:
+        raise ValueError(f"lse must be 2-D [heads, total_q], got {getattr(lse, 'shape', type(lse).__name__)}")
+    check_backward_inputs(dout.unsqueeze(0), q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), out.unsqueeze(0),
+                          lse.unsqueeze(0), causal)
+    return shape
+
+
+def check_cu_seqlens(name: str, cu_seqlens, total: int, max_seqlen) -> list[int]:
+    """Validate document offsets of a packed sequence of ``total`` tokens: an int32 tensor
+    ``[documents + 1]`` on any device, non-decreasing from 0 to ``total``, whose longest
+    document is at most ``max_seqlen``. Returns the offsets as a list (reading them
+    synchronises with the device)."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32 (as flash-attn takes it), got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"{name} must be 1-D [documents + 1] with at least 2 entries, got shape "
+                         f"{tuple(cu_seqlens.shape)}")
+    offsets = cu_seqlens.tolist()
+    if offsets[0] != 0 or offsets[-1] != total:
+        raise ValueError(f"{name} must start at 0 and end at the packed length {total}, "
+                         f"got {offsets[0]} ... {offsets[-1]}")
+    lengths = [b - a for a, b in zip(offsets, offsets[1:])]
+    if min(lengths) < 0:
+        at = lengths.index(min(lengths))
+        raise ValueError(f"{name} must be non-decreasing, got {offsets[at]} then {offsets[at + 1]} at index {at}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+        raise TypeError(f"max_seqlen for {name} must be an int, got {type(max_seqlen).__name__}")
+    if max_seqlen < max(lengths):
+        raise ValueError(f"max_seqlen {max_seqlen} is shorter than the longest document of {name} ({max(lengths)})")
+    return offsets
+
+
+def refuse_flash_attn_extras(dropout_p=0.0, softcap=0.0, alibi_slopes=None) -> None:
     """ValueErrors for flash-attn's options that the kernels do not implement, when set
-    to anything but their defaults (dropout, sliding window, logit softcap, ALiBi)."""
+    to anything but their defaults (dropout, logit softcap, ALiBi)."""
     if dropout_p != 0.0:
         raise ValueError(f"dropout_p must be 0.0 (dropout is not supported), got {dropout_p}")
-    if tuple(window_size) != (-1, -1):
-        raise ValueError(f"window_size must be (-1, -1) (sliding windows are not supported yet), got {window_size}")
     if softcap != 0.0:
         raise ValueError(f"softcap must be 0.0 (logit softcapping is not supported), got {softcap}")
     if alibi_slopes is not None:

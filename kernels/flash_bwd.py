@@ -17,11 +17,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import check_backward_inputs, resolve_softmax_scale
+from .checks import check_backward_inputs, check_packed_backward_inputs, resolve_softmax_scale, resolve_window
 from .configs import KernelConfig, get_config, padded_head_dim
-from .triton_common import (LOG2E, Launch, causal_visible, check_triton_inputs, device_guard, dot_precision,
-                            key_block_range, load_row_stats, load_tile, program_tile, query_block_range,
-                            store_tile, strides, tile_pointers)
+from .flash_fwd import packed_mask
+from .triton_common import (LOG2E, Launch, MaskSpec, check_triton_inputs, device_guard, dot_precision,
+                            key_block_range, kv_tile_pointers, load_row_stats, load_tile, program_tile,
+                            query_block_range, range_blocks, sequence_span, store_tile, strides, tile_pointers,
+                            window_visible)
 
 
 @triton.jit
@@ -50,15 +52,15 @@ def _bwd_preprocess_kernel(
 
 @triton.jit
 def _dkdv_query_blocks(dk, dv, k, v, q_ptrs, do_ptrs, lse2_ptr, delta_ptr, stride_qs, stride_dos,
-                       offs_n, offs_d, lo, hi, seqlen_q, seqlen_k, head_dim, qk_scale,
-                       MASKED: tl.constexpr, BLOCK_M: tl.constexpr, EVEN_M: tl.constexpr,
-                       EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+                       offs_n, offs_d, lo, hi, seqlen_q, seqlen_k, head_dim, qk_scale, window_left, window_right,
+                       MASKED: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr, BLOCK_M: tl.constexpr,
+                       EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate the dK, dV of one key block over query blocks [lo, hi) of one head.
 
     Works on transposed scores ``s^T: [BLOCK_N, BLOCK_M]``. ``q_ptrs, do_ptrs`` point at
     query row ``lo``; ``lse2_ptr, delta_ptr`` at row 0 of this head. Rows past
     ``seqlen_q`` load as zeros with lse2 = +inf, so they contribute nothing. MASKED
-    applies the causal mask (only diagonal blocks need it)."""
+    applies the window (causal is one); only edge blocks need it."""
     offs_m = lo + tl.arange(0, BLOCK_M)
     for _start_m in range(lo, hi, BLOCK_M):
         q = load_tile(q_ptrs, offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, not EVEN_D)
@@ -66,7 +68,8 @@ def _dkdv_query_blocks(dk, dv, k, v, q_ptrs, do_ptrs, lse2_ptr, delta_ptr, strid
         lse2, delta = load_row_stats(lse2_ptr, delta_ptr, offs_m, seqlen_q, not EVEN_M)
         p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse2[None, :])
         if MASKED:
-            p_t = tl.where(tl.trans(causal_visible(offs_m, offs_n, seqlen_q, seqlen_k)), p_t, 0.0)
+            visible = window_visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, LEFT, RIGHT)
+            p_t = tl.where(tl.trans(visible), p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -78,23 +81,45 @@ def _dkdv_query_blocks(dk, dv, k, v, q_ptrs, do_ptrs, lse2_ptr, delta_ptr, strid
 
 
 @triton.jit
+def _dkdv_range(dk, dv, k, v, lo, hi, Q, DO, stats_lse2, stats_delta, b, h, q0, rows, offs_n, offs_d,
+                stride_qb, stride_qs, stride_qh, stride_qd, stride_dob, stride_dos, stride_doh, stride_dod,
+                seqlen_q, seqlen_k, head_dim, qk_scale, window_left, window_right,
+                MASKED: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr, BLOCK_M: tl.constexpr,
+                EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+    """``_dkdv_query_blocks`` over queries [lo, hi) of head ``h`` of sequence ``b``."""
+    m0 = q0 + lo
+    return _dkdv_query_blocks(
+        dk, dv, k, v,
+        tile_pointers(Q, b, h, m0, rows, offs_d, stride_qb, stride_qs, stride_qh, stride_qd),
+        tile_pointers(DO, b, h, m0, rows, offs_d, stride_dob, stride_dos, stride_doh, stride_dod),
+        stats_lse2, stats_delta, stride_qs, stride_dos, offs_n, offs_d, lo, hi, seqlen_q, seqlen_k, head_dim,
+        qk_scale, window_left, window_right, MASKED, LEFT, RIGHT, BLOCK_M, EVEN_M, EVEN_D, PRECISION)
+
+
+@triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, Lse2, Delta, DK, DV,
+    Q, K, V, DO, Lse2, Delta, DK, DV, CuSeqlensQ, CuSeqlensK, Visits,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_dob, stride_dos, stride_doh, stride_dod,
     stride_dkb, stride_dks, stride_dkh, stride_dkd,
     stride_dvb, stride_dvs, stride_dvh, stride_dvd,
-    seqlen_q, seqlen_k, kv_heads, group, head_dim, qk_scale, softmax_scale,
-    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_lb, stride_lh,
+    seqlen_q, seqlen_k, kv_heads, group, head_dim, qk_scale, softmax_scale, window_left, window_right,
+    LEFT: tl.constexpr, RIGHT: tl.constexpr, VARLEN: tl.constexpr, COUNT_VISITS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     start_n, _, b, h_kv = program_tile(BLOCK_N, kv_heads)
+    q0, seqlen_q = sequence_span(CuSeqlensQ, b, seqlen_q, VARLEN)
+    k0, seqlen_k = sequence_span(CuSeqlensK, b, seqlen_k, VARLEN)
+    if start_n >= seqlen_k:  # a tile past a short document's end
+        return
     cols = tl.arange(0, BLOCK_N)
     offs_n = start_n + cols
     offs_d = tl.arange(0, BLOCK_D)
-    n0 = start_n.to(tl.int64)
+    n0 = k0 + start_n
 
     k_ptrs = tile_pointers(K, b, h_kv, n0, cols, offs_d, stride_kb, stride_ks, stride_kh, stride_kd)
     v_ptrs = tile_pointers(V, b, h_kv, n0, cols, offs_d, stride_vb, stride_vs, stride_vh, stride_vd)
@@ -103,28 +128,26 @@ def _bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    # Query blocks [begin, full_begin) cross the causal diagonal; later ones see every key here.
-    begin, full_begin = query_block_range(start_n, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
-    end = tl.cdiv(seqlen_q, BLOCK_M) * BLOCK_M
+    # Query blocks [full_begin, full_end) see every key here; [begin, full_begin) and
+    # [full_end, end) cross the causal diagonal or a window edge.
+    begin, full_begin, full_end, end = query_block_range(start_n, seqlen_q, seqlen_k, window_left, window_right,
+                                                         LEFT, RIGHT, BLOCK_M, BLOCK_N)
     rows = tl.arange(0, BLOCK_M)
-    m_begin, m_full = begin.to(tl.int64), full_begin.to(tl.int64)
+    window = (seqlen_q, seqlen_k, head_dim, qk_scale, window_left, window_right)
     for g in range(group):  # the query heads that share this K/V head
         h = h_kv * group + g
-        stats = (b * kv_heads * group + h) * seqlen_q  # row 0 of this head in lse2 and delta
-        dk, dv = _dkdv_query_blocks(
-            dk, dv, k, v,
-            tile_pointers(Q, b, h, m_begin, rows, offs_d, stride_qb, stride_qs, stride_qh, stride_qd),
-            tile_pointers(DO, b, h, m_begin, rows, offs_d, stride_dob, stride_dos, stride_doh, stride_dod),
-            Lse2 + stats, Delta + stats, stride_qs, stride_dos, offs_n, offs_d,
-            begin, full_begin, seqlen_q, seqlen_k, head_dim, qk_scale,
-            True, BLOCK_M, EVEN_M, EVEN_D, PRECISION)
-        dk, dv = _dkdv_query_blocks(
-            dk, dv, k, v,
-            tile_pointers(Q, b, h, m_full, rows, offs_d, stride_qb, stride_qs, stride_qh, stride_qd),
-            tile_pointers(DO, b, h, m_full, rows, offs_d, stride_dob, stride_dos, stride_doh, stride_dod),
-            Lse2 + stats, Delta + stats, stride_qs, stride_dos, offs_n, offs_d,
-            full_begin, end, seqlen_q, seqlen_k, head_dim, qk_scale,
-            False, BLOCK_M, EVEN_M, EVEN_D, PRECISION)
+        stats = b * stride_lb + h * stride_lh + q0  # row 0 of this head in lse2 and delta
+        queries = (Q, DO, Lse2 + stats, Delta + stats, b, h, q0, rows, offs_n, offs_d,
+                   stride_qb, stride_qs, stride_qh, stride_qd, stride_dob, stride_dos, stride_doh, stride_dod)
+        dk, dv = _dkdv_range(dk, dv, k, v, begin, full_begin, *queries, *window,
+                             True, LEFT, RIGHT, BLOCK_M, EVEN_M, EVEN_D, PRECISION)
+        dk, dv = _dkdv_range(dk, dv, k, v, full_begin, full_end, *queries, *window,
+                             False, LEFT, RIGHT, BLOCK_M, EVEN_M, EVEN_D, PRECISION)
+        dk, dv = _dkdv_range(dk, dv, k, v, full_end, end, *queries, *window,
+                             True, LEFT, RIGHT, BLOCK_M, EVEN_M, EVEN_D, PRECISION)
+    if COUNT_VISITS:  # the query blocks this program visited per query head, for tests
+        tl.store(Visits + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0),
+                 range_blocks(begin, full_begin, full_end, end, BLOCK_M))
 
     dk_ptrs = tile_pointers(DK, b, h_kv, n0, cols, offs_d, stride_dkb, stride_dks, stride_dkh, stride_dkd)
     dv_ptrs = tile_pointers(DV, b, h_kv, n0, cols, offs_d, stride_dvb, stride_dvs, stride_dvh, stride_dvd)
@@ -134,21 +157,24 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_key_blocks(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_d,
-                   lo, hi, seqlen_q, seqlen_k, head_dim, qk_scale,
-                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+def _dq_key_blocks(dq, q, do, lse2, delta, lo, hi, K, V, b, h_kv, k0, offs_m, offs_n, offs_d,
+                   stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
+                   seqlen_q, seqlen_k, head_dim, qk_scale, window_left, window_right,
+                   MASKED: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr, BLOCK_N: tl.constexpr,
                    EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
-    """Accumulate the dQ of one query block over key blocks [lo, hi); pointers at key ``lo``.
-    With MASKED, keys past ``seqlen_k`` and (when causal) after the diagonal are excluded."""
-    offs_n = lo + tl.arange(0, BLOCK_N)
+    """Accumulate the dQ of one query block over key blocks [lo, hi) of K/V head ``h_kv``
+    of sequence ``b`` (keys from row ``k0``). With MASKED, keys past ``seqlen_k`` and
+    outside a row's window are excluded."""
+    k_ptrs, v_ptrs = kv_tile_pointers(K, V, b, h_kv, k0 + lo, offs_n, offs_d, stride_kb, stride_ks, stride_kh,
+                                      stride_kd, stride_vb, stride_vs, stride_vh, stride_vd)
+    offs_n = lo + offs_n
     for _start_n in range(lo, hi, BLOCK_N):
         k = load_tile(k_ptrs, offs_n, seqlen_k, offs_d, head_dim, MASKED, not EVEN_D)
         v = load_tile(v_ptrs, offs_n, seqlen_k, offs_d, head_dim, MASKED, not EVEN_D)
         p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None])
         if MASKED:
-            visible = offs_n[None, :] < seqlen_k
-            if CAUSAL:
-                visible = visible & causal_visible(offs_m, offs_n, seqlen_q, seqlen_k)
+            visible = (offs_n[None, :] < seqlen_k) & window_visible(
+                offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, LEFT, RIGHT)
             p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -161,92 +187,126 @@ def _dq_key_blocks(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs,
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, Lse2, Delta, DQ,
+    Q, K, V, DO, Lse2, Delta, DQ, CuSeqlensQ, CuSeqlensK,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_dob, stride_dos, stride_doh, stride_dod,
     stride_dqb, stride_dqs, stride_dqh, stride_dqd,
-    seqlen_q, seqlen_k, heads, group, head_dim, qk_scale, softmax_scale,
-    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_lb, stride_lh,
+    seqlen_q, seqlen_k, heads, group, head_dim, qk_scale, softmax_scale, window_left, window_right,
+    LEFT: tl.constexpr, RIGHT: tl.constexpr, VARLEN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     start_m, bh, b, h = program_tile(BLOCK_M, heads)
+    q0, seqlen_q = sequence_span(CuSeqlensQ, b, seqlen_q, VARLEN)
+    k0, seqlen_k = sequence_span(CuSeqlensK, b, seqlen_k, VARLEN)
+    if start_m >= seqlen_q:  # a tile past a short document's end
+        return
     h_kv = h // group
     rows = tl.arange(0, BLOCK_M)
     offs_m = start_m + rows
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    m0 = start_m.to(tl.int64)
+    m0 = q0 + start_m
 
     q_ptrs = tile_pointers(Q, b, h, m0, rows, offs_d, stride_qb, stride_qs, stride_qh, stride_qd)
     do_ptrs = tile_pointers(DO, b, h, m0, rows, offs_d, stride_dob, stride_dos, stride_doh, stride_dod)
     q = load_tile(q_ptrs, offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, not EVEN_D)
     do = load_tile(do_ptrs, offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, not EVEN_D)
-    stats = bh.to(tl.int64) * seqlen_q  # row 0 of this head in lse2 and delta
+    stats = b * stride_lb + h * stride_lh + q0  # row 0 of this head in lse2 and delta
     lse2, delta = load_row_stats(Lse2 + stats, Delta + stats, offs_m, seqlen_q, not EVEN_M)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # The forward's key ranges: [0, full_end) unmasked, [full_end, end) masked.
-    full_end, end = key_block_range(start_m, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _dq_key_blocks(
-        dq, q, do, lse2, delta,
-        tile_pointers(K, b, h_kv, 0, offs_n, offs_d, stride_kb, stride_ks, stride_kh, stride_kd),
-        tile_pointers(V, b, h_kv, 0, offs_n, offs_d, stride_vb, stride_vs, stride_vh, stride_vd),
-        stride_ks, stride_vs, offs_m, offs_d, 0, full_end, seqlen_q, seqlen_k, head_dim, qk_scale,
-        False, CAUSAL, BLOCK_N, EVEN_D, PRECISION)
-    n0 = full_end.to(tl.int64)
-    dq = _dq_key_blocks(
-        dq, q, do, lse2, delta,
-        tile_pointers(K, b, h_kv, n0, offs_n, offs_d, stride_kb, stride_ks, stride_kh, stride_kd),
-        tile_pointers(V, b, h_kv, n0, offs_n, offs_d, stride_vb, stride_vs, stride_vh, stride_vd),
-        stride_ks, stride_vs, offs_m, offs_d, full_end, end, seqlen_q, seqlen_k, head_dim, qk_scale,
-        True, CAUSAL, BLOCK_N, EVEN_D, PRECISION)
+    # The forward's key ranges: [full_lo, full_end) unmasked, [lo, full_lo) and [full_end, hi) masked.
+    lo, full_lo, full_end, hi = key_block_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
+                                                LEFT, RIGHT, BLOCK_M, BLOCK_N)
+    kv = (K, V, b, h_kv, k0, offs_m, offs_n, offs_d, stride_kb, stride_ks, stride_kh, stride_kd,
+          stride_vb, stride_vs, stride_vh, stride_vd)
+    window = (seqlen_q, seqlen_k, head_dim, qk_scale, window_left, window_right)
+    dq = _dq_key_blocks(dq, q, do, lse2, delta, lo, full_lo, *kv, *window,
+                        True, LEFT, RIGHT, BLOCK_N, EVEN_D, PRECISION)
+    dq = _dq_key_blocks(dq, q, do, lse2, delta, full_lo, full_end, *kv, *window,
+                        False, LEFT, RIGHT, BLOCK_N, EVEN_D, PRECISION)
+    dq = _dq_key_blocks(dq, q, do, lse2, delta, full_end, hi, *kv, *window,
+                        True, LEFT, RIGHT, BLOCK_N, EVEN_D, PRECISION)
 
     dq_ptrs = tile_pointers(DQ, b, h, m0, rows, offs_d, stride_dqb, stride_dqs, stride_dqh, stride_dqd)
     store_tile(dq_ptrs, (dq * softmax_scale).to(DQ.dtype.element_ty), offs_m, seqlen_q, offs_d, head_dim,
                not EVEN_M, not EVEN_D)
 
 
-def backward_launches(dout, q, k, v, out, lse, delta, lse2, dq, dk, dv, *, causal: bool, scale: float,
-                      configs: dict[str, KernelConfig]) -> list[Launch]:
-    """The three backward launches for already-validated inputs; ``lse`` is float32 and
-    contiguous, ``delta`` and ``lse2`` are float32 buffers of its shape, ``configs`` maps
-    "bwd_dkdv" and "bwd_dq" to their configs (the preprocess uses the dq tiling)."""
-    batch, seqlen_q, heads, head_dim = q.shape
-    seqlen_k, kv_heads = k.shape[1], k.shape[2]
+def backward_launches(dout, q, k, v, out, lse, delta, lse2, dq, dk, dv, *, mask: MaskSpec, scale: float,
+                      configs: dict[str, KernelConfig], visits: torch.Tensor | None = None) -> list[Launch]:
+    """The three backward launches for already-validated inputs (dense, or packed with
+    ``mask.varlen``, as ``forward_launch`` takes them); ``lse`` is float32 and contiguous,
+    ``delta`` and ``lse2`` are float32 buffers of its shape, ``configs`` maps "bwd_dkdv"
+    and "bwd_dq" to their configs (the preprocess uses the dq tiling). ``visits``, int32
+    with one slot per dK/dV program, receives the query blocks each visited per head."""
+    dout4, q4, k4, v4, out4, dq4, dk4, dv4 = (x.unsqueeze(0) if mask.varlen else x
+                                              for x in (dout, q, k, v, out, dq, dk, dv))
+    batch, seqlen_q, heads, head_dim = q4.shape
+    seqlen_k, kv_heads = k4.shape[1], k4.shape[2]
+    rows_total = batch * seqlen_q  # the preprocess sees a packed sequence as one batch row
+    if mask.varlen:
+        batch, seqlen_q, seqlen_k = mask.documents, mask.max_seqlen_q, mask.max_seqlen_k
+        lse_strides = (0, lse.stride(0))
+    else:
+        lse_strides = (lse.stride(0), lse.stride(1))
     group = heads // kv_heads
     block_d = padded_head_dim(head_dim)
-    common = dict(CAUSAL=causal, BLOCK_D=block_d, EVEN_D=head_dim == block_d, PRECISION=dot_precision(q.dtype))
+    common = dict(LEFT=mask.left is not None, RIGHT=mask.right is not None, VARLEN=mask.varlen, BLOCK_D=block_d,
+                  EVEN_D=head_dim == block_d, PRECISION=dot_precision(q.dtype))
     dkdv, dq_cfg = configs["bwd_dkdv"], configs["bwd_dq"]
+    pre_rows = seqlen_q if not mask.varlen else rows_total
     return [
-        Launch(_bwd_preprocess_kernel, (triton.cdiv(seqlen_q, dq_cfg.block_m), batch * heads),
-               (out, dout, lse, delta, lse2, *strides(out), *strides(dout), seqlen_q, heads, head_dim),
+        Launch(_bwd_preprocess_kernel, (triton.cdiv(pre_rows, dq_cfg.block_m), q4.shape[0] * heads),
+               (out4, dout4, lse, delta, lse2, *strides(out4), *strides(dout4), pre_rows, heads, head_dim),
                dict(BLOCK_M=dq_cfg.block_m, BLOCK_D=block_d), dq_cfg.num_warps, 1),
         Launch(_bwd_dkdv_kernel, (triton.cdiv(seqlen_k, dkdv.block_n), batch * kv_heads),
-               (q, k, v, dout, lse2, delta, dk, dv,
-                *strides(q), *strides(k), *strides(v), *strides(dout), *strides(dk), *strides(dv),
-                seqlen_q, seqlen_k, kv_heads, group, head_dim, scale * LOG2E, scale),
-               dict(BLOCK_M=dkdv.block_m, BLOCK_N=dkdv.block_n, EVEN_M=seqlen_q % dkdv.block_m == 0,
-                    EVEN_N=seqlen_k % dkdv.block_n == 0, **common),
+               (q, k, v, dout, lse2, delta, dk, dv, mask.cu_seqlens_q, mask.cu_seqlens_k, visits,
+                *mask.strides(q4), *mask.strides(k4), *mask.strides(v4), *mask.strides(dout4),
+                *mask.strides(dk4), *mask.strides(dv4), *lse_strides,
+                seqlen_q, seqlen_k, kv_heads, group, head_dim, scale * LOG2E, scale, *mask.window_args),
+               dict(COUNT_VISITS=visits is not None, BLOCK_M=dkdv.block_m, BLOCK_N=dkdv.block_n,
+                    EVEN_M=not mask.varlen and seqlen_q % dkdv.block_m == 0,
+                    EVEN_N=not mask.varlen and seqlen_k % dkdv.block_n == 0, **common),
                dkdv.num_warps, dkdv.num_stages),
         Launch(_bwd_dq_kernel, (triton.cdiv(seqlen_q, dq_cfg.block_m), batch * heads),
-               (q, k, v, dout, lse2, delta, dq,
-                *strides(q), *strides(k), *strides(v), *strides(dout), *strides(dq),
-                seqlen_q, seqlen_k, heads, group, head_dim, scale * LOG2E, scale),
-               dict(BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n, EVEN_M=seqlen_q % dq_cfg.block_m == 0, **common),
+               (q, k, v, dout, lse2, delta, dq, mask.cu_seqlens_q, mask.cu_seqlens_k,
+                *mask.strides(q4), *mask.strides(k4), *mask.strides(v4), *mask.strides(dout4),
+                *mask.strides(dq4), *lse_strides,
+                seqlen_q, seqlen_k, heads, group, head_dim, scale * LOG2E, scale, *mask.window_args),
+               dict(BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n,
+                    EVEN_M=not mask.varlen and seqlen_q % dq_cfg.block_m == 0, **common),
                dq_cfg.num_warps, dq_cfg.num_stages),
     ]
 
 
-def flash_attn_backward(dout, q, k, v, out, lse, causal=False, softmax_scale=None):
+def flash_attn_backward(dout, q, k, v, out, lse, causal=False, softmax_scale=None, window_size=(-1, -1)):
     """Gradients of flash attention from the given ``out`` and ``lse``.
 
     ``dout, q, out: [B, Sq, Hq, D]``, ``k, v: [B, Sk, Hkv, D]``, ``lse: [B, Hq, Sq]``
-    (natural log, -inf for rows that see no key). Returns ``(dq, dk, dv)`` in the
-    input dtype with the shapes of ``q, k, v``.
+    (natural log, -inf for rows that see no key); ``window_size`` as in the forward.
+    Returns ``(dq, dk, dv)`` in the input dtype with the shapes of ``q, k, v``.
     """
     shape = check_backward_inputs(dout, q, k, v, out, lse, causal)
+    return _run_backward(dout, q, k, v, out, lse, shape, MaskSpec(*resolve_window(causal, window_size)),
+                         softmax_scale)
+
+
+def flash_attn_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
+                               causal=False, softmax_scale=None, window_size=(-1, -1)):
+    """Gradients of ``flash_attn_varlen_forward`` from the given ``out`` and ``lse``:
+    ``dout, q, out: [total_q, Hq, D]``, ``k, v: [total_k, Hkv, D]``, ``lse: [Hq, total_q]``.
+    Returns ``(dq, dk, dv)`` with the shapes of ``q, k, v``."""
+    shape = check_packed_backward_inputs(dout, q, k, v, out, lse, causal)
+    mask = packed_mask(causal, window_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, shape, q.device)
+    return _run_backward(dout, q, k, v, out, lse, shape, mask, softmax_scale)
+
+
+def _run_backward(dout, q, k, v, out, lse, shape, mask: MaskSpec, softmax_scale, visits=None):
     check_triton_inputs(q)
     scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
     device = q.device
@@ -258,6 +318,6 @@ def flash_attn_backward(dout, q, k, v, out, lse, causal=False, softmax_scale=Non
     configs = {name: get_config(name, shape.head_dim, q.dtype, device) for name in ("bwd_dkdv", "bwd_dq")}
     with device_guard(device):
         for launch in backward_launches(dout, q, k, v, out, lse, delta, lse2, dq, dk, dv,
-                                        causal=causal, scale=scale, configs=configs):
+                                        mask=mask, scale=scale, configs=configs, visits=visits):
             launch.run()
     return dq, dk, dv

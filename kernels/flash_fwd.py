@@ -1,9 +1,10 @@
 """Triton flash-attention forward that returns the log-sum-exp.
 
-One program computes one tile of ``BLOCK_M`` query rows of one (batch, head): it walks
-the key blocks this tile may see, first the blocks that need no mask, then the few on
-the causal diagonal or the sequence end, keeping the running max ``m``, sum ``l`` and
-output accumulator in float32 (online softmax).
+One program computes one tile of ``BLOCK_M`` query rows of one (batch row or packed
+document, head): it walks the key blocks this tile may see (the window's left edge,
+masked; the blocks every row sees, unmasked; the causal diagonal, the window's right
+edge or the sequence end, masked), keeping the running max ``m``, sum ``l`` and output
+accumulator in float32 (online softmax).
 """
 
 from __future__ import annotations
@@ -12,29 +13,31 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import check_qkv, resolve_softmax_scale
+from .checks import check_cu_seqlens, check_packed_qkv, check_qkv, resolve_softmax_scale, resolve_window
 from .configs import KernelConfig, get_config, padded_head_dim
-from .triton_common import (LOG2E, Launch, causal_visible, check_triton_inputs, device_guard, dot_precision,
-                            key_block_range, load_tile, program_tile, store_tile, strides, tile_pointers)
+from .triton_common import (LOG2E, Launch, MaskSpec, check_triton_inputs, device_guard, dot_precision,
+                            key_block_range, kv_tile_pointers, load_tile, program_tile, range_blocks, sequence_span,
+                            store_tile, tile_pointers, window_visible)
 
 
 @triton.jit
-def _attend_key_blocks(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_d,
-                       lo, hi, seqlen_q, seqlen_k, head_dim, qk_scale,
-                       MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+def _attend_key_blocks(acc, m_i, l_i, q, offs_m, lo, hi, K, V, b, h_kv, k0, offs_n, offs_d,
+                       stride_kb, stride_kn, stride_kh, stride_kd, stride_vb, stride_vn, stride_vh, stride_vd,
+                       seqlen_q, seqlen_k, head_dim, qk_scale, window_left, window_right,
+                       MASKED: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr, BLOCK_N: tl.constexpr,
                        EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
-    """Fold key blocks [lo, hi) into the online-softmax state (acc, m_i, l_i).
-
-    ``k_ptrs, v_ptrs`` point at key row ``lo``. With MASKED, keys past ``seqlen_k`` and
-    (when causal) keys after a row's diagonal are excluded."""
-    offs_n = lo + tl.arange(0, BLOCK_N)
+    """Fold key blocks [lo, hi) of K/V head ``h_kv`` of sequence ``b`` (whose keys start
+    at row ``k0``) into the online-softmax state (acc, m_i, l_i). With MASKED, keys past
+    ``seqlen_k`` and keys outside a row's window (causal is a window) are excluded."""
+    k_ptrs, v_ptrs = kv_tile_pointers(K, V, b, h_kv, k0 + lo, offs_n, offs_d, stride_kb, stride_kn, stride_kh,
+                                      stride_kd, stride_vb, stride_vn, stride_vh, stride_vd)
+    offs_n = lo + offs_n
     for _start_n in range(lo, hi, BLOCK_N):
         k = load_tile(k_ptrs, offs_n, seqlen_k, offs_d, head_dim, MASKED, not EVEN_D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if MASKED:
-            visible = offs_n[None, :] < seqlen_k
-            if CAUSAL:
-                visible = visible & causal_visible(offs_m, offs_n, seqlen_q, seqlen_k)
+            visible = (offs_n[None, :] < seqlen_k) & window_visible(
+                offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, LEFT, RIGHT)
             s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         if MASKED:
@@ -54,22 +57,30 @@ def _attend_key_blocks(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, o
 
 @triton.jit
 def _flash_fwd_kernel(
-    Q, K, V, Out, Lse,
+    Q, K, V, Out, Lse, CuSeqlensQ, CuSeqlensK, Visits,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_ob, stride_os, stride_oh, stride_od,
-    seqlen_q, seqlen_k, heads, group, head_dim, qk_scale,
-    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_lb, stride_lh,
+    seqlen_q, seqlen_k, heads, group, head_dim, qk_scale, window_left, window_right,
+    LEFT: tl.constexpr, RIGHT: tl.constexpr, VARLEN: tl.constexpr, COUNT_VISITS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    # b is the batch row, or the document when VARLEN (whose batch strides are 0): its
+    # queries start at row q0 and its keys at row k0 of the packed tensors.
     start_m, bh, b, h = program_tile(BLOCK_M, heads)
+    q0, seqlen_q = sequence_span(CuSeqlensQ, b, seqlen_q, VARLEN)
+    k0, seqlen_k = sequence_span(CuSeqlensK, b, seqlen_k, VARLEN)
+    if start_m >= seqlen_q:  # a tile past a short document's end
+        return
     h_kv = h // group
     rows = tl.arange(0, BLOCK_M)
     offs_m = start_m + rows
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    m0 = start_m.to(tl.int64)
+    m0 = q0 + start_m
 
     q_ptrs = tile_pointers(Q, b, h, m0, rows, offs_d, stride_qb, stride_qs, stride_qh, stride_qd)
     q = load_tile(q_ptrs, offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, not EVEN_D)
@@ -78,21 +89,20 @@ def _flash_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-    # Key blocks [0, full_end) need no mask; [full_end, end) are on the diagonal or the end.
-    full_end, end = key_block_range(start_m, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
-    acc, m_i, l_i = _attend_key_blocks(
-        acc, m_i, l_i, q,
-        tile_pointers(K, b, h_kv, 0, offs_n, offs_d, stride_kb, stride_ks, stride_kh, stride_kd),
-        tile_pointers(V, b, h_kv, 0, offs_n, offs_d, stride_vb, stride_vs, stride_vh, stride_vd),
-        stride_ks, stride_vs, offs_m, offs_d, 0, full_end, seqlen_q, seqlen_k, head_dim, qk_scale,
-        False, CAUSAL, BLOCK_N, EVEN_D, PRECISION)
-    n0 = full_end.to(tl.int64)
-    acc, m_i, l_i = _attend_key_blocks(
-        acc, m_i, l_i, q,
-        tile_pointers(K, b, h_kv, n0, offs_n, offs_d, stride_kb, stride_ks, stride_kh, stride_kd),
-        tile_pointers(V, b, h_kv, n0, offs_n, offs_d, stride_vb, stride_vs, stride_vh, stride_vd),
-        stride_ks, stride_vs, offs_m, offs_d, full_end, end, seqlen_q, seqlen_k, head_dim, qk_scale,
-        True, CAUSAL, BLOCK_N, EVEN_D, PRECISION)
+    # Key blocks [full_lo, full_end) need no mask; [lo, full_lo) and [full_end, hi) do.
+    lo, full_lo, full_end, hi = key_block_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
+                                                LEFT, RIGHT, BLOCK_M, BLOCK_N)
+    kv = (K, V, b, h_kv, k0, offs_n, offs_d, stride_kb, stride_ks, stride_kh, stride_kd,
+          stride_vb, stride_vs, stride_vh, stride_vd)
+    window = (seqlen_q, seqlen_k, head_dim, qk_scale, window_left, window_right)
+    acc, m_i, l_i = _attend_key_blocks(acc, m_i, l_i, q, offs_m, lo, full_lo, *kv, *window,
+                                       True, LEFT, RIGHT, BLOCK_N, EVEN_D, PRECISION)
+    acc, m_i, l_i = _attend_key_blocks(acc, m_i, l_i, q, offs_m, full_lo, full_end, *kv, *window,
+                                       False, LEFT, RIGHT, BLOCK_N, EVEN_D, PRECISION)
+    acc, m_i, l_i = _attend_key_blocks(acc, m_i, l_i, q, offs_m, full_end, hi, *kv, *window,
+                                       True, LEFT, RIGHT, BLOCK_N, EVEN_D, PRECISION)
+    if COUNT_VISITS:  # the key blocks this program visited, for tests
+        tl.store(Visits + bh * tl.num_programs(0) + tl.program_id(0), range_blocks(lo, full_lo, full_end, hi, BLOCK_N))
 
     # Rows that saw no key (l = 0 exactly; a row that sees one has l >= 1): out = 0, lse = -inf.
     # A NaN l (NaN scores) keeps its NaN in out and lse rather than reporting "saw no key".
@@ -103,40 +113,89 @@ def _flash_fwd_kernel(
 
     o_ptrs = tile_pointers(Out, b, h, m0, rows, offs_d, stride_ob, stride_os, stride_oh, stride_od)
     store_tile(o_ptrs, out.to(Out.dtype.element_ty), offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, not EVEN_D)
-    lse_ptrs = Lse + bh.to(tl.int64) * seqlen_q + offs_m
+    lse_ptrs = Lse + b * stride_lb + h * stride_lh + q0 + offs_m
     if EVEN_M:
         tl.store(lse_ptrs, lse)
     else:
         tl.store(lse_ptrs, lse, mask=offs_m < seqlen_q)
 
 
-def forward_launch(q, k, v, out, lse, *, causal: bool, scale: float, config: KernelConfig) -> Launch:
-    """The forward launch writing ``out`` and ``lse`` for already-validated inputs."""
-    batch, seqlen_q, heads, head_dim = q.shape
-    seqlen_k, kv_heads = k.shape[1], k.shape[2]
+def forward_launch(q, k, v, out, lse, *, mask: MaskSpec, scale: float, config: KernelConfig,
+                   visits: torch.Tensor | None = None) -> Launch:
+    """The forward launch writing ``out`` and ``lse`` for already-validated inputs: dense
+    ``[B, S, H, D]`` tensors and ``lse [B, H, Sq]``, or, with ``mask.varlen``, packed
+    ``[total, H, D]`` ones and ``lse [H, total_q]``. ``visits``, int32 with one slot per
+    program, receives the number of key blocks each visited."""
+    q4, k4, v4, out4 = (x.unsqueeze(0) if mask.varlen else x for x in (q, k, v, out))
+    batch, seqlen_q, heads, head_dim = q4.shape
+    seqlen_k, kv_heads = k4.shape[1], k4.shape[2]
+    if mask.varlen:
+        batch, seqlen_q, seqlen_k = mask.documents, mask.max_seqlen_q, mask.max_seqlen_k
+        lse_strides = (0, lse.stride(0))
+    else:
+        lse_strides = (lse.stride(0), lse.stride(1))
     block_d = padded_head_dim(head_dim)
     return Launch(
         _flash_fwd_kernel, (triton.cdiv(seqlen_q, config.block_m), batch * heads),
-        (q, k, v, out, lse, *strides(q), *strides(k), *strides(v), *strides(out),
-         seqlen_q, seqlen_k, heads, heads // kv_heads, head_dim, scale * LOG2E),
-        dict(CAUSAL=causal, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
-             EVEN_M=seqlen_q % config.block_m == 0, EVEN_D=head_dim == block_d, PRECISION=dot_precision(q.dtype)),
+        (q, k, v, out, lse, mask.cu_seqlens_q, mask.cu_seqlens_k, visits,
+         *mask.strides(q4), *mask.strides(k4), *mask.strides(v4), *mask.strides(out4), *lse_strides,
+         seqlen_q, seqlen_k, heads, heads // kv_heads, head_dim, scale * LOG2E, *mask.window_args),
+        dict(LEFT=mask.left is not None, RIGHT=mask.right is not None, VARLEN=mask.varlen,
+             COUNT_VISITS=visits is not None, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
+             EVEN_M=not mask.varlen and seqlen_q % config.block_m == 0, EVEN_D=head_dim == block_d,
+             PRECISION=dot_precision(q.dtype)),
         config.num_warps, config.num_stages)
 
 
-def flash_attn_forward(q, k, v, causal=False, softmax_scale=None):
+def flash_attn_forward(q, k, v, causal=False, softmax_scale=None, window_size=(-1, -1)):
     """Flash attention forward on the GPU (or the Triton interpreter).
 
     ``q: [B, Sq, Hq, D]``, ``k, v: [B, Sk, Hkv, D]`` in fp16, bf16 or fp32, any strides.
+    ``window_size=(left, right)``: flash-attn's sliding window (-1: unbounded), query i
+    sees keys ``i + Sk - Sq - left ..= i + Sk - Sq + right``; causal sets right to 0.
     Returns ``out: [B, Sq, Hq, D]`` (q's dtype, contiguous) and ``lse: [B, Hq, Sq]``
     (float32, natural log; -inf for a row that sees no key, whose out is 0).
     """
     shape = check_qkv(q, k, v, causal)
-    check_triton_inputs(q)
-    scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
+    mask = MaskSpec(*resolve_window(causal, window_size))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((shape.batch, shape.heads, shape.seqlen_q), dtype=torch.float32, device=q.device)
+    return _run_forward(q, k, v, out, lse, shape, mask, softmax_scale)
+
+
+def flash_attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False,
+                              softmax_scale=None, window_size=(-1, -1)):
+    """Flash attention forward over packed documents, as flash-attn's varlen functions.
+
+    ``q: [total_q, Hq, D]``, ``k, v: [total_k, Hkv, D]``; document d holds query rows
+    ``cu_seqlens_q[d]:cu_seqlens_q[d + 1]`` and keys ``cu_seqlens_k[d]:cu_seqlens_k[d + 1]``
+    (int32, the same number of documents) and attends only within itself; causal and the
+    window are aligned bottom-right per document. Returns ``out: [total_q, Hq, D]`` and
+    ``lse: [Hq, total_q]`` (float32; -inf and out 0 for rows that see no key)."""
+    shape = check_packed_qkv(q, k, v, causal)
+    mask = packed_mask(causal, window_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, shape, q.device)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((shape.heads, shape.seqlen_q), dtype=torch.float32, device=q.device)
+    return _run_forward(q, k, v, out, lse, shape, mask, softmax_scale)
+
+
+def packed_mask(causal, window_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, shape, device) -> MaskSpec:
+    """The kernels' MaskSpec of a validated varlen call (offsets checked here)."""
+    offsets_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, shape.seqlen_q, max_seqlen_q)
+    offsets_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, shape.seqlen_k, max_seqlen_k)
+    if len(offsets_q) != len(offsets_k):
+        raise ValueError(f"cu_seqlens_q holds {len(offsets_q) - 1} documents but cu_seqlens_k {len(offsets_k) - 1}")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if cu.device != device:
+            raise ValueError(f"{name} is on {cu.device} but q is on {device}")
+    return MaskSpec(*resolve_window(causal, window_size), cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
+                    max(1, max_seqlen_q), max(1, max_seqlen_k))
+
+
+def _run_forward(q, k, v, out, lse, shape, mask: MaskSpec, softmax_scale, visits=None):
+    check_triton_inputs(q)
+    scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
     config = get_config("fwd", shape.head_dim, q.dtype, q.device)
     with device_guard(q.device):
-        forward_launch(q, k, v, out, lse, causal=causal, scale=scale, config=config).run()
+        forward_launch(q, k, v, out, lse, mask=mask, scale=scale, config=config, visits=visits).run()
     return out, lse

@@ -12,27 +12,44 @@ from __future__ import annotations
 
 import torch
 
-from .checks import causal_offset, check_backward_inputs, check_qkv, resolve_softmax_scale
+from .checks import causal_offset, check_backward_inputs, check_qkv, resolve_softmax_scale, resolve_window
 from .layout import accum_dtype, expand_kv, reduce_kv_grad
 
 
-def visibility_mask(seqlen_q: int, seqlen_k: int, causal: bool, device) -> torch.Tensor | None:
-    """Boolean [Sq, Sk] mask of the keys each query sees (None: all of them)."""
-    if not causal:
+def visibility_mask(seqlen_q: int, seqlen_k: int, left: int | None, right: int | None,
+                    device) -> torch.Tensor | None:
+    """Boolean [Sq, Sk] mask of the keys each query sees (None: all of them): query i sees
+    key j iff ``i + offset - left <= j <= i + offset + right``, offset = Sk - Sq, a bound
+    of None being unbounded (causal is right = 0)."""
+    if left is None and right is None:
         return None
-    rows = torch.arange(seqlen_q, device=device)[:, None]
+    diagonal = torch.arange(seqlen_q, device=device)[:, None] + causal_offset(seqlen_q, seqlen_k)
     cols = torch.arange(seqlen_k, device=device)[None, :]
-    return cols <= rows + causal_offset(seqlen_q, seqlen_k)
+    visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+    if left is not None:
+        visible &= cols >= diagonal - left
+    if right is not None:
+        visible &= cols <= diagonal + right
+    return visible
 
 
-def _probabilities(q, k, scale, causal):
+def _mask(shape, causal, window_size, mask, device):
+    """The explicit boolean ``mask`` [Sq, Sk] if given, else the causal / window one."""
+    if mask is not None:
+        if tuple(mask.shape) != (shape.seqlen_q, shape.seqlen_k) or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be bool [seqlen_q, seqlen_k] = [{shape.seqlen_q}, {shape.seqlen_k}], "
+                             f"got {mask.dtype} {list(mask.shape)}")
+        return mask.to(device)
+    return visibility_mask(shape.seqlen_q, shape.seqlen_k, *resolve_window(causal, window_size), device)
+
+
+def _probabilities(q, k, scale, mask):
     """Scores -> (p [B, H, Sq, Sk] normalised, lse [B, H, Sq]), in the accumulation dtype.
 
     Rows that see no key get p = 0 and lse = -inf, without NaN in values or gradients.
     """
     acc = accum_dtype(q.dtype)
     scores = torch.einsum("bqhd,bkhd->bhqk", q.to(acc), k.to(acc)) * scale
-    mask = visibility_mask(q.shape[1], k.shape[1], causal, q.device)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True).detach()
@@ -45,17 +62,19 @@ def _probabilities(q, k, scale, causal):
     return unnormalised / safe_sum, lse.squeeze(-1)
 
 
-def forward(q, k, v, *, causal=False, softmax_scale=None):
-    """(out [B, Sq, Hq, D] in q's dtype, lse [B, Hq, Sq] in promote(dtype, float32))."""
+def forward(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1), mask=None):
+    """(out [B, Sq, Hq, D] in q's dtype, lse [B, Hq, Sq] in promote(dtype, float32)).
+    ``mask``: an explicit boolean [Sq, Sk] (True: visible) in place of causal and window."""
     shape = check_qkv(q, k, v, causal)
     scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
+    mask = _mask(shape, causal, window_size, mask, q.device)
     k, v = expand_kv(k, shape.group), expand_kv(v, shape.group)
-    p, lse = _probabilities(q, k, scale, causal)
+    p, lse = _probabilities(q, k, scale, mask)
     out = torch.einsum("bhqk,bkhd->bqhd", p.to(q.dtype), v)
     return out, lse
 
 
-def backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None):
+def backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None, window_size=(-1, -1), mask=None):
     """(dq, dk, dv) from the given out and lse, which may be global ones from ring attention."""
     shape = check_backward_inputs(dout, q, k, v, out, lse, causal)
     scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
@@ -66,7 +85,7 @@ def backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None):
     # A row with lse = -inf saw no key: its probabilities are 0.
     lse = lse.masked_fill(lse == float("-inf"), float("inf")).unsqueeze(-1)
     p = torch.exp(scores - lse)
-    mask = visibility_mask(shape.seqlen_q, shape.seqlen_k, causal, q.device)
+    mask = _mask(shape, causal, window_size, mask, q.device)
     if mask is not None:
         p = p.masked_fill(~mask, 0.0)
     delta = (dout.to(acc) * out.to(acc)).sum(dim=-1).transpose(1, 2).unsqueeze(-1)  # [B, H, Sq, 1]

@@ -9,7 +9,9 @@ unmasked or square-causal: for ``Sk >= Sq`` the first ``Sk - Sq`` keys are seen
 by every query (an unmasked piece) and the last ``Sq`` keys form a square causal
 piece; for ``Sk < Sq`` the first ``Sq - Sk`` queries see nothing and the rest form
 a square causal piece. Pieces are merged exactly through their LSE.
-GQA/MQA: the CPU ops of PyTorch 2.9 and newer take fewer K/V heads than query heads
+A sliding window (``window_size``) runs on the CPU as one call with an additive mask of
+``[Sq, Sk]`` (in the input dtype: memory grows with Sq x Sk); on CUDA it is refused, the
+triton backend takes it. GQA/MQA: the CPU ops of PyTorch 2.9 and newer take fewer K/V heads than query heads
 themselves (each K/V head shared by its group of query heads, its gradient summed
 inside the op), so nothing is copied; on CUDA (and older CPU builds) K/V heads are
 expanded to the query heads and their gradients summed back.
@@ -22,9 +24,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .checks import check_backward_inputs, check_qkv, resolve_softmax_scale
-from .merge import PartialResults
+from .checks import check_backward_inputs, check_qkv, resolve_softmax_scale, resolve_window
 from .layout import accum_dtype, expand_kv, reduce_kv_grad
+from .merge import PartialResults
+from .naive import visibility_mask
 
 aten = torch.ops.aten
 
@@ -73,11 +76,12 @@ def _kv_group(q, group: int) -> int:
     return group if q.device.type == "cpu" and _CPU_OP_SHARES_KV_HEADS else 1
 
 
-def _fused_forward(q, k, v, causal: bool, scale: float):
-    """(out [B, S, H, D], lse [B, H, S]) of one fused call; lse in promote(dtype, float32)."""
+def _fused_forward(q, k, v, causal: bool, scale: float, bias=None):
+    """(out [B, S, H, D], lse [B, H, S]) of one fused call; lse in promote(dtype, float32).
+    ``bias``: an additive [Sq, Sk] mask (CPU only)."""
     if q.device.type == "cpu":
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
-            _to_bhsd(q), _to_bhsd(k), _to_bhsd(v), 0.0, causal, scale=scale)
+            _to_bhsd(q), _to_bhsd(k), _to_bhsd(v), 0.0, causal, attn_mask=bias, scale=scale)
         return _to_bhsd(out), lse
     head_dim = q.shape[-1]
     q, k, v = (_to_bhsd(_pad_last_dim(x, 8)) for x in (q, k, v))
@@ -91,12 +95,12 @@ def _fused_forward(q, k, v, causal: bool, scale: float):
     return _to_bhsd(out)[..., :head_dim], lse
 
 
-def _fused_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
-    """(dq, dk, dv) of one fused call, from the given out and lse."""
+def _fused_backward(dout, q, k, v, out, lse, causal: bool, scale: float, bias=None):
+    """(dq, dk, dv) of one fused call, from the given out and lse; ``bias`` as in the forward."""
     if q.device.type == "cpu":
         grads = aten._scaled_dot_product_flash_attention_for_cpu_backward(
             _to_bhsd(dout), _to_bhsd(q), _to_bhsd(k), _to_bhsd(v), _to_bhsd(out),
-            lse.to(torch.promote_types(q.dtype, torch.float32)), 0.0, causal, scale=scale)
+            lse.to(torch.promote_types(q.dtype, torch.float32)), 0.0, causal, attn_mask=bias, scale=scale)
         return tuple(_to_bhsd(g) for g in grads)
     head_dim = q.shape[-1]
     dout, q, k, v, out = (_to_bhsd(_pad_last_dim(x, 8)).contiguous() for x in (dout, q, k, v, out))
@@ -115,14 +119,43 @@ def _fused_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
     return tuple(_to_bhsd(g)[..., :head_dim] for g in grads)
 
 
+# --- a sliding window: one call with an additive mask (CPU) --------------------------------
+
+def _window_bias(shape, left, right, q) -> torch.Tensor | None:
+    """The additive [Sq, Sk] mask of a window that is not plain causal; None when there is none."""
+    if left is None and right in (None, 0):
+        return None
+    if q.device.type != "cpu":
+        raise ValueError("the torch backend takes a sliding window (window_size) on the CPU only; "
+                         "use the triton backend on CUDA")
+    visible = visibility_mask(shape.seqlen_q, shape.seqlen_k, left, right, q.device)
+    return torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill(~visible, float("-inf"))
+
+
+def _windowed_forward(q, k, v, bias, scale):
+    out, lse = _fused_forward(q, k, v, False, scale, bias)
+    # the op gives a row that sees no key lse 0 (and out 0): ours is -inf
+    lse = lse.masked_fill((bias == float("-inf")).all(dim=1), float("-inf"))
+    return out.contiguous(), lse.contiguous()
+
+
+def _windowed_backward(dout, q, k, v, out, lse, bias, scale):
+    # rows that see no key have p = 0 through the mask whatever their (finite) lse
+    lse = lse.masked_fill(lse == float("-inf"), 0.0)
+    return _fused_backward(dout, q, k, v, out, lse, False, scale, bias)
+
+
 # --- the backend contract ---------------------------------------------------------------
 
-def forward(q, k, v, *, causal=False, softmax_scale=None):
+def forward(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)):
     """(out [B, Sq, Hq, D], lse [B, Hq, Sq] in promote(dtype, float32)) through PyTorch's fused kernels."""
     shape = check_qkv(q, k, v, causal)
     scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
+    bias = _window_bias(shape, *resolve_window(causal, window_size), q)
     expand = shape.group // _kv_group(q, shape.group)
     k, v = expand_kv(k, expand), expand_kv(v, expand)
+    if bias is not None:
+        return _windowed_forward(q, k, v, bias, scale)
     pieces = _pieces(shape.seqlen_q, shape.seqlen_k, causal)
     if len(pieces) == 1 and pieces[0].rows == slice(0, None):
         out, lse = _fused_forward(q, k, v, pieces[0].causal, scale)
@@ -135,26 +168,29 @@ def forward(q, k, v, *, causal=False, softmax_scale=None):
     return out.to(q.dtype), lse
 
 
-def backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None):
+def backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None, window_size=(-1, -1)):
     """(dq, dk, dv) from the given out and lse, which may be global ones from ring attention."""
     shape = check_backward_inputs(dout, q, k, v, out, lse, causal)
     scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
+    bias = _window_bias(shape, *resolve_window(causal, window_size), q)
     expand = shape.group // _kv_group(q, shape.group)
     ke, ve = expand_kv(k, expand), expand_kv(v, expand)
     pieces = _pieces(shape.seqlen_q, shape.seqlen_k, causal)
-    if len(pieces) == 1 and pieces[0].rows == slice(0, None) and pieces[0].keys == slice(0, None):
+    if bias is not None:
+        dq, dk, dv = _windowed_backward(dout, q, ke, ve, out, lse, bias, scale)
+    elif len(pieces) == 1 and pieces[0].rows == slice(0, None) and pieces[0].keys == slice(0, None):
         dq, dk, dv = _fused_backward(dout, q, ke, ve, out, lse, pieces[0].causal, scale)
-        return (dq.to(q.dtype).contiguous(), reduce_kv_grad(dk, expand).to(k.dtype).contiguous(),
-                reduce_kv_grad(dv, expand).to(v.dtype).contiguous())
-    acc = accum_dtype(q.dtype)
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    dk = torch.zeros(ke.shape, dtype=acc, device=q.device)
-    dv = torch.zeros(ve.shape, dtype=acc, device=q.device)
-    for piece in pieces:
-        rows, keys = piece.rows, piece.keys
-        part = _fused_backward(dout[:, rows], q[:, rows], ke[:, keys], ve[:, keys], out[:, rows],
-                               lse[:, :, rows], piece.causal, scale)
-        dq[:, rows] += part[0]
-        dk[:, keys] += part[1]
-        dv[:, keys] += part[2]
-    return dq.to(q.dtype), reduce_kv_grad(dk, expand).to(k.dtype), reduce_kv_grad(dv, expand).to(v.dtype)
+    else:
+        acc = accum_dtype(q.dtype)
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        dk = torch.zeros(ke.shape, dtype=acc, device=q.device)
+        dv = torch.zeros(ve.shape, dtype=acc, device=q.device)
+        for piece in pieces:
+            rows, keys = piece.rows, piece.keys
+            part = _fused_backward(dout[:, rows], q[:, rows], ke[:, keys], ve[:, keys], out[:, rows],
+                                   lse[:, :, rows], piece.causal, scale)
+            dq[:, rows] += part[0]
+            dk[:, keys] += part[1]
+            dv[:, keys] += part[2]
+    return (dq.to(q.dtype).contiguous(), reduce_kv_grad(dk, expand).to(k.dtype).contiguous(),
+            reduce_kv_grad(dv, expand).to(v.dtype).contiguous())

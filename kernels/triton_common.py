@@ -37,6 +37,14 @@ def tile_pointers(base, b, h, row0, rows, cols, stride_b, stride_s, stride_h, st
 
 
 @triton.jit
+def kv_tile_pointers(K, V, b, h_kv, row0, rows, cols, stride_kb, stride_ks, stride_kh, stride_kd,
+                     stride_vb, stride_vs, stride_vh, stride_vd):
+    """``tile_pointers`` into K and into V (K/V head ``h_kv``, batch row or document ``b``)."""
+    return (tile_pointers(K, b, h_kv, row0, rows, cols, stride_kb, stride_ks, stride_kh, stride_kd),
+            tile_pointers(V, b, h_kv, row0, rows, cols, stride_vb, stride_vs, stride_vh, stride_vd))
+
+
+@triton.jit
 def load_tile(ptrs, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
     """Load a [len(rows), len(cols)] tile, zero outside ``rows < n_rows`` and ``cols < n_cols``."""
     if CHECK_ROWS:
@@ -80,66 +88,147 @@ def load_row_stats(lse2_ptr, delta_ptr, rows, n_rows, CHECK_ROWS: tl.constexpr):
     return lse2, delta
 
 
-# Which key blocks a query tile visits, and which query blocks a key tile visits, causal
-# and bottom-right aligned: query i sees key j iff j <= i + offset, offset = Sk - Sq. An
-# example with Sq = 6, Sk = 10 (offset 4) and 4 x 4 tiles (x: visible):
+# Which key blocks a query tile visits, and which query blocks a key tile visits. Query i
+# sees key j iff ``i + offset - left <= j <= i + offset + right`` (offset = Sk - Sq,
+# bottom-right alignment; each bound applies only when its LEFT / RIGHT switch is on;
+# causal is right = 0). For query rows [m, m + BLOCK_M) the rows together see keys
+# [m + offset - left, m + BLOCK_M - 1 + offset + right] (the union) and each row sees
+# [m + BLOCK_M - 1 + offset - left, m + offset + right] (the intersection), both clipped to
+# [0, Sk). Blocks wholly inside the intersection need no mask ([full_lo, full_end): its
+# start rounded up, its end down, to blocks); the other blocks of the union are masked
+# ([lo, full_lo) and [full_end, hi)); the rest are never visited. An example: causal,
+# left = 8, Sq = Sk = 16, 4 x 4 tiles (x: visible, .: masked in a visited block):
 #
-#                 keys  0 1 2 3 | 4 5 6 7 | 8 9
-#     query tile 0  0   x x x x | x . . . | . .    key_block_range(0): keys [0, 4) need no
-#                   1   x x x x | x x . . | . .    mask (row 0 sees up to 4), [4, 8) need the
-#                   2   x x x x | x x x . | . .    mask, 8 and 9 are never visited (row 3
-#                   3   x x x x | x x x x | . .    sees up to 7)
-#     query tile 1  4   x x x x | x x x x | x .    key_block_range(4): [0, 8) unmasked,
-#                   5   x x x x | x x x x | x x    [8, 10) masked
+#            keys  0 1 2 3 | 4 5 6 7 | 8 9 10 11 | 12 13 14 15
+#     query   8    x x x x | x x x x | x .  .  . |                  rows 8-11: [0, 4) masked,
+#             9    . x x x | x x x x | x x  .  . |                  [4, 8) whole, [8, 12)
+#            10    . . x x | x x x x | x x  x  . |                  masked, 12-15 not visited
+#            11    . . . x | x x x x | x x  x  x |
+#            12            | x x x x | x x  x  x | x  .  .  .       rows 12-15: 0-3 not
+#            13            | . x x x | x x  x  x | x  x  .  .       visited, [4, 8) masked,
+#            14            | . . x x | x x  x  x | x  x  x  .       [8, 12) whole,
+#            15            | . . . x | x x  x  x | x  x  x  x       [12, 16) masked
 #
-# For query rows [m, m + BLOCK_M): row m sees keys up to m + offset, so keys before
-# m + offset + 1, rounded down to a block, need no mask (full_end); the last row sees up to
-# m + BLOCK_M - 1 + offset, so keys from m + BLOCK_M + offset on are never visited (end).
-# For key rows [n, n + BLOCK_N) (the dK/dV kernel): query n - offset is the first to see
-# key n, so query blocks start at it, rounded down to a block (begin); from query
-# n + BLOCK_N - 1 - offset on a row sees the whole key tile, so query blocks from there,
-# rounded up to a block, need no mask (full_begin). Key tile [4, 8) above: begin 0,
-# full_begin 4; key tile [8, 12): begin 4, full_begin 8 (no query block after it).
-# Both clamp to the sequence ends; without causal every block is unmasked.
+# When no block is whole, one masked range [lo, hi) covers the union. The dK/dV kernel
+# reads the rule from a key tile [n, n + BLOCK_N): key j is seen by queries
+# [j - offset - right, j - offset + left], so the union is queries
+# [n - offset - right, n + BLOCK_N - 1 - offset + left] and the intersection
+# [n + BLOCK_N - 1 - offset - right, n - offset + left]. Query rows past Sq load as zeros
+# with an LSE of +inf (probability 0), so query ranges may run past Sq; keys past Sk are
+# masked.
 
 
 @triton.jit
-def key_block_range(start_m, seqlen_q, seqlen_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
-    """For query rows [start_m, start_m + BLOCK_M): keys [0, full_end) need no mask,
-    keys [full_end, end) need the causal and bounds masks, later keys are never seen."""
-    if CAUSAL:
-        offset = seqlen_k - seqlen_q
-        end = tl.minimum(tl.maximum(start_m + BLOCK_M + offset, 0), seqlen_k)
-        full_end = tl.minimum(tl.maximum(start_m + offset + 1, 0), seqlen_k)
-    else:
-        end = seqlen_k
-        full_end = seqlen_k
+def key_block_range(start_m, seqlen_q, seqlen_k, window_left, window_right, LEFT: tl.constexpr,
+                    RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For query rows [start_m, start_m + BLOCK_M): keys [lo, full_lo) and [full_end, hi)
+    need the mask, keys [full_lo, full_end) are seen by every row; others by none. All but
+    hi are multiples of BLOCK_N."""
+    offset = seqlen_k - seqlen_q
+    lo = 0
+    full_lo = 0
+    hi = seqlen_k
+    full_end = seqlen_k
+    if LEFT:
+        lo = tl.minimum(tl.maximum(start_m + offset - window_left, 0), seqlen_k)
+        full_lo = tl.minimum(tl.maximum(start_m + BLOCK_M - 1 + offset - window_left, 0), seqlen_k)
+    if RIGHT:
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + offset + window_right, 0), seqlen_k)
+        full_end = tl.minimum(tl.maximum(start_m + offset + window_right + 1, 0), seqlen_k)
+    lo = lo // BLOCK_N * BLOCK_N
+    full_lo = tl.cdiv(full_lo, BLOCK_N) * BLOCK_N
     full_end = full_end // BLOCK_N * BLOCK_N
-    return full_end, end
+    no_whole_block = full_lo >= full_end
+    return lo, tl.where(no_whole_block, lo, full_lo), tl.where(no_whole_block, lo, full_end), hi
 
 
 @triton.jit
-def query_block_range(start_n, seqlen_q, seqlen_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr):
-    """For key rows [start_n, start_n + BLOCK_N): queries before ``begin`` see none of them,
-    queries [begin, full_begin) need the causal mask, queries from ``full_begin`` on see all."""
-    if CAUSAL:
-        offset = seqlen_k - seqlen_q
-        first_row = tl.minimum(tl.maximum(start_n - offset, 0), seqlen_q)
-        full_row = tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - offset, 0), seqlen_q)
-        begin = first_row // BLOCK_M * BLOCK_M
-        full_begin = tl.cdiv(full_row, BLOCK_M) * BLOCK_M
+def query_block_range(start_n, seqlen_q, seqlen_k, window_left, window_right, LEFT: tl.constexpr,
+                      RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For key rows [start_n, start_n + BLOCK_N): queries [begin, full_begin) and
+    [full_end, end) need the mask, queries [full_begin, full_end) see every key of the
+    tile; others see none. All are multiples of BLOCK_M (rows past Sq contribute 0)."""
+    offset = seqlen_k - seqlen_q
+    begin = 0
+    full_begin = 0
+    full_end = seqlen_q
+    end = seqlen_q
+    if RIGHT:
+        begin = tl.minimum(tl.maximum(start_n - offset - window_right, 0), seqlen_q)
+        full_begin = tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - offset - window_right, 0), seqlen_q)
+    if LEFT:
+        end = tl.minimum(tl.maximum(start_n + BLOCK_N - offset + window_left, 0), seqlen_q)
+        full_end = tl.minimum(tl.maximum(start_n - offset + window_left + 1, 0), seqlen_q)
+    begin = begin // BLOCK_M * BLOCK_M
+    full_begin = tl.cdiv(full_begin, BLOCK_M) * BLOCK_M
+    # up to Sq, the last partial block is whole too: its rows past Sq contribute nothing
+    full_end = tl.where(full_end == seqlen_q, tl.cdiv(seqlen_q, BLOCK_M), full_end // BLOCK_M) * BLOCK_M
+    end = tl.cdiv(end, BLOCK_M) * BLOCK_M
+    no_whole_block = full_begin >= full_end
+    return (begin, tl.where(no_whole_block, begin, full_begin), tl.where(no_whole_block, begin, full_end), end)
+
+
+@triton.jit
+def window_visible(rows, cols, seqlen_q, seqlen_k, window_left, window_right, LEFT: tl.constexpr,
+                   RIGHT: tl.constexpr):
+    """[len(rows), len(cols)] booleans: does query ``rows[i]`` see key ``cols[j]`` (the
+    window and causal bounds only; keys past Sk are the caller's to mask)."""
+    diagonal = rows[:, None] + (seqlen_k - seqlen_q)
+    visible = cols[None, :] >= 0
+    if LEFT:
+        visible = visible & (cols[None, :] >= diagonal - window_left)
+    if RIGHT:
+        visible = visible & (cols[None, :] <= diagonal + window_right)
+    return visible
+
+
+@triton.jit
+def sequence_span(cu_seqlens, index, seqlen, VARLEN: tl.constexpr):
+    """(first row, length) of sequence ``index``: row 0 and ``seqlen`` of a batch row, or
+    ``cu_seqlens[index]`` and the document's length in a packed (varlen) sequence."""
+    if VARLEN:
+        start = tl.load(cu_seqlens + index)
+        return start.to(tl.int64), tl.load(cu_seqlens + index + 1) - start
     else:
-        begin = 0
-        full_begin = 0
-    return begin, full_begin
+        return index * 0, seqlen
 
 
 @triton.jit
-def causal_visible(rows, cols, seqlen_q, seqlen_k):
-    """[len(rows), len(cols)] booleans: does query ``rows[i]`` see key ``cols[j]``."""
-    return cols[None, :] <= rows[:, None] + (seqlen_k - seqlen_q)
+def range_blocks(lo, full_lo, full_end, hi, BLOCK: tl.constexpr):
+    """How many blocks the three ranges [lo, full_lo), [full_lo, full_end), [full_end, hi) hold."""
+    return (tl.maximum(tl.cdiv(full_lo - lo, BLOCK), 0) + tl.maximum(tl.cdiv(full_end - full_lo, BLOCK), 0)
+            + tl.maximum(tl.cdiv(hi - full_end, BLOCK), 0))
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """Which keys each query sees, as the kernels take it: the window bounds (None:
+    unbounded; causal is ``right = 0``) and, for packed sequences, the document offsets
+    (int32 ``[documents + 1]`` on the device) and the longest document."""
+
+    left: int | None = None
+    right: int | None = None
+    cu_seqlens_q: torch.Tensor | None = None
+    cu_seqlens_k: torch.Tensor | None = None
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
+
+    @property
+    def varlen(self) -> bool:
+        return self.cu_seqlens_q is not None
+
+    @property
+    def documents(self) -> int:
+        return self.cu_seqlens_q.numel() - 1
+
+    @property
+    def window_args(self) -> tuple[int, int]:
+        """The kernels' ``window_left, window_right`` (0 where unbounded: not read)."""
+        return (self.left or 0, self.right or 0)
+
+    def strides(self, x: torch.Tensor) -> tuple[int, int, int, int]:
+        """Strides of a [B, S, H, D] view; packed tensors get batch stride 0 (documents are rows)."""
+        return (0, *x.stride()[1:]) if self.varlen else tuple(x.stride())
 
 
 def check_triton_inputs(q: torch.Tensor) -> None:

@@ -17,14 +17,18 @@ from usp.kernels.configs import GPU_FAMILIES, HOPPER, KERNELS, PADDED_HEAD_DIMS
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_KERNELS = (*KERNELS, "bwd_preprocess")
+VARIANTS = ("causal", "packed-window")  # together a superset of the full variant's code paths
+# every kernel in every variant, but the preprocess, which has no mask, once
+KERNEL_VARIANTS = [(k, v) for k in ALL_KERNELS for v in VARIANTS if k != "bwd_preprocess" or v == VARIANTS[0]]
 
 
 def _compile(groups: list[list[str]]) -> list[dict]:
-    """Run ``python -m usp.kernels.aot --causal-only --json`` once per option group, in
+    """Run ``python -m usp.kernels.aot --json`` for ``VARIANTS`` once per option group, in
     parallel (one process per core), and return all results."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # silence triton 3.9's notice; fusion is the default
-    procs = [subprocess.Popen([sys.executable, "-m", "usp.kernels.aot", "--causal-only", "--json", *group], cwd=ROOT,
+    procs = [subprocess.Popen([sys.executable, "-m", "usp.kernels.aot", "--json",
+                              *(f"--variant={v}" for v in VARIANTS), *group], cwd=ROOT,
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for group in groups]
     results = []
@@ -48,8 +52,8 @@ def hopper_bf16():
 
 
 def test_hopper_bf16_kernels_compile_and_fit(hopper_bf16):
-    assert {(r["kernel"], r["head_dim"]) for r in hopper_bf16} == {(k, d) for k in ALL_KERNELS
-                                                                  for d in PADDED_HEAD_DIMS}
+    assert {(r["kernel"], r["head_dim"], r["variant"]) for r in hopper_bf16} == {
+        (k, d, v) for k, v in KERNEL_VARIANTS for d in PADDED_HEAD_DIMS}
     assert not _too_big(hopper_bf16), _too_big(hopper_bf16)
     # specialised as for real inputs: the d128 forward holds its K/V pipeline in shared memory
     fwd128 = next(r for r in hopper_bf16 if r["kernel"] == "fwd" and r["head_dim"] == 128)
@@ -58,8 +62,10 @@ def test_hopper_bf16_kernels_compile_and_fit(hopper_bf16):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_hopper_bf16_kernels_use_wgmma_and_async_copies(hopper_bf16, kernel, head_dim):
-    (result,) = [r for r in hopper_bf16 if r["kernel"] == kernel and r["head_dim"] == head_dim]
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_hopper_bf16_kernels_use_wgmma_and_async_copies(hopper_bf16, kernel, head_dim, variant):
+    (result,) = [r for r in hopper_bf16 if r["kernel"] == kernel and r["head_dim"] == head_dim
+                 and r["variant"] == variant]
     assert {"wgmma", "cp.async"} <= set(result["ptx_features"]), result["ptx_features"]
 
 
@@ -70,8 +76,9 @@ def test_specialisation_follows_the_jit():
 
     from usp.kernels.aot import _launches, specialization
 
-    launches = _launches(HOPPER, 128, torch.bfloat16, True)
-    values = [value for launch in launches.values() for value in launch.args] + [1, 16, 17, 2 ** 40, 0.5, True]
+    launches = [launch for variant in VARIANTS
+                for launch in _launches(HOPPER, 128, torch.bfloat16, variant).values()]
+    values = [value for launch in launches for value in launch.args] + [1, 16, 17, 2 ** 40, 0.5, True, None]
     for value in values:
         kind, spec = native(BaseBackend, value, False, True, True)[:2]
         assert specialization(value) == (kind, spec == "D"), value
@@ -84,8 +91,8 @@ def every_family():
 
 @pytest.mark.slow
 def test_every_table_entry_is_compiled_and_fits(every_family):
-    built = {(r["family"], r["kernel"], r["head_dim"], r["dtype"]) for r in every_family}
-    expected = {(f.name, k, d, t) for f in GPU_FAMILIES for k in ALL_KERNELS for d in PADDED_HEAD_DIMS
+    built = {(r["family"], r["kernel"], r["head_dim"], r["dtype"], r["variant"]) for r in every_family}
+    expected = {(f.name, k, d, t, v) for f in GPU_FAMILIES for k, v in KERNEL_VARIANTS for d in PADDED_HEAD_DIMS
                 for t in ("bf16", "fp32")}
     assert built == expected
     assert not _too_big(every_family), _too_big(every_family)

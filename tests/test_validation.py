@@ -123,7 +123,7 @@ def test_flash_attn_func_has_flash_attns_signature():
 
 
 @pytest.mark.parametrize("option,value,message", [
-    ("dropout_p", 0.1, "dropout_p must be 0.0"), ("window_size", (4, 0), "window_size must be"),
+    ("dropout_p", 0.1, "dropout_p must be 0.0"), ("window_size", (-3, 0), "window_size entries must be >= 0"),
     ("softcap", 30.0, "softcap must be 0.0"), ("alibi_slopes", torch.ones(2), "alibi_slopes must be None")])
 def test_flash_attn_func_refuses_what_it_does_not_implement(option, value, message):
     with pytest.raises(ValueError, match=message):
