@@ -44,11 +44,8 @@ class LongContextAttention(nn.Module):
     def forward(self, query, key, value, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                 softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
         refuse_flash_attn_extras(dropout_p, softcap, alibi_slopes)
-        if tuple(window_size) != (-1, -1):
-            raise ValueError(f"window_size must be (-1, -1): sliding windows across ranks are not supported yet "
-                             f"(usp.kernels.flash_attn_func takes them on one device), got {window_size}")
         return usp_attention(query, key, value, self.mesh, causal, softmax_scale, self.layout, self.backend,
-                             check_ranks=self.check_ranks, check_finite=self.check_finite)
+                             check_ranks=self.check_ranks, check_finite=self.check_finite, window_size=window_size)
 
     def extra_repr(self) -> str:
         m = self.mesh

@@ -19,15 +19,31 @@ from usp.comm.agreement import call_fields, device_of, ranks_agree
 from usp.comm.heads import check_heads
 from usp.comm.mesh import check_group, check_mesh
 from usp.kernels import get_backend
-from usp.kernels.checks import check_qkv, resolve_softmax_scale
+from usp.kernels.checks import check_qkv, resolve_softmax_scale, resolve_window
 
 from .layout import check_layout
 from .parallel import Plan, parallel_attention
 from .ring import check_sequence_split
+from .sequence import document_offsets
+
+
+def _documents_and_window(q, k, cu_seqlens, window_size, u: int, r: int) -> tuple[int, ...] | None:
+    """Check packed documents and a window against the call; the documents' offsets."""
+    resolve_window(False, window_size)
+    if r > 1 and (cu_seqlens is not None or tuple(window_size) != (-1, -1)):
+        raise ValueError(f"packed documents (cu_seqlens) and sliding windows need a ring of one rank for now "
+                         f"(pure Ulysses), got ring degree {r}")
+    if cu_seqlens is None:
+        return None
+    if q.shape[0] != 1:
+        raise ValueError(f"packed documents (cu_seqlens) need batch 1, got q of batch {q.shape[0]}")
+    if k.shape[1] != q.shape[1]:
+        raise ValueError(f"packed documents need q and k of one length, got {q.shape[1]} and {k.shape[1]}")
+    return document_offsets(cu_seqlens, q.shape[1] * u)
 
 
 def _attend(what: str, check_group, ulysses, ring, q, k, v, causal, softmax_scale, layout, backend, check_ranks,
-            check_finite):
+            check_finite, cu_seqlens=None, window_size=(-1, -1)):
     """Check the arguments (together with the other ranks of ``check_group``), then run
     the call. Under ``torch.compile`` the exchange moves into the call, at run time."""
     u = 1 if ulysses is None else dist.get_world_size(ulysses)
@@ -39,23 +55,26 @@ def _attend(what: str, check_group, ulysses, ring, q, k, v, causal, softmax_scal
         check_heads(q.shape[2], k.shape[2], u)
         check_sequence_split(q.shape[1] * u, k.shape[1] * u, causal, r, layout,
                              what="local" if ulysses is None else "per-ring-rank")
-        return resolve_softmax_scale(softmax_scale, q.shape[-1]), get_backend(backend)
+        documents = _documents_and_window(q, k, cu_seqlens, window_size, u, r)
+        return resolve_softmax_scale(softmax_scale, q.shape[-1]), get_backend(backend), documents
 
     agreement = None  # posted here, settled before the call's first transfer
     if torch.compiler.is_compiling():
-        scale, backend = arguments()
+        scale, backend, documents = arguments()
     else:
         with ranks_agree(check_group, what, device_of(q), check_ranks, check_finite, defer=True) as call:
-            scale, backend = arguments()
-            call.fields = call_fields(q, k, v, causal, scale, layout if ring is not None else "-", backend.name)
+            scale, backend, documents = arguments()
+            call.fields = call_fields(q, k, v, causal, scale, layout if ring is not None else "-", backend.name,
+                                      documents, window_size)
             call.inputs = dict(q=q, k=k, v=v)
         agreement = call.agreement
-    plan = Plan(ulysses, ring, causal, scale, layout, backend)
+    plan = Plan(ulysses, ring, causal, scale, layout, backend, documents, tuple(window_size))
     return parallel_attention(q, k, v, plan, check_group, what, check_ranks, check_finite, agreement)
 
 
 def ring_attention(q, k, v, group: dist.ProcessGroup | None, causal: bool = False, softmax_scale=None,
-                   layout: str = "zigzag", backend=None, *, check_ranks: bool = True, check_finite: bool = False):
+                   layout: str = "zigzag", backend=None, *, check_ranks: bool = True, check_finite: bool = False,
+                   cu_seqlens=None, window_size=(-1, -1)):
     """Attention over a sequence sharded across the ranks of ``group`` (None: the world).
 
     ``q: [B, S, Hq, D]``, ``k, v: [B, S, Hkv, D]``: this rank's shard, laid out by
@@ -67,60 +86,71 @@ def ring_attention(q, k, v, group: dist.ProcessGroup | None, causal: bool = Fals
     ValueError on every rank). ``check_finite``: in the same all-gather, raise a
     ValueError on every rank, naming the rank and the tensor, when any rank's q, k or v
     holds a NaN or an infinity (costs a sum over each; on a GPU a host synchronisation).
+    ``cu_seqlens``: the global offsets of packed documents (an int32 tensor, or a tuple
+    of ints, which ``torch.compile`` traces without a graph break; batch 1; the same on
+    every rank; no token attends across a document boundary); ``window_size``:
+    flash-attn's sliding window. Both need a ring of one rank for now (use Ulysses).
     """
     group = check_group(group)
     return _attend("ring_attention", group, None, group, q, k, v, causal, softmax_scale, layout, backend, check_ranks,
-                   check_finite)
+                   check_finite, cu_seqlens, window_size)
 
 
 def ulysses_attention(q, k, v, group: dist.ProcessGroup | None, causal: bool = False, softmax_scale=None,
-                      backend=None, *, check_ranks: bool = True, check_finite: bool = False):
+                      backend=None, *, check_ranks: bool = True, check_finite: bool = False, cu_seqlens=None,
+                      window_size=(-1, -1)):
     """Attention over a sequence sharded contiguously across ``group`` (None: the world).
 
     ``q: [B, S/u, Hq, D]``, ``k, v: [B, S/u, Hkv, D]`` (rank ``j`` holds the ``j``-th
     piece) -> this rank's output piece ``[B, S/u, Hq, D]``, differentiable. Each rank
     takes a contiguous share of the heads, ``Hq / u`` or, when ``u`` does not divide
     ``Hq``, one more or one less (``Hq >= u``; see ``usp.comm.heads``). ``check_ranks``,
-    ``check_finite``: see ``ring_attention``.
+    ``check_finite``, ``cu_seqlens``, ``window_size``: see ``ring_attention``; each
+    rank's heads see the whole packed sequence, so documents and windows are exact.
     """
     group = check_group(group)
     return _attend("ulysses_attention", group, group, None, q, k, v, causal, softmax_scale, "contiguous", backend,
-                   check_ranks, check_finite)
+                   check_ranks, check_finite, cu_seqlens, window_size)
 
 
 def usp_attention(q, k, v, mesh: Mesh, causal: bool = False, softmax_scale=None, layout: str = "zigzag",
-                  backend=None, *, check_ranks: bool = True, check_finite: bool = False):
+                  backend=None, *, check_ranks: bool = True, check_finite: bool = False, cu_seqlens=None,
+                  window_size=(-1, -1)):
     """Unified sequence parallel attention: Ulysses over ``mesh.ulysses_group`` around
     ring attention over ``mesh.ring_group``.
 
     ``q: [B, S/(u r), Hq, D]``, ``k, v: [B, S/(u r), Hkv, D]``: this rank's shard as made
     by ``shard_sequence(x, mesh, layout=layout)`` -> its output shard, differentiable.
     ``ulysses_degree = N`` is pure Ulysses, ``ring_degree = N`` pure ring.
-    ``check_ranks``, ``check_finite``: see ``ring_attention`` (one all-gather over
-    ``mesh.sp_group``).
+    ``check_ranks``, ``check_finite``, ``cu_seqlens``, ``window_size``: see
+    ``ring_attention`` (one all-gather over ``mesh.sp_group``).
     """
     check_mesh(mesh)
     return _attend("usp_attention", mesh.sp_group, mesh.ulysses_group, mesh.ring_group, q, k, v, causal,
-                   softmax_scale, layout, backend, check_ranks, check_finite)
+                   softmax_scale, layout, backend, check_ranks, check_finite, cu_seqlens, window_size)
 
 
 class USPAttention(nn.Module):
-    """``usp_attention`` as a module: ``forward(q, k, v)`` on local shards ``[B, S_local, H, D]``."""
+    """``usp_attention`` as a module: ``forward(q, k, v, cu_seqlens=None)`` on local shards ``[B, S_local, H, D]``."""
 
     def __init__(self, mesh: Mesh, causal: bool = False, softmax_scale=None, layout: str = "zigzag", backend=None,
-                 *, check_ranks: bool = True, check_finite: bool = False):
+                 *, check_ranks: bool = True, check_finite: bool = False, window_size=(-1, -1)):
         super().__init__()
         check_mesh(mesh)
+        resolve_window(causal, window_size)
         self.mesh, self.causal, self.softmax_scale = mesh, causal, softmax_scale
         self.layout, self.backend = check_layout(layout), backend
-        self.check_ranks, self.check_finite = check_ranks, check_finite
+        self.check_ranks, self.check_finite, self.window_size = check_ranks, check_finite, tuple(window_size)
 
-    def forward(self, q, k, v):
+    def forward(self, q, k, v, cu_seqlens=None):
+        """``cu_seqlens``: the global offsets of this batch's packed documents (see ``usp_attention``)."""
         return usp_attention(q, k, v, self.mesh, self.causal, self.softmax_scale, self.layout, self.backend,
-                             check_ranks=self.check_ranks, check_finite=self.check_finite)
+                             check_ranks=self.check_ranks, check_finite=self.check_finite, cu_seqlens=cu_seqlens,
+                             window_size=self.window_size)
 
     def extra_repr(self) -> str:
         m = self.mesh
         return (f"ulysses_degree={m.ulysses_degree}, ring_degree={m.ring_degree}, placement={m.placement}, "
                 f"causal={self.causal}, layout={self.layout}, backend={self.backend}"
-                + (", check_finite=True" if self.check_finite else ""))
+                + (", check_finite=True" if self.check_finite else "")
+                + (f", window_size={self.window_size}" if self.window_size != (-1, -1) else ""))

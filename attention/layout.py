@@ -4,7 +4,11 @@ The ring level: ``"contiguous"`` gives ring rank ``i`` the ``i``-th of ``r`` equ
 chunks; ``"zigzag"`` cuts the sequence into ``2r`` chunks and gives ring rank ``i``
 chunks ``i`` and ``2r - 1 - i`` (in that order), so causal work is balanced;
 ``"stripe"`` gives ring rank ``i`` every position ``t`` with ``t mod r = i`` (Striped
-Attention), balanced too, with nothing to cut but the length into multiples of ``r``. The Ulysses
+Attention), balanced too, with nothing to cut but the length into multiples of ``r``.
+With packed documents (``documents``: the offsets of ``cu_seqlens``), zigzag cuts each
+document into ``2r`` chunks instead and ring rank ``i`` holds chunks ``i`` and
+``2r - 1 - i`` of every document, in document order, so causal work balances per
+document; the other two layouts ignore document boundaries. The Ulysses
 level splits a ring rank's positions contiguously over its ``u`` ranks. So the local
 shard of ``(ring_rank, ulysses_rank)`` is piece ``ulysses_rank`` of ring rank
 ``ring_rank``'s positions, and a Ulysses all-to-all gives back exactly those positions.
@@ -25,8 +29,10 @@ def check_layout(layout: str) -> str:
     return layout
 
 
-def check_global_seqlen(seqlen: int, ulysses_degree: int, ring_degree: int, layout: str) -> None:
-    """Raise a ValueError (TypeError for a non-integer) unless ``seqlen`` can be laid out over the mesh."""
+def check_global_seqlen(seqlen: int, ulysses_degree: int, ring_degree: int, layout: str,
+                        documents: tuple[int, ...] | None = None) -> None:
+    """Raise a ValueError (TypeError for a non-integer) unless ``seqlen`` (packed as
+    ``documents``, offsets from 0 to ``seqlen``) can be laid out over the mesh."""
     if isinstance(seqlen, bool) or not isinstance(seqlen, int):
         raise TypeError(f"the sequence length must be an int, got {seqlen!r}")
     if seqlen < 1:
@@ -39,10 +45,21 @@ def check_global_seqlen(seqlen: int, ulysses_degree: int, ring_degree: int, layo
     if (seqlen // ring_degree) % ulysses_degree:
         raise ValueError(f"sequence length {seqlen} must be divisible by ulysses_degree x ring_degree = "
                          f"{ulysses_degree * ring_degree}")
+    if documents is not None and layout == "zigzag" and ring_degree > 1:
+        for index, (start, end) in enumerate(zip(documents, documents[1:])):
+            if (end - start) % chunks:
+                raise ValueError(
+                    f"the zigzag layout cuts every document into 2 x ring_degree = {chunks} chunks: document "
+                    f"{index} has {end - start} tokens, pad it to {-(-(end - start) // chunks) * chunks} "
+                    f"(usp.attention.pad_documents pads every document)")
 
 
-def ring_positions(seqlen: int, ring_degree: int, ring_rank: int, layout: str) -> torch.Tensor:
+def ring_positions(seqlen: int, ring_degree: int, ring_rank: int, layout: str,
+                   documents: tuple[int, ...] | None = None) -> torch.Tensor:
     """Global positions held by a ring rank, in local order. ``[seqlen / ring_degree]``."""
+    if documents is not None and layout == "zigzag":
+        return torch.cat([start + ring_positions(end - start, ring_degree, ring_rank, layout)
+                          for start, end in zip(documents, documents[1:])])
     if layout == "stripe":
         return torch.arange(ring_rank, seqlen, ring_degree)
     if layout == "contiguous":
@@ -55,10 +72,10 @@ def ring_positions(seqlen: int, ring_degree: int, ring_rank: int, layout: str) -
 
 
 def shard_positions(seqlen: int, ulysses_degree: int, ring_degree: int, ulysses_rank: int, ring_rank: int,
-                    layout: str = "zigzag") -> torch.Tensor:
+                    layout: str = "zigzag", documents: tuple[int, ...] | None = None) -> torch.Tensor:
     """Global positions of the shard of ``(ulysses_rank, ring_rank)``: ``[seqlen / (u r)]``."""
-    check_global_seqlen(seqlen, ulysses_degree, ring_degree, layout)
-    positions = ring_positions(seqlen, ring_degree, ring_rank, layout)
+    check_global_seqlen(seqlen, ulysses_degree, ring_degree, layout, documents)
+    positions = ring_positions(seqlen, ring_degree, ring_rank, layout, documents)
     return positions.chunk(ulysses_degree)[ulysses_rank]
 
 

@@ -15,6 +15,10 @@ the local kernel. They run in two ways:
 
 What backward needs is what forward made: the head-sharded q, k, v, the local output
 and lse (the same tensors the ring loops keep).
+
+Packed documents and sliding windows reach the local kernels of a ring of one: after
+the Ulysses all-to-all each rank holds the whole packed sequence (batch 1) for its
+heads, so one varlen call (``usp.kernels.varlen``) with the global offsets is exact.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from usp.comm.agreement import Agreement, call_fields, post_agreement
 from usp.comm.all_to_all import post_head_to_seq, post_seq_to_head
 from usp.comm.heads import head_shares, kv_copies, kv_head_shares, replicate_kv_heads
 from usp.comm.ring import RingComm
-from usp.kernels import BACKENDS, get_backend
+from usp.kernels import BACKENDS, get_backend, varlen_backward, varlen_forward
+from usp.kernels.backends import window_kwargs
 from usp.kernels.layout import accum_dtype, reduce_kv_grad
 
 from .ring import ring_backward, ring_forward
@@ -38,7 +43,8 @@ from .ring import ring_backward, ring_forward
 
 @dataclass(frozen=True)
 class Plan:
-    """The static part of a call: the groups (None: none), the options, the backend."""
+    """The static part of a call: the groups (None: none), the options, the backend, and
+    the packed documents' global offsets (None: one sequence per batch row)."""
 
     ulysses: dist.ProcessGroup | None
     ring: dist.ProcessGroup | None
@@ -46,6 +52,31 @@ class Plan:
     scale: float
     layout: str
     backend: object
+    documents: tuple[int, ...] | None = None
+    window_size: tuple[int, int] = (-1, -1)
+
+    def local_forward(self, q, k, v):
+        """``(out, lse)`` of the whole (head-sharded) sequence on this rank's backend."""
+        options = dict(causal=self.causal, softmax_scale=self.scale)
+        if self.documents is None:
+            return self.backend.forward(q, k, v, **options, **window_kwargs(self.window_size))
+        out, lse = varlen_forward(self.backend, q[0], k[0], v[0], *self._offsets(q.device), **options,
+                                  window_size=self.window_size)
+        return out[None], lse[None]
+
+    def local_backward(self, dout, q, k, v, out, lse):
+        """``(dq, dk, dv)`` of ``local_forward``'s call."""
+        options = dict(causal=self.causal, softmax_scale=self.scale)
+        if self.documents is None:
+            return self.backend.backward(dout, q, k, v, out, lse, **options, **window_kwargs(self.window_size))
+        grads = varlen_backward(self.backend, dout[0], q[0], k[0], v[0], out[0], lse[0], *self._offsets(q.device),
+                                **options, window_size=self.window_size)
+        return tuple(g[None] for g in grads)
+
+    def _offsets(self, device):
+        cu = torch.tensor(self.documents, dtype=torch.int32, device=device)
+        longest = max(b - a for a, b in zip(self.documents, self.documents[1:]))
+        return cu, cu, longest, longest
 
     def ulysses_size(self) -> int:
         return 1 if self.ulysses is None else dist.get_world_size(self.ulysses)
@@ -69,7 +100,7 @@ def sp_forward(q, k, v, plan: Plan, agreement: Agreement | None = None):
     try:
         if ring is None:
             with traffic.span(traffic.COMPUTE, label=traffic.FORWARD, step=0):
-                out_h, lse = plan.backend.forward(q_h, k_h, v_h, causal=plan.causal, softmax_scale=plan.scale)
+                out_h, lse = plan.local_forward(q_h, k_h, v_h)
         else:
             out_h, lse = ring_forward(q_h, k_h, v_h, ring, plan.causal, plan.scale, plan.layout, plan.backend)
     except BaseException:  # a rank failing in its first block still takes part in the check: when the
@@ -91,8 +122,7 @@ def sp_backward(dout, saved, plan: Plan, heads: int, kv_heads: int):
     ring = plan.ring_transport()
     if ring is None:
         with traffic.span(traffic.COMPUTE, label=traffic.BACKWARD, step=0):
-            dq_h, dk_h, dv_h = plan.backend.backward(dout_h, q_h, k_h, v_h, out_h, lse, causal=plan.causal,
-                                                     softmax_scale=plan.scale)
+            dq_h, dk_h, dv_h = plan.local_backward(dout_h, q_h, k_h, v_h, out_h, lse)
     else:
         dq_h, dk_h, dv_h = ring_backward(dout_h, q_h, k_h, v_h, out_h, lse, ring, plan.causal, plan.scale,
                                          plan.layout, plan.backend)
@@ -131,22 +161,25 @@ def _group(name: str) -> dist.ProcessGroup | None:
     return _resolve_process_group(name) if name else None
 
 
-def _plan(ulysses: str, ring: str, causal: bool, scale: float, layout: str, backend: str) -> Plan:
-    return Plan(_group(ulysses), _group(ring), causal, scale, layout, get_backend(backend))
+def _plan(ulysses: str, ring: str, causal: bool, scale: float, layout: str, backend: str, documents: list[int],
+          window: list[int]) -> Plan:
+    return Plan(_group(ulysses), _group(ring), causal, scale, layout, get_backend(backend),
+                tuple(documents) or None, tuple(window))
 
 
 @torch.library.custom_op("usp::sp_attention_forward", mutates_args=())
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysses: str, ring: str, causal: bool,
-                scale: float, layout: str, backend: str, check: str, what: str, check_ranks: bool,
-                check_finite: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                             torch.Tensor]:
+                scale: float, layout: str, backend: str, documents: list[int], window: list[int], check: str,
+                what: str, check_ranks: bool, check_finite: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     agreement = None
     if check_ranks or check_finite:  # the exchange of the checks, at run time, settled before any transfer
         fields = {"error": "", "check_finite": check_finite,
-                  **call_fields(q, k, v, causal, scale, layout if ring else "-", backend)}
+                  **call_fields(q, k, v, causal, scale, layout if ring else "-", backend, tuple(documents) or None,
+                                tuple(window))}
         agreement = post_agreement(_group(check), what, fields if check_ranks else None, q.device,
                                    dict(q=q, k=k, v=v) if check_finite else None)
-    plan = _plan(ulysses, ring, causal, scale, layout, backend)
+    plan = _plan(ulysses, ring, causal, scale, layout, backend, documents, window)
     out, (q_h, k_h, v_h, out_h, lse) = sp_forward(q, k, v, plan, agreement)
     if _size(ulysses) == 1:  # the saved tensors are q, k, v and out themselves: outputs may not alias them
         q_h, k_h, v_h, out_h = (q.new_empty(0) for _ in range(4))
@@ -159,7 +192,8 @@ def _size(group_name: str) -> int:
 
 
 @_forward_op.register_fake
-def _(q, k, v, ulysses, ring, causal, scale, layout, backend, check, what, check_ranks, check_finite):
+def _(q, k, v, ulysses, ring, causal, scale, layout, backend, documents, window, check, what, check_ranks,
+      check_finite):
     u, lse_dtype = _size(ulysses), accum_dtype(q.dtype)
     if u == 1:
         return (q.new_empty(q.shape), *(q.new_empty(0) for _ in range(4)),
@@ -175,27 +209,29 @@ def _(q, k, v, ulysses, ring, causal, scale, layout, backend, check, what, check
 @torch.library.custom_op("usp::sp_attention_backward", mutates_args=())
 def _backward_op(dout: torch.Tensor, q_h: torch.Tensor, k_h: torch.Tensor, v_h: torch.Tensor, out_h: torch.Tensor,
                  lse: torch.Tensor, ulysses: str, ring: str, causal: bool, scale: float, layout: str, backend: str,
-                 heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    plan = _plan(ulysses, ring, causal, scale, layout, backend)
+                 documents: list[int], window: list[int], heads: int, kv_heads: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    plan = _plan(ulysses, ring, causal, scale, layout, backend, documents, window)
     return tuple(x.contiguous() for x in sp_backward(dout, (q_h, k_h, v_h, out_h, lse), plan, heads, kv_heads))
 
 
 @_backward_op.register_fake
-def _(dout, q_h, k_h, v_h, out_h, lse, ulysses, ring, causal, scale, layout, backend, heads, kv_heads):
+def _(dout, q_h, k_h, v_h, out_h, lse, ulysses, ring, causal, scale, layout, backend, documents, window, heads,
+      kv_heads):
     dk = k_h.new_empty(dout.shape[0], k_h.shape[1] // _size(ulysses), kv_heads, dout.shape[3])
     return dout.new_empty(dout.shape), dk, k_h.new_empty(dk.shape)
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, ulysses, ring, causal, scale, layout, backend = inputs[:9]
+    q, k, v, ulysses, ring, causal, scale, layout, backend, documents, window = inputs[:11]
     out, q_h, k_h, v_h, out_h, lse = output
     ctx.save_for_backward(*((q, k, v, out) if _size(ulysses) == 1 else (q_h, k_h, v_h, out_h)), lse)
-    ctx.settings = (ulysses, ring, causal, scale, layout, backend, q.shape[2], k.shape[2])
+    ctx.settings = (ulysses, ring, causal, scale, layout, backend, documents, window, q.shape[2], k.shape[2])
 
 
 def _backward(ctx, dout, *unused):
     dq, dk, dv = _backward_op(dout, *ctx.saved_tensors, *ctx.settings)
-    return dq, dk, dv, *([None] * 10)
+    return dq, dk, dv, *([None] * 12)
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup)
@@ -218,4 +254,5 @@ def parallel_attention(q, k, v, plan: Plan, check: dist.ProcessGroup, what: str,
     if BACKENDS.get(name) is not plan.backend:
         raise TypeError("under torch.compile the backend must be one of usp.kernels.BACKENDS, passed by name")
     return _forward_op(q, k, v, _name(plan.ulysses), _name(plan.ring), plan.causal, plan.scale, plan.layout, name,
-                       _name(check), what, check_ranks, check_finite)[0]
+                       list(plan.documents or ()), list(plan.window_size), _name(check), what, check_ranks,
+                       check_finite)[0]

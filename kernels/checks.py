@@ -160,7 +160,11 @@ def check_cu_seqlens(name: str, cu_seqlens, total: int, max_seqlen) -> list[int]
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"{name} must be 1-D [documents + 1] with at least 2 entries, got shape "
                          f"{tuple(cu_seqlens.shape)}")
-    offsets = cu_seqlens.tolist()
+    return check_offsets(name, cu_seqlens.tolist(), total, max_seqlen)
+
+
+def check_offsets(name: str, offsets: list[int], total: int, max_seqlen) -> list[int]:
+    """``check_cu_seqlens`` on offsets already read from the device (a list of ints)."""
     if offsets[0] != 0 or offsets[-1] != total:
         raise ValueError(f"{name} must start at 0 and end at the packed length {total}, "
                          f"got {offsets[0]} ... {offsets[-1]}")

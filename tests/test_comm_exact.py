@@ -263,5 +263,5 @@ def test_module_options_and_cross_attention():
     assert "ulysses_degree=2, ring_degree=2, placement=ulysses_inner, causal=True, layout=zigzag" in result["repr"]
     assert result["checks"] == (1, 0)  # one agreement check per call, none with check_ranks=False
     assert result["errors"] == ["ring_impl_type must be one of ['basic', 'strip', 'zigzag'], got 'striped'",
-                                "window_size must be (-1, -1): sliding windows across ranks are not supported yet "
-                                "(usp.kernels.flash_attn_func takes them on one device), got (8, 0)"]
+                                "packed documents (cu_seqlens) and sliding windows need a ring of one rank for now "
+                                "(pure Ulysses), got ring degree 2"]

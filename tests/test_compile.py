@@ -26,6 +26,9 @@ def _models(mesh):
         "usp_attention": lambda q, k, v: usp_attention(q, k, v, mesh, causal=True, backend="naive"),
         "ring_attention": lambda q, k, v: ring_attention(q, k, v, mesh.ring_group, causal=True, backend="naive"),
         "ulysses_attention": lambda q, k, v: ulysses_attention(q, k, v, mesh.ulysses_group, backend="naive"),
+        "ulysses_attention documents": lambda q, k, v: ulysses_attention(
+            q, k, v, mesh.ulysses_group, True, backend="naive", window_size=(5, 0),
+            cu_seqlens=(0, 6, q.shape[1] * mesh.ulysses_degree)),  # a tuple: nothing to read from a tensor
     }
     return {name: (lambda q, k, v, call=call: call(q * 1.5, k, v.tanh()).square().sum()) for name, call in
             calls.items()}
@@ -81,7 +84,7 @@ def _opchecks() -> dict:
         q, k, v = (shard_sequence(torch.randn(1, 32, h, 8, dtype=torch.float64, generator=generator),
                                   mesh).requires_grad_() for h in (heads, kv_heads, kv_heads))
         arguments = (q, k, v, mesh.ulysses_group.group_name, mesh.ring_group.group_name, True, 0.35, "zigzag",
-                     "naive", mesh.sp_group.group_name, "usp_attention", True, False)
+                     "naive", [], [-1, -1], mesh.sp_group.group_name, "usp_attention", True, False)
         results[f"u{u}r{r} h{heads}/{kv_heads}"] = torch.library.opcheck(torch.ops.usp.sp_attention_forward.default,
                                                                          arguments)
     return results
@@ -96,7 +99,8 @@ def test_the_custom_op_passes_opcheck():
 @pytest.mark.parametrize("world, mesh", [(1, (1, 1)), pytest.param(4, (2, 2), marks=pytest.mark.slow)])
 def test_compiled_attention_has_no_graph_break_and_equals_eager(world, mesh):
     for rank, seen in enumerate(run(world, _compiled_against_eager, (*mesh, "aot_eager"), pg_timeout_s=120)):
-        for name in ("USPAttention", "usp_attention", "ring_attention", "ulysses_attention"):
+        for name in ("USPAttention", "usp_attention", "ring_attention", "ulysses_attention",
+                     "ulysses_attention documents"):
             assert seen[name]["breaks"] == 0 and seen[name]["custom_op"], (rank, name)  # one graph, the op in it
             assert seen[name]["difference"] <= TOLERANCE, (rank, name, seen[name])
         if world > 1:
@@ -107,5 +111,6 @@ def test_compiled_attention_has_no_graph_break_and_equals_eager(world, mesh):
 @pytest.mark.slow
 def test_inductor_compiles_it_too():
     for rank, seen in enumerate(run(2, _compiled_against_eager, (1, 2, "inductor"), pg_timeout_s=600)):
-        for name in ("USPAttention", "usp_attention", "ring_attention", "ulysses_attention"):
+        for name in ("USPAttention", "usp_attention", "ring_attention", "ulysses_attention",
+                     "ulysses_attention documents"):
             assert seen[name]["breaks"] == 0 and seen[name]["difference"] <= TOLERANCE, (rank, name, seen[name])

@@ -1,0 +1,174 @@
+"""Packed documents and sliding windows across ranks: the layouts with documents, the
+sharding helpers, and Ulysses attention (a ring of one) on gloo processes against the
+float64 oracle on the whole packed sequence (``document_mask``), forward and the three
+gradients; bad input raises the same error on every rank."""
+
+import itertools
+
+import pytest
+import torch
+
+from errors import error_of
+from usp.attention import (document_mask, gather_sequence, naive_attention, pad_documents, sequence_positions,
+                           shard_sequence, ulysses_attention, usp_attention)
+from usp.attention.layout import ring_positions
+from usp.bench.launch import run
+from usp.comm import init_mesh
+
+
+def _offsets(lengths) -> torch.Tensor:
+    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+
+
+# --- layouts with documents (no processes needed) --------------------------------------
+
+def test_zigzag_cuts_every_document():
+    """Documents of 8 and 4 tokens over a ring of 2: chunks of 2 and 1 tokens; ring rank 0
+    holds chunks 0 and 3 of each document, rank 1 chunks 1 and 2."""
+    documents = (0, 8, 12)
+    assert ring_positions(12, 2, 0, "zigzag", documents).tolist() == [0, 1, 6, 7, 8, 11]
+    assert ring_positions(12, 2, 1, "zigzag", documents).tolist() == [2, 3, 4, 5, 9, 10]
+    # the other layouts ignore document boundaries
+    assert ring_positions(12, 2, 1, "contiguous", documents).tolist() == list(range(6, 12))
+    assert ring_positions(12, 2, 1, "stripe", documents).tolist() == list(range(1, 12, 2))
+
+
+def test_zigzag_with_documents_balances_causal_work_per_document():
+    """Causal pairs each ring rank computes, for documents of 64, 16 and 48 tokens over a ring of 4."""
+    documents = (0, 64, 80, 128)
+    mask = document_mask(torch.tensor(documents, dtype=torch.int32), torch.tensor(documents, dtype=torch.int32),
+                         causal=True)
+    work = {layout: [int(mask[ring_positions(128, 4, rank, layout, documents)].sum()) for rank in range(4)]
+            for layout in ("contiguous", "zigzag")}
+    assert len(set(work["zigzag"])) == 1  # every rank the same
+    assert max(work["contiguous"]) > 1.5 * min(work["contiguous"])
+
+
+class _FakeMesh:
+    """The coordinates the sharding helpers read, without processes."""
+
+    def __init__(self, u, r, ulysses_rank, ring_rank):
+        self.ulysses_degree, self.ring_degree = u, r
+        self.ulysses_rank, self.ring_rank = ulysses_rank, ring_rank
+
+
+def test_positions_restart_per_document(monkeypatch):
+    monkeypatch.setattr("usp.attention.sequence.check_mesh", lambda mesh: None)
+    cu = _offsets([6, 2])
+    positions = [sequence_positions(8, _FakeMesh(2, 1, j, 0), "contiguous", cu_seqlens=cu).tolist() for j in (0, 1)]
+    assert positions == [[0, 1, 2, 3], [4, 5, 0, 1]]
+    zigzag = sequence_positions(8, _FakeMesh(1, 2, 0, 1), "zigzag", cu_seqlens=_offsets([4, 4])).tolist()
+    assert zigzag == [1, 2, 1, 2]  # chunks 1 and 2 of each document
+
+
+def test_pad_documents():
+    x = torch.arange(1, 8).view(1, 7)
+    padded, cu = pad_documents(x, _offsets([3, 0, 4]), 4, dim=1, value=-100)
+    assert padded.tolist() == [[1, 2, 3, -100, 4, 5, 6, 7]]
+    assert cu.tolist() == [0, 4, 4, 8] and cu.dtype == torch.int32
+
+
+def test_zigzag_names_the_padding_a_document_needs(monkeypatch):
+    monkeypatch.setattr("usp.attention.sequence.check_mesh", lambda mesh: None)
+    message = error_of(lambda: shard_sequence(torch.zeros(1, 16), _FakeMesh(1, 2, 0, 0), cu_seqlens=_offsets([6, 10])))
+    assert ("the zigzag layout cuts every document into 2 x ring_degree = 4 chunks: document 0 has 6 tokens, "
+            "pad it to 8") in message
+
+
+# --- on gloo processes -------------------------------------------------------------------
+
+# (documents, causal, window, kv_heads, backend, dtype)
+CASES = [
+    ((5, 0, 1, 20, 6), True, (-1, -1), 2, "naive", torch.float64),
+    ((5, 0, 1, 20, 6), True, (4, 0), 1, "naive", torch.float64),
+    ((16, 16), False, (3, 2), 4, "naive", torch.float64),
+    ((32,), True, (6, 0), 2, "torch", torch.float32),
+    ((7, 9, 1, 15), False, (-1, -1), 2, "torch", torch.float32),
+    ((12, 20), True, (5, 0), 2, "triton", torch.float32),
+]
+
+
+def _ulysses_documents():
+    """Every case on a Ulysses group of 4 (and a USP 4 x 1 mesh), against the oracle."""
+    mesh = init_mesh(4, 1)
+    results = []
+    for index, (lengths, causal, window, kv_heads, backend, dtype) in enumerate(CASES):
+        cu = _offsets(lengths)
+        total = sum(lengths)
+        g = torch.Generator().manual_seed(index)
+        q, k, v, dout = (torch.randn(1, total, h, 16, generator=g, dtype=torch.float64)
+                         for h in (4, kv_heads, kv_heads, 4))
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        expected, _ = naive_attention(*leaves, mask=document_mask(cu, cu, causal, window))
+        expected.backward(dout)
+        local = [shard_sequence(x, mesh, layout="contiguous", cu_seqlens=cu).to(dtype).requires_grad_()
+                 for x in (q, k, v)]
+        out = ulysses_attention(*local, mesh.ulysses_group, causal, backend=backend, cu_seqlens=cu,
+                                window_size=window)
+        out.backward(shard_sequence(dout, mesh, layout="contiguous", cu_seqlens=cu).to(dtype))
+        got = [gather_sequence(x, mesh, layout="contiguous", cu_seqlens=cu).double()
+               for x in (out.detach(), *(leaf.grad for leaf in local))]
+        want = [expected.detach(), *(leaf.grad for leaf in leaves)]
+        errors = [(a - b).abs().max().item() for a, b in zip(got, want)]
+        same = torch.equal(usp_attention(*local, mesh, causal, None, "zigzag", backend, cu_seqlens=cu,
+                                         window_size=window), out)
+        results.append(dict(errors=errors, usp_equal=same))
+    return results
+
+
+@pytest.fixture(scope="module")
+def ulysses_results():
+    return run(4, _ulysses_documents, pg_timeout_s=120)
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=[f"{c[0]}-causal{int(c[1])}-window{c[2]}-{c[4]}"
+                                                          for c in CASES])
+def test_ulysses_attention_with_documents_matches_the_oracle(ulysses_results, index):
+    tolerance = 1e-12 if CASES[index][5] == torch.float64 else 2e-5
+    for rank, results in enumerate(ulysses_results):
+        assert max(results[index]["errors"]) <= tolerance, (rank, results[index])
+        assert results[index]["usp_equal"]  # usp_attention on a u x 1 mesh: the same call
+
+
+def _bad_documents():
+    mesh = init_mesh(2, 1)
+    rank = mesh.ulysses_rank
+    x = torch.randn(1, 8, 2, 16, dtype=torch.float64)
+    cu = _offsets([4, 4])
+    ring = init_mesh(1, 2)
+    calls = {
+        "offsets differ": lambda: ulysses_attention(x, x, x, mesh.ulysses_group, True, backend="naive",
+                                                    cu_seqlens=_offsets([8, 8] if rank else [4, 12])),
+        "not non-decreasing": lambda: ulysses_attention(x, x, x, mesh.ulysses_group, backend="naive",
+                                                        cu_seqlens=torch.tensor([0, 10, 6, 16], dtype=torch.int32)),
+        "int64": lambda: ulysses_attention(x, x, x, mesh.ulysses_group, backend="naive", cu_seqlens=cu.long()),
+        "wrong end": lambda: ulysses_attention(x, x, x, mesh.ulysses_group, backend="naive", cu_seqlens=cu),
+        "ring": lambda: usp_attention(x, x, x, ring, True, backend="naive", cu_seqlens=_offsets([8, 8])),
+        "window on a ring": lambda: usp_attention(x, x, x, ring, True, backend="naive", window_size=(4, 0)),
+        "batch 2": lambda: ulysses_attention(x.expand(2, -1, -1, -1), x.expand(2, -1, -1, -1),
+                                             x.expand(2, -1, -1, -1), mesh.ulysses_group, backend="naive",
+                                             cu_seqlens=_offsets([8, 8])),
+        "only rank 1 bad": lambda: ulysses_attention(x, x, x, mesh.ulysses_group, backend="naive",
+                                                     cu_seqlens=_offsets([8, 8]) if rank == 0 else cu.long()),
+        "gather with other offsets": lambda: gather_sequence(x, mesh, cu_seqlens=_offsets([8, 8] if rank else [4, 12])),
+    }
+    return {name: error_of(call) for name, call in calls.items()}
+
+
+def test_bad_documents_raise_on_every_rank():
+    first, second = run(2, _bad_documents, pg_timeout_s=60)
+    assert first == second  # the same error on both ranks, none hanging
+    expected = {
+        "offsets differ": "the ranks of the group disagree on ulysses_attention (documents): rank 0: documents=2 "
+                          "documents, offsets",
+        "not non-decreasing": "cu_seqlens must be non-decreasing, got 10 then 6 at index 1",
+        "int64": "cu_seqlens must be int32",
+        "wrong end": "cu_seqlens must start at 0 and end at the packed length 16, got 0 ... 8",
+        "ring": "need a ring of one rank for now (pure Ulysses), got ring degree 2",
+        "window on a ring": "need a ring of one rank for now (pure Ulysses), got ring degree 2",
+        "batch 2": "packed documents (cu_seqlens) need batch 1, got q of batch 2",
+        "only rank 1 bad": "cu_seqlens must be int32",
+        "gather with other offsets": "disagree on gather_sequence (documents)",
+    }
+    for name, fragment in expected.items():
+        assert fragment in first[name], (name, first[name])
