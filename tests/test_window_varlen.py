@@ -49,17 +49,15 @@ def _check(case):
 
 DEFAULT_CASES = (
     [_case("triton", torch.float32, causal, w, shape=WINDOW_SHAPES[0])
-     for causal, w in ((False, (3, -1)), (False, (-1, 2)), (True, (5, 0)), (False, (20, 7)), (True, (0, 0)))]
-    + [_case("triton", torch.float16, True, (5, 0), shape=s) for s in WINDOW_SHAPES[1:]]
+     for causal, w in ((False, (3, -1)), (True, (5, 0)), (False, (20, 7)))]
+    + [_case("triton", torch.float16, True, (5, 0), shape=WINDOW_SHAPES[2])]
     + [_case("triton", torch.float32, causal, w, docs) for docs, causal, w in (
-        ("mixed", True, (-1, -1)), ("uneven", False, (4, -1)), ("one", True, (6, 0)), ("keyless", True, (-1, -1)),
-        ("many", True, (2, 3)), ("mixed", False, (-1, -1)))]
+        ("mixed", True, (-1, -1)), ("uneven", False, (4, -1)), ("keyless", True, (2, 3)))]
     + [_case("triton", torch.float16, True, (3, 0), "mixed")]
     + [_case(backend, dtype, True, w, docs) for backend, dtype in (("torch", torch.float32), ("naive", torch.float64))
-       for docs, w in (("mixed", (4, 0)), ("uneven", (-1, -1)), ("keyless", (2, 5)))]
+       for docs, w in (("mixed", (4, 0)), ("keyless", (2, 5)))]
     + [_case(backend, dtype, causal, w, shape=WINDOW_SHAPES[2]) for backend, dtype in
-       (("torch", torch.float32), ("torch", torch.float16), ("naive", torch.float64)) for causal, w in
-       ((True, (5, 0)), (False, (3, -1)), (False, (0, 0)))]
+       (("torch", torch.float32), ("naive", torch.float64)) for causal, w in ((True, (5, 0)), (False, (0, 0)))]
 )
 SLOW_CASES = (
     [_case("triton", torch.float32, causal, w, docs)
