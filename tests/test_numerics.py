@@ -49,7 +49,16 @@ def _seed(case: Case) -> int:
     return zlib.crc32(case.label.encode())
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.label.replace(" ", "-"))
+def _slow_under_the_interpreter(case: Case) -> bool:
+    """The interpreter's longest runs, fp16 at 129 tokens or more on the triton backend,
+    go to the slow step on a CPU (fp16 keeps every shorter shape by default)."""
+    s = case.shape
+    return (DEVICE.type == "cpu" and case.backend == "triton" and case.dtype == torch.float16
+            and max(s.seqlen_q, s.seqlen_k) >= 129)
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if _slow_under_the_interpreter(c) else c
+                                  for c in CASES], ids=lambda c: c.label.replace(" ", "-"))
 def test_backend_matches_float64_oracle(case):
     result = run_case(case, device=DEVICE, seed=_seed(case))
     assert result.passed, f"{case.label}: {result.failures}"
