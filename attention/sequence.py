@@ -28,9 +28,9 @@ def document_offsets(cu_seqlens, seqlen: int) -> tuple[int, ...] | None:
     return tuple(check_cu_seqlens("cu_seqlens", cu_seqlens, seqlen, seqlen))
 
 
-def _shard_indices(seqlen: int, mesh: Mesh, layout: str, cu_seqlens) -> torch.Tensor:
+def _shard_indices(seqlen: int, mesh: Mesh, layout: str, documents: tuple[int, ...] | None) -> torch.Tensor:
     return shard_positions(seqlen, mesh.ulysses_degree, mesh.ring_degree, mesh.ulysses_rank, mesh.ring_rank, layout,
-                           document_offsets(cu_seqlens, seqlen))
+                           documents)
 
 
 def sequence_positions(seqlen: int, mesh: Mesh, layout: str = "zigzag", device=None, *,
@@ -39,9 +39,10 @@ def sequence_positions(seqlen: int, mesh: Mesh, layout: str = "zigzag", device=N
     ``[seqlen / (u r)]`` int64, the position ids to feed RoPE. Global positions, or with
     ``cu_seqlens`` each token's position inside its document."""
     check_mesh(mesh)
-    positions = _shard_indices(seqlen, mesh, layout, cu_seqlens)
-    if cu_seqlens is not None:
-        offsets = torch.tensor(document_offsets(cu_seqlens, seqlen))
+    documents = document_offsets(cu_seqlens, seqlen)
+    positions = _shard_indices(seqlen, mesh, layout, documents)
+    if documents is not None:
+        offsets = torch.tensor(documents)
         positions = positions - offsets[torch.searchsorted(offsets, positions, right=True) - 1]
     return positions.to(device) if device is not None else positions
 
@@ -58,7 +59,8 @@ def shard_sequence(x: torch.Tensor, mesh: Mesh, dim: int = 1, layout: str = "zig
     ``cu_seqlens``: the document offsets of a packed ``x``."""
     check_mesh(mesh)
     dim = _check_dim(x, dim)
-    return x.index_select(dim, _shard_indices(x.shape[dim], mesh, layout, cu_seqlens).to(x.device))
+    documents = document_offsets(cu_seqlens, x.shape[dim])
+    return x.index_select(dim, _shard_indices(x.shape[dim], mesh, layout, documents).to(x.device))
 
 
 def pad_documents(x: torch.Tensor, cu_seqlens: torch.Tensor, multiple: int, dim: int = 1, value=0):

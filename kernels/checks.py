@@ -138,14 +138,12 @@ def check_packed_qkv(q, k, v, causal: bool = False) -> AttentionShape:
 
 def check_packed_backward_inputs(dout, q, k, v, out, lse, causal: bool = False) -> AttentionShape:
     """Validate a packed backward call: ``dout, out`` like ``q: [total_q, Hq, D]``, ``lse: [Hq, total_q]``."""
-    shape = check_packed_qkv(q, k, v, causal)
-    for name, x in (("dout", dout), ("out", out)):
+    for name, x in (("q", q), ("k", k), ("v", v), ("dout", dout), ("out", out)):
         _check_tensor(name, x, dims=3)
     if not isinstance(lse, torch.Tensor) or lse.dim() != 2:
         raise ValueError(f"lse must be 2-D [heads, total_q], got {getattr(lse, 'shape', type(lse).__name__)}")
-    check_backward_inputs(dout.unsqueeze(0), q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), out.unsqueeze(0),
-                          lse.unsqueeze(0), causal)
-    return shape
+    return check_backward_inputs(dout.unsqueeze(0), q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
+                                 out.unsqueeze(0), lse.unsqueeze(0), causal)
 
 
 def check_cu_seqlens(name: str, cu_seqlens, total: int, max_seqlen) -> list[int]:
@@ -161,6 +159,17 @@ def check_cu_seqlens(name: str, cu_seqlens, total: int, max_seqlen) -> list[int]
         raise ValueError(f"{name} must be 1-D [documents + 1] with at least 2 entries, got shape "
                          f"{tuple(cu_seqlens.shape)}")
     return check_offsets(name, cu_seqlens.tolist(), total, max_seqlen)
+
+
+def check_documents(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, shape: AttentionShape
+                    ) -> tuple[list[int], list[int]]:
+    """Validate both offsets of a varlen call (packed lengths from ``shape``) and that
+    they hold as many documents; the offsets as lists."""
+    offsets_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, shape.seqlen_q, max_seqlen_q)
+    offsets_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, shape.seqlen_k, max_seqlen_k)
+    if len(offsets_q) != len(offsets_k):
+        raise ValueError(f"cu_seqlens_q holds {len(offsets_q) - 1} documents but cu_seqlens_k {len(offsets_k) - 1}")
+    return offsets_q, offsets_k
 
 
 def check_offsets(name: str, offsets: list[int], total: int, max_seqlen) -> list[int]:

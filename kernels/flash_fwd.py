@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import check_cu_seqlens, check_packed_qkv, check_qkv, resolve_softmax_scale, resolve_window
+from .checks import check_documents, check_packed_qkv, check_qkv, resolve_softmax_scale, resolve_window
 from .configs import KernelConfig, get_config, padded_head_dim
 from .triton_common import (LOG2E, Launch, MaskSpec, check_triton_inputs, device_guard, dot_precision,
                             key_block_range, kv_tile_pointers, load_tile, program_tile, range_blocks, sequence_span,
@@ -181,10 +181,7 @@ def flash_attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
 
 def packed_mask(causal, window_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, shape, device) -> MaskSpec:
     """The kernels' MaskSpec of a validated varlen call (offsets checked here)."""
-    offsets_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, shape.seqlen_q, max_seqlen_q)
-    offsets_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, shape.seqlen_k, max_seqlen_k)
-    if len(offsets_q) != len(offsets_k):
-        raise ValueError(f"cu_seqlens_q holds {len(offsets_q) - 1} documents but cu_seqlens_k {len(offsets_k) - 1}")
+    check_documents(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, shape)
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if cu.device != device:
             raise ValueError(f"{name} is on {cu.device} but q is on {device}")

@@ -14,17 +14,14 @@ from __future__ import annotations
 import torch
 
 from .backends import Backend, get_backend, window_kwargs
-from .checks import (check_cu_seqlens, check_packed_backward_inputs, check_packed_qkv, refuse_flash_attn_extras,
+from .checks import (check_documents, check_packed_backward_inputs, check_packed_qkv, refuse_flash_attn_extras,
                      resolve_window)
 from .layout import accum_dtype
 
 
-def _document_spans(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, total_q, total_k):
+def _document_spans(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, shape):
     """Validated ``[(q_start, q_end, k_start, k_end)]`` per document."""
-    offsets_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q)
-    offsets_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, total_k, max_seqlen_k)
-    if len(offsets_q) != len(offsets_k):
-        raise ValueError(f"cu_seqlens_q holds {len(offsets_q) - 1} documents but cu_seqlens_k {len(offsets_k) - 1}")
+    offsets_q, offsets_k = check_documents(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, shape)
     return list(zip(offsets_q, offsets_q[1:], offsets_k, offsets_k[1:]))
 
 
@@ -38,8 +35,7 @@ def varlen_forward(backend: Backend, q, k, v, cu_seqlens_q, cu_seqlens_k, max_se
     window = window_kwargs(window_size)
     out = torch.zeros_like(q)
     lse = torch.full((shape.heads, shape.seqlen_q), float("-inf"), dtype=accum_dtype(q.dtype), device=q.device)
-    for qa, qb, ka, kb in _document_spans(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                          shape.seqlen_q, shape.seqlen_k):
+    for qa, qb, ka, kb in _document_spans(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, shape):
         if qb > qa and kb > ka:  # else its rows (if any) see no key
             doc_out, doc_lse = backend.forward(q[None, qa:qb], k[None, ka:kb], v[None, ka:kb], causal=causal,
                                                softmax_scale=softmax_scale, **window)
@@ -57,8 +53,7 @@ def varlen_backward(backend: Backend, dout, q, k, v, out, lse, cu_seqlens_q, cu_
     shape = check_packed_backward_inputs(dout, q, k, v, out, lse, causal)
     window = window_kwargs(window_size)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    for qa, qb, ka, kb in _document_spans(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                          shape.seqlen_q, shape.seqlen_k):
+    for qa, qb, ka, kb in _document_spans(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, shape):
         if qb > qa and kb > ka:
             grads = backend.backward(dout[None, qa:qb], q[None, qa:qb], k[None, ka:kb], v[None, ka:kb],
                                      out[None, qa:qb], lse[None, :, qa:qb], causal=causal,

@@ -42,9 +42,8 @@ def _case(backend, dtype, causal, window=(-1, -1), documents=None, shape=None):
     return Case(backend, dtype, AttentionShape(*shape), causal, window_size=window, documents=documents)
 
 
-def _check(case):
-    result = run_case(case, device=DEVICE, seed=zlib.crc32(case.label.encode()))
-    assert result.passed, f"{case.label}: {result.failures}"
+def _run(case):
+    return run_case(case, device=DEVICE, seed=zlib.crc32(case.label.encode()))
 
 
 DEFAULT_CASES = (
@@ -73,13 +72,15 @@ SLOW_CASES = [c for c in SLOW_CASES if c not in DEFAULT_CASES]
 
 @pytest.mark.parametrize("case", DEFAULT_CASES, ids=lambda c: c.label.replace(" ", "-"))
 def test_window_and_documents_match_the_oracle(case):
-    _check(case)
+    result = _run(case)
+    assert result.passed, f"{case.label}: {result.failures}"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", SLOW_CASES, ids=lambda c: c.label.replace(" ", "-"))
 def test_every_window_and_document_mix(case):
-    _check(case)
+    result = _run(case)
+    assert result.passed, f"{case.label}: {result.failures}"
 
 
 def test_document_mask_by_hand():
