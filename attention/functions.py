@@ -21,25 +21,25 @@ from usp.comm.mesh import check_group, check_mesh
 from usp.kernels import get_backend
 from usp.kernels.checks import check_qkv, resolve_softmax_scale, resolve_window
 
-from .layout import check_layout
+from .layout import check_global_seqlen, check_layout
 from .parallel import Plan, parallel_attention
 from .ring import check_sequence_split
 from .sequence import document_offsets
 
 
-def _documents_and_window(q, k, cu_seqlens, window_size, u: int, r: int) -> tuple[int, ...] | None:
+def _documents_and_window(q, k, cu_seqlens, window_size, layout: str, u: int, r: int) -> tuple[int, ...] | None:
     """Check packed documents and a window against the call; the documents' offsets."""
-    resolve_window(False, window_size)
-    if r > 1 and (cu_seqlens is not None or tuple(window_size) != (-1, -1)):
-        raise ValueError(f"packed documents (cu_seqlens) and sliding windows need a ring of one rank for now "
-                         f"(pure Ulysses), got ring degree {r}")
+    windowed = tuple(resolve_window(False, window_size)) != (None, None)
+    if (cu_seqlens is not None or (windowed and r > 1)) and k.shape[1] != q.shape[1]:
+        raise ValueError(f"packed documents and windows over a ring need q and k of one length, got "
+                         f"{q.shape[1]} and {k.shape[1]}")
     if cu_seqlens is None:
         return None
     if q.shape[0] != 1:
         raise ValueError(f"packed documents (cu_seqlens) need batch 1, got q of batch {q.shape[0]}")
-    if k.shape[1] != q.shape[1]:
-        raise ValueError(f"packed documents need q and k of one length, got {q.shape[1]} and {k.shape[1]}")
-    return document_offsets(cu_seqlens, q.shape[1] * u)
+    documents = document_offsets(cu_seqlens, q.shape[1] * u * r)
+    check_global_seqlen(q.shape[1] * u * r, u, r, layout, documents)
+    return documents
 
 
 def _attend(what: str, check_group, ulysses, ring, q, k, v, causal, softmax_scale, layout, backend, check_ranks,
@@ -55,7 +55,7 @@ def _attend(what: str, check_group, ulysses, ring, q, k, v, causal, softmax_scal
         check_heads(q.shape[2], k.shape[2], u)
         check_sequence_split(q.shape[1] * u, k.shape[1] * u, causal, r, layout,
                              what="local" if ulysses is None else "per-ring-rank")
-        documents = _documents_and_window(q, k, cu_seqlens, window_size, u, r)
+        documents = _documents_and_window(q, k, cu_seqlens, window_size, layout, u, r)
         return resolve_softmax_scale(softmax_scale, q.shape[-1]), get_backend(backend), documents
 
     agreement = None  # posted here, settled before the call's first transfer
@@ -88,8 +88,10 @@ def ring_attention(q, k, v, group: dist.ProcessGroup | None, causal: bool = Fals
     holds a NaN or an infinity (costs a sum over each; on a GPU a host synchronisation).
     ``cu_seqlens``: the global offsets of packed documents (an int32 tensor, or a tuple
     of ints, which ``torch.compile`` traces without a graph break; batch 1; the same on
-    every rank; no token attends across a document boundary); ``window_size``:
-    flash-attn's sliding window. Both need a ring of one rank for now (use Ulysses).
+    every rank; no token attends across a document boundary; the shards laid out with
+    the same offsets, see ``shard_sequence``); ``window_size``: flash-attn's sliding
+    window, in global positions. Each ring step computes only the rows and keys that
+    see each other (a mask by token) and skips a step with none.
     """
     group = check_group(group)
     return _attend("ring_attention", group, None, group, q, k, v, causal, softmax_scale, layout, backend, check_ranks,

@@ -16,9 +16,14 @@ shard of ``(ring_rank, ulysses_rank)`` is piece ``ulysses_rank`` of ring rank
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
+
+from usp.kernels.backends import window_kwargs
+from usp.kernels.checks import resolve_window
+from usp.kernels.tokens import TokenPositions, position_kwargs
 
 LAYOUTS = ("contiguous", "zigzag", "stripe")
 
@@ -71,6 +76,22 @@ def ring_positions(seqlen: int, ring_degree: int, ring_rank: int, layout: str,
     return torch.cat([first, torch.arange(last_index * chunk, (last_index + 1) * chunk)])
 
 
+def document_ids(positions: torch.Tensor, documents: tuple[int, ...] | None) -> torch.Tensor:
+    """The document index of each global position (0 everywhere without documents), int32."""
+    if documents is None:
+        return torch.zeros(positions.shape, dtype=torch.int32)
+    ends = torch.tensor(documents[1:], dtype=torch.long)
+    return torch.searchsorted(ends, positions.long(), right=True).to(torch.int32)
+
+
+def token_positions(q_positions: torch.Tensor, k_positions: torch.Tensor,
+                    documents: tuple[int, ...] | None, device=None) -> TokenPositions:
+    """The mask by token of queries at global ``q_positions`` against keys at
+    ``k_positions`` of a sequence packed as ``documents`` (see ``usp.kernels.tokens``)."""
+    return TokenPositions(q_positions.to(torch.int32), document_ids(q_positions, documents),
+                          k_positions.to(torch.int32), document_ids(k_positions, documents)).to(device)
+
+
 def shard_positions(seqlen: int, ulysses_degree: int, ring_degree: int, ulysses_rank: int, ring_rank: int,
                     layout: str = "zigzag", documents: tuple[int, ...] | None = None) -> torch.Tensor:
     """Global positions of the shard of ``(ulysses_rank, ring_rank)``: ``[seqlen / (u r)]``."""
@@ -82,11 +103,19 @@ def shard_positions(seqlen: int, ulysses_degree: int, ring_degree: int, ulysses_
 @dataclass(frozen=True)
 class Block:
     """The work of one ring step: queries ``q_rows`` of the local shard against keys
-    ``k_rows`` of the visiting K/V block, with or without the causal mask."""
+    ``k_rows`` of the visiting K/V block, with or without the causal mask; with packed
+    documents or a window, the mask by token of those rows and keys (``positions``) in
+    which causal and ``window_size`` are read."""
 
     q_rows: slice
     k_rows: slice
     causal: bool
+    window_size: tuple[int, int] = (-1, -1)
+    positions: TokenPositions | None = None
+
+    def options(self) -> dict:
+        """The backend keywords of this block's mask."""
+        return dict(causal=self.causal, **window_kwargs(self.window_size), **position_kwargs(self.positions))
 
 
 # How ring_block decides, for causal attention (a query sees the keys at or before its
@@ -127,12 +156,18 @@ class Block:
 # rank pair.
 
 
-def ring_block(rank: int, source: int, seqlen: int, layout: str, causal: bool) -> Block | None:
+def ring_block(rank: int, source: int, seqlen: int, layout: str, causal: bool, ring_size: int = 1,
+               documents: tuple[int, ...] | None = None, window_size=(-1, -1), device=None) -> Block | None:
     """What ring rank ``rank`` computes against the K/V that started on ring rank
     ``source``; None when every pair is masked (see the picture above). ``seqlen``: the
     positions each rank holds (causal attention needs as many keys as queries;
-    non-causal takes all of both).
+    non-causal takes all of both). With packed ``documents`` or a ``window_size``, the
+    rows and keys that see something and their mask by token (``token_block``), on
+    ``device``, over a ring of ``ring_size``.
     """
+    if documents is not None or tuple(window_size) != (-1, -1):
+        return token_block(rank, source, seqlen * ring_size, ring_size, layout, causal, documents,
+                           tuple(window_size), device)
     everything = slice(None)
     if not causal:
         return Block(everything, everything, False)
@@ -148,3 +183,43 @@ def ring_block(rank: int, source: int, seqlen: int, layout: str, causal: bool) -
     if source < rank:
         return Block(everything, slice(0, half), False)
     return Block(slice(half, seqlen), everything, False)
+
+
+# With packed documents or a window, the visible pairs of a rank pair are no longer a
+# triangle or a half: token_block finds, for each query, the keys of the source it sees
+# (a range of the source's local indices, as every layout holds its positions in
+# increasing order), keeps the rows that see some key and the keys some row sees, and
+# hands the kernels the mask by token of that sub-block. Ranks agree on the plan, so
+# each computes it alone; it is cached per (sequence, mesh, mask, device).
+
+@functools.lru_cache(maxsize=256)
+def token_block(rank: int, source: int, seqlen: int, ring_size: int, layout: str, causal: bool,
+                documents: tuple[int, ...] | None, window_size: tuple[int, int], device) -> Block | None:
+    """The block of ``rank``'s queries against ``source``'s keys in a sequence of
+    ``seqlen`` tokens packed as ``documents`` under causal and ``window_size``; None
+    when no pair is visible."""
+    q_pos = ring_positions(seqlen, ring_size, rank, layout, documents)
+    k_pos = ring_positions(seqlen, ring_size, source, layout, documents)
+    first, last = visible_key_span(q_pos, k_pos, seqlen, documents, *resolve_window(causal, window_size))
+    rows = torch.nonzero(last > first).flatten()
+    if rows.numel() == 0:
+        return None
+    q_rows = slice(int(rows[0]), int(rows[-1]) + 1)
+    k_rows = slice(int(first[rows].min()), int(last[rows].max()))
+    positions = token_positions(q_pos[q_rows], k_pos[k_rows], documents, device)
+    return Block(q_rows, k_rows, causal, window_size, positions)
+
+
+def visible_key_span(q_pos: torch.Tensor, k_pos: torch.Tensor, seqlen: int, documents: tuple[int, ...] | None,
+                     left: int | None, right: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each query, the local key indices ``[first, last)`` it sees among keys at the
+    increasing positions ``k_pos``: those of its document within ``[p - left, p + right]``."""
+    bounds = torch.tensor(documents if documents is not None else (0, seqlen), dtype=torch.long)
+    doc = torch.searchsorted(bounds[1:], q_pos.long(), right=True)
+    low, high = bounds[doc], bounds[doc + 1] - 1  # the query's document, inclusive
+    if left is not None:
+        low = torch.maximum(low, q_pos - left)
+    if right is not None:
+        high = torch.minimum(high, q_pos + right)
+    keys = k_pos.long().contiguous()
+    return torch.searchsorted(keys, low), torch.searchsorted(keys, high, right=True)

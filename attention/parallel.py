@@ -16,9 +16,10 @@ the local kernel. They run in two ways:
 What backward needs is what forward made: the head-sharded q, k, v, the local output
 and lse (the same tensors the ring loops keep).
 
-Packed documents and sliding windows reach the local kernels of a ring of one: after
-the Ulysses all-to-all each rank holds the whole packed sequence (batch 1) for its
-heads, so one varlen call (``usp.kernels.varlen``) with the global offsets is exact.
+Packed documents and sliding windows: in a ring of one, after the Ulysses all-to-all
+each rank holds the whole packed sequence (batch 1) for its heads, so one varlen call
+(``usp.kernels.varlen``) with the global offsets is exact; in a longer ring each step
+computes its block under a mask by token (``usp.attention.layout.token_block``).
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ def sp_forward(q, k, v, plan: Plan, agreement: Agreement | None = None):
             with traffic.span(traffic.COMPUTE, label=traffic.FORWARD, step=0):
                 out_h, lse = plan.local_forward(q_h, k_h, v_h)
         else:
-            out_h, lse = ring_forward(q_h, k_h, v_h, ring, plan.causal, plan.scale, plan.layout, plan.backend)
+            out_h, lse = ring_forward(q_h, k_h, v_h, ring, plan.causal, plan.scale, plan.layout, plan.backend,
+                                      plan.documents, plan.window_size)
     except BaseException:  # a rank failing in its first block still takes part in the check: when the
         if agreement is not None:  # ranks disagreed (the likely cause), every rank raises that instead
             agreement.settle()
@@ -125,7 +127,7 @@ def sp_backward(dout, saved, plan: Plan, heads: int, kv_heads: int):
             dq_h, dk_h, dv_h = plan.local_backward(dout_h, q_h, k_h, v_h, out_h, lse)
     else:
         dq_h, dk_h, dv_h = ring_backward(dout_h, q_h, k_h, v_h, out_h, lse, ring, plan.causal, plan.scale,
-                                         plan.layout, plan.backend)
+                                         plan.layout, plan.backend, plan.documents, plan.window_size)
     if u == 1:
         return dq_h, dk_h, dv_h
     dq, dk, dv = _exchange(post_head_to_seq, plan.ulysses, ((dq_h, shares), (dk_h, kv_shares), (dv_h, kv_shares)))

@@ -7,6 +7,9 @@ partial result through the LSE, and only then waits for the transfer. Backward s
 K/V around again; the dK/dV accumulator of each block (float32, float64 for float64
 inputs) travels one hop behind it and is back at its owner after the last step. Every
 step's backward uses the global (merged) out and lse, as the backend contract requires.
+With packed documents or a window a step computes the rows and keys that see each other
+under a mask by token, and a step with nothing visible is skipped (noted in the traffic
+log as ``traffic.SKIP``); the K/V still travel on, as the next rank may need them.
 
 ``ring_forward`` and ``ring_backward`` are the one schedule: ring and USP attention
 (``usp.attention.parallel``) run them over ``RingComm``, the emulator over a transport
@@ -25,21 +28,25 @@ from usp.kernels.layout import accum_dtype
 from .layout import ring_block
 
 
-def ring_forward(q, k, v, ring: RingTransport, causal: bool, scale: float, layout: str, backend):
+def ring_forward(q, k, v, ring: RingTransport, causal: bool, scale: float, layout: str, backend,
+                 documents=None, window_size=(-1, -1)):
     """This rank's ``out [B, S, Hq, D]`` (q's dtype) and its rows of the global ``lse
-    [B, Hq, S]`` (float32, float64 for float64 inputs), from its shards ``q, k, v``."""
-    seqlen = q.shape[1]
+    [B, Hq, S]`` (float32, float64 for float64 inputs), from its shards ``q, k, v``;
+    ``documents``: the packed documents' global offsets (batch 1)."""
+    seqlen, mask = q.shape[1], (ring.size, documents, window_size, q.device)
     partial = PartialResults(q.shape, accum_dtype(q.dtype), q.device)
     kv = [k, v]  # the block visiting now: at step s, the one ring rank (rank - s) started with
     for step in range(ring.size):
         if step + 1 < ring.size:  # the next step's block travels while this one is computed
             incoming = ring.send_recv(kv, traffic.KV_FORWARD, step + 1)
-        block = ring_block(ring.rank, (ring.rank - step) % ring.size, seqlen, layout, causal)
-        if block is not None:
+        block = ring_block(ring.rank, (ring.rank - step) % ring.size, seqlen, layout, causal, *mask)
+        if block is None:  # every pair masked: nothing to compute
+            traffic.note(traffic.SKIP, label=traffic.FORWARD, step=step)
+        else:
             rows, keys = block.q_rows, block.k_rows
             with traffic.span(traffic.COMPUTE, label=traffic.FORWARD, step=step):
                 block_out, block_lse = backend.forward(q[:, rows], kv[0][:, keys], kv[1][:, keys],
-                                                       causal=block.causal, softmax_scale=scale)
+                                                       softmax_scale=scale, **block.options())
                 partial.add(rows, block_out, block_lse)
         if step + 1 < ring.size:
             kv = incoming.wait()
@@ -47,9 +54,10 @@ def ring_forward(q, k, v, ring: RingTransport, causal: bool, scale: float, layou
     return out.to(q.dtype), lse
 
 
-def ring_backward(dout, q, k, v, out, lse, ring: RingTransport, causal: bool, scale: float, layout: str, backend):
+def ring_backward(dout, q, k, v, out, lse, ring: RingTransport, causal: bool, scale: float, layout: str, backend,
+                  documents=None, window_size=(-1, -1)):
     """``dq, dk, dv`` of this rank's shards (their input dtypes), from the global ``out`` and ``lse`` rows."""
-    seqlen, acc = q.shape[1], accum_dtype(q.dtype)
+    seqlen, acc, mask = q.shape[1], accum_dtype(q.dtype), (ring.size, documents, window_size, q.device)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     kv = [k, v]
     # dK, dV of the visiting block so far; step 0's block is this rank's own, nothing yet
@@ -57,13 +65,15 @@ def ring_backward(dout, q, k, v, out, lse, ring: RingTransport, causal: bool, sc
     for step in range(ring.size):
         if step + 1 < ring.size:
             incoming = ring.send_recv(kv, traffic.KV_BACKWARD, step + 1)
-        block = ring_block(ring.rank, (ring.rank - step) % ring.size, seqlen, layout, causal)
-        if block is not None:
+        block = ring_block(ring.rank, (ring.rank - step) % ring.size, seqlen, layout, causal, *mask)
+        if block is None:
+            traffic.note(traffic.SKIP, label=traffic.BACKWARD, step=step)
+        else:
             rows, keys = block.q_rows, block.k_rows
             with traffic.span(traffic.COMPUTE, label=traffic.BACKWARD, step=step):
                 block_dq, block_dk, block_dv = backend.backward(
                     dout[:, rows], q[:, rows], kv[0][:, keys], kv[1][:, keys], out[:, rows], lse[:, :, rows],
-                    causal=block.causal, softmax_scale=scale)
+                    softmax_scale=scale, **block.options())
                 dq[:, rows] += block_dq
         dkv = arriving.wait()  # from the ranks this block visited before, sent during the compute
         if block is not None:

@@ -28,6 +28,7 @@ from usp.attention import naive_attention
 from usp.attention.naive import document_mask
 from usp.kernels import AttentionShape, get_backend, varlen_backward, varlen_forward
 from usp.kernels.backends import window_kwargs
+from usp.kernels.tokens import position_kwargs
 
 QUANTITIES = ("out", "lse", "dq", "dk", "dv")
 MULTIPLIER = {"out": 3.0, "lse": 3.0, "dq": 4.0, "dk": 4.0, "dv": 4.0}
@@ -142,13 +143,15 @@ def reference(q, k, v, dout, causal: bool, softmax_scale=None, mask=None) -> dic
 
 
 def run_backend(backend, q, k, v, dout, causal: bool, softmax_scale=None, window_size=(-1, -1),
-                offsets=None) -> dict[str, torch.Tensor]:
+                offsets=None, positions=None) -> dict[str, torch.Tensor]:
     """A backend's out, lse and gradients (its backward fed its own out and lse). With
     ``offsets`` (``cu_seqlens_q, cu_seqlens_k``), the batch-1 inputs run packed through
-    ``varlen_forward`` / ``varlen_backward``; results come back in the batch-1 shapes."""
+    ``varlen_forward`` / ``varlen_backward``; results come back in the batch-1 shapes.
+    ``positions``: a ``TokenPositions`` the mask is read in (dense inputs)."""
     backend = get_backend(backend)
     if offsets is None:
-        options = dict(causal=causal, softmax_scale=softmax_scale, **window_kwargs(window_size))
+        options = dict(causal=causal, softmax_scale=softmax_scale, **window_kwargs(window_size),
+                       **position_kwargs(positions))
         out, lse = backend.forward(q, k, v, **options)
         dq, dk, dv = backend.backward(dout, q, k, v, out, lse, **options)
         return dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv)

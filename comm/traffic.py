@@ -26,6 +26,7 @@ _active = threading.local()
 # Event kinds.
 P2P, ALL_TO_ALL, ALL_GATHER, CHECK = "p2p", "all_to_all", "all_gather", "check"  # transfers (CHECK: rank agreement)
 COMPUTE, WAIT = "compute", "wait"  # spans: a ring step's compute, a wait for a transfer
+SKIP = "skip"  # a ring step whose block is wholly masked, not computed
 
 # Labels. The ring loops (usp.attention.ring) label their transfers, their waits and their
 # compute spans with these; the scaling benchmark and the plots find the loops by them.
@@ -43,7 +44,7 @@ class Event:
     """One thing that happened on this rank: a posted transfer (with the bytes it sends
     to other ranks), a wait for one, or a ring step's compute."""
 
-    kind: str  # P2P, ALL_TO_ALL, ALL_GATHER, CHECK, COMPUTE or WAIT
+    kind: str  # P2P, ALL_TO_ALL, ALL_GATHER, CHECK, COMPUTE, WAIT or SKIP
     bytes_sent: int = 0
     sends: int = 0  # point-to-point sends (or peers an all-to-all sends to)
     label: str = ""

@@ -28,6 +28,7 @@ from triton.compiler import ASTSource
 from .configs import GPU_FAMILIES, KERNELS, PADDED_HEAD_DIMS, GpuFamily, config_for_dtype, interpreter_active
 from .flash_bwd import backward_launches
 from .flash_fwd import forward_launch
+from .tokens import TokenPositions
 from .triton_common import Launch, MaskSpec
 
 # Sequence lengths that are not multiples of any tile, so the masked variants are built.
@@ -98,12 +99,16 @@ def _meta(*shape, dtype):
     return torch.empty(shape, dtype=dtype, device="meta")
 
 
-# The mask variants the launchers build: no mask, causal, and packed documents with a
-# causal sliding window (every switch on: LEFT, RIGHT, VARLEN).
-MASK_VARIANTS = ("full", "causal", "packed-window")
+# The mask variants the launchers build: no mask, causal, packed documents with a causal
+# sliding window (LEFT, RIGHT, VARLEN), and a causal sliding window by token (LEFT, RIGHT,
+# TOKENS: a sequence-parallel block of shards).
+MASK_VARIANTS = ("full", "causal", "packed-window", "tokens-window")
 
 
 def _mask(variant: str) -> MaskSpec:
+    if variant == "tokens-window":
+        q_side, k_side = (_meta(n, dtype=torch.int32) for n in (_SEQLEN_Q, _SEQLEN_K))
+        return MaskSpec(left=256, right=0, tokens=TokenPositions(q_side, q_side, k_side, k_side))
     if variant == "packed-window":
         offsets = _meta(5, dtype=torch.int32)
         return MaskSpec(left=256, right=0, cu_seqlens_q=offsets, cu_seqlens_k=offsets,

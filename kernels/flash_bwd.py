@@ -17,13 +17,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import check_backward_inputs, check_packed_backward_inputs, resolve_softmax_scale, resolve_window
+from .checks import check_backward_inputs, check_packed_backward_inputs, resolve_softmax_scale
 from .configs import KernelConfig, get_config, padded_head_dim
-from .flash_fwd import packed_mask
+from .flash_fwd import packed_mask, token_mask
 from .triton_common import (LOG2E, Launch, MaskSpec, check_triton_inputs, device_guard, dot_precision,
-                            key_block_range, kv_tile_pointers, load_row_stats, load_tile, program_tile,
-                            query_block_range, range_blocks, sequence_span, store_tile, strides, tile_pointers,
-                            window_visible)
+                            any_visible, key_block_range, kv_tile_pointers, load_row_stats, load_tile,
+                            program_tile, query_block_range, sequence_span, store_tile, strides, tile_pointers,
+                            tokens_visible, window_visible)
 
 
 @triton.jit
@@ -53,27 +53,39 @@ def _bwd_preprocess_kernel(
 @triton.jit
 def _dkdv_query_blocks(dk, dv, k, v, q_ptrs, do_ptrs, lse2_ptr, delta_ptr, stride_qs, stride_dos,
                        offs_n, offs_d, lo, hi, seqlen_q, seqlen_k, head_dim, qk_scale, window_left, window_right,
-                       MASKED: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr, BLOCK_M: tl.constexpr,
-                       EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+                       QPos, QDoc, KPos, KDoc, Visits, visit_slot,
+                       MASKED: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr, TOKENS: tl.constexpr,
+                       COUNT_VISITS: tl.constexpr, BLOCK_M: tl.constexpr, EVEN_M: tl.constexpr,
+                       EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate the dK, dV of one key block over query blocks [lo, hi) of one head.
 
     Works on transposed scores ``s^T: [BLOCK_N, BLOCK_M]``. ``q_ptrs, do_ptrs`` point at
     query row ``lo``; ``lse2_ptr, delta_ptr`` at row 0 of this head. Rows past
     ``seqlen_q`` load as zeros with lse2 = +inf, so they contribute nothing. MASKED
-    applies the window (causal is one); only edge blocks need it."""
+    applies the window (causal is one); only edge blocks need it. With TOKENS the mask
+    is given by token and a query block with no visible pair is skipped."""
     offs_m = lo + tl.arange(0, BLOCK_M)
     for _start_m in range(lo, hi, BLOCK_M):
-        q = load_tile(q_ptrs, offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, not EVEN_D)
-        do = load_tile(do_ptrs, offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, not EVEN_D)
-        lse2, delta = load_row_stats(lse2_ptr, delta_ptr, offs_m, seqlen_q, not EVEN_M)
-        p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse2[None, :])
-        if MASKED:
+        visit = 1
+        if TOKENS:
+            visible = tokens_visible(offs_m, offs_n, seqlen_q, seqlen_k, QPos, QDoc, KPos, KDoc,
+                                     window_left, window_right, LEFT, RIGHT)
+            visit = any_visible(visible)
+        elif MASKED:
             visible = window_visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, LEFT, RIGHT)
-            p_t = tl.where(tl.trans(visible), p_t, 0.0)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+        if visit > 0:
+            if COUNT_VISITS:  # for tests
+                tl.atomic_add(Visits + visit_slot, 1)
+            q = load_tile(q_ptrs, offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, not EVEN_D)
+            do = load_tile(do_ptrs, offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, not EVEN_D)
+            lse2, delta = load_row_stats(lse2_ptr, delta_ptr, offs_m, seqlen_q, not EVEN_M)
+            p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse2[None, :])
+            if MASKED:
+                p_t = tl.where(tl.trans(visible), p_t, 0.0)
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
         q_ptrs += BLOCK_M * stride_qs
         do_ptrs += BLOCK_M * stride_dos
         offs_m += BLOCK_M
@@ -84,8 +96,10 @@ def _dkdv_query_blocks(dk, dv, k, v, q_ptrs, do_ptrs, lse2_ptr, delta_ptr, strid
 def _dkdv_range(dk, dv, k, v, lo, hi, Q, DO, stats_lse2, stats_delta, b, h, q0, rows, offs_n, offs_d,
                 stride_qb, stride_qs, stride_qh, stride_qd, stride_dob, stride_dos, stride_doh, stride_dod,
                 seqlen_q, seqlen_k, head_dim, qk_scale, window_left, window_right,
-                MASKED: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr, BLOCK_M: tl.constexpr,
-                EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+                QPos, QDoc, KPos, KDoc, Visits, visit_slot,
+                MASKED: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr, TOKENS: tl.constexpr,
+                COUNT_VISITS: tl.constexpr, BLOCK_M: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
+                PRECISION: tl.constexpr):
     """``_dkdv_query_blocks`` over queries [lo, hi) of head ``h`` of sequence ``b``."""
     m0 = q0 + lo
     return _dkdv_query_blocks(
@@ -93,12 +107,13 @@ def _dkdv_range(dk, dv, k, v, lo, hi, Q, DO, stats_lse2, stats_delta, b, h, q0, 
         tile_pointers(Q, b, h, m0, rows, offs_d, stride_qb, stride_qs, stride_qh, stride_qd),
         tile_pointers(DO, b, h, m0, rows, offs_d, stride_dob, stride_dos, stride_doh, stride_dod),
         stats_lse2, stats_delta, stride_qs, stride_dos, offs_n, offs_d, lo, hi, seqlen_q, seqlen_k, head_dim,
-        qk_scale, window_left, window_right, MASKED, LEFT, RIGHT, BLOCK_M, EVEN_M, EVEN_D, PRECISION)
+        qk_scale, window_left, window_right, QPos, QDoc, KPos, KDoc, Visits, visit_slot,
+        MASKED, LEFT, RIGHT, TOKENS, COUNT_VISITS, BLOCK_M, EVEN_M, EVEN_D, PRECISION)
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, Lse2, Delta, DK, DV, CuSeqlensQ, CuSeqlensK, Visits,
+    Q, K, V, DO, Lse2, Delta, DK, DV, CuSeqlensQ, CuSeqlensK, Visits, QPos, QDoc, KPos, KDoc,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -107,7 +122,7 @@ def _bwd_dkdv_kernel(
     stride_dvb, stride_dvs, stride_dvh, stride_dvd,
     stride_lb, stride_lh,
     seqlen_q, seqlen_k, kv_heads, group, head_dim, qk_scale, softmax_scale, window_left, window_right,
-    LEFT: tl.constexpr, RIGHT: tl.constexpr, VARLEN: tl.constexpr, COUNT_VISITS: tl.constexpr,
+    LEFT: tl.constexpr, RIGHT: tl.constexpr, VARLEN: tl.constexpr, TOKENS: tl.constexpr, COUNT_VISITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -129,25 +144,30 @@ def _bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
     # Query blocks [full_begin, full_end) see every key here; [begin, full_begin) and
-    # [full_end, end) cross the causal diagonal or a window edge.
-    begin, full_begin, full_end, end = query_block_range(start_n, seqlen_q, seqlen_k, window_left, window_right,
-                                                         LEFT, RIGHT, BLOCK_M, BLOCK_N)
+    # [full_end, end) cross the causal diagonal or a window edge. A mask by token (TOKENS)
+    # tests every query block: one masked range.
+    if TOKENS:
+        begin = 0
+        full_begin = 0
+        full_end = 0
+        end = seqlen_q
+    else:
+        begin, full_begin, full_end, end = query_block_range(start_n, seqlen_q, seqlen_k, window_left,
+                                                             window_right, LEFT, RIGHT, BLOCK_M, BLOCK_N)
     rows = tl.arange(0, BLOCK_M)
-    window = (seqlen_q, seqlen_k, head_dim, qk_scale, window_left, window_right)
+    window = (seqlen_q, seqlen_k, head_dim, qk_scale, window_left, window_right, QPos, QDoc, KPos, KDoc,
+              Visits, tl.program_id(1) * tl.num_programs(0) + tl.program_id(0))
     for g in range(group):  # the query heads that share this K/V head
         h = h_kv * group + g
         stats = b * stride_lb + h * stride_lh + q0  # row 0 of this head in lse2 and delta
         queries = (Q, DO, Lse2 + stats, Delta + stats, b, h, q0, rows, offs_n, offs_d,
                    stride_qb, stride_qs, stride_qh, stride_qd, stride_dob, stride_dos, stride_doh, stride_dod)
         dk, dv = _dkdv_range(dk, dv, k, v, begin, full_begin, *queries, *window,
-                             True, LEFT, RIGHT, BLOCK_M, EVEN_M, EVEN_D, PRECISION)
+                             True, LEFT, RIGHT, TOKENS, COUNT_VISITS, BLOCK_M, EVEN_M, EVEN_D, PRECISION)
         dk, dv = _dkdv_range(dk, dv, k, v, full_begin, full_end, *queries, *window,
-                             False, LEFT, RIGHT, BLOCK_M, EVEN_M, EVEN_D, PRECISION)
+                             False, LEFT, RIGHT, TOKENS, COUNT_VISITS, BLOCK_M, EVEN_M, EVEN_D, PRECISION)
         dk, dv = _dkdv_range(dk, dv, k, v, full_end, end, *queries, *window,
-                             True, LEFT, RIGHT, BLOCK_M, EVEN_M, EVEN_D, PRECISION)
-    if COUNT_VISITS:  # the query blocks this program visited per query head, for tests
-        tl.store(Visits + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0),
-                 range_blocks(begin, full_begin, full_end, end, BLOCK_M))
+                             True, LEFT, RIGHT, TOKENS, COUNT_VISITS, BLOCK_M, EVEN_M, EVEN_D, PRECISION)
 
     dk_ptrs = tile_pointers(DK, b, h_kv, n0, cols, offs_d, stride_dkb, stride_dks, stride_dkh, stride_dkd)
     dv_ptrs = tile_pointers(DV, b, h_kv, n0, cols, offs_d, stride_dvb, stride_dvs, stride_dvh, stride_dvd)
@@ -159,26 +179,34 @@ def _bwd_dkdv_kernel(
 @triton.jit
 def _dq_key_blocks(dq, q, do, lse2, delta, lo, hi, K, V, b, h_kv, k0, offs_m, offs_n, offs_d,
                    stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
-                   seqlen_q, seqlen_k, head_dim, qk_scale, window_left, window_right,
-                   MASKED: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr, BLOCK_N: tl.constexpr,
-                   EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+                   seqlen_q, seqlen_k, head_dim, qk_scale, window_left, window_right, QPos, QDoc, KPos, KDoc,
+                   MASKED: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr, TOKENS: tl.constexpr,
+                   BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate the dQ of one query block over key blocks [lo, hi) of K/V head ``h_kv``
     of sequence ``b`` (keys from row ``k0``). With MASKED, keys past ``seqlen_k`` and
-    outside a row's window are excluded."""
+    outside a row's window are excluded; with TOKENS the mask is given by token and a
+    key block with no visible pair is skipped."""
     k_ptrs, v_ptrs = kv_tile_pointers(K, V, b, h_kv, k0 + lo, offs_n, offs_d, stride_kb, stride_ks, stride_kh,
                                       stride_kd, stride_vb, stride_vs, stride_vh, stride_vd)
     offs_n = lo + offs_n
     for _start_n in range(lo, hi, BLOCK_N):
-        k = load_tile(k_ptrs, offs_n, seqlen_k, offs_d, head_dim, MASKED, not EVEN_D)
-        v = load_tile(v_ptrs, offs_n, seqlen_k, offs_d, head_dim, MASKED, not EVEN_D)
-        p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None])
-        if MASKED:
+        visit = 1
+        if TOKENS:
+            visible = tokens_visible(offs_m, offs_n, seqlen_q, seqlen_k, QPos, QDoc, KPos, KDoc,
+                                     window_left, window_right, LEFT, RIGHT)
+            visit = any_visible(visible)
+        elif MASKED:
             visible = (offs_n[None, :] < seqlen_k) & window_visible(
                 offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, LEFT, RIGHT)
-            p = tl.where(visible, p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+        if visit > 0:
+            k = load_tile(k_ptrs, offs_n, seqlen_k, offs_d, head_dim, MASKED, not EVEN_D)
+            v = load_tile(v_ptrs, offs_n, seqlen_k, offs_d, head_dim, MASKED, not EVEN_D)
+            p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None])
+            if MASKED:
+                p = tl.where(visible, p, 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
         k_ptrs += BLOCK_N * stride_ks
         v_ptrs += BLOCK_N * stride_vs
         offs_n += BLOCK_N
@@ -187,7 +215,7 @@ def _dq_key_blocks(dq, q, do, lse2, delta, lo, hi, K, V, b, h_kv, k0, offs_m, of
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, Lse2, Delta, DQ, CuSeqlensQ, CuSeqlensK,
+    Q, K, V, DO, Lse2, Delta, DQ, CuSeqlensQ, CuSeqlensK, QPos, QDoc, KPos, KDoc,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -195,7 +223,7 @@ def _bwd_dq_kernel(
     stride_dqb, stride_dqs, stride_dqh, stride_dqd,
     stride_lb, stride_lh,
     seqlen_q, seqlen_k, heads, group, head_dim, qk_scale, softmax_scale, window_left, window_right,
-    LEFT: tl.constexpr, RIGHT: tl.constexpr, VARLEN: tl.constexpr,
+    LEFT: tl.constexpr, RIGHT: tl.constexpr, VARLEN: tl.constexpr, TOKENS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -220,17 +248,23 @@ def _bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     # The forward's key ranges: [full_lo, full_end) unmasked, [lo, full_lo) and [full_end, hi) masked.
-    lo, full_lo, full_end, hi = key_block_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
-                                                LEFT, RIGHT, BLOCK_M, BLOCK_N)
+    if TOKENS:
+        lo = 0
+        full_lo = 0
+        full_end = 0
+        hi = seqlen_k
+    else:
+        lo, full_lo, full_end, hi = key_block_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
+                                                    LEFT, RIGHT, BLOCK_M, BLOCK_N)
     kv = (K, V, b, h_kv, k0, offs_m, offs_n, offs_d, stride_kb, stride_ks, stride_kh, stride_kd,
           stride_vb, stride_vs, stride_vh, stride_vd)
-    window = (seqlen_q, seqlen_k, head_dim, qk_scale, window_left, window_right)
+    window = (seqlen_q, seqlen_k, head_dim, qk_scale, window_left, window_right, QPos, QDoc, KPos, KDoc)
     dq = _dq_key_blocks(dq, q, do, lse2, delta, lo, full_lo, *kv, *window,
-                        True, LEFT, RIGHT, BLOCK_N, EVEN_D, PRECISION)
+                        True, LEFT, RIGHT, TOKENS, BLOCK_N, EVEN_D, PRECISION)
     dq = _dq_key_blocks(dq, q, do, lse2, delta, full_lo, full_end, *kv, *window,
-                        False, LEFT, RIGHT, BLOCK_N, EVEN_D, PRECISION)
+                        False, LEFT, RIGHT, TOKENS, BLOCK_N, EVEN_D, PRECISION)
     dq = _dq_key_blocks(dq, q, do, lse2, delta, full_end, hi, *kv, *window,
-                        True, LEFT, RIGHT, BLOCK_N, EVEN_D, PRECISION)
+                        True, LEFT, RIGHT, TOKENS, BLOCK_N, EVEN_D, PRECISION)
 
     dq_ptrs = tile_pointers(DQ, b, h, m0, rows, offs_d, stride_dqb, stride_dqs, stride_dqh, stride_dqd)
     store_tile(dq_ptrs, (dq * softmax_scale).to(DQ.dtype.element_ty), offs_m, seqlen_q, offs_d, head_dim,
@@ -243,7 +277,8 @@ def backward_launches(dout, q, k, v, out, lse, delta, lse2, dq, dk, dv, *, mask:
     ``mask.varlen``, as ``forward_launch`` takes them); ``lse`` is float32 and contiguous,
     ``delta`` and ``lse2`` are float32 buffers of its shape, ``configs`` maps "bwd_dkdv"
     and "bwd_dq" to their configs (the preprocess uses the dq tiling). ``visits``, int32
-    with one slot per dK/dV program, receives the query blocks each visited per head."""
+    zeros with one slot per dK/dV program, receives the query blocks it visited, over the
+    query heads of its group."""
     dout4, q4, k4, v4, out4, dq4, dk4, dv4 = (x.unsqueeze(0) if mask.varlen else x
                                               for x in (dout, q, k, v, out, dq, dk, dv))
     batch, seqlen_q, heads, head_dim = q4.shape
@@ -256,7 +291,8 @@ def backward_launches(dout, q, k, v, out, lse, delta, lse2, dq, dk, dv, *, mask:
         lse_strides = (lse.stride(0), lse.stride(1))
     group = heads // kv_heads
     block_d = padded_head_dim(head_dim)
-    common = dict(LEFT=mask.left is not None, RIGHT=mask.right is not None, VARLEN=mask.varlen, BLOCK_D=block_d,
+    common = dict(LEFT=mask.left is not None, RIGHT=mask.right is not None, VARLEN=mask.varlen,
+                  TOKENS=mask.tokens is not None, BLOCK_D=block_d,
                   EVEN_D=head_dim == block_d, PRECISION=dot_precision(q.dtype))
     dkdv, dq_cfg = configs["bwd_dkdv"], configs["bwd_dq"]
     pre_rows = seqlen_q if not mask.varlen else rows_total
@@ -265,7 +301,7 @@ def backward_launches(dout, q, k, v, out, lse, delta, lse2, dq, dk, dv, *, mask:
                (out4, dout4, lse, delta, lse2, *strides(out4), *strides(dout4), pre_rows, heads, head_dim),
                dict(BLOCK_M=dq_cfg.block_m, BLOCK_D=block_d), dq_cfg.num_warps, 1),
         Launch(_bwd_dkdv_kernel, (triton.cdiv(seqlen_k, dkdv.block_n), batch * kv_heads),
-               (q, k, v, dout, lse2, delta, dk, dv, mask.cu_seqlens_q, mask.cu_seqlens_k, visits,
+               (q, k, v, dout, lse2, delta, dk, dv, mask.cu_seqlens_q, mask.cu_seqlens_k, visits, *mask.token_args,
                 *mask.strides(q4), *mask.strides(k4), *mask.strides(v4), *mask.strides(dout4),
                 *mask.strides(dk4), *mask.strides(dv4), *lse_strides,
                 seqlen_q, seqlen_k, kv_heads, group, head_dim, scale * LOG2E, scale, *mask.window_args),
@@ -274,7 +310,7 @@ def backward_launches(dout, q, k, v, out, lse, delta, lse2, dq, dk, dv, *, mask:
                     EVEN_N=not mask.varlen and seqlen_k % dkdv.block_n == 0, **common),
                dkdv.num_warps, dkdv.num_stages),
         Launch(_bwd_dq_kernel, (triton.cdiv(seqlen_q, dq_cfg.block_m), batch * heads),
-               (q, k, v, dout, lse2, delta, dq, mask.cu_seqlens_q, mask.cu_seqlens_k,
+               (q, k, v, dout, lse2, delta, dq, mask.cu_seqlens_q, mask.cu_seqlens_k, *mask.token_args,
                 *mask.strides(q4), *mask.strides(k4), *mask.strides(v4), *mask.strides(dout4),
                 *mask.strides(dq4), *lse_strides,
                 seqlen_q, seqlen_k, heads, group, head_dim, scale * LOG2E, scale, *mask.window_args),
@@ -284,15 +320,16 @@ def backward_launches(dout, q, k, v, out, lse, delta, lse2, dq, dk, dv, *, mask:
     ]
 
 
-def flash_attn_backward(dout, q, k, v, out, lse, causal=False, softmax_scale=None, window_size=(-1, -1)):
+def flash_attn_backward(dout, q, k, v, out, lse, causal=False, softmax_scale=None, window_size=(-1, -1),
+                        positions=None):
     """Gradients of flash attention from the given ``out`` and ``lse``.
 
     ``dout, q, out: [B, Sq, Hq, D]``, ``k, v: [B, Sk, Hkv, D]``, ``lse: [B, Hq, Sq]``
-    (natural log, -inf for rows that see no key); ``window_size`` as in the forward.
-    Returns ``(dq, dk, dv)`` in the input dtype with the shapes of ``q, k, v``.
+    (natural log, -inf for rows that see no key); ``window_size`` and ``positions`` as
+    in the forward. Returns ``(dq, dk, dv)`` in the input dtype with the shapes of ``q, k, v``.
     """
     shape = check_backward_inputs(dout, q, k, v, out, lse, causal)
-    return _run_backward(dout, q, k, v, out, lse, shape, MaskSpec(*resolve_window(causal, window_size)),
+    return _run_backward(dout, q, k, v, out, lse, shape, token_mask(causal, window_size, positions, shape, q.device),
                          softmax_scale)
 
 

@@ -4,7 +4,8 @@ One program computes one tile of ``BLOCK_M`` query rows of one (batch row or pac
 document, head): it walks the key blocks this tile may see (the window's left edge,
 masked; the blocks every row sees, unmasked; the causal diagonal, the window's right
 edge or the sequence end, masked), keeping the running max ``m``, sum ``l`` and output
-accumulator in float32 (online softmax).
+accumulator in float32 (online softmax). With a mask given by token (``TOKENS``, see
+``usp.kernels.tokens``) it tests every key block and skips those with no visible pair.
 """
 
 from __future__ import annotations
@@ -15,40 +16,52 @@ import triton.language as tl
 
 from .checks import check_documents, check_packed_qkv, check_qkv, resolve_softmax_scale, resolve_window
 from .configs import KernelConfig, get_config, padded_head_dim
-from .triton_common import (LOG2E, Launch, MaskSpec, check_triton_inputs, device_guard, dot_precision,
-                            key_block_range, kv_tile_pointers, load_tile, program_tile, range_blocks, sequence_span,
-                            store_tile, tile_pointers, window_visible)
+from .triton_common import (LOG2E, Launch, MaskSpec, any_visible, check_triton_inputs, device_guard, dot_precision,
+                            key_block_range, kv_tile_pointers, load_tile, program_tile, sequence_span, store_tile,
+                            tile_pointers, tokens_visible, window_visible)
 
 
 @triton.jit
 def _attend_key_blocks(acc, m_i, l_i, q, offs_m, lo, hi, K, V, b, h_kv, k0, offs_n, offs_d,
                        stride_kb, stride_kn, stride_kh, stride_kd, stride_vb, stride_vn, stride_vh, stride_vd,
                        seqlen_q, seqlen_k, head_dim, qk_scale, window_left, window_right,
-                       MASKED: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr, BLOCK_N: tl.constexpr,
-                       EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+                       QPos, QDoc, KPos, KDoc, Visits, visit_slot,
+                       MASKED: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr, TOKENS: tl.constexpr,
+                       COUNT_VISITS: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
+                       PRECISION: tl.constexpr):
     """Fold key blocks [lo, hi) of K/V head ``h_kv`` of sequence ``b`` (whose keys start
     at row ``k0``) into the online-softmax state (acc, m_i, l_i). With MASKED, keys past
-    ``seqlen_k`` and keys outside a row's window (causal is a window) are excluded."""
+    ``seqlen_k`` and keys outside a row's window (causal is a window) are excluded; with
+    TOKENS the mask is given by token and a block with no visible pair is skipped."""
     k_ptrs, v_ptrs = kv_tile_pointers(K, V, b, h_kv, k0 + lo, offs_n, offs_d, stride_kb, stride_kn, stride_kh,
                                       stride_kd, stride_vb, stride_vn, stride_vh, stride_vd)
     offs_n = lo + offs_n
     for _start_n in range(lo, hi, BLOCK_N):
-        k = load_tile(k_ptrs, offs_n, seqlen_k, offs_d, head_dim, MASKED, not EVEN_D)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        if MASKED:
+        visit = 1
+        if TOKENS:
+            visible = tokens_visible(offs_m, offs_n, seqlen_q, seqlen_k, QPos, QDoc, KPos, KDoc,
+                                     window_left, window_right, LEFT, RIGHT)
+            visit = any_visible(visible)
+        elif MASKED:
             visible = (offs_n[None, :] < seqlen_k) & window_visible(
                 offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, LEFT, RIGHT)
-            s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        if MASKED:
-            # A row that has seen no key yet keeps m = -inf: shift by 0, not by -inf.
-            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = load_tile(v_ptrs, offs_n, seqlen_k, offs_d, head_dim, MASKED, not EVEN_D)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-        m_i = m_new
+        if visit > 0:
+            if COUNT_VISITS:  # for tests
+                tl.atomic_add(Visits + visit_slot, 1)
+            k = load_tile(k_ptrs, offs_n, seqlen_k, offs_d, head_dim, MASKED, not EVEN_D)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            if MASKED:
+                s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            if MASKED:
+                # A row that has seen no key yet keeps m = -inf: shift by 0, not by -inf.
+                m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = load_tile(v_ptrs, offs_n, seqlen_k, offs_d, head_dim, MASKED, not EVEN_D)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+            m_i = m_new
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
         offs_n += BLOCK_N
@@ -57,15 +70,15 @@ def _attend_key_blocks(acc, m_i, l_i, q, offs_m, lo, hi, K, V, b, h_kv, k0, offs
 
 @triton.jit
 def _flash_fwd_kernel(
-    Q, K, V, Out, Lse, CuSeqlensQ, CuSeqlensK, Visits,
+    Q, K, V, Out, Lse, CuSeqlensQ, CuSeqlensK, Visits, QPos, QDoc, KPos, KDoc,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_ob, stride_os, stride_oh, stride_od,
     stride_lb, stride_lh,
     seqlen_q, seqlen_k, heads, group, head_dim, qk_scale, window_left, window_right,
-    LEFT: tl.constexpr, RIGHT: tl.constexpr, VARLEN: tl.constexpr, COUNT_VISITS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    LEFT: tl.constexpr, RIGHT: tl.constexpr, VARLEN: tl.constexpr, TOKENS: tl.constexpr,
+    COUNT_VISITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # b is the batch row, or the document when VARLEN (whose batch strides are 0): its
@@ -89,20 +102,26 @@ def _flash_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-    # Key blocks [full_lo, full_end) need no mask; [lo, full_lo) and [full_end, hi) do.
-    lo, full_lo, full_end, hi = key_block_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
-                                                LEFT, RIGHT, BLOCK_M, BLOCK_N)
+    # Key blocks [full_lo, full_end) need no mask; [lo, full_lo) and [full_end, hi) do. A
+    # mask by token (TOKENS) tests every block: one masked range [0, Sk).
+    if TOKENS:
+        lo = 0
+        full_lo = 0
+        full_end = 0
+        hi = seqlen_k
+    else:
+        lo, full_lo, full_end, hi = key_block_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
+                                                    LEFT, RIGHT, BLOCK_M, BLOCK_N)
     kv = (K, V, b, h_kv, k0, offs_n, offs_d, stride_kb, stride_ks, stride_kh, stride_kd,
           stride_vb, stride_vs, stride_vh, stride_vd)
-    window = (seqlen_q, seqlen_k, head_dim, qk_scale, window_left, window_right)
+    window = (seqlen_q, seqlen_k, head_dim, qk_scale, window_left, window_right,
+              QPos, QDoc, KPos, KDoc, Visits, bh * tl.num_programs(0) + tl.program_id(0))
     acc, m_i, l_i = _attend_key_blocks(acc, m_i, l_i, q, offs_m, lo, full_lo, *kv, *window,
-                                       True, LEFT, RIGHT, BLOCK_N, EVEN_D, PRECISION)
+                                       True, LEFT, RIGHT, TOKENS, COUNT_VISITS, BLOCK_N, EVEN_D, PRECISION)
     acc, m_i, l_i = _attend_key_blocks(acc, m_i, l_i, q, offs_m, full_lo, full_end, *kv, *window,
-                                       False, LEFT, RIGHT, BLOCK_N, EVEN_D, PRECISION)
+                                       False, LEFT, RIGHT, TOKENS, COUNT_VISITS, BLOCK_N, EVEN_D, PRECISION)
     acc, m_i, l_i = _attend_key_blocks(acc, m_i, l_i, q, offs_m, full_end, hi, *kv, *window,
-                                       True, LEFT, RIGHT, BLOCK_N, EVEN_D, PRECISION)
-    if COUNT_VISITS:  # the key blocks this program visited, for tests
-        tl.store(Visits + bh * tl.num_programs(0) + tl.program_id(0), range_blocks(lo, full_lo, full_end, hi, BLOCK_N))
+                                       True, LEFT, RIGHT, TOKENS, COUNT_VISITS, BLOCK_N, EVEN_D, PRECISION)
 
     # Rows that saw no key (l = 0 exactly; a row that sees one has l >= 1): out = 0, lse = -inf.
     # A NaN l (NaN scores) keeps its NaN in out and lse rather than reporting "saw no key".
@@ -124,8 +143,8 @@ def forward_launch(q, k, v, out, lse, *, mask: MaskSpec, scale: float, config: K
                    visits: torch.Tensor | None = None) -> Launch:
     """The forward launch writing ``out`` and ``lse`` for already-validated inputs: dense
     ``[B, S, H, D]`` tensors and ``lse [B, H, Sq]``, or, with ``mask.varlen``, packed
-    ``[total, H, D]`` ones and ``lse [H, total_q]``. ``visits``, int32 with one slot per
-    program, receives the number of key blocks each visited."""
+    ``[total, H, D]`` ones and ``lse [H, total_q]``. ``visits``, int32 zeros with one slot
+    per program, receives the number of key blocks each visited."""
     q4, k4, v4, out4 = (x.unsqueeze(0) if mask.varlen else x for x in (q, k, v, out))
     batch, seqlen_q, heads, head_dim = q4.shape
     seqlen_k, kv_heads = k4.shape[1], k4.shape[2]
@@ -137,17 +156,18 @@ def forward_launch(q, k, v, out, lse, *, mask: MaskSpec, scale: float, config: K
     block_d = padded_head_dim(head_dim)
     return Launch(
         _flash_fwd_kernel, (triton.cdiv(seqlen_q, config.block_m), batch * heads),
-        (q, k, v, out, lse, mask.cu_seqlens_q, mask.cu_seqlens_k, visits,
+        (q, k, v, out, lse, mask.cu_seqlens_q, mask.cu_seqlens_k, visits, *mask.token_args,
          *mask.strides(q4), *mask.strides(k4), *mask.strides(v4), *mask.strides(out4), *lse_strides,
          seqlen_q, seqlen_k, heads, heads // kv_heads, head_dim, scale * LOG2E, *mask.window_args),
         dict(LEFT=mask.left is not None, RIGHT=mask.right is not None, VARLEN=mask.varlen,
-             COUNT_VISITS=visits is not None, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
+             TOKENS=mask.tokens is not None, COUNT_VISITS=visits is not None, BLOCK_M=config.block_m,
+             BLOCK_N=config.block_n, BLOCK_D=block_d,
              EVEN_M=not mask.varlen and seqlen_q % config.block_m == 0, EVEN_D=head_dim == block_d,
              PRECISION=dot_precision(q.dtype)),
         config.num_warps, config.num_stages)
 
 
-def flash_attn_forward(q, k, v, causal=False, softmax_scale=None, window_size=(-1, -1)):
+def flash_attn_forward(q, k, v, causal=False, softmax_scale=None, window_size=(-1, -1), positions=None):
     """Flash attention forward on the GPU (or the Triton interpreter).
 
     ``q: [B, Sq, Hq, D]``, ``k, v: [B, Sk, Hkv, D]`` in fp16, bf16 or fp32, any strides.
@@ -155,9 +175,11 @@ def flash_attn_forward(q, k, v, causal=False, softmax_scale=None, window_size=(-
     sees keys ``i + Sk - Sq - left ..= i + Sk - Sq + right``; causal sets right to 0.
     Returns ``out: [B, Sq, Hq, D]`` (q's dtype, contiguous) and ``lse: [B, Hq, Sq]``
     (float32, natural log; -inf for a row that sees no key, whose out is 0).
+    ``positions``: a ``usp.kernels.tokens.TokenPositions``, in whose global positions
+    and documents causal and the window are read instead (shared by the batch rows).
     """
     shape = check_qkv(q, k, v, causal)
-    mask = MaskSpec(*resolve_window(causal, window_size))
+    mask = token_mask(causal, window_size, positions, shape, q.device)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((shape.batch, shape.heads, shape.seqlen_q), dtype=torch.float32, device=q.device)
     return _run_forward(q, k, v, out, lse, shape, mask, softmax_scale)
@@ -187,6 +209,13 @@ def packed_mask(causal, window_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
             raise ValueError(f"{name} is on {cu.device} but q is on {device}")
     return MaskSpec(*resolve_window(causal, window_size), cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
                     max(1, max_seqlen_q), max(1, max_seqlen_k))
+
+
+def token_mask(causal, window_size, positions, shape, device) -> MaskSpec:
+    """The kernels' MaskSpec of a dense call, by token when ``positions`` are given (checked here)."""
+    if positions is not None:
+        positions.check(shape.seqlen_q, shape.seqlen_k, device)
+    return MaskSpec(*resolve_window(causal, window_size), tokens=positions)
 
 
 def _run_forward(q, k, v, out, lse, shape, mask: MaskSpec, softmax_scale, visits=None):

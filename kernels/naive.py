@@ -33,8 +33,12 @@ def visibility_mask(seqlen_q: int, seqlen_k: int, left: int | None, right: int |
     return visible
 
 
-def _mask(shape, causal, window_size, mask, device):
-    """The explicit boolean ``mask`` [Sq, Sk] if given, else the causal / window one."""
+def _mask(shape, causal, window_size, mask, positions, device):
+    """The explicit boolean ``mask`` [Sq, Sk] if given, else the causal / window one, read
+    in local indices or, with ``positions`` (a ``TokenPositions``), in global positions."""
+    if positions is not None:
+        positions.check(shape.seqlen_q, shape.seqlen_k, device)
+        return positions.visible(*resolve_window(causal, window_size))
     if mask is not None:
         if tuple(mask.shape) != (shape.seqlen_q, shape.seqlen_k) or mask.dtype != torch.bool:
             raise ValueError(f"mask must be bool [seqlen_q, seqlen_k] = [{shape.seqlen_q}, {shape.seqlen_k}], "
@@ -62,19 +66,21 @@ def _probabilities(q, k, scale, mask):
     return unnormalised / safe_sum, lse.squeeze(-1)
 
 
-def forward(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1), mask=None):
+def forward(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1), mask=None, positions=None):
     """(out [B, Sq, Hq, D] in q's dtype, lse [B, Hq, Sq] in promote(dtype, float32)).
-    ``mask``: an explicit boolean [Sq, Sk] (True: visible) in place of causal and window."""
+    ``mask``: an explicit boolean [Sq, Sk] (True: visible) in place of causal and window;
+    ``positions``: a ``usp.kernels.tokens.TokenPositions`` they are read in."""
     shape = check_qkv(q, k, v, causal)
     scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
-    mask = _mask(shape, causal, window_size, mask, q.device)
+    mask = _mask(shape, causal, window_size, mask, positions, q.device)
     k, v = expand_kv(k, shape.group), expand_kv(v, shape.group)
     p, lse = _probabilities(q, k, scale, mask)
     out = torch.einsum("bhqk,bkhd->bqhd", p.to(q.dtype), v)
     return out, lse
 
 
-def backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None, window_size=(-1, -1), mask=None):
+def backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None, window_size=(-1, -1), mask=None,
+             positions=None):
     """(dq, dk, dv) from the given out and lse, which may be global ones from ring attention."""
     shape = check_backward_inputs(dout, q, k, v, out, lse, causal)
     scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
@@ -85,7 +91,7 @@ def backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None, windo
     # A row with lse = -inf saw no key: its probabilities are 0.
     lse = lse.masked_fill(lse == float("-inf"), float("inf")).unsqueeze(-1)
     p = torch.exp(scores - lse)
-    mask = _mask(shape, causal, window_size, mask, q.device)
+    mask = _mask(shape, causal, window_size, mask, positions, q.device)
     if mask is not None:
         p = p.masked_fill(~mask, 0.0)
     delta = (dout.to(acc) * out.to(acc)).sum(dim=-1).transpose(1, 2).unsqueeze(-1)  # [B, H, Sq, 1]

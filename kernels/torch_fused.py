@@ -9,10 +9,11 @@ unmasked or square-causal: for ``Sk >= Sq`` the first ``Sk - Sq`` keys are seen
 by every query (an unmasked piece) and the last ``Sq`` keys form a square causal
 piece; for ``Sk < Sq`` the first ``Sq - Sk`` queries see nothing and the rest form
 a square causal piece. Pieces are merged exactly through their LSE.
-A sliding window (``window_size``) runs on the CPU as one call with an additive mask of
-``[Sq, Sk]`` (in the input dtype: memory grows with Sq x Sk); on CUDA it is refused, the
-triton backend takes it. GQA/MQA: the CPU ops of PyTorch 2.9 and newer take fewer K/V heads than query heads
-themselves (each K/V head shared by its group of query heads, its gradient summed
+A sliding window (``window_size``) or a mask by token (``positions``, see
+``usp.kernels.tokens``) runs on the CPU as one call with an additive mask of
+``[Sq, Sk]`` (in the input dtype: memory grows with Sq x Sk); on CUDA it is refused,
+the triton backend takes it. GQA/MQA: the CPU ops of PyTorch 2.9 and newer take fewer
+K/V heads than query heads themselves (each K/V head shared by its group of query heads, its gradient summed
 inside the op), so nothing is copied; on CUDA (and older CPU builds) K/V heads are
 expanded to the query heads and their gradients summed back.
 """
@@ -121,14 +122,19 @@ def _fused_backward(dout, q, k, v, out, lse, causal: bool, scale: float, bias=No
 
 # --- a sliding window: one call with an additive mask (CPU) --------------------------------
 
-def _window_bias(shape, left, right, q) -> torch.Tensor | None:
-    """The additive [Sq, Sk] mask of a window that is not plain causal; None when there is none."""
-    if left is None and right in (None, 0):
+def _window_bias(shape, left, right, q, positions) -> torch.Tensor | None:
+    """The additive [Sq, Sk] mask of a window that is not plain causal, or of token
+    ``positions``; None when there is none."""
+    if positions is None and left is None and right in (None, 0):
         return None
     if q.device.type != "cpu":
-        raise ValueError("the torch backend takes a sliding window (window_size) on the CPU only; "
-                         "use the triton backend on CUDA")
-    visible = visibility_mask(shape.seqlen_q, shape.seqlen_k, left, right, q.device)
+        raise ValueError("the torch backend takes a sliding window (window_size) or token positions on the CPU "
+                         "only; use the triton backend on CUDA")
+    if positions is not None:
+        positions.check(shape.seqlen_q, shape.seqlen_k, q.device)
+        visible = positions.visible(left, right)
+    else:
+        visible = visibility_mask(shape.seqlen_q, shape.seqlen_k, left, right, q.device)
     return torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill(~visible, float("-inf"))
 
 
@@ -147,11 +153,11 @@ def _windowed_backward(dout, q, k, v, out, lse, bias, scale):
 
 # --- the backend contract ---------------------------------------------------------------
 
-def forward(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)):
+def forward(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1), positions=None):
     """(out [B, Sq, Hq, D], lse [B, Hq, Sq] in promote(dtype, float32)) through PyTorch's fused kernels."""
     shape = check_qkv(q, k, v, causal)
     scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
-    bias = _window_bias(shape, *resolve_window(causal, window_size), q)
+    bias = _window_bias(shape, *resolve_window(causal, window_size), q, positions)
     expand = shape.group // _kv_group(q, shape.group)
     k, v = expand_kv(k, expand), expand_kv(v, expand)
     if bias is not None:
@@ -168,11 +174,11 @@ def forward(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)):
     return out.to(q.dtype), lse
 
 
-def backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None, window_size=(-1, -1)):
+def backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None, window_size=(-1, -1), positions=None):
     """(dq, dk, dv) from the given out and lse, which may be global ones from ring attention."""
     shape = check_backward_inputs(dout, q, k, v, out, lse, causal)
     scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
-    bias = _window_bias(shape, *resolve_window(causal, window_size), q)
+    bias = _window_bias(shape, *resolve_window(causal, window_size), q, positions)
     expand = shape.group // _kv_group(q, shape.group)
     ke, ve = expand_kv(k, expand), expand_kv(v, expand)
     pieces = _pieces(shape.seqlen_q, shape.seqlen_k, causal)

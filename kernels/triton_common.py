@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .configs import interpreter_active
+from .tokens import TokenPositions
 
 LOG2E = math.log2(math.e)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -194,17 +195,37 @@ def sequence_span(cu_seqlens, index, seqlen, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def range_blocks(lo, full_lo, full_end, hi, BLOCK: tl.constexpr):
-    """How many blocks the three ranges [lo, full_lo), [full_lo, full_end), [full_end, hi) hold."""
-    return (tl.maximum(tl.cdiv(full_lo - lo, BLOCK), 0) + tl.maximum(tl.cdiv(full_end - full_lo, BLOCK), 0)
-            + tl.maximum(tl.cdiv(hi - full_end, BLOCK), 0))
+def tokens_visible(offs_m, offs_n, seqlen_q, seqlen_k, QPos, QDoc, KPos, KDoc, window_left, window_right,
+                   LEFT: tl.constexpr, RIGHT: tl.constexpr):
+    """[len(offs_m), len(offs_n)] booleans of a mask given by token (``usp.kernels.tokens``):
+    query ``offs_m[i]`` sees key ``offs_n[j]`` iff both exist, share a document and the
+    key's global position lies within the query's ``[pos - left, pos + right]``."""
+    q_in, k_in = offs_m < seqlen_q, offs_n < seqlen_k
+    q_doc = tl.load(QDoc + offs_m, mask=q_in, other=-1)
+    k_doc = tl.load(KDoc + offs_n, mask=k_in, other=-2)  # never equal to a missing query's
+    visible = q_doc[:, None] == k_doc[None, :]
+    if LEFT or RIGHT:
+        q_pos = tl.load(QPos + offs_m, mask=q_in, other=0)
+        k_pos = tl.load(KPos + offs_n, mask=k_in, other=0)
+        if LEFT:
+            visible = visible & (k_pos[None, :] >= q_pos[:, None] - window_left)
+        if RIGHT:
+            visible = visible & (k_pos[None, :] <= q_pos[:, None] + window_right)
+    return visible
+
+
+@triton.jit
+def any_visible(visible):
+    """1 when some pair of a [M, N] block is visible, else 0 (the block is skipped)."""
+    return tl.max(tl.max(visible.to(tl.int32), 1), 0)
 
 
 @dataclass(frozen=True)
 class MaskSpec:
     """Which keys each query sees, as the kernels take it: the window bounds (None:
     unbounded; causal is ``right = 0``) and, for packed sequences, the document offsets
-    (int32 ``[documents + 1]`` on the device) and the longest document."""
+    (int32 ``[documents + 1]`` on the device) and the longest document; or, with
+    ``tokens``, the window read in each token's global position and document."""
 
     left: int | None = None
     right: int | None = None
@@ -212,6 +233,13 @@ class MaskSpec:
     cu_seqlens_k: torch.Tensor | None = None
     max_seqlen_q: int = 0
     max_seqlen_k: int = 0
+    tokens: TokenPositions | None = None
+
+    @property
+    def token_args(self) -> tuple:
+        """The kernels' ``QPos, QDoc, KPos, KDoc`` (None without a mask by token)."""
+        t = self.tokens
+        return (None,) * 4 if t is None else (t.q_pos, t.q_doc, t.k_pos, t.k_doc)
 
     @property
     def varlen(self) -> bool:

@@ -1,7 +1,8 @@
 """Packed documents and sliding windows across ranks: the layouts with documents, the
-sharding helpers, and Ulysses attention (a ring of one) on gloo processes against the
+sharding helpers, and Ulysses, ring and USP attention on gloo processes against the
 float64 oracle on the whole packed sequence (``document_mask``), forward and the three
-gradients; bad input raises the same error on every rank."""
+gradients, with the ring steps computed and skipped counted against the oracle's mask;
+bad input raises the same error on every rank."""
 
 import itertools
 
@@ -13,7 +14,8 @@ from usp.attention import (document_mask, gather_sequence, naive_attention, pad_
                            shard_sequence, ulysses_attention, usp_attention)
 from usp.attention.layout import ring_positions
 from usp.bench.launch import run
-from usp.comm import init_mesh
+from usp.comm import init_mesh, traffic
+from usp.comm.traffic import record_traffic
 
 
 def _offsets(lengths) -> torch.Tensor:
@@ -130,6 +132,86 @@ def test_ulysses_attention_with_documents_matches_the_oracle(ulysses_results, in
         assert results[index]["usp_equal"]  # usp_attention on a u x 1 mesh: the same call
 
 
+# Rings and USP meshes: (ulysses, ring, layout, documents, causal, window, backend, dtype).
+# 64 tokens; every document length divides into 2 x ring chunks (zigzag needs it).
+RING_DOCUMENTS = (24, 0, 8, 32)
+RING_CASES = [
+    (1, 4, "zigzag", RING_DOCUMENTS, True, (-1, -1), "naive", torch.float64),
+    (1, 4, "stripe", RING_DOCUMENTS, True, (6, 0), "naive", torch.float64),
+    (1, 4, "contiguous", RING_DOCUMENTS, False, (5, 3), "torch", torch.float32),
+    (2, 2, "zigzag", RING_DOCUMENTS, True, (9, 0), "naive", torch.float64),
+    (2, 2, "stripe", None, True, (7, 0), "torch", torch.float32),
+    (1, 4, "zigzag", RING_DOCUMENTS, True, (10, 0), "triton", torch.float32),
+    (2, 2, "contiguous", RING_DOCUMENTS, True, (-1, -1), "triton", torch.float32),
+]
+
+
+def _visible_sources(mask, layout, r, ring_rank, documents) -> int:
+    """How many ring ranks' keys some query of ``ring_rank`` sees, from the oracle's mask."""
+    rows = ring_positions(64, r, ring_rank, layout, documents)
+    return sum(bool(mask[rows][:, ring_positions(64, r, source, layout, documents)].any()) for source in range(r))
+
+
+def _ring_documents():
+    """Every ring case on 4 ranks against the oracle, with the ring steps each rank computed."""
+    results = []
+    for index, (u, r, layout, lengths, causal, window, backend, dtype) in enumerate(RING_CASES):
+        mesh = init_mesh(u, r)
+        cu = None if lengths is None else _offsets(lengths)
+        whole = _offsets([64]) if cu is None else cu
+        g = torch.Generator().manual_seed(100 + index)
+        q, k, v, dout = (torch.randn(1, 64, h, 16, generator=g, dtype=torch.float64) for h in (4, 2, 2, 4))
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        mask = document_mask(whole, whole, causal, window)
+        expected, _ = naive_attention(*leaves, mask=mask)
+        expected.backward(dout)
+
+        def shard(x):
+            return shard_sequence(x, mesh, layout=layout, cu_seqlens=cu).to(dtype)
+        local = [shard(x).requires_grad_() for x in (q, k, v)]
+        with record_traffic() as log:
+            out = usp_attention(*local, mesh, causal, None, layout, backend, cu_seqlens=cu, window_size=window)
+            out.backward(shard(dout))
+        got = [gather_sequence(x, mesh, layout=layout, cu_seqlens=cu).double()
+               for x in (out.detach(), *(leaf.grad for leaf in local))]
+        want = [expected.detach(), *(leaf.grad for leaf in leaves)]
+        steps = {kind: [e.label for e in log.of_kind(kind)] for kind in (traffic.COMPUTE, traffic.SKIP)}
+        results.append(dict(errors=[(a - b).abs().max().item() for a, b in zip(got, want)],
+                            computed=steps[traffic.COMPUTE].count(traffic.FORWARD),
+                            skipped=steps[traffic.SKIP].count(traffic.FORWARD),
+                            skipped_backward=steps[traffic.SKIP].count(traffic.BACKWARD),
+                            visible=_visible_sources(mask, layout, r, mesh.ring_rank, None if cu is None else
+                                                     tuple(cu.tolist()))))
+    return results
+
+
+@pytest.fixture(scope="module")
+def ring_results():
+    return run(4, _ring_documents, pg_timeout_s=180)
+
+
+@pytest.mark.parametrize("index", range(len(RING_CASES)), ids=[
+    f"u{c[0]}r{c[1]}-{c[2]}-{'docs' if c[3] else 'dense'}-causal{int(c[4])}-window{c[5]}-{c[6]}" for c in RING_CASES])
+def test_rings_with_documents_and_windows_match_the_oracle(ring_results, index):
+    """Each rank computes exactly the ring steps whose block holds a visible pair and
+    notes the others as skipped, in forward and in backward."""
+    tolerance = 1e-12 if RING_CASES[index][7] == torch.float64 else 2e-5
+    ring = RING_CASES[index][1]
+    for rank, results in enumerate(ring_results):
+        case = results[index]
+        assert max(case["errors"]) <= tolerance, (rank, case)
+        assert case["computed"] == case["visible"], (rank, case)
+        assert case["skipped"] == case["skipped_backward"] == ring - case["visible"], (rank, case)
+
+
+def test_a_window_on_a_contiguous_ring_skips_distant_ranks(ring_results):
+    """Window (5, 3) and documents of 24, 0, 8, 32 tokens over 4 contiguous shards of 16:
+    rank 0 sees rank 1 (document 0 crosses), rank 1 rank 0, ranks 2 and 3 each other
+    (document 3); not rank 1 and rank 2 (a document boundary at 32), nor any farther one."""
+    index = RING_CASES.index((1, 4, "contiguous", RING_DOCUMENTS, False, (5, 3), "torch", torch.float32))
+    assert [results[index]["skipped"] for results in ring_results] == [2, 2, 2, 2]
+
+
 def _bad_documents():
     mesh = init_mesh(2, 1)
     rank = mesh.ulysses_rank
@@ -143,8 +225,10 @@ def _bad_documents():
                                                         cu_seqlens=torch.tensor([0, 10, 6, 16], dtype=torch.int32)),
         "int64": lambda: ulysses_attention(x, x, x, mesh.ulysses_group, backend="naive", cu_seqlens=cu.long()),
         "wrong end": lambda: ulysses_attention(x, x, x, mesh.ulysses_group, backend="naive", cu_seqlens=cu),
-        "ring": lambda: usp_attention(x, x, x, ring, True, backend="naive", cu_seqlens=_offsets([8, 8])),
-        "window on a ring": lambda: usp_attention(x, x, x, ring, True, backend="naive", window_size=(4, 0)),
+        "zigzag cannot cut": lambda: usp_attention(x, x, x, ring, True, backend="naive",
+                                                   cu_seqlens=_offsets([6, 10])),
+        "window on a ring, cross": lambda: usp_attention(x, x[:, :4], x[:, :4], ring, backend="naive",
+                                                         window_size=(4, 0)),
         "batch 2": lambda: ulysses_attention(x.expand(2, -1, -1, -1), x.expand(2, -1, -1, -1),
                                              x.expand(2, -1, -1, -1), mesh.ulysses_group, backend="naive",
                                              cu_seqlens=_offsets([8, 8])),
@@ -164,8 +248,8 @@ def test_bad_documents_raise_on_every_rank():
         "not non-decreasing": "cu_seqlens must be non-decreasing, got 10 then 6 at index 1",
         "int64": "cu_seqlens must be int32",
         "wrong end": "cu_seqlens must start at 0 and end at the packed length 16, got 0 ... 8",
-        "ring": "need a ring of one rank for now (pure Ulysses), got ring degree 2",
-        "window on a ring": "need a ring of one rank for now (pure Ulysses), got ring degree 2",
+        "zigzag cannot cut": "document 0 has 6 tokens, pad it to 8",
+        "window on a ring, cross": "packed documents and windows over a ring need q and k of one length, got 8 and 4",
         "batch 2": "packed documents (cu_seqlens) need batch 1, got q of batch 2",
         "only rank 1 bad": "cu_seqlens must be int32",
         "gather with other offsets": "disagree on gather_sequence (documents)",

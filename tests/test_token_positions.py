@@ -1,0 +1,119 @@
+"""Masks given by token (``usp.kernels.tokens``): the block of one sequence-parallel shard's
+queries against another shard's keys, on every backend, against the float64 oracle. The
+oracle's mask is the whole packed sequence's ``document_mask`` (built from document ids
+and distances to each document's end), cut to the block's rows and columns. The
+tolerance rule is the one of test_numerics (``usp.bench.numerics.TOLERANCE_RULE``)."""
+
+import zlib
+
+import pytest
+import torch
+
+from conftest import DEVICE
+from usp.attention.layout import ring_positions, token_positions
+from usp.attention.naive import document_mask
+from usp.bench.numerics import Case, compare, poisoned_allocations, reference, run_backend
+from usp.kernels import AttentionShape
+from usp.kernels.flash_bwd import _run_backward
+from usp.kernels.flash_fwd import _run_forward
+from usp.kernels.triton_common import MaskSpec
+from usp.kernels.tokens import TokenPositions
+
+SEQLEN = 64
+DOCUMENTS = (0, 24, 24, 32, 64)  # 24, an empty one, 8 and 32 tokens: each divides into 4 zigzag chunks
+
+
+def _block(layout, ring, rank, source, documents):
+    """Global positions of ``rank``'s queries and of ``source``'s keys (source None: all
+    ranks' keys gathered in rank order)."""
+    q_pos = ring_positions(SEQLEN, ring, rank, layout, documents)
+    sources = range(ring) if source is None else [source]
+    k_pos = torch.cat([ring_positions(SEQLEN, ring, s, layout, documents) for s in sources])
+    return q_pos, k_pos
+
+
+def _check(backend, dtype, layout, rank, source, causal, window, documents, ring=2, heads=(4, 2)):
+    q_pos, k_pos = _block(layout, ring, rank, source, documents)
+    cu = torch.tensor(documents or (0, SEQLEN), dtype=torch.int32)
+    mask = document_mask(cu, cu, causal, window)[q_pos][:, k_pos]
+    label = f"{backend}-{dtype}-{layout}-{rank}-{source}-{causal}-{window}-{documents is not None}"
+    g = torch.Generator().manual_seed(zlib.crc32(label.encode()))
+    shape = AttentionShape(1, len(q_pos), len(k_pos), *heads, 16)
+
+    def randn(rows, h):
+        return torch.randn(1, rows, h, 16, generator=g).to(DEVICE, dtype)
+    q, dout, k, v = randn(len(q_pos), heads[0]), randn(len(q_pos), heads[0]), *(randn(len(k_pos), heads[1])
+                                                                                    for _ in range(2))
+    ref = reference(q, k, v, dout, False, mask=mask)
+    positions = token_positions(q_pos, k_pos, documents, DEVICE)
+    options = dict(window_size=window, positions=positions)
+    with poisoned_allocations():
+        results = run_backend(backend, q, k, v, dout, causal, **options)
+    baseline = None if dtype == torch.float64 else run_backend("naive", q, k, v, dout, causal, **options)
+    errors, _, failures = compare(Case(backend, dtype, shape, causal), results, ref, baseline)
+    assert not failures, (label, errors)
+    return mask
+
+
+# (layout, rank, source, causal, window, documents): zigzag documents against an earlier
+# and a later rank, stripe and contiguous with windows, and all ranks' keys gathered.
+BLOCKS = [
+    ("zigzag", 1, 0, True, (-1, -1), DOCUMENTS),
+    ("zigzag", 0, 1, True, (6, 0), DOCUMENTS),
+    ("stripe", 1, 0, True, (9, 0), None),
+    ("contiguous", 1, 0, False, (5, 3), None),
+    ("zigzag", 1, None, True, (10, 0), DOCUMENTS),
+    ("stripe", 0, None, False, (-1, -1), DOCUMENTS),
+]
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=lambda b: f"{b[0]}-{b[1]}-{b[2]}-w{b[4][0]}.{b[4][1]}")
+@pytest.mark.parametrize("backend,dtype", [("triton", torch.float32), ("torch", torch.float32),
+                                           ("naive", torch.float64)])
+def test_a_block_by_token_matches_the_oracle(backend, dtype, block):
+    layout, rank, source, causal, window, documents = block
+    mask = _check(backend, dtype, layout, rank, source, causal, window, documents)
+    assert mask.any() and not mask.all()  # the case masks something and leaves something
+
+
+def test_triton_fp16_by_token_matches_the_oracle():
+    _check("triton", torch.float16, "zigzag", 1, None, True, (7, 0), DOCUMENTS, ring=4, heads=(2, 2))
+
+
+def test_rows_that_see_nothing_give_zeros():
+    """Rank 0 of a causal contiguous ring against rank 1's keys: every pair masked."""
+    _check("triton", torch.float32, "contiguous", 0, 1, True, (-1, -1), None)
+
+
+def test_blocks_without_a_visible_pair_are_skipped():
+    """64 queries of document 0 against 64 keys, 16-row tiles, causal with a left window
+    of 8: keys 0-31 are in document 0, keys 32-63 in document 1. Query tile 2 (32-47)
+    reaches back to key 24 only, tile 3 (48-63) sees no key at all; key tiles 2 and 3
+    are never visited."""
+    q = torch.randn(1, 64, 1, 16)
+    positions = TokenPositions(torch.arange(64, dtype=torch.int32), torch.zeros(64, dtype=torch.int32),
+                               torch.arange(64, dtype=torch.int32), (torch.arange(64) >= 32).to(torch.int32))
+    mask = MaskSpec(left=8, right=0, tokens=positions)
+    shape = AttentionShape(1, 64, 64, 1, 1, 16)
+    fwd = torch.zeros(1, 4, dtype=torch.int32)
+    out, lse = _run_forward(q, q, q, torch.empty_like(q), torch.empty(1, 1, 64), shape, mask, None, visits=fwd)
+    bwd = torch.zeros(1, 4, dtype=torch.int32)
+    _run_backward(torch.ones_like(q), q, q, q, out, lse, shape, mask, None, visits=bwd)
+    assert fwd.tolist() == [[1, 2, 1, 0]]
+    assert bwd.tolist() == [[2, 2, 0, 0]]
+    assert torch.isinf(lse[0, 0, 40:]).all() and (out[0, 40:] == 0).all()  # rows past 39 see nothing
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(q_pos=torch.arange(5)), "positions.q_pos must be an int32 tensor of shape \\[8\\]"),
+    (dict(k_doc=torch.zeros(7, dtype=torch.int32)), "positions.k_doc must be an int32 tensor of shape \\[8\\]"),
+])
+@pytest.mark.parametrize("backend", ["triton", "torch", "naive"])
+def test_bad_positions_are_refused(backend, bad, message):
+    from usp.kernels import get_backend
+    fields = dict(q_pos=torch.arange(8, dtype=torch.int32), q_doc=torch.zeros(8, dtype=torch.int32),
+                  k_pos=torch.arange(8, dtype=torch.int32), k_doc=torch.zeros(8, dtype=torch.int32))
+    fields.update(bad)
+    q = torch.randn(1, 8, 2, 16)
+    with pytest.raises(ValueError, match=message):
+        get_backend(backend).forward(q, q, q, causal=True, softmax_scale=None, positions=TokenPositions(**fields))
