@@ -21,6 +21,7 @@ from usp.comm.mesh import check_group, check_mesh
 from usp.kernels import get_backend
 from usp.kernels.checks import check_qkv, resolve_softmax_scale, resolve_window
 
+from .allgather import check_schedule
 from .layout import check_global_seqlen, check_layout
 from .parallel import Plan, parallel_attention
 from .ring import check_sequence_split
@@ -43,7 +44,7 @@ def _documents_and_window(q, k, cu_seqlens, window_size, layout: str, u: int, r:
 
 
 def _attend(what: str, check_group, ulysses, ring, q, k, v, causal, softmax_scale, layout, backend, check_ranks,
-            check_finite, cu_seqlens=None, window_size=(-1, -1)):
+            check_finite, cu_seqlens=None, window_size=(-1, -1), schedule="ring"):
     """Check the arguments (together with the other ranks of ``check_group``), then run
     the call. Under ``torch.compile`` the exchange moves into the call, at run time."""
     u = 1 if ulysses is None else dist.get_world_size(ulysses)
@@ -52,6 +53,7 @@ def _attend(what: str, check_group, ulysses, ring, q, k, v, causal, softmax_scal
     def arguments():
         check_qkv(q, k, v, causal)
         check_layout(layout)
+        check_schedule(schedule)
         check_heads(q.shape[2], k.shape[2], u)
         check_sequence_split(q.shape[1] * u, k.shape[1] * u, causal, r, layout,
                              what="local" if ulysses is None else "per-ring-rank")
@@ -65,16 +67,16 @@ def _attend(what: str, check_group, ulysses, ring, q, k, v, causal, softmax_scal
         with ranks_agree(check_group, what, device_of(q), check_ranks, check_finite, defer=True) as call:
             scale, backend, documents = arguments()
             call.fields = call_fields(q, k, v, causal, scale, layout if ring is not None else "-", backend.name,
-                                      documents, window_size)
+                                      documents, window_size, schedule)
             call.inputs = dict(q=q, k=k, v=v)
         agreement = call.agreement
-    plan = Plan(ulysses, ring, causal, scale, layout, backend, documents, tuple(window_size))
+    plan = Plan(ulysses, ring, causal, scale, layout, backend, documents, tuple(window_size), schedule)
     return parallel_attention(q, k, v, plan, check_group, what, check_ranks, check_finite, agreement)
 
 
 def ring_attention(q, k, v, group: dist.ProcessGroup | None, causal: bool = False, softmax_scale=None,
                    layout: str = "zigzag", backend=None, *, check_ranks: bool = True, check_finite: bool = False,
-                   cu_seqlens=None, window_size=(-1, -1)):
+                   cu_seqlens=None, window_size=(-1, -1), schedule: str = "ring"):
     """Attention over a sequence sharded across the ranks of ``group`` (None: the world).
 
     ``q: [B, S, Hq, D]``, ``k, v: [B, S, Hkv, D]``: this rank's shard, laid out by
@@ -91,11 +93,13 @@ def ring_attention(q, k, v, group: dist.ProcessGroup | None, causal: bool = Fals
     every rank; no token attends across a document boundary; the shards laid out with
     the same offsets, see ``shard_sequence``); ``window_size``: flash-attn's sliding
     window, in global positions. Each ring step computes only the rows and keys that
-    see each other (a mask by token) and skips a step with none.
+    see each other (a mask by token) and skips a step with none. ``schedule``: "ring"
+    passes K/V around the ring, overlapped with compute; "allgather" gathers them all
+    first and computes in one call (see ``usp.attention.allgather``).
     """
     group = check_group(group)
     return _attend("ring_attention", group, None, group, q, k, v, causal, softmax_scale, layout, backend, check_ranks,
-                   check_finite, cu_seqlens, window_size)
+                   check_finite, cu_seqlens, window_size, schedule)
 
 
 def ulysses_attention(q, k, v, group: dist.ProcessGroup | None, causal: bool = False, softmax_scale=None,
@@ -117,29 +121,31 @@ def ulysses_attention(q, k, v, group: dist.ProcessGroup | None, causal: bool = F
 
 def usp_attention(q, k, v, mesh: Mesh, causal: bool = False, softmax_scale=None, layout: str = "zigzag",
                   backend=None, *, check_ranks: bool = True, check_finite: bool = False, cu_seqlens=None,
-                  window_size=(-1, -1)):
+                  window_size=(-1, -1), schedule: str = "ring"):
     """Unified sequence parallel attention: Ulysses over ``mesh.ulysses_group`` around
     ring attention over ``mesh.ring_group``.
 
     ``q: [B, S/(u r), Hq, D]``, ``k, v: [B, S/(u r), Hkv, D]``: this rank's shard as made
     by ``shard_sequence(x, mesh, layout=layout)`` -> its output shard, differentiable.
     ``ulysses_degree = N`` is pure Ulysses, ``ring_degree = N`` pure ring.
-    ``check_ranks``, ``check_finite``, ``cu_seqlens``, ``window_size``: see
-    ``ring_attention`` (one all-gather over ``mesh.sp_group``).
+    ``check_ranks``, ``check_finite``, ``cu_seqlens``, ``window_size``, ``schedule``:
+    see ``ring_attention`` (the check is one all-gather over ``mesh.sp_group``).
     """
     check_mesh(mesh)
     return _attend("usp_attention", mesh.sp_group, mesh.ulysses_group, mesh.ring_group, q, k, v, causal,
-                   softmax_scale, layout, backend, check_ranks, check_finite, cu_seqlens, window_size)
+                   softmax_scale, layout, backend, check_ranks, check_finite, cu_seqlens, window_size, schedule)
 
 
 class USPAttention(nn.Module):
     """``usp_attention`` as a module: ``forward(q, k, v, cu_seqlens=None)`` on local shards ``[B, S_local, H, D]``."""
 
     def __init__(self, mesh: Mesh, causal: bool = False, softmax_scale=None, layout: str = "zigzag", backend=None,
-                 *, check_ranks: bool = True, check_finite: bool = False, window_size=(-1, -1)):
+                 *, check_ranks: bool = True, check_finite: bool = False, window_size=(-1, -1),
+                 schedule: str = "ring"):
         super().__init__()
         check_mesh(mesh)
         resolve_window(causal, window_size)
+        self.schedule = check_schedule(schedule)
         self.mesh, self.causal, self.softmax_scale = mesh, causal, softmax_scale
         self.layout, self.backend = check_layout(layout), backend
         self.check_ranks, self.check_finite, self.window_size = check_ranks, check_finite, tuple(window_size)
@@ -148,11 +154,12 @@ class USPAttention(nn.Module):
         """``cu_seqlens``: the global offsets of this batch's packed documents (see ``usp_attention``)."""
         return usp_attention(q, k, v, self.mesh, self.causal, self.softmax_scale, self.layout, self.backend,
                              check_ranks=self.check_ranks, check_finite=self.check_finite, cu_seqlens=cu_seqlens,
-                             window_size=self.window_size)
+                             window_size=self.window_size, schedule=self.schedule)
 
     def extra_repr(self) -> str:
         m = self.mesh
         return (f"ulysses_degree={m.ulysses_degree}, ring_degree={m.ring_degree}, placement={m.placement}, "
                 f"causal={self.causal}, layout={self.layout}, backend={self.backend}"
                 + (", check_finite=True" if self.check_finite else "")
+                + (f", schedule={self.schedule}" if self.schedule != "ring" else "")
                 + (f", window_size={self.window_size}" if self.window_size != (-1, -1) else ""))

@@ -223,3 +223,17 @@ def visible_key_span(q_pos: torch.Tensor, k_pos: torch.Tensor, seqlen: int, docu
         high = torch.minimum(high, q_pos + right)
     keys = k_pos.long().contiguous()
     return torch.searchsorted(keys, low), torch.searchsorted(keys, high, right=True)
+
+
+@functools.lru_cache(maxsize=64)
+def gathered_block(rank: int, seqlen: int, ring_size: int, layout: str, causal: bool,
+                   documents: tuple[int, ...] | None, window_size: tuple[int, int], device) -> Block:
+    """The all-gather schedule's one block: ``rank``'s queries against the keys of every
+    ring rank gathered in rank order, in a sequence of ``seqlen`` tokens. Unmasked
+    attention needs no mask; otherwise the mask by token of the layout's positions."""
+    everything = slice(None)
+    if not causal and documents is None and window_size == (-1, -1):
+        return Block(everything, everything, False)
+    q_pos = ring_positions(seqlen, ring_size, rank, layout, documents)
+    k_pos = torch.cat([ring_positions(seqlen, ring_size, source, layout, documents) for source in range(ring_size)])
+    return Block(everything, everything, causal, window_size, token_positions(q_pos, k_pos, documents, device))

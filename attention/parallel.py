@@ -39,13 +39,15 @@ from usp.kernels import BACKENDS, get_backend, varlen_backward, varlen_forward
 from usp.kernels.backends import window_kwargs
 from usp.kernels.layout import accum_dtype, reduce_kv_grad
 
+from .allgather import allgather_backward, allgather_forward
 from .ring import ring_backward, ring_forward
 
 
 @dataclass(frozen=True)
 class Plan:
-    """The static part of a call: the groups (None: none), the options, the backend, and
-    the packed documents' global offsets (None: one sequence per batch row)."""
+    """The static part of a call: the groups (None: none), the options, the backend, the
+    packed documents' global offsets (None: one sequence per batch row), and how K/V
+    reach the ring's ranks (``schedule``: "ring" or "allgather")."""
 
     ulysses: dist.ProcessGroup | None
     ring: dist.ProcessGroup | None
@@ -55,6 +57,7 @@ class Plan:
     backend: object
     documents: tuple[int, ...] | None = None
     window_size: tuple[int, int] = (-1, -1)
+    schedule: str = "ring"
 
     def local_forward(self, q, k, v):
         """``(out, lse)`` of the whole (head-sharded) sequence on this rank's backend."""
@@ -85,6 +88,10 @@ class Plan:
     def ring_transport(self, after: Agreement | None = None) -> RingComm | None:
         return None if self.ring is None or dist.get_world_size(self.ring) == 1 else RingComm(self.ring, after=after)
 
+    def ring_options(self) -> tuple:
+        """The ring's mask arguments of ``ring_forward`` / ``allgather_forward``, after the tensors and the group."""
+        return self.causal, self.scale, self.layout, self.backend, self.documents, self.window_size
+
 
 def sp_forward(q, k, v, plan: Plan, agreement: Agreement | None = None):
     """``q: [B, S, Hq, D]``, ``k, v: [B, S_k, Hkv, D]`` (local shards) -> ``out [B, S, Hq, D]``
@@ -98,13 +105,16 @@ def sp_forward(q, k, v, plan: Plan, agreement: Agreement | None = None):
     k, v = replicate_kv_heads(k, heads, u), replicate_kv_heads(v, heads, u)
     q_h, k_h, v_h = _exchange(post_seq_to_head, plan.ulysses, ((q, shares), (k, kv_shares), (v, kv_shares)))
     ring = plan.ring_transport(after=agreement)
+    if ring is not None and plan.schedule == "allgather" and agreement is not None:
+        agreement.settle()  # before the all-gather, the first transfer
     try:
-        if ring is None:
+        if ring is not None and plan.schedule == "allgather":
+            out_h, lse = allgather_forward(q_h, k_h, v_h, plan.ring, *plan.ring_options())
+        elif ring is None:
             with traffic.span(traffic.COMPUTE, label=traffic.FORWARD, step=0):
                 out_h, lse = plan.local_forward(q_h, k_h, v_h)
         else:
-            out_h, lse = ring_forward(q_h, k_h, v_h, ring, plan.causal, plan.scale, plan.layout, plan.backend,
-                                      plan.documents, plan.window_size)
+            out_h, lse = ring_forward(q_h, k_h, v_h, ring, *plan.ring_options())
     except BaseException:  # a rank failing in its first block still takes part in the check: when the
         if agreement is not None:  # ranks disagreed (the likely cause), every rank raises that instead
             agreement.settle()
@@ -122,12 +132,13 @@ def sp_backward(dout, saved, plan: Plan, heads: int, kv_heads: int):
     shares, kv_shares = head_shares(heads, u), kv_head_shares(heads, kv_heads, u)
     (dout_h,) = _exchange(post_seq_to_head, plan.ulysses, ((dout, shares),))
     ring = plan.ring_transport()
-    if ring is None:
+    if ring is not None and plan.schedule == "allgather":
+        dq_h, dk_h, dv_h = allgather_backward(dout_h, q_h, k_h, v_h, out_h, lse, plan.ring, *plan.ring_options())
+    elif ring is None:
         with traffic.span(traffic.COMPUTE, label=traffic.BACKWARD, step=0):
             dq_h, dk_h, dv_h = plan.local_backward(dout_h, q_h, k_h, v_h, out_h, lse)
     else:
-        dq_h, dk_h, dv_h = ring_backward(dout_h, q_h, k_h, v_h, out_h, lse, ring, plan.causal, plan.scale,
-                                         plan.layout, plan.backend, plan.documents, plan.window_size)
+        dq_h, dk_h, dv_h = ring_backward(dout_h, q_h, k_h, v_h, out_h, lse, ring, *plan.ring_options())
     if u == 1:
         return dq_h, dk_h, dv_h
     dq, dk, dv = _exchange(post_head_to_seq, plan.ulysses, ((dq_h, shares), (dk_h, kv_shares), (dv_h, kv_shares)))
@@ -164,24 +175,24 @@ def _group(name: str) -> dist.ProcessGroup | None:
 
 
 def _plan(ulysses: str, ring: str, causal: bool, scale: float, layout: str, backend: str, documents: list[int],
-          window: list[int]) -> Plan:
+          window: list[int], schedule: str) -> Plan:
     return Plan(_group(ulysses), _group(ring), causal, scale, layout, get_backend(backend),
-                tuple(documents) or None, tuple(window))
+                tuple(documents) or None, tuple(window), schedule)
 
 
 @torch.library.custom_op("usp::sp_attention_forward", mutates_args=())
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysses: str, ring: str, causal: bool,
-                scale: float, layout: str, backend: str, documents: list[int], window: list[int], check: str,
-                what: str, check_ranks: bool, check_finite: bool
+                scale: float, layout: str, backend: str, documents: list[int], window: list[int], schedule: str,
+                check: str, what: str, check_ranks: bool, check_finite: bool
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     agreement = None
     if check_ranks or check_finite:  # the exchange of the checks, at run time, settled before any transfer
         fields = {"error": "", "check_finite": check_finite,
                   **call_fields(q, k, v, causal, scale, layout if ring else "-", backend, tuple(documents) or None,
-                                tuple(window))}
+                                tuple(window), schedule)}
         agreement = post_agreement(_group(check), what, fields if check_ranks else None, q.device,
                                    dict(q=q, k=k, v=v) if check_finite else None)
-    plan = _plan(ulysses, ring, causal, scale, layout, backend, documents, window)
+    plan = _plan(ulysses, ring, causal, scale, layout, backend, documents, window, schedule)
     out, (q_h, k_h, v_h, out_h, lse) = sp_forward(q, k, v, plan, agreement)
     if _size(ulysses) == 1:  # the saved tensors are q, k, v and out themselves: outputs may not alias them
         q_h, k_h, v_h, out_h = (q.new_empty(0) for _ in range(4))
@@ -194,7 +205,7 @@ def _size(group_name: str) -> int:
 
 
 @_forward_op.register_fake
-def _(q, k, v, ulysses, ring, causal, scale, layout, backend, documents, window, check, what, check_ranks,
+def _(q, k, v, ulysses, ring, causal, scale, layout, backend, documents, window, schedule, check, what, check_ranks,
       check_finite):
     u, lse_dtype = _size(ulysses), accum_dtype(q.dtype)
     if u == 1:
@@ -211,29 +222,30 @@ def _(q, k, v, ulysses, ring, causal, scale, layout, backend, documents, window,
 @torch.library.custom_op("usp::sp_attention_backward", mutates_args=())
 def _backward_op(dout: torch.Tensor, q_h: torch.Tensor, k_h: torch.Tensor, v_h: torch.Tensor, out_h: torch.Tensor,
                  lse: torch.Tensor, ulysses: str, ring: str, causal: bool, scale: float, layout: str, backend: str,
-                 documents: list[int], window: list[int], heads: int, kv_heads: int
+                 documents: list[int], window: list[int], schedule: str, heads: int, kv_heads: int
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    plan = _plan(ulysses, ring, causal, scale, layout, backend, documents, window)
+    plan = _plan(ulysses, ring, causal, scale, layout, backend, documents, window, schedule)
     return tuple(x.contiguous() for x in sp_backward(dout, (q_h, k_h, v_h, out_h, lse), plan, heads, kv_heads))
 
 
 @_backward_op.register_fake
-def _(dout, q_h, k_h, v_h, out_h, lse, ulysses, ring, causal, scale, layout, backend, documents, window, heads,
-      kv_heads):
+def _(dout, q_h, k_h, v_h, out_h, lse, ulysses, ring, causal, scale, layout, backend, documents, window, schedule,
+      heads, kv_heads):
     dk = k_h.new_empty(dout.shape[0], k_h.shape[1] // _size(ulysses), kv_heads, dout.shape[3])
     return dout.new_empty(dout.shape), dk, k_h.new_empty(dk.shape)
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, ulysses, ring, causal, scale, layout, backend, documents, window = inputs[:11]
+    q, k, v, ulysses, ring, causal, scale, layout, backend, documents, window, schedule = inputs[:12]
     out, q_h, k_h, v_h, out_h, lse = output
     ctx.save_for_backward(*((q, k, v, out) if _size(ulysses) == 1 else (q_h, k_h, v_h, out_h)), lse)
-    ctx.settings = (ulysses, ring, causal, scale, layout, backend, documents, window, q.shape[2], k.shape[2])
+    ctx.settings = (ulysses, ring, causal, scale, layout, backend, documents, window, schedule, q.shape[2],
+                    k.shape[2])
 
 
 def _backward(ctx, dout, *unused):
     dq, dk, dv = _backward_op(dout, *ctx.saved_tensors, *ctx.settings)
-    return dq, dk, dv, *([None] * 12)
+    return dq, dk, dv, *([None] * 13)
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup)
@@ -256,5 +268,5 @@ def parallel_attention(q, k, v, plan: Plan, check: dist.ProcessGroup, what: str,
     if BACKENDS.get(name) is not plan.backend:
         raise TypeError("under torch.compile the backend must be one of usp.kernels.BACKENDS, passed by name")
     return _forward_op(q, k, v, _name(plan.ulysses), _name(plan.ring), plan.causal, plan.scale, plan.layout, name,
-                       list(plan.documents or ()), list(plan.window_size), _name(check), what, check_ranks,
-                       check_finite)[0]
+                       list(plan.documents or ()), list(plan.window_size), plan.schedule, _name(check), what,
+                       check_ranks, check_finite)[0]

@@ -226,14 +226,14 @@ class ranks_agree:
 
 
 def call_fields(q, k, v, causal: bool, softmax_scale: float, layout: str, backend: str, documents=None,
-                window_size=(-1, -1)) -> dict:
+                window_size=(-1, -1), schedule: str = "ring") -> dict:
     """The fields every rank of an attention call must agree on (``documents``: the
     packed sequence's offsets, None for none, compared by a hash that keeps messages short)."""
     if documents is not None:
         documents = f"{len(documents) - 1} documents, offsets {_code(documents) & 0xFFFFFFFFFFFF:012x}"
     return dict(q_shape=tuple(q.shape), k_shape=tuple(k.shape), v_shape=tuple(v.shape), dtype=q.dtype,
                 causal=causal, softmax_scale=softmax_scale, layout=layout, backend=backend, documents=documents,
-                window_size=tuple(window_size))
+                window_size=tuple(window_size), schedule=schedule)
 
 
 def device_of(x) -> torch.device:

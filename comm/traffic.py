@@ -25,6 +25,7 @@ _active = threading.local()
 
 # Event kinds.
 P2P, ALL_TO_ALL, ALL_GATHER, CHECK = "p2p", "all_to_all", "all_gather", "check"  # transfers (CHECK: rank agreement)
+REDUCE_SCATTER = "reduce_scatter"
 COMPUTE, WAIT = "compute", "wait"  # spans: a ring step's compute, a wait for a transfer
 SKIP = "skip"  # a ring step whose block is wholly masked, not computed
 
@@ -34,6 +35,7 @@ KV_FORWARD, KV_BACKWARD, DKV_BACKWARD = "kv forward", "kv backward", "dkv backwa
 FORWARD, BACKWARD, ACCUMULATE = "forward", "backward", "backward accumulate"  # compute spans
 KV_LABELS = (KV_FORWARD, KV_BACKWARD)
 SEQ_TO_HEAD, HEAD_TO_SEQ, GATHER_SEQUENCE = "seq_to_head", "head_to_seq", "gather_sequence"
+KV_GATHER, DKV_REDUCE = "kv all-gather", "dkv reduce-scatter"  # the all-gather schedule's transfers
 # Each ring loop of one attention call: (its compute labels, its transfer/wait labels).
 RING_LOOPS = {"forward": ((FORWARD,), (KV_FORWARD,)),
               "backward": ((BACKWARD, ACCUMULATE), (KV_BACKWARD, DKV_BACKWARD))}
@@ -44,7 +46,7 @@ class Event:
     """One thing that happened on this rank: a posted transfer (with the bytes it sends
     to other ranks), a wait for one, or a ring step's compute."""
 
-    kind: str  # P2P, ALL_TO_ALL, ALL_GATHER, CHECK, COMPUTE, WAIT or SKIP
+    kind: str  # P2P, ALL_TO_ALL, ALL_GATHER, REDUCE_SCATTER, CHECK, COMPUTE, WAIT or SKIP
     bytes_sent: int = 0
     sends: int = 0  # point-to-point sends (or peers an all-to-all sends to)
     label: str = ""

@@ -132,17 +132,21 @@ def test_ulysses_attention_with_documents_matches_the_oracle(ulysses_results, in
         assert results[index]["usp_equal"]  # usp_attention on a u x 1 mesh: the same call
 
 
-# Rings and USP meshes: (ulysses, ring, layout, documents, causal, window, backend, dtype).
-# 64 tokens; every document length divides into 2 x ring chunks (zigzag needs it).
+# Rings and USP meshes: (ulysses, ring, layout, documents, causal, window, backend, dtype,
+# schedule). 64 tokens; every document length divides into 2 x ring chunks (zigzag needs it).
 RING_DOCUMENTS = (24, 0, 8, 32)
 RING_CASES = [
-    (1, 4, "zigzag", RING_DOCUMENTS, True, (-1, -1), "naive", torch.float64),
-    (1, 4, "stripe", RING_DOCUMENTS, True, (6, 0), "naive", torch.float64),
-    (1, 4, "contiguous", RING_DOCUMENTS, False, (5, 3), "torch", torch.float32),
-    (2, 2, "zigzag", RING_DOCUMENTS, True, (9, 0), "naive", torch.float64),
-    (2, 2, "stripe", None, True, (7, 0), "torch", torch.float32),
-    (1, 4, "zigzag", RING_DOCUMENTS, True, (10, 0), "triton", torch.float32),
-    (2, 2, "contiguous", RING_DOCUMENTS, True, (-1, -1), "triton", torch.float32),
+    (1, 4, "zigzag", RING_DOCUMENTS, True, (-1, -1), "naive", torch.float64, "ring"),
+    (1, 4, "stripe", RING_DOCUMENTS, True, (6, 0), "naive", torch.float64, "ring"),
+    (1, 4, "contiguous", RING_DOCUMENTS, False, (5, 3), "torch", torch.float32, "ring"),
+    (2, 2, "zigzag", RING_DOCUMENTS, True, (9, 0), "naive", torch.float64, "ring"),
+    (2, 2, "stripe", None, True, (7, 0), "torch", torch.float32, "ring"),
+    (1, 4, "zigzag", RING_DOCUMENTS, True, (10, 0), "triton", torch.float32, "ring"),
+    (2, 2, "contiguous", RING_DOCUMENTS, True, (-1, -1), "triton", torch.float32, "ring"),
+    (1, 4, "zigzag", RING_DOCUMENTS, True, (-1, -1), "naive", torch.float64, "allgather"),
+    (2, 2, "stripe", RING_DOCUMENTS, True, (6, 0), "torch", torch.float32, "allgather"),
+    (1, 4, "contiguous", None, True, (-1, -1), "triton", torch.float32, "allgather"),
+    (2, 2, "zigzag", None, False, (-1, -1), "naive", torch.float64, "allgather"),
 ]
 
 
@@ -155,7 +159,7 @@ def _visible_sources(mask, layout, r, ring_rank, documents) -> int:
 def _ring_documents():
     """Every ring case on 4 ranks against the oracle, with the ring steps each rank computed."""
     results = []
-    for index, (u, r, layout, lengths, causal, window, backend, dtype) in enumerate(RING_CASES):
+    for index, (u, r, layout, lengths, causal, window, backend, dtype, schedule) in enumerate(RING_CASES):
         mesh = init_mesh(u, r)
         cu = None if lengths is None else _offsets(lengths)
         whole = _offsets([64]) if cu is None else cu
@@ -170,16 +174,22 @@ def _ring_documents():
             return shard_sequence(x, mesh, layout=layout, cu_seqlens=cu).to(dtype)
         local = [shard(x).requires_grad_() for x in (q, k, v)]
         with record_traffic() as log:
-            out = usp_attention(*local, mesh, causal, None, layout, backend, cu_seqlens=cu, window_size=window)
+            out = usp_attention(*local, mesh, causal, None, layout, backend, cu_seqlens=cu, window_size=window,
+                                schedule=schedule)
             out.backward(shard(dout))
         got = [gather_sequence(x, mesh, layout=layout, cu_seqlens=cu).double()
                for x in (out.detach(), *(leaf.grad for leaf in local))]
         want = [expected.detach(), *(leaf.grad for leaf in leaves)]
         steps = {kind: [e.label for e in log.of_kind(kind)] for kind in (traffic.COMPUTE, traffic.SKIP)}
+        moved = {}
+        for e in log.events:
+            if e.kind in (traffic.P2P, traffic.ALL_GATHER, traffic.REDUCE_SCATTER):
+                moved[e.label] = moved.get(e.label, 0) + e.bytes_sent
         results.append(dict(errors=[(a - b).abs().max().item() for a, b in zip(got, want)],
                             computed=steps[traffic.COMPUTE].count(traffic.FORWARD),
                             skipped=steps[traffic.SKIP].count(traffic.FORWARD),
-                            skipped_backward=steps[traffic.SKIP].count(traffic.BACKWARD),
+                            skipped_backward=steps[traffic.SKIP].count(traffic.BACKWARD), moved=moved,
+                            shard_bytes=local[1].numel() * local[1].element_size(),  # as many after Ulysses
                             visible=_visible_sources(mask, layout, r, mesh.ring_rank, None if cu is None else
                                                      tuple(cu.tolist()))))
     return results
@@ -191,24 +201,38 @@ def ring_results():
 
 
 @pytest.mark.parametrize("index", range(len(RING_CASES)), ids=[
-    f"u{c[0]}r{c[1]}-{c[2]}-{'docs' if c[3] else 'dense'}-causal{int(c[4])}-window{c[5]}-{c[6]}" for c in RING_CASES])
+    f"u{c[0]}r{c[1]}-{c[2]}-{'docs' if c[3] else 'dense'}-causal{int(c[4])}-window{c[5]}-{c[6]}-{c[8]}"
+    for c in RING_CASES])
 def test_rings_with_documents_and_windows_match_the_oracle(ring_results, index):
-    """Each rank computes exactly the ring steps whose block holds a visible pair and
-    notes the others as skipped, in forward and in backward."""
+    """The ring schedule computes exactly the steps whose block holds a visible pair and
+    notes the others as skipped, in forward and in backward; the all-gather schedule
+    computes one block. Each moves the bytes of its formula, per rank, with ``B`` the
+    bytes of one K (or V) shard after the Ulysses all-to-all and ``A`` the same in the
+    accumulation dtype (here the input dtype): ring, (r - 1) 2B of K/V forward, as much
+    again backward, and r 2A of dK/dV accumulators; all-gather, (r - 1) 2B gathered in
+    each pass and (r - 1) 2A reduce-scattered."""
     tolerance = 1e-12 if RING_CASES[index][7] == torch.float64 else 2e-5
-    ring = RING_CASES[index][1]
+    ring, schedule = RING_CASES[index][1], RING_CASES[index][8]
     for rank, results in enumerate(ring_results):
         case = results[index]
         assert max(case["errors"]) <= tolerance, (rank, case)
-        assert case["computed"] == case["visible"], (rank, case)
-        assert case["skipped"] == case["skipped_backward"] == ring - case["visible"], (rank, case)
+        kv = 2 * case["shard_bytes"]
+        if schedule == "ring":
+            assert case["computed"] == case["visible"], (rank, case)
+            assert case["skipped"] == case["skipped_backward"] == ring - case["visible"], (rank, case)
+            expected = {traffic.KV_FORWARD: (ring - 1) * kv, traffic.KV_BACKWARD: (ring - 1) * kv,
+                        traffic.DKV_BACKWARD: ring * kv}
+        else:
+            assert (case["computed"], case["skipped"]) == (1, 0), (rank, case)
+            expected = {traffic.KV_GATHER: 2 * (ring - 1) * kv, traffic.DKV_REDUCE: (ring - 1) * kv}
+        assert case["moved"] == expected, (rank, case["moved"], expected)
 
 
 def test_a_window_on_a_contiguous_ring_skips_distant_ranks(ring_results):
     """Window (5, 3) and documents of 24, 0, 8, 32 tokens over 4 contiguous shards of 16:
     rank 0 sees rank 1 (document 0 crosses), rank 1 rank 0, ranks 2 and 3 each other
     (document 3); not rank 1 and rank 2 (a document boundary at 32), nor any farther one."""
-    index = RING_CASES.index((1, 4, "contiguous", RING_DOCUMENTS, False, (5, 3), "torch", torch.float32))
+    index = RING_CASES.index((1, 4, "contiguous", RING_DOCUMENTS, False, (5, 3), "torch", torch.float32, "ring"))
     assert [results[index]["skipped"] for results in ring_results] == [2, 2, 2, 2]
 
 

@@ -1,0 +1,70 @@
+"""The all-gather schedule (Llama 3's context parallelism): gather K/V, then one call.
+
+Forward: post the all-gathers of K and V over the ring group (both in flight at once),
+wait for them, and compute this rank's queries against every key in one backend call
+under the mask by token of the layout's positions (causal, documents and windows alike;
+``layout.gathered_block``), the kernels skipping blocks with nothing visible. Backward:
+gather K and V again (nothing is kept between the passes, as the ring keeps nothing),
+compute dQ and the dK/dV of every gathered key in one call, and reduce-scatter those
+(in the accumulation dtype) so that each rank receives the sums for its own shard.
+
+Against the ring (``usp.attention.ring``): the same K/V bytes leave each rank (its
+shard, to ``r - 1`` ranks), but the compute waits for them instead of overlapping them,
+and the backward reduce-scatters ``(r - 1) / r`` of the gathered gradients instead of
+passing the dK/dV accumulators ``r`` hops. It needs ``r`` times the K/V memory, and one
+kernel launch per pass instead of ``r``: a good trade when K/V are small (GQA) or the
+ring steps are too short to hide their transfers.
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+
+from usp.comm import traffic
+from usp.comm.gather import post_gather_sequence, post_reduce_scatter_sequence
+from usp.kernels.layout import accum_dtype
+
+from .layout import gathered_block
+
+SCHEDULES = ("ring", "allgather")
+
+
+def check_schedule(schedule: str) -> str:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    return schedule
+
+
+def _gather_kv(k, v, group, label: str):
+    posted = [post_gather_sequence(x, group, label) for x in (k, v)]
+    return [collective.wait() for collective in posted]
+
+
+def _block(q, group, causal, layout, documents, window_size):
+    size = dist.get_world_size(group)
+    return gathered_block(dist.get_rank(group), q.shape[1] * size, size, layout, causal, documents,
+                          tuple(window_size), q.device)
+
+
+def allgather_forward(q, k, v, group: dist.ProcessGroup, causal: bool, scale: float, layout: str, backend,
+                      documents=None, window_size=(-1, -1)):
+    """This rank's ``out [B, S, Hq, D]`` and ``lse [B, Hq, S]`` from its shards
+    ``q: [B, S, Hq, D]``, ``k, v: [B, S, Hkv, D]`` (laid out by ``layout``)."""
+    k_all, v_all = _gather_kv(k, v, group, traffic.KV_GATHER)
+    block = _block(q, group, causal, layout, documents, window_size)
+    with traffic.span(traffic.COMPUTE, label=traffic.FORWARD, step=0):
+        return backend.forward(q, k_all, v_all, softmax_scale=scale, **block.options())
+
+
+def allgather_backward(dout, q, k, v, out, lse, group: dist.ProcessGroup, causal: bool, scale: float, layout: str,
+                       backend, documents=None, window_size=(-1, -1)):
+    """``dq, dk, dv`` of this rank's shards from the global ``out`` and ``lse`` rows."""
+    k_all, v_all = _gather_kv(k, v, group, traffic.KV_GATHER)
+    block = _block(q, group, causal, layout, documents, window_size)
+    with traffic.span(traffic.COMPUTE, label=traffic.BACKWARD, step=0):
+        dq, dk_all, dv_all = backend.backward(dout, q, k_all, v_all, out, lse, softmax_scale=scale,
+                                              **block.options())
+    acc = accum_dtype(q.dtype)
+    posted = [post_reduce_scatter_sequence(g.to(acc), group, traffic.DKV_REDUCE) for g in (dk_all, dv_all)]
+    dk, dv = (collective.wait() for collective in posted)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
