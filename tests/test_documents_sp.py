@@ -142,10 +142,9 @@ RING_CASES = [
     (2, 2, "zigzag", RING_DOCUMENTS, True, (9, 0), "naive", torch.float64, "ring"),
     (2, 2, "stripe", None, True, (7, 0), "torch", torch.float32, "ring"),
     (1, 4, "zigzag", RING_DOCUMENTS, True, (10, 0), "triton", torch.float32, "ring"),
-    (2, 2, "contiguous", RING_DOCUMENTS, True, (-1, -1), "triton", torch.float32, "ring"),
     (1, 4, "zigzag", RING_DOCUMENTS, True, (-1, -1), "naive", torch.float64, "allgather"),
     (2, 2, "stripe", RING_DOCUMENTS, True, (6, 0), "torch", torch.float32, "allgather"),
-    (1, 4, "contiguous", None, True, (-1, -1), "triton", torch.float32, "allgather"),
+    (2, 2, "contiguous", RING_DOCUMENTS, True, (-1, -1), "triton", torch.float32, "allgather"),
     (2, 2, "zigzag", None, False, (-1, -1), "naive", torch.float64, "allgather"),
 ]
 

@@ -1,5 +1,5 @@
 """The README's runnable parts: the CPU examples (sequence-parallel attention, packed
-documents over Ulysses, and training a transformers model) run as written under
+documents over a USP mesh, and training a transformers model) run as written under
 torchrun with 4 processes, and the commands it names exist."""
 
 import os
@@ -44,9 +44,9 @@ def test_the_gloo_example_runs_as_written_under_torchrun(tmp_path):
 @pytest.mark.slow
 def test_the_documents_example_runs_as_written_under_torchrun(tmp_path):
     stdout = _run_example("<!-- example: documents -->", tmp_path)
-    (error,) = re.findall(r"max \|Ulysses - float64\| = (\S+)", stdout)
+    (error,) = re.findall(r"max \|USP - float64\| = (\S+)", stdout)
     assert float(error) < 1e-5
-    assert "rank 1 positions [0, 1, 2, 3]" in stdout  # rank 1 holds tokens 256..: document 1 starts at 300
+    assert "rank 0 positions [298, 299, 0, 1, 2, 9, 10, 11]" in stdout  # as the README says
 
 
 @pytest.mark.slow
