@@ -35,36 +35,46 @@ def check_schedule(schedule: str) -> str:
     return schedule
 
 
-def _gather_kv(k, v, group, label: str):
-    posted = [post_gather_sequence(x, group, label) for x in (k, v)]
-    return [collective.wait() for collective in posted]
+class GatherComm:
+    """The all-gather schedule's transfers over a real group: all-gathers and reduce-scatters
+    along the sequence (``usp.comm.gather``), each list of tensors in flight together."""
+
+    def __init__(self, group: dist.ProcessGroup):
+        self.group, self.rank, self.size = group, dist.get_rank(group), dist.get_world_size(group)
+
+    def gather(self, tensors, label: str) -> list:
+        posted = [post_gather_sequence(x, self.group, label) for x in tensors]
+        return [collective.wait() for collective in posted]
+
+    def reduce_scatter(self, tensors, label: str) -> list:
+        posted = [post_reduce_scatter_sequence(x, self.group, label) for x in tensors]
+        return [collective.wait() for collective in posted]
 
 
-def _block(q, group, causal, layout, documents, window_size):
-    size = dist.get_world_size(group)
-    return gathered_block(dist.get_rank(group), q.shape[1] * size, size, layout, causal, documents,
+def _block(q, comm, causal, layout, documents, window_size):
+    return gathered_block(comm.rank, q.shape[1] * comm.size, comm.size, layout, causal, documents,
                           tuple(window_size), q.device)
 
 
-def allgather_forward(q, k, v, group: dist.ProcessGroup, causal: bool, scale: float, layout: str, backend,
-                      documents=None, window_size=(-1, -1)):
+def allgather_forward(q, k, v, comm, causal: bool, scale: float, layout: str, backend, documents=None,
+                      window_size=(-1, -1)):
     """This rank's ``out [B, S, Hq, D]`` and ``lse [B, Hq, S]`` from its shards
-    ``q: [B, S, Hq, D]``, ``k, v: [B, S, Hkv, D]`` (laid out by ``layout``)."""
-    k_all, v_all = _gather_kv(k, v, group, traffic.KV_GATHER)
-    block = _block(q, group, causal, layout, documents, window_size)
+    ``q: [B, S, Hq, D]``, ``k, v: [B, S, Hkv, D]`` (laid out by ``layout``). ``comm``: a
+    ``GatherComm`` (the emulator passes one that replays the transfers)."""
+    k_all, v_all = comm.gather((k, v), traffic.KV_GATHER)
+    block = _block(q, comm, causal, layout, documents, window_size)
     with traffic.span(traffic.COMPUTE, label=traffic.FORWARD, step=0):
         return backend.forward(q, k_all, v_all, softmax_scale=scale, **block.options())
 
 
-def allgather_backward(dout, q, k, v, out, lse, group: dist.ProcessGroup, causal: bool, scale: float, layout: str,
-                       backend, documents=None, window_size=(-1, -1)):
+def allgather_backward(dout, q, k, v, out, lse, comm, causal: bool, scale: float, layout: str, backend,
+                       documents=None, window_size=(-1, -1)):
     """``dq, dk, dv`` of this rank's shards from the global ``out`` and ``lse`` rows."""
-    k_all, v_all = _gather_kv(k, v, group, traffic.KV_GATHER)
-    block = _block(q, group, causal, layout, documents, window_size)
+    k_all, v_all = comm.gather((k, v), traffic.KV_GATHER)
+    block = _block(q, comm, causal, layout, documents, window_size)
     with traffic.span(traffic.COMPUTE, label=traffic.BACKWARD, step=0):
         dq, dk_all, dv_all = backend.backward(dout, q, k_all, v_all, out, lse, softmax_scale=scale,
                                               **block.options())
     acc = accum_dtype(q.dtype)
-    posted = [post_reduce_scatter_sequence(g.to(acc), group, traffic.DKV_REDUCE) for g in (dk_all, dv_all)]
-    dk, dv = (collective.wait() for collective in posted)
+    dk, dv = comm.reduce_scatter((dk_all.to(acc), dv_all.to(acc)), traffic.DKV_REDUCE)
     return dq, dk.to(k.dtype), dv.to(v.dtype)

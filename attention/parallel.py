@@ -39,7 +39,7 @@ from usp.kernels import BACKENDS, get_backend, varlen_backward, varlen_forward
 from usp.kernels.backends import window_kwargs
 from usp.kernels.layout import accum_dtype, reduce_kv_grad
 
-from .allgather import allgather_backward, allgather_forward
+from .allgather import GatherComm, allgather_backward, allgather_forward
 from .ring import ring_backward, ring_forward
 
 
@@ -109,7 +109,7 @@ def sp_forward(q, k, v, plan: Plan, agreement: Agreement | None = None):
         agreement.settle()  # before the all-gather, the first transfer
     try:
         if ring is not None and plan.schedule == "allgather":
-            out_h, lse = allgather_forward(q_h, k_h, v_h, plan.ring, *plan.ring_options())
+            out_h, lse = allgather_forward(q_h, k_h, v_h, GatherComm(plan.ring), *plan.ring_options())
         elif ring is None:
             with traffic.span(traffic.COMPUTE, label=traffic.FORWARD, step=0):
                 out_h, lse = plan.local_forward(q_h, k_h, v_h)
@@ -133,7 +133,8 @@ def sp_backward(dout, saved, plan: Plan, heads: int, kv_heads: int):
     (dout_h,) = _exchange(post_seq_to_head, plan.ulysses, ((dout, shares),))
     ring = plan.ring_transport()
     if ring is not None and plan.schedule == "allgather":
-        dq_h, dk_h, dv_h = allgather_backward(dout_h, q_h, k_h, v_h, out_h, lse, plan.ring, *plan.ring_options())
+        dq_h, dk_h, dv_h = allgather_backward(dout_h, q_h, k_h, v_h, out_h, lse, GatherComm(plan.ring),
+                                              *plan.ring_options())
     elif ring is None:
         with traffic.span(traffic.COMPUTE, label=traffic.BACKWARD, step=0):
             dq_h, dk_h, dv_h = plan.local_backward(dout_h, q_h, k_h, v_h, out_h, lse)

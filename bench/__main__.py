@@ -22,6 +22,7 @@ COMMANDS = {
     "emulate": ("emulate", "time the per-rank schedule of N virtual ranks on one device; predict the step time"),
     "train": ("train", "train a small LLaMA-family model with USP on gloo processes and on one; compare the losses"),
     "faults": ("faults", "inject one fault per run into ring, Ulysses and USP on gloo processes; count hangs"),
+    "balance": ("balance", "per-rank work of each layout (dense causal, packed documents) and bytes per schedule"),
     "model": ("cost_model_cli", "the paper's communication / memory cost model, rankings and placement advice"),
     "plot": ("plot", "draw PNG figures from result JSON files (same as python -m usp.plots)"),
 }

@@ -1,5 +1,5 @@
 """``usp-bench all``: the main job. Runs, with their defaults for this machine, verify,
-kernels, scaling, emulate, model and train (train only where transformers is
+kernels, scaling, emulate, balance, model and train (train only where transformers is
 installed: ``pip install "usp-attention[hf]"``), each writing its JSON into one run
 folder, then draws that folder's figures into its figures/ subfolder. Nothing outside the run folder
 is written. Exits non-zero when a step fails (the later steps still run); Ctrl-C stops
@@ -18,7 +18,7 @@ from pathlib import Path
 from .cli_args import world_size_type
 from .results import new_run_dir
 
-STEPS = ("verify", "kernels", "scaling", "emulate", "model", "train")
+STEPS = ("verify", "kernels", "scaling", "emulate", "balance", "model", "train")
 INTERRUPTED = 130  # the exit status of a command stopped with Ctrl-C
 
 

@@ -372,5 +372,51 @@ def train_figure(document: dict, out_dir: Path) -> list[Path]:
     return [_save(figure, out_dir / f"train-{config['dtype']}.png")]
 
 
+def balance_figure(document: dict, out_dir: Path) -> list[Path]:
+    """Work imbalance (busiest ring rank over the mean) per layout against the ring
+    degree, dense causal and with packed documents; and the transfer time per rank of
+    one forward + backward under each schedule at each link speed."""
+    config = document["config"]
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    for axis, mix, title in ((axes[0], "dense", "dense causal"), (axes[1], "documents", "packed documents")):
+        lines = defaultdict(list)
+        for record in document["records"]:
+            if record["mix"] == mix:
+                lines[record["layout"]].append((record["ring_degree"], record["imbalance"]))
+        for index, (layout, points) in enumerate(lines.items()):  # markers shrink: equal lines stay visible
+            points.sort()
+            axis.plot([p[0] for p in points], [p[1] for p in points], "--" if "whole" in layout else "-",
+                      marker="osD^"[index % 4], markersize=9 - 2 * index, label=layout)
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("ring degree r")
+        axis.set_ylabel("work imbalance (busiest rank / mean)")
+        axis.set_title(title, fontsize=9)
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=8)
+    axis = axes[2]
+    for index, gbs in enumerate(config["bandwidths_gbs"]):
+        for schedule, style in (("ring", "-"), ("allgather", "--")):
+            points = sorted((t["ring_degree"], sum(t["transfer_ms"][f"{gbs:g}"].values()))
+                            for t in document["traffic"] if t["schedule"] == schedule)
+            axis.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", color=f"C{index}",
+                      label=f"{schedule} at {gbs:g} GB/s" + (" (overlapped)" if schedule == "ring" else " (exposed)"))
+    axis.set_xscale("log", base=2)
+    axis.set_yscale("log")
+    axis.set_xlabel("ring degree r")
+    axis.set_ylabel("transfer ms per rank, forward + backward")
+    axis.set_title(f"K/V traffic: {config['kv_heads']} K/V heads d{config['head_dim']} {config['dtype']}, pure ring",
+                   fontsize=9)
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=7)
+    docs = config["docs"]
+    mix = (f"fixed {docs['length']}" if docs["kind"] == "fixed" else
+           f"lognormal mean {docs['mean']:g}, sigma {docs['sigma']:g}")
+    figure.suptitle(f"Layouts and schedules (computed from the masks, not measured): {config['seqlen']} tokens, "
+                    f"documents {mix}" + (f", window {config['window']}" if config.get("window") is not None else "")
+                    + f"; computed on {machine_label(document)}", fontsize=9)
+    return [_save(figure, out_dir / "balance.png")]
+
+
 FIGURES = {"kernels": [kernel_figures], "scaling": [scaling_figures, timeline_figure, references_figure],
-           "emulate": [timeline_figure], "model": [comm_volume_figure], "train": [train_figure]}
+           "emulate": [timeline_figure], "model": [comm_volume_figure], "train": [train_figure],
+           "balance": [balance_figure]}

@@ -60,6 +60,7 @@ TOY_RUNS = {
                 "2", "--head-dim", "16", "--warmup", "0", "--repeats", "1", "--bandwidth", "slow=0.001",
                 "--bandwidth", "fast=100"],
     "model": ["--seqlen", "32768", "--degrees", "2", "8"],
+    "balance": ["--seqlen", "256", "--ring-degree", "2", "4", "--docs", "lognormal:mean=32", "--window", "40"],
     "train": ["--world-size", "2", "--mesh", "1x2", "--layout", "zigzag", "--steps", "2", "--seqlen", "16",
               "--layers", "1", "--hidden", "16", "--ffn-hidden", "32", "--vocab", "32"],
 }
@@ -281,7 +282,7 @@ def test_plot_writes_png_figures_from_the_toy_runs(toy_results, tmp_path):
     names = {p.name for p in figures.glob("*.png")}
     assert {"kernels-fp32-d16-full.png", "kernels-fp32-d16-causal.png", "scaling-fwd.png", "scaling-fwd-bwd.png",
             "comm-volume.png", "ring-timeline-scaling.png", "ring-timeline-emulate.png",
-            "scaling-references.png", "train-fp64.png"} == names
+            "scaling-references.png", "train-fp64.png", "balance.png"} == names
     for path in figures.glob("*.png"):
         data = path.read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 5000
@@ -326,7 +327,7 @@ def test_the_main_job_writes_one_run_folder_and_nothing_else(tmp_path, monkeypat
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert list(tmp_path.iterdir()) == [tmp_path / "runs"]
     kinds = sorted(json.loads(p.read_text())["kind"] for p in run_dir.glob("*.json"))
-    assert kinds == ["emulate", "kernels", "model", "scaling", "verify"]
+    assert kinds == ["balance", "emulate", "kernels", "model", "scaling", "verify"]
     assert {p.name for p in (run_dir / "figures").glob("*.png")} >= {"scaling-fwd.png", "comm-volume.png",
                                                                      "ring-timeline-emulate.png"}
     output = capsys.readouterr().out
@@ -353,7 +354,7 @@ def test_a_failing_step_does_not_stop_the_main_job(tmp_path, monkeypatch, capsys
     assert main(["all"]) == 1
     (run_dir,) = (tmp_path / "runs").iterdir()
     kinds = sorted(json.loads(p.read_text())["kind"] for p in run_dir.glob("*.json"))
-    assert kinds == ["emulate", "model", "scaling", "verify"]
+    assert kinds == ["balance", "emulate", "model", "scaling", "verify"]
     assert "failed: kernels, train" in capsys.readouterr().out
 
 

@@ -13,6 +13,7 @@ from errors import error_of
 from usp.attention import (document_mask, gather_sequence, naive_attention, pad_documents, sequence_positions,
                            shard_sequence, ulysses_attention, usp_attention)
 from usp.attention.layout import ring_positions
+from usp.bench.balance import schedule_bytes
 from usp.bench.launch import run
 from usp.comm import init_mesh, traffic
 from usp.comm.traffic import record_traffic
@@ -225,6 +226,9 @@ def test_rings_with_documents_and_windows_match_the_oracle(ring_results, index):
             assert (case["computed"], case["skipped"]) == (1, 0), (rank, case)
             expected = {traffic.KV_GATHER: 2 * (ring - 1) * kv, traffic.DKV_REDUCE: (ring - 1) * kv}
         assert case["moved"] == expected, (rank, case["moved"], expected)
+        # the formula usp-bench balance prices the schedules with (accumulators in the input dtype here)
+        formula = schedule_bytes(schedule, ring, case["shard_bytes"], case["shard_bytes"])
+        assert sum(case["moved"].values()) == formula["fwd"] + formula["bwd"]
 
 
 def test_a_window_on_a_contiguous_ring_skips_distant_ranks(ring_results):
