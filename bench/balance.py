@@ -29,8 +29,7 @@ import torch
 
 from usp.attention.layout import LAYOUTS, ring_positions, visible_key_span
 
-from .cli_args import DTYPES, add_output_arguments, bounded_int, positive_float
-from .emulate import DEFAULT_BANDWIDTHS
+from .cli_args import DEFAULT_BANDWIDTHS, DTYPES, add_output_arguments, bounded_int, positive_float
 from .results import write_result
 
 SCHEDULE_NAMES = ("ring", "allgather")
@@ -98,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seqlen", type=bounded_int(2), default=131072, help="global sequence length in tokens")
     parser.add_argument("--ring-degree", type=bounded_int(1, 1024), nargs="+", default=[2, 4, 8, 16, 32],
                         help="ring degrees to compare")
-    parser.add_argument("--docs", type=_documents_type, default=parse_documents("lognormal:mean=8192,sigma=1"),
+    parser.add_argument("--docs", type=documents_type, default=parse_documents("lognormal:mean=8192,sigma=1"),
                         metavar="SPEC", help="document lengths: fixed:N or lognormal:mean=M[,sigma=S]")
     parser.add_argument("--window", type=bounded_int(0), default=None,
                         help="a causal sliding window of this many keys before each query (default: none)")
@@ -112,7 +111,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_output_arguments(parser)
 
 
-def _documents_type(text: str) -> dict:
+def documents_type(text: str) -> dict:
+    """``parse_documents`` as an argparse type."""
     try:
         return parse_documents(text)
     except ValueError as error:

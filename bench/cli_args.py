@@ -10,6 +10,11 @@ import torch
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 
 
+# Nominal per-direction bandwidths per GPU, GB/s (1e9 B/s): NVLink 4 on H100 SXM is 900 GB/s
+# both directions together; InfiniBand NDR is 400 Gb/s per port (one port per GPU).
+DEFAULT_BANDWIDTHS = {"nvlink4": 450.0, "ib-ndr": 50.0}
+
+
 def plain(text: str | None) -> str:
     """A docstring as help text: ``code`` markup becomes plain code."""
     return re.sub(r"``(.+?)``", r"\1", text or "")

@@ -22,11 +22,13 @@ layout and pass:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 from dataclasses import asdict, dataclass
 
 import torch
 
+from usp.attention.allgather import SCHEDULES, allgather_backward, allgather_forward
 from usp.attention.layout import LAYOUTS, check_global_seqlen, ring_positions
 from usp.attention.ring import ring_backward, ring_forward
 from usp.attention.volume import CallVolume, attention_volume
@@ -34,19 +36,18 @@ from usp.comm import traffic
 from usp.comm.heads import heads_per_rank, heads_problem, kv_heads_per_rank
 from usp.comm.ring import Delivered
 from usp.comm.traffic import CudaClock, HostClock, record_traffic
-from usp.kernels import BACKENDS, get_backend
-from usp.kernels.checks import resolve_softmax_scale
+from usp.kernels import BACKENDS, get_backend, varlen_backward, varlen_forward
+from usp.kernels.backends import window_kwargs
+from usp.kernels.checks import resolve_softmax_scale, resolve_window
 
-from .cli_args import (DTYPES, add_device_argument, add_output_arguments, add_timing_arguments,
+from .balance import document_offsets, documents_type, imbalance, rank_work
+from .cli_args import (DEFAULT_BANDWIDTHS, DTYPES, add_device_argument, add_output_arguments, add_timing_arguments,
                        bounded_int, default_device, positive_float)
 from .flops import FLOP_CONVENTION, attention_flops
 from .inputs import random_inputs
 from .results import TIMING_FIELDS, device_name, sp_impl_name, timing_record, write_result
 from .timing import measure_ms, synchronize
 
-# Nominal per-direction bandwidths per GPU, GB/s (1e9 B/s): NVLink 4 on H100 SXM is 900 GB/s
-# both directions together; InfiniBand NDR is 400 Gb/s per port (one port per GPU).
-DEFAULT_BANDWIDTHS = {"nvlink4": 450.0, "ib-ndr": 50.0}
 EMULATE_PASSES = ("fwd", "fwd+bwd")
 
 
@@ -61,6 +62,12 @@ class Problem:
     head_dim: int
     dtype: str
     causal: bool
+    window: int | None = None  # a causal sliding window: keys this far back at most
+    documents: tuple[int, ...] | None = None  # packed documents' offsets over the whole sequence
+
+    @property
+    def window_size(self) -> tuple[int, int]:
+        return (-1, -1) if self.window is None else (self.window, 0 if self.causal else -1)
 
     @property
     def ring_degree(self) -> int:
@@ -111,6 +118,21 @@ class ReplayRing:
         return Delivered(tensors)
 
 
+class ReplayGather:
+    """The all-gather schedule's transfers of ring rank ``rank`` run alone: a gather gives
+    every ring rank's K/V blocks in rank order at once, a reduce-scatter this rank's rows
+    of what it was given (its values do not change the work to time)."""
+
+    def __init__(self, rank: int, size: int, kv_blocks: list[list[torch.Tensor]]):
+        self.rank, self.size, self.kv_blocks = rank, size, kv_blocks
+
+    def gather(self, tensors, label: str) -> list[torch.Tensor]:
+        return [torch.cat([block[j] for block in self.kv_blocks], dim=1) for j in range(len(tensors))]
+
+    def reduce_scatter(self, tensors, label: str) -> list[torch.Tensor]:
+        return [x.chunk(self.size, dim=1)[self.rank] for x in tensors]
+
+
 def _step_ms(events, labels: tuple[str, ...], steps: int) -> list[float]:
     """Milliseconds of the compute spans with these labels, per ring step (0 for a step that computes nothing)."""
     times = [0.0] * steps
@@ -121,36 +143,42 @@ def _step_ms(events, labels: tuple[str, ...], steps: int) -> list[float]:
 
 
 def step_times(problem: Problem, layout: str, backend_name: str, device, warmup: int, repeats: int,
-               seed: int, with_backward: bool, progress=print) -> dict[str, list[list[float]]]:
+               seed: int, with_backward: bool, schedule: str = "ring", progress=print) -> dict[str, list[list[float]]]:
     """``{"fwd": t, "bwd": t}`` with ``t[i][s]``: ms of ring rank ``i``'s step ``s`` (0 when
-    skipped), each the median over ``repeats`` runs of the rank's ring loops."""
+    skipped; the all-gather schedule has one step), each the median over ``repeats`` runs
+    of the rank's schedule."""
     backend = get_backend(backend_name)
     r = problem.ring_degree
     scale = resolve_softmax_scale(None, problem.head_dim)
     # one Ulysses rank's heads over the whole sequence, then each ring rank's positions
     q, k, v, dout = random_inputs(problem.batch, problem.seqlen, problem.local_heads, problem.local_kv_heads,
                                   problem.head_dim, DTYPES[problem.dtype], device, seed)
-    positions = [ring_positions(problem.seqlen, r, i, layout).to(device) for i in range(r)]
+    positions = [ring_positions(problem.seqlen, r, i, layout, problem.documents).to(device) for i in range(r)]
     shard = lambda x, i: x.index_select(1, positions[i])  # noqa: E731
     kv_blocks = [[shard(k, i), shard(v, i)] for i in range(r)]
     clock = CudaClock() if torch.device(device).type == "cuda" else HostClock()
+    mask = (problem.causal, scale, layout, backend, problem.documents, problem.window_size)
+    steps = r if schedule == "ring" else 1
     times = {"fwd": [], "bwd": []}
     for i in range(r):
-        ring, q_i, dout_i = ReplayRing(i, r, kv_blocks), shard(q, i), shard(dout, i)
+        if schedule == "ring":
+            comm, forward, backward = ReplayRing(i, r, kv_blocks), ring_forward, ring_backward
+        else:
+            comm, forward, backward = ReplayGather(i, r, kv_blocks), allgather_forward, allgather_backward
+        q_i, dout_i = shard(q, i), shard(dout, i)
         runs = {"fwd": [], "bwd": []}
         for repeat in range(warmup + repeats):
             with record_traffic(clock) as log:
-                out_i, lse_i = ring_forward(q_i, *kv_blocks[i], ring, problem.causal, scale, layout, backend)
+                out_i, lse_i = forward(q_i, *kv_blocks[i], comm, *mask)
                 if with_backward:
-                    ring_backward(dout_i, q_i, *kv_blocks[i], out_i, lse_i, ring, problem.causal, scale, layout,
-                                  backend)
+                    backward(dout_i, q_i, *kv_blocks[i], out_i, lse_i, comm, *mask)
             synchronize(device)
             if repeat >= warmup:
                 events = log.timeline()
-                runs["fwd"].append(_step_ms(events, (traffic.FORWARD,), r))
-                runs["bwd"].append(_step_ms(events, (traffic.BACKWARD, traffic.ACCUMULATE), r))
+                runs["fwd"].append(_step_ms(events, (traffic.FORWARD,), steps))
+                runs["bwd"].append(_step_ms(events, (traffic.BACKWARD, traffic.ACCUMULATE), steps))
         for pass_ in times:
-            times[pass_].append([statistics.median(run[s] for run in runs[pass_]) for s in range(r)])
+            times[pass_].append([statistics.median(run[s] for run in runs[pass_]) for s in range(steps)])
         progress(f"        ring rank {i}: forward steps {_fmt(times['fwd'][i])} ms"
                  + (f"; backward {_fmt(times['bwd'][i])} ms" if with_backward else ""))
     return times
@@ -162,39 +190,58 @@ def _fmt(values: list[float]) -> str:
 
 def monolithic_ms(problem: Problem, backend_name: str, device, warmup: int, repeats: int, seed: int,
                   with_backward: bool) -> dict[str, float]:
-    """One kernel call on the whole sequence with all heads: forward, and backward."""
+    """One kernel call on the whole sequence with all heads (one varlen call with
+    documents): forward, and backward."""
     backend = get_backend(backend_name)
     q, k, v, dout = random_inputs(problem.batch, problem.seqlen, problem.heads, problem.kv_heads, problem.head_dim,
                                   DTYPES[problem.dtype], device, seed)
-    result = dict(fwd=measure_ms(lambda: backend.forward(q, k, v, causal=problem.causal, softmax_scale=None),
-                                 device, warmup, repeats)["ms"])
+    options = dict(causal=problem.causal, softmax_scale=None)
+    if problem.documents is None:
+        options.update(window_kwargs(problem.window_size))
+        forward = lambda: backend.forward(q, k, v, **options)  # noqa: E731
+        backward = lambda out, lse: backend.backward(dout, q, k, v, out, lse, **options)  # noqa: E731
+    else:  # batch 1, packed
+        cu = torch.tensor(problem.documents, dtype=torch.int32, device=device)
+        longest = max(b - a for a, b in zip(problem.documents, problem.documents[1:]))
+        packed = (cu, cu, longest, longest)
+        options["window_size"] = problem.window_size
+        forward = lambda: varlen_forward(backend, q[0], k[0], v[0], *packed, **options)  # noqa: E731
+        backward = lambda out, lse: varlen_backward(backend, dout[0], q[0], k[0], v[0], out, lse,  # noqa: E731
+                                                    *packed, **options)
+    result = dict(fwd=measure_ms(forward, device, warmup, repeats)["ms"])
     if with_backward:
-        out, lse = backend.forward(q, k, v, causal=problem.causal, softmax_scale=None)
-        result["bwd"] = measure_ms(lambda: backend.backward(dout, q, k, v, out, lse, causal=problem.causal,
-                                                            softmax_scale=None), device, warmup, repeats)["ms"]
+        out, lse = forward()
+        result["bwd"] = measure_ms(lambda: backward(out, lse), device, warmup, repeats)["ms"]
     return result
 
 
-def predict(problem: Problem, times: dict, pass_: str, bandwidth_gbs: float, latency_us: float) -> dict:
+def predict(problem: Problem, times: dict, pass_: str, bandwidth_gbs: float, latency_us: float,
+            schedule: str = "ring") -> dict:
     """Lock-step prediction of one pass: per ring step the slowest rank's compute or the
-    transfer in flight, whichever is longer; the Ulysses all-to-alls before and after."""
+    transfer in flight, whichever is longer (the all-gather schedule: its gathers and
+    reduce-scatters, not overlapped, then the slowest rank's one call); the Ulysses
+    all-to-alls before and after."""
     volume = problem.volume()
     r, u = problem.ring_degree, problem.ulysses_degree
     seconds = lambda nbytes: latency_us * 1e-6 + nbytes / (bandwidth_gbs * 1e9)  # noqa: E731
     kv_ms, acc_ms = seconds(volume.kv_hop_bytes) * 1e3, seconds(volume.accumulator_hop_bytes) * 1e3
-    slowest = lambda which: [max(times[which][i][s] for i in range(r)) for s in range(r)]  # noqa: E731
-    ring_fwd = sum(max(c, kv_ms if s < r - 1 else 0.0) for s, c in enumerate(slowest("fwd"))) if r > 1 \
-        else slowest("fwd")[0]
+    steps = len(times["fwd"][0])
+    slowest = lambda which: [max(times[which][i][s] for i in range(r)) for s in range(steps)]  # noqa: E731
+    if schedule == "allgather":  # gather the other r - 1 shards, then compute; backward: again, then reduce-scatter
+        gather_ms = seconds((r - 1) * volume.kv_hop_bytes) * 1e3 if r > 1 else 0.0
+        scatter_ms = seconds((r - 1) * volume.accumulator_hop_bytes) * 1e3 if r > 1 else 0.0
+        ring_fwd = gather_ms + slowest("fwd")[0]
+        ring_bwd = gather_ms + slowest("bwd")[0] + scatter_ms
+    else:
+        ring_fwd = sum(max(c, kv_ms if s < r - 1 else 0.0) for s, c in enumerate(slowest("fwd"))) if r > 1 \
+            else slowest("fwd")[0]
+        compute = slowest("bwd")
+        ring_bwd = (sum(max(c, (kv_ms if s < r - 1 else 0.0) + (acc_ms if s > 0 else 0.0))
+                        for s, c in enumerate(compute)) + acc_ms) if r > 1 else compute[0]
     # four all-to-alls a pass (forward: q, k, v in, out back; backward: dout in, dq, dk, dv back), as many bytes each
     a2a_ms = (4 * latency_us * 1e-6 + volume.forward.all_to_all_bytes / (bandwidth_gbs * 1e9)) * 1e3 if u > 1 else 0.0
     total, ring_ms, all_to_all_ms = ring_fwd + a2a_ms, ring_fwd, a2a_ms
     if pass_ == "fwd+bwd":
-        compute = slowest("bwd")
-        if r > 1:
-            ring_bwd = sum(max(c, (kv_ms if s < r - 1 else 0.0) + (acc_ms if s > 0 else 0.0))
-                           for s, c in enumerate(compute)) + acc_ms
-        else:
-            ring_bwd = compute[0]
         total, ring_ms, all_to_all_ms = total + ring_bwd + a2a_ms, ring_ms + ring_bwd, all_to_all_ms + a2a_ms
     compute_only = sum(slowest("fwd")) + (sum(slowest("bwd")) if pass_ == "fwd+bwd" else 0.0)
     return dict(bandwidth_gbs=bandwidth_gbs, latency_us=latency_us, predicted_ms=total, ring_ms=ring_ms,
@@ -246,6 +293,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="local attention backend")
     parser.add_argument("--layout", choices=LAYOUTS, nargs="+", default=list(LAYOUTS), help="ring layouts")
     parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True, help="causal attention")
+    parser.add_argument("--schedule", choices=SCHEDULES, nargs="+", default=["ring"],
+                        help="how K/V reach the ring's ranks: ring (overlapped hops) or allgather (gathered first)")
+    parser.add_argument("--docs", type=documents_type, default=None, metavar="SPEC",
+                        help="pack documents of these lengths: fixed:N or lognormal:mean=M[,sigma=S] (drawn with "
+                             "--seed, each a multiple of 2 x ring degree; default: one dense sequence)")
+    parser.add_argument("--window", type=bounded_int(0), default=None,
+                        help="a sliding window of this many keys before each query (default: none)")
     parser.add_argument("--pass", dest="passes", action="append", choices=EMULATE_PASSES,
                         help="pass, repeatable (default: both)")
     parser.add_argument("--bandwidth", type=_bandwidth, action="append",
@@ -261,11 +315,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     device = default_device(args.device)
     problem = Problem(args.world_size, args.ulysses_degree, args.tokens_per_rank, args.batch, args.heads,
-                      args.kv_heads, args.head_dim, args.dtype, args.causal)
+                      args.kv_heads, args.head_dim, args.dtype, args.causal, args.window)
     try:
         check_problem(problem)
+        if args.docs is not None:
+            if args.batch != 1:
+                raise ValueError(f"packed documents need batch 1, got {args.batch}")
+            documents = document_offsets(args.docs, problem.seqlen, 2 * problem.ring_degree, args.seed)
+            problem = dataclasses.replace(problem, documents=documents)
         for layout in args.layout:
-            check_global_seqlen(problem.seqlen, problem.ulysses_degree, problem.ring_degree, layout)
+            check_global_seqlen(problem.seqlen, problem.ulysses_degree, problem.ring_degree, layout,
+                                problem.documents)
     except ValueError as error:
         raise SystemExit(f"emulate: {error}") from None
     passes = args.passes or list(EMULATE_PASSES)
@@ -275,51 +335,64 @@ def run(args: argparse.Namespace) -> int:
     u, r = problem.ulysses_degree, problem.ring_degree
     print(f"emulate: {problem.world_size} virtual ranks (u{u} x r{r}) on {where}, {problem.seqlen} tokens "
           f"({problem.tokens_per_rank}/rank), {problem.heads}/{problem.kv_heads} heads d{problem.head_dim} "
-          f"{problem.dtype} {'causal' if problem.causal else 'full'}, {args.backend}")
+          f"{problem.dtype} {'causal' if problem.causal else 'full'}, {args.backend}"
+          + ("" if problem.documents is None else f", {len(problem.documents) - 1} documents")
+          + ("" if problem.window is None else f", window {problem.window}"))
     print("monolithic kernel on the whole sequence ...", flush=True)
     whole = monolithic_ms(problem, args.backend, device, args.warmup, args.repeats, args.seed, with_backward)
     print(f"        forward {whole['fwd']:.3f} ms" + (f", backward {whole['bwd']:.3f} ms" if with_backward else ""))
     records, timelines = [], {}
     for layout in args.layout:
-        print(f"layout {layout}: {r} ring ranks x {r} steps", flush=True)
-        times = step_times(problem, layout, args.backend, device, args.warmup, args.repeats, args.seed,
-                           with_backward)
-        timelines[layout] = predicted_timeline(problem, times, next(iter(bandwidths.values())), args.latency_us)
-        for pass_ in passes:
-            records.append(_record(problem, layout, pass_, times, whole, bandwidths, args, where))
-            _print_record(records[-1])
+        for schedule in args.schedule:
+            steps = f"{r} steps" if schedule == "ring" else "one call after the all-gather"
+            print(f"layout {layout}, schedule {schedule}: {r} ring ranks x {steps}", flush=True)
+            times = step_times(problem, layout, args.backend, device, args.warmup, args.repeats, args.seed,
+                               with_backward, schedule)
+            if schedule == "ring":
+                timelines[layout] = predicted_timeline(problem, times, next(iter(bandwidths.values())),
+                                                       args.latency_us)
+            for pass_ in passes:
+                records.append(_record(problem, layout, schedule, pass_, times, whole, bandwidths, args, where))
+                _print_record(records[-1])
     path = write_result("emulate", device, dict(
         flop_convention=FLOP_CONVENTION, timing_fields=list(TIMING_FIELDS),
         config=dict(asdict(problem), ring_degree=r, seqlen=problem.seqlen, backend=args.backend,
-                    layouts=args.layout, passes=passes, bandwidths_gbs=bandwidths, latency_us=args.latency_us,
+                    layouts=args.layout, schedules=args.schedule, docs=args.docs, passes=passes,
+                    bandwidths_gbs=bandwidths, latency_us=args.latency_us,
                     warmup=args.warmup, repeats=args.repeats, transfer_bytes=asdict(problem.volume()),
                     timeline_bandwidth=next(iter(bandwidths)),
                     model=("lock-step ring: each step lasts max(slowest rank's compute, transfer in flight); "
-                           "Ulysses all-to-alls not overlapped; one Ulysses rank per ring rank timed")),
+                           "all-gather: its transfers not overlapped; Ulysses all-to-alls not overlapped; one "
+                           "Ulysses rank per ring rank timed")),
         monolithic_ms=whole, records=records, timelines=timelines), args.out_dir)
     print(f"wrote {path}")
     return 0
 
 
-def _record(problem: Problem, layout: str, pass_: str, times: dict, whole: dict, bandwidths: dict, args,
-            where: str) -> dict:
+def _record(problem: Problem, layout: str, schedule: str, pass_: str, times: dict, whole: dict, bandwidths: dict,
+            args, where: str) -> dict:
     r, u = problem.ring_degree, problem.ulysses_degree
     per_rank = [sum(times["fwd"][i]) + (sum(times["bwd"][i]) if pass_ == "fwd+bwd" else 0.0) for i in range(r)]
     monolithic = whole["fwd"] + (whole["bwd"] if pass_ == "fwd+bwd" else 0.0)
     flops = attention_flops(problem.batch, problem.heads, problem.seqlen, problem.seqlen, problem.head_dim,
                             problem.causal, pass_)
+    left, right = resolve_window(problem.causal, problem.window_size)
+    work = rank_work(problem.seqlen, r, layout, problem.documents, (left, right))
     slowest = max(per_rank)
     predictions = {}
     for name, gbs in bandwidths.items():
-        prediction = predict(problem, times, pass_, gbs, args.latency_us)
+        prediction = predict(problem, times, pass_, gbs, args.latency_us, schedule)
         prediction["tflops_per_rank"] = flops / problem.world_size / (prediction["predicted_ms"] * 1e-3) / 1e12
         prediction["scaling_efficiency"] = monolithic / problem.world_size / prediction["predicted_ms"]
         predictions[name] = prediction
     return timing_record(
-        where, sp_impl_name(u, r, layout), pass_, problem.dtype, problem.causal, problem.batch,
+        where, sp_impl_name(u, r, layout) + ("" if schedule == "ring" else f"-{schedule}"),
+        pass_, problem.dtype, problem.causal, problem.batch,
         problem.seqlen, problem.heads, problem.kv_heads, problem.head_dim, slowest, flops / problem.world_size,
         emulated=True, backend=args.backend, world_size=problem.world_size, ulysses_degree=u, ring_degree=r,
-        layout=layout, tflops_convention="per rank: the call's FLOPs / world size / slowest rank's compute",
+        layout=layout, schedule=schedule, work_imbalance=imbalance(work), per_rank_work=work,
+        documents=None if problem.documents is None else len(problem.documents) - 1, window=problem.window,
+        tflops_convention="per rank: the call's FLOPs / world size / slowest rank's compute",
         monolithic_ms=monolithic, schedule_compute_ms=u * sum(per_rank),
         overhead=u * sum(per_rank) / monolithic, imbalance=slowest / statistics.mean(per_rank),
         per_rank_compute_ms=per_rank, step_ms=dict(fwd=times["fwd"], bwd=times["bwd"] if pass_ == "fwd+bwd" else None),
@@ -330,4 +403,5 @@ def _print_record(record: dict) -> None:
     predictions = ", ".join(f"{name} {p['predicted_ms']:.2f} ms ({p['scaling_efficiency']:.2f} of ideal)"
                             for name, p in record["predictions"].items())
     print(f"  {record['impl']:<22} {record['pass']:<8} slowest rank {record['ms']:.3f} ms, overhead "
-          f"{record['overhead']:.2f}x, imbalance {record['imbalance']:.2f}; predicted: {predictions}", flush=True)
+          f"{record['overhead']:.2f}x, imbalance {record['imbalance']:.2f} (work {record['work_imbalance']:.2f}); "
+          f"predicted: {predictions}", flush=True)

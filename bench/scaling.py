@@ -42,12 +42,14 @@ import torch
 import torch.distributed as dist
 
 from usp.attention import shard_sequence, usp_attention
+from usp.attention.allgather import SCHEDULES
 from usp.attention.layout import LAYOUTS, check_global_seqlen
 from usp.comm import PLACEMENTS, RingComm, init_mesh, mesh_shapes, record_traffic, traffic
 from usp.comm.heads import heads_problem, kv_head_shares
 from usp.comm.traffic import CudaClock, HostClock
 from usp.kernels import BACKENDS
 
+from .balance import document_offsets, documents_type
 from .cli_args import (DTYPES, add_output_arguments, add_timing_arguments, bounded_int, mesh_type,
                        positive_float, world_size_type)
 from .flops import FLOP_CONVENTION, attention_flops
@@ -83,6 +85,18 @@ class Settings:
     repeats: int
     seed: int
     references: tuple = ()  # (u, r, name, passes) of each reference to time on that mesh
+    schedule: str = "ring"
+    docs: dict | None = None  # a document-length mix (usp.bench.balance.parse_documents), packed per case
+    window: int | None = None  # a sliding window of this many keys back
+
+    def masking(self, seqlen: int, world_size: int) -> dict:
+        """The keywords of a case's ``usp_attention`` call beyond the tensors: the schedule,
+        the window and the documents' offsets (every length a multiple of 2 x world size,
+        so that every mesh's zigzag can cut them, drawn with the case's seed)."""
+        window = (-1, -1) if self.window is None else (self.window, 0 if self.causal else -1)
+        offsets = None if self.docs is None else document_offsets(self.docs, seqlen, 2 * world_size,
+                                                                   self.seed + seqlen)
+        return dict(schedule=self.schedule, window_size=window, cu_seqlens=offsets)
 
 
 def mesh_options(world_size: int, heads: int, kv_heads: int, requested=None) -> tuple[list, list[str]]:
@@ -185,12 +199,15 @@ def _measure(settings: Settings, mesh, seqlen: int, pass_: str, device: torch.de
              oracle=None) -> dict:
     """This rank's figures for one case (and for each reference on it, timed interleaved,
     with its error and ours against the global float64 ``oracle``)."""
-    q, k, v, dout = (shard_sequence(x, mesh, layout=settings.layout) for x in _inputs(settings, seqlen, device))
+    masking = settings.masking(seqlen, dist.get_world_size())
+    documents = masking["cu_seqlens"]
+    q, k, v, dout = (shard_sequence(x, mesh, layout=settings.layout, cu_seqlens=documents)
+                     for x in _inputs(settings, seqlen, device))
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     call = lambda q_, k_, v_: usp_attention(q_, k_, v_, mesh, settings.causal, None, settings.layout,  # noqa: E731
-                                            settings.backend)
+                                            settings.backend, **masking)
     fn = _runner(call, pass_, q, k, v, dout)
     others = {name: _runner(REFERENCES[name].build(mesh, settings), pass_, q, k, v, dout) for name in references}
     for _ in range(settings.warmup):
@@ -220,7 +237,7 @@ def _measure(settings: Settings, mesh, seqlen: int, pass_: str, device: torch.de
     events = log.timeline()
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     transfer = {}
-    if mesh.ring_degree > 1:
+    if mesh.ring_degree > 1 and settings.schedule == "ring":
         ring = RingComm(mesh.ring_group)
         kv_heads = kv_head_shares(settings.heads, settings.kv_heads, mesh.ulysses_degree)[mesh.ulysses_rank]
         block = torch.empty(settings.batch, seqlen // mesh.ring_degree, kv_heads, settings.head_dim, device=device,
@@ -234,9 +251,15 @@ def _measure(settings: Settings, mesh, seqlen: int, pass_: str, device: torch.de
                                 if e.kind in kinds and e.end is not None)
     return dict(times_ms=times, traced_ms=traced_ms, bytes_sent=log.bytes_sent(), p2p_bytes=log.bytes_sent(traffic.P2P),
                 all_to_all_bytes=log.bytes_sent(traffic.ALL_TO_ALL), compute_ms=span_ms({traffic.COMPUTE}),
-                comm_wait_ms=span_ms({traffic.WAIT, traffic.ALL_TO_ALL}),
+                comm_wait_ms=span_ms({traffic.WAIT, traffic.ALL_TO_ALL, traffic.ALL_GATHER, traffic.REDUCE_SCATTER}),
                 ring=ring_overlap(events, mesh.ring_degree, transfer), peak_memory_bytes=peak,
                 timeline=_timeline(events), references=compared)
+
+
+def settings_impl(settings: Settings, u: int, r: int) -> str:
+    """The implementation name of a mesh: its method and layout, and the schedule when not the ring."""
+    return sp_impl_name(u, r, settings.layout) + ("" if settings.schedule == "ring" or r == 1 else
+                                                  f"-{settings.schedule}")
 
 
 def slowest_rank_ms(times_per_rank: list[list[float]]) -> float:
@@ -280,7 +303,7 @@ def rank_main(settings: Settings) -> list[dict]:
                 everyone = [None] * world_size
                 dist.all_gather_object(everyone, (figures["times_ms"], figures["traced_ms"], figures["comm_wait_ms"]))
                 if rank == 0:
-                    impl = sp_impl_name(u, r, settings.layout)
+                    impl = settings_impl(settings, u, r)
                     slowest = max(everyone, key=lambda e: e[1])
                     print(f"[{len(results):>3}/{total}] N={world_size} {impl:<22} s{seqlen:<7} {pass_:<8}"
                           f"{slowest_rank_ms([e[0] for e in everyone]):9.2f} ms; traced call {slowest[1]:8.2f} ms, "
@@ -314,11 +337,12 @@ def combine(settings: Settings, per_rank: list[list[dict]], device: str, world_s
             rank_figures["tflops"] = flops / world_size / (rank_figures["ms"] * 1e-3) / 1e12
         peaks = [c["peak_memory_bytes"] for c in ranks if c["peak_memory_bytes"] is not None]
         records.append(timing_record(
-            device, sp_impl_name(u, r, settings.layout), pass_, settings.dtype, settings.causal,
+            device, settings_impl(settings, u, r), pass_, settings.dtype, settings.causal,
             settings.batch, seqlen, settings.heads, settings.kv_heads, settings.head_dim, ms, flops / world_size,
             total_flops=flops, tflops_convention="per rank: the call's FLOPs / world size / ms",
             world_size=world_size, tokens_per_rank=seqlen // world_size, ulysses_degree=u, ring_degree=r,
             placement=settings.placement, layout=settings.layout, backend=settings.backend,
+            schedule=settings.schedule, docs=settings.docs, window=settings.window,
             tokens_per_s=settings.batch * seqlen / (ms * 1e-3), oversubscribed=oversubscribed,
             bytes_sent_per_rank=max(c["bytes_sent"] for c in ranks),
             traced_ms_max=max(c["traced_ms"] for c in ranks), comm_wait_ms_max=max(c["comm_wait_ms"] for c in ranks),
@@ -360,6 +384,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=sorted(BACKENDS),
                         help=f"local attention backend (default: triton {on_gpus}, else torch)")
     parser.add_argument("--layout", choices=LAYOUTS, default="zigzag", help="ring layout")
+    parser.add_argument("--schedule", choices=SCHEDULES, default="ring",
+                        help="how K/V reach the ring's ranks: ring (overlapped hops) or allgather (gathered first)")
+    parser.add_argument("--docs", type=documents_type, default=None, metavar="SPEC",
+                        help="pack documents of these lengths: fixed:N or lognormal:mean=M[,sigma=S] (each a multiple "
+                             "of 2 x world size; batch 1; references left out; default: one dense sequence)")
+    parser.add_argument("--window", type=bounded_int(0), default=None,
+                        help="a sliding window of this many keys before each query (references left out; default: "
+                             "none)")
     parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True, help="causal attention")
     parser.add_argument("--placement", choices=PLACEMENTS, default="ulysses_inner",
                         help="which axis gets consecutive ranks")
@@ -379,17 +411,24 @@ def _settings(args, world_size: int, gpu: bool) -> tuple[Settings, list[str]]:
     heads = args.heads or (32 if gpu else 8)
     meshes, notes = mesh_options(world_size, heads, args.kv_heads, args.mesh)
     seqlens = args.seqlen or ([16384, 32768, 65536] if gpu else [512, 1024, 2048, 4096])
+    if args.docs is not None and args.batch != 1:
+        raise SystemExit(f"--docs: packed documents need --batch 1, got {args.batch}")
     for seqlen in seqlens:
         for u, r in meshes:
             try:
                 check_global_seqlen(seqlen, u, r, args.layout)
+                if args.docs is not None:
+                    document_offsets(args.docs, seqlen, 2 * world_size, 0)
             except ValueError as error:
                 raise SystemExit(f"--seqlen {seqlen}: {error}") from None
-    references, reference_notes = _references(args, meshes, heads, args.passes or SCALING_PASSES, gpu)
-    return Settings(tuple(meshes), tuple(seqlens), tuple(args.passes or SCALING_PASSES), args.batch, heads,
-                    args.kv_heads, args.head_dim or (128 if gpu else 64), args.dtype or ("bf16" if gpu else "fp32"),
-                    args.backend or ("triton" if gpu else "torch"), args.layout, args.causal, args.placement,
-                    args.warmup, args.repeats, args.seed, references), notes + reference_notes
+    masked = args.docs is not None or args.window is not None
+    references, reference_notes = ((), ["references left out: they take no documents or windows"]) if masked else \
+        _references(args, meshes, heads, args.passes or SCALING_PASSES, gpu)
+    settings = Settings(tuple(meshes), tuple(seqlens), tuple(args.passes or SCALING_PASSES), args.batch, heads,
+                        args.kv_heads, args.head_dim or (128 if gpu else 64), args.dtype or ("bf16" if gpu else "fp32"),
+                        args.backend or ("triton" if gpu else "torch"), args.layout, args.causal, args.placement,
+                        args.warmup, args.repeats, args.seed, references, args.schedule, args.docs, args.window)
+    return settings, notes + reference_notes
 
 
 def _references(args, meshes, heads: int, passes=SCALING_PASSES, gpu: bool = False) -> tuple[tuple, list[str]]:

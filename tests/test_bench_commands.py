@@ -221,7 +221,49 @@ def test_emulate_command(toy_results):
     stripe = next(r for r in records if r["impl"] == "usp-u2r2-stripe" and r["pass"] == "fwd")
     assert all(t > 0 for steps in stripe["step_ms"]["fwd"] for t in steps)  # a triangle on every step
     assert document["timelines"]["zigzag"]
-    assert "layout zigzag: 2 ring ranks" in outputs["emulate"]
+    assert "layout zigzag, schedule ring: 2 ring ranks" in outputs["emulate"]
+    # causal pairs over 32 tokens: ring rank 0 sees 136 (its triangle), rank 1 256 + 136
+    assert contiguous["work_imbalance"] == pytest.approx(392 / 264) and zigzag_fwd["work_imbalance"] == 1.0
+
+
+def test_emulate_with_documents_a_window_and_both_schedules(tmp_path, capsys):
+    """Packed documents (fixed 8 over 64 tokens), a window of 5, both schedules: the
+    all-gather makes one call per rank; a ring step of the contiguous layout that sees
+    another document only is skipped (timed 0)."""
+    argv = ["emulate", "--world-size", "4", "--tokens-per-rank", "16", "--heads", "2", "--kv-heads", "1",
+            "--head-dim", "16", "--docs", "fixed:8", "--window", "5", "--schedule", "ring", "allgather",
+            "--layout", "contiguous", "zigzag", "--pass", "fwd", "--warmup", "0", "--repeats", "1",
+            "--out-dir", str(tmp_path)]
+    assert main(argv) == 0
+    document = _timed_document(tmp_path, "emulate")
+    by = {(r["layout"], r["schedule"]): r for r in document["records"]}
+    assert set(by) == {(layout, schedule) for layout in ("contiguous", "zigzag") for schedule in ("ring", "allgather")}
+    assert all(len(steps) == 1 for steps in by["zigzag", "allgather"]["step_ms"]["fwd"])
+    assert by["contiguous", "ring"]["step_ms"]["fwd"][0][1:] == [0, 0, 0]  # documents never cross ranks here
+    # each rank holds two whole documents: contiguous is balanced; zigzag's one-token chunks under the window are not
+    assert by["contiguous", "ring"]["work_imbalance"] == 1.0 < by["zigzag", "ring"]["work_imbalance"]
+    assert by["zigzag", "ring"]["documents"] == 8
+    assert "8 documents, window 5" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_scaling_with_documents_a_window_and_the_allgather_schedule(tmp_path):
+    """On 2 gloo processes: packed documents and a window through the all-gather schedule;
+    the references are left out and said so."""
+    argv = [sys.executable, "-m", "usp.bench", "scaling", "--world-size", "2", "--seqlen", "64", "--heads", "4",
+            "--kv-heads", "2", "--head-dim", "16", "--docs", "fixed:24", "--window", "10", "--schedule", "allgather",
+            "--pass", "fwd+bwd", "--warmup", "0", "--repeats", "1", "--out-dir", str(tmp_path)]
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "references left out: they take no documents or windows" in proc.stdout
+    document = _timed_document(tmp_path, "scaling")
+    ring = next(r for r in document["records"] if r["ring_degree"] == 2)
+    assert ring["impl"] == "ring-u1r2-zigzag-allgather" and ring["schedule"] == "allgather"
+    assert ring["docs"] == {"kind": "fixed", "length": 24} and ring["window"] == 10
+    # per rank: K and V shards of 32 tokens x 2 heads x 16 fp32 gathered in each pass, dK and dV
+    # reduce-scattered, and the few bytes of the rank check
+    shard = 32 * 2 * 16 * 4
+    assert 0 < ring["bytes_sent_per_rank"] - (2 * 2 * shard + 2 * shard) < 100
 
 
 def test_model_command(toy_results):
