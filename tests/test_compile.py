@@ -29,6 +29,9 @@ def _models(mesh):
         "ulysses_attention documents": lambda q, k, v: ulysses_attention(
             q, k, v, mesh.ulysses_group, True, backend="naive", window_size=(5, 0),
             cu_seqlens=(0, 6, q.shape[1] * mesh.ulysses_degree)),  # a tuple: nothing to read from a tensor
+        "usp_attention allgather documents": lambda q, k, v: usp_attention(
+            q, k, v, mesh, True, backend="naive", window_size=(5, 0), schedule="allgather",
+            cu_seqlens=(0, 8, q.shape[1] * mesh.sp_degree)),
     }
     return {name: (lambda q, k, v, call=call: call(q * 1.5, k, v.tanh()).square().sum()) for name, call in
             calls.items()}
@@ -75,8 +78,9 @@ def _compiled_against_eager(ulysses_degree: int, ring_degree: int, backend: str)
 def _opchecks() -> dict:
     """``torch.library.opcheck`` of the forward op (schema, autograd registration, the fake
     implementation against the real one, AOT dispatch with dynamic shapes, which runs the
-    backward op too) on 4 ranks: USP with GQA, uneven Ulysses heads, ring, MQA, and one rank
-    alone (dp = 4; the naive kernel's output is a transposed view, the op's must not be)."""
+    backward op too) on 4 ranks: USP with GQA, uneven Ulysses heads, ring (the all-gather
+    schedule), MQA, and one rank alone (dp = 4; the naive kernel's output is a transposed
+    view, the op's must not be)."""
     results = {}
     for u, r, heads, kv_heads in ((2, 2, 4, 2), (4, 1, 6, 2), (1, 4, 4, 4), (4, 1, 4, 1), (1, 1, 4, 2)):
         mesh = init_mesh(u, r)
@@ -84,7 +88,8 @@ def _opchecks() -> dict:
         q, k, v = (shard_sequence(torch.randn(1, 32, h, 8, dtype=torch.float64, generator=generator),
                                   mesh).requires_grad_() for h in (heads, kv_heads, kv_heads))
         arguments = (q, k, v, mesh.ulysses_group.group_name, mesh.ring_group.group_name, True, 0.35, "zigzag",
-                     "naive", [], [-1, -1], mesh.sp_group.group_name, "usp_attention", True, False)
+                     "naive", [], [-1, -1], "allgather" if r == 4 else "ring", mesh.sp_group.group_name,
+                     "usp_attention", True, False)
         results[f"u{u}r{r} h{heads}/{kv_heads}"] = torch.library.opcheck(torch.ops.usp.sp_attention_forward.default,
                                                                          arguments)
     return results
@@ -100,7 +105,7 @@ def test_the_custom_op_passes_opcheck():
 def test_compiled_attention_has_no_graph_break_and_equals_eager(world, mesh):
     for rank, seen in enumerate(run(world, _compiled_against_eager, (*mesh, "aot_eager"), pg_timeout_s=120)):
         for name in ("USPAttention", "usp_attention", "ring_attention", "ulysses_attention",
-                     "ulysses_attention documents"):
+                     "ulysses_attention documents", "usp_attention allgather documents"):
             assert seen[name]["breaks"] == 0 and seen[name]["custom_op"], (rank, name)  # one graph, the op in it
             assert seen[name]["difference"] <= TOLERANCE, (rank, name, seen[name])
         if world > 1:
@@ -112,5 +117,5 @@ def test_compiled_attention_has_no_graph_break_and_equals_eager(world, mesh):
 def test_inductor_compiles_it_too():
     for rank, seen in enumerate(run(2, _compiled_against_eager, (1, 2, "inductor"), pg_timeout_s=600)):
         for name in ("USPAttention", "usp_attention", "ring_attention", "ulysses_attention",
-                     "ulysses_attention documents"):
+                     "ulysses_attention documents", "usp_attention allgather documents"):
             assert seen[name]["breaks"] == 0 and seen[name]["difference"] <= TOLERANCE, (rank, name, seen[name])
