@@ -24,9 +24,15 @@ What each step gets right that is easy to get wrong:
   attention's backward already sent K/V gradients to the ranks that own them); their sum
   over the sequence- and data-parallel groups is the gradient of the unsharded loss.
 
+- Packed documents: ``shard_batch(mesh, input_ids, cu_seqlens=cu)`` restarts the
+  positions at each document, gives no label across a document's end, and returns the
+  ``attention_kwargs`` (flash-attn's ``cu_seq_lens_q/k``, ``max_length_q/k``) that the
+  model passes through to its attention: ``model(..., **shard["attention_kwargs"])``.
+
 Sequences are whole and unpadded: a padding mask is not supported (transformers drops a
-2-D ``attention_mask`` for a custom attention), so ``shard_batch`` refuses one with zeros.
-Training and prefill only: the key/value cache of generation is refused.
+2-D ``attention_mask`` for a custom attention), so ``shard_batch`` refuses one with zeros;
+pack documents instead. Training and prefill only: the key/value cache of generation is
+refused.
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ from usp.kernels import get_backend
 
 from .functions import usp_attention
 from .layout import check_global_seqlen, check_layout
-from .sequence import sequence_positions, shard_sequence
+from .sequence import document_offsets, positions_in_documents, sequence_positions, shard_sequence
 
 try:
     from transformers import AttentionInterface
@@ -64,7 +70,8 @@ def _attention(settings: tuple, module, query, key, value, attention_mask, dropo
     ``key, value: [B, Hkv, S_local, D]`` -> ``([B, S_local, Hq, D], None)``."""
     mesh, layout, backend, check_ranks = settings
     seqlen = query.shape[2] * mesh.sp_degree  # the global length
-    extra = sorted(name for name, x in kwargs.items() if isinstance(x, torch.Tensor) and name != "position_ids")
+    documents = _documents(kwargs)
+    extra = sorted(name for name, x in kwargs.items() if isinstance(x, torch.Tensor) and name not in PACKED_KWARGS)
     problem = (
         "a 4-D attention mask (sequences must be whole and unpadded)" if attention_mask is not None else
         f"attention dropout {dropout}" if dropout else
@@ -73,7 +80,7 @@ def _attention(settings: tuple, module, query, key, value, attention_mask, dropo
         f"a logit softcap ({softcap})" if softcap else
         "a key/value cache (call the model with use_cache=False: generation is not sequence parallel)"
         if query.shape[2] != key.shape[2] else
-        f"the inputs {', '.join(extra)} (packed documents, attention sinks, ...)" if extra else None)
+        f"the inputs {', '.join(extra)} (attention sinks, ...)" if extra else None)
     if problem:
         raise ValueError(f"USP attention in {type(module).__name__} does not support {problem}")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
@@ -84,7 +91,22 @@ def _attention(settings: tuple, module, query, key, value, attention_mask, dropo
         low = torch.get_autocast_dtype(device_type)
         q, k, v = (x.to(low) if x.dtype == torch.float32 else x for x in (q, k, v))
     with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
-        return usp_attention(q, k, v, mesh, causal, scaling, layout, backend, check_ranks=check_ranks), None
+        return usp_attention(q, k, v, mesh, causal, scaling, layout, backend, check_ranks=check_ranks,
+                             cu_seqlens=documents), None
+
+
+# flash-attn's keyword arguments for packed documents, which transformers' models pass
+# through to the attention function: the global offsets, the same for queries and keys.
+PACKED_KWARGS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k")
+
+
+def _documents(kwargs: dict):
+    """The packed documents' offsets the model was called with (``cu_seq_lens_q``), or None."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if (cu_q is None) != (cu_k is None) or (cu_q is not None and not torch.equal(cu_q, cu_k)):
+        raise ValueError("USP attention takes packed documents as equal cu_seq_lens_q and cu_seq_lens_k (self-"
+                         "attention over one packed sequence): pass shard_batch(...)['attention_kwargs']")
+    return cu_q
 
 
 def _check_positions(mesh: Mesh, layout: str, model, args, kwargs) -> None:
@@ -96,7 +118,8 @@ def _check_positions(mesh: Mesh, layout: str, model, args, kwargs) -> None:
                          "without them its RoPE numbers this rank's tokens from 0")
     if torch.compiler.is_compiling():
         return
-    expected = sequence_positions(positions.shape[-1] * mesh.sp_degree, mesh, layout, device=positions.device)
+    expected = sequence_positions(positions.shape[-1] * mesh.sp_degree, mesh, layout, device=positions.device,
+                                  cu_seqlens=_documents(kwargs))
     offset = positions - expected
     if not bool((offset == offset[..., :1]).all()):
         raise ValueError(f"position_ids are not this rank's positions in the {layout} layout the model's attention "
@@ -125,7 +148,8 @@ def sequence_parallel(model, mesh: Mesh, *, layout: str = "zigzag", backend=None
     ``usp_attention``. Raises a ValueError (the same on every rank) when the Ulysses
     degree cannot split the model's heads; the attention raises one for what it cannot
     honour (masks, dropout, a window shorter than the sequence, softcap, a KV cache, any
-    extra tensor input such as packed-document offsets or attention sinks)."""
+    extra tensor input such as attention sinks). Packed documents come as flash-attn's
+    ``cu_seq_lens_q/k`` keywords of the model call (``shard_batch``'s ``attention_kwargs``)."""
     check_mesh(mesh)
     check_layout(layout)
     config = model.config
@@ -144,17 +168,25 @@ def _fingerprint(x: torch.Tensor) -> str:
 
 def shard_batch(mesh: Mesh, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
                 position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                layout: str = "zigzag", ignore_index: int = IGNORE_INDEX, check_ranks: bool = True) -> dict:
-    """This rank's shard of a batch of whole sequences.
+                layout: str = "zigzag", ignore_index: int = IGNORE_INDEX, check_ranks: bool = True,
+                cu_seqlens: torch.Tensor | None = None) -> dict:
+    """This rank's shard of a batch of whole sequences, or of one sequence of packed documents.
 
     ``input_ids: [B, S]`` (every rank of ``mesh.sp_group`` passes the same batch: shard the
     data loader by ``mesh.dp_rank``); ``labels: [B, S]`` in transformers' convention (the
     token itself; default ``input_ids``); ``position_ids: [B, S]`` (default ``0 .. S-1``).
+    ``cu_seqlens``: the offsets of packed documents (int32 ``[documents + 1]``, batch 1):
+    positions then restart at each document (the default, and what ``position_ids`` must
+    be if given), no label crosses a document's end, and the zigzag layout cuts each
+    document (lengths multiples of ``2 x ring_degree``: see ``pad_documents``).
     Returns ``input_ids``, ``position_ids`` and ``shift_labels`` (the next token's label,
-    ``ignore_index`` after the last), each ``[B, S / (u r)]`` in the order of
-    ``shard_sequence(..., layout=layout)``. ``check_ranks``: first make sure every rank of
-    the sequence-parallel group holds the same batch (one small all-gather; otherwise a
-    ValueError on every rank).
+    ``ignore_index`` after the last token of the sequence or of a document), each
+    ``[B, S / (u r)]`` in the order of ``shard_sequence(..., layout=layout)``, and
+    ``attention_kwargs`` for the model call (flash-attn's ``cu_seq_lens_q/k`` and
+    ``max_length_q/k`` with documents, else none): ``model(input_ids=...,
+    position_ids=..., **shard["attention_kwargs"])``. ``check_ranks``: first make sure
+    every rank of the sequence-parallel group holds the same batch (one small all-gather;
+    otherwise a ValueError on every rank).
     """
     check_mesh(mesh)
     with ranks_agree(mesh.sp_group, "shard_batch", device_of(None), check_ranks) as call:
@@ -168,21 +200,34 @@ def shard_batch(mesh: Mesh, input_ids: torch.Tensor, labels: torch.Tensor | None
                                  f"{tuple(x.shape)}")
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             raise ValueError("attention_mask masks some tokens: USP attention takes whole, unpadded sequences")
-        if position_ids is not None and not bool((position_ids.diff(dim=1) == 1).all()):
-            raise ValueError("position_ids do not count up by one along each row: packed documents (positions "
-                             "that restart) are not supported yet")
         check_layout(layout)
-        check_global_seqlen(input_ids.shape[1], mesh.ulysses_degree, mesh.ring_degree, layout)
+        seqlen = input_ids.shape[1]
+        documents = None
+        if cu_seqlens is not None:
+            if input_ids.shape[0] != 1:
+                raise ValueError(f"packed documents (cu_seqlens) need batch 1, got {input_ids.shape[0]} rows")
+            documents = document_offsets(cu_seqlens, seqlen)
+        expected = positions_in_documents(torch.arange(seqlen), documents)
+        if position_ids is not None and not bool((position_ids == expected).all()):
+            raise ValueError("position_ids must count up by one from 0 along each row, or restart at 0 at each "
+                             "document of cu_seqlens: " + ("pass cu_seqlens for packed documents" if documents is None
+                                                           else "they do not match cu_seqlens"))
+        check_global_seqlen(seqlen, mesh.ulysses_degree, mesh.ring_degree, layout, documents)
         call.fields = dict(shape=tuple(input_ids.shape), layout=layout, ignore_index=ignore_index,
-                           input_ids=_fingerprint(input_ids),
-                           labels=_fingerprint(labels),
-                           position_ids=None if position_ids is None else _fingerprint(position_ids))
-    seqlen = input_ids.shape[1]
-    if position_ids is None:
-        position_ids = torch.arange(seqlen, device=input_ids.device).expand_as(input_ids)
+                           input_ids=_fingerprint(input_ids), labels=_fingerprint(labels),
+                           documents=None if documents is None else _fingerprint(torch.tensor(documents)))
     shift_labels = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore_index)], dim=1)
-    return {name: shard_sequence(x, mesh, layout=layout) for name, x in
-            (("input_ids", input_ids), ("position_ids", position_ids), ("shift_labels", shift_labels))}
+    attention_kwargs = {}
+    if documents is not None:
+        ends = torch.tensor(documents[1:], dtype=torch.long) - 1
+        shift_labels[:, ends[ends >= 0]] = ignore_index  # a document's last token predicts nothing
+        cu = torch.tensor(documents, dtype=torch.int32, device=input_ids.device)
+        longest = max(b - a for a, b in zip(documents, documents[1:]))
+        attention_kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+    shards = {name: shard_sequence(x, mesh, layout=layout, cu_seqlens=documents) for name, x in
+              (("input_ids", input_ids), ("position_ids", expected.to(input_ids.device).expand_as(input_ids)),
+               ("shift_labels", shift_labels))}
+    return dict(shards, attention_kwargs=attention_kwargs)
 
 
 def _all_reduce_over_mesh(x: torch.Tensor, mesh: Mesh) -> torch.Tensor:

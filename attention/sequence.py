@@ -40,11 +40,16 @@ def sequence_positions(seqlen: int, mesh: Mesh, layout: str = "zigzag", device=N
     ``cu_seqlens`` each token's position inside its document."""
     check_mesh(mesh)
     documents = document_offsets(cu_seqlens, seqlen)
-    positions = _shard_indices(seqlen, mesh, layout, documents)
-    if documents is not None:
-        offsets = torch.tensor(documents)
-        positions = positions - offsets[torch.searchsorted(offsets, positions, right=True) - 1]
+    positions = positions_in_documents(_shard_indices(seqlen, mesh, layout, documents), documents)
     return positions.to(device) if device is not None else positions
+
+
+def positions_in_documents(positions: torch.Tensor, documents: tuple[int, ...] | None) -> torch.Tensor:
+    """Each global position's position inside its document (as given without documents)."""
+    if documents is None:
+        return positions
+    offsets = torch.tensor(documents)
+    return positions - offsets[torch.searchsorted(offsets, positions, right=True) - 1]
 
 
 def _check_dim(x: torch.Tensor, dim: int) -> int:

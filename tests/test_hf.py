@@ -10,6 +10,7 @@ moves the gradients by its factor), parameters to 1e-10 of their largest magnitu
 float32 losses and gradients to 1e-4.
 """
 
+import copy
 import types
 
 import json
@@ -19,6 +20,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
@@ -122,6 +124,12 @@ def _bad_inputs() -> dict:
         "other_layout": error_of(lambda: model(input_ids=shard["input_ids"],
                                                position_ids=shard_batch(mesh, ids, layout="stripe")["position_ids"])),
         "restarting_positions": error_of(lambda: shard_batch(mesh, ids, position_ids=ids % 4)),
+        "documents_batch_2": error_of(lambda: shard_batch(mesh, ids, cu_seqlens=torch.tensor([0, 4, 8],
+                                                                                         dtype=torch.int32))),
+        "documents_positions": error_of(lambda: shard_batch(mesh, ids[:1], position_ids=ids[:1],
+                                                            cu_seqlens=torch.tensor([0, 4, 8], dtype=torch.int32))),
+        "documents_uncut": error_of(lambda: shard_batch(mesh, ids[:1], cu_seqlens=torch.tensor([0, 2, 8],
+                                                                                              dtype=torch.int32))),
         "loss_shapes": error_of(lambda: sequence_parallel_loss(torch.zeros(2, 3, 64), shard["shift_labels"], mesh)),
         "mesh_type": error_of(lambda: all_reduce_gradients(model, mesh.sp_group)),
     }
@@ -163,9 +171,55 @@ def test_bad_input_is_refused_on_every_rank(four_ranks):
     assert "mesh must be a usp.comm.Mesh" in first["mesh_type"]
     assert "needs position_ids=shard['position_ids'] from shard_batch" in first["no_positions"]
     assert "not this rank's positions in the zigzag layout" in first["other_layout"]
-    assert "packed documents (positions that restart) are not supported yet" in first["restarting_positions"]
+    assert "or restart at 0 at each document of cu_seqlens: pass cu_seqlens" in first["restarting_positions"]
+    assert "packed documents (cu_seqlens) need batch 1, got 2 rows" in first["documents_batch_2"]
+    assert "they do not match cu_seqlens" in first["documents_positions"]
+    assert "document 0 has 2 tokens, pad it to 4" in first["documents_uncut"]
     assert first["loss_value"] == third["loss_value"]
     assert first["gradients"] == ([[1.0, 1.0], [1.0, 1.0]], None)
+
+
+def _packed_documents() -> dict:
+    """One packed sequence (documents of 12, 4 and 16 tokens) through a float64 LLaMA on
+    each mesh, against the same model run on each document alone with transformers' SDPA
+    attention (an independent oracle: no packing, positions 0..n-1 per document): the
+    loss over every next-token label inside a document, and every parameter's gradient."""
+    from usp.attention.hf import all_reduce_gradients, sequence_parallel, sequence_parallel_loss, shard_batch
+    from usp.comm import init_mesh
+
+    setup = _setup("fp64", 1)
+    base = build_model(setup, torch.device("cpu"))
+    ids = torch.randint(0, setup.vocab, (1, 32), generator=torch.Generator().manual_seed(5))
+    cu = torch.tensor([0, 12, 16, 32], dtype=torch.int32)
+    reference = copy.deepcopy(base)
+    total, count = 0.0, 0
+    for a, b in zip(cu.tolist(), cu.tolist()[1:]):
+        logits = reference(input_ids=ids[:, a:b], use_cache=False).logits
+        total = total + F.cross_entropy(logits[0, :-1], ids[0, a + 1:b], reduction="sum")
+        count += b - a - 1
+    expected = total / count
+    expected.backward()
+    results = {}
+    for u, r, layout in ((2, 2, "zigzag"), (1, 4, "stripe"), (4, 1, "contiguous")):
+        mesh = init_mesh(u, r)
+        model = sequence_parallel(copy.deepcopy(base), mesh, layout=layout, backend="naive")
+        shard = shard_batch(mesh, ids, cu_seqlens=cu, layout=layout)
+        logits = model(input_ids=shard["input_ids"], position_ids=shard["position_ids"], use_cache=False,
+                       **shard["attention_kwargs"]).logits
+        loss = sequence_parallel_loss(logits, shard["shift_labels"], mesh)
+        loss.backward()
+        all_reduce_gradients(model, mesh)
+        results[f"u{u}r{r}-{layout}"] = dict(
+            loss=abs(loss.item() - expected.item()) / expected.item(),
+            gradients=max(((p.grad - q.grad).abs().max() / q.grad.abs().max()).item()
+                          for p, q in zip(model.parameters(), reference.parameters())))
+    return results
+
+
+def test_packed_documents_train_as_each_document_alone():
+    for rank, results in enumerate(run(4, _packed_documents, pg_timeout_s=60.0)):
+        for name, differences in results.items():
+            assert differences["loss"] <= 1e-10 and differences["gradients"] <= 1e-10, (rank, name, differences)
 
 
 @pytest.mark.parametrize("options, message", [
@@ -174,8 +228,7 @@ def test_bad_input_is_refused_on_every_rank(four_ranks):
     (dict(sliding_window=6), "a sliding window of 6 tokens over a 8-token sequence"),
     (dict(softcap=30.0), "a logit softcap (30.0)"),
     (dict(key_length=6), "a key/value cache (call the model with use_cache=False"),
-    (dict(cu_seq_lens_q=torch.tensor([0, 4])), "the inputs cu_seq_lens_q (packed documents"),
-    (dict(s_aux=torch.zeros(4)), "the inputs s_aux (packed documents, attention sinks, ...)"),
+    (dict(s_aux=torch.zeros(4)), "the inputs s_aux (attention sinks, ...)"),
 ])
 def test_the_attention_refuses_what_it_cannot_honour(options, message):
     """Raised before any communication, so one process and a stand-in mesh (2 ranks) do."""
@@ -188,6 +241,16 @@ def test_the_attention_refuses_what_it_cannot_honour(options, message):
         _attention(settings, torch.nn.Module(), torch.zeros(1, 4, 4, 8), key, key,
                    options.pop("attention_mask", None), **options)
     assert message in str(error.value)
+
+
+def test_packed_documents_need_equal_query_and_key_offsets():
+    from usp.attention.hf import _attention
+
+    key = torch.zeros(1, 2, 4, 8)
+    settings = (types.SimpleNamespace(sp_degree=2), "zigzag", None, True)
+    with pytest.raises(ValueError, match="packed documents as equal cu_seq_lens_q and cu_seq_lens_k"):
+        _attention(settings, torch.nn.Module(), torch.zeros(1, 4, 4, 8), key, key, None,
+                   cu_seq_lens_q=torch.tensor([0, 8]), cu_seq_lens_k=torch.tensor([0, 4, 8]))
 
 
 @pytest.mark.slow
