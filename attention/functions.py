@@ -10,6 +10,8 @@ a second all-to-all brings the output back to sequence shards.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -18,7 +20,7 @@ from usp.comm import Mesh
 from usp.comm.agreement import call_fields, device_of, ranks_agree
 from usp.comm.heads import check_heads
 from usp.comm.mesh import check_group, check_mesh
-from usp.kernels import get_backend
+from usp.kernels import BACKENDS, get_backend
 from usp.kernels.checks import check_qkv, resolve_softmax_scale, resolve_window
 
 from .allgather import check_schedule
@@ -43,6 +45,29 @@ def _documents_and_window(q, k, cu_seqlens, window_size, layout: str, u: int, r:
     return documents
 
 
+def _check_backend_masks(backend, q, window_size, documents, r: int, causal: bool, schedule: str) -> None:
+    """A ValueError unless ``backend`` takes the mask keywords this call will hand it: a
+    ``window_size``, and the mask by token (``positions``) that ring steps with documents
+    or a window, and the all-gather schedule's masked calls, need."""
+    windowed = tuple(window_size) != (-1, -1)
+    needs = ["window_size"] if windowed else []
+    if r > 1 and (documents is not None or windowed or (schedule == "allgather" and causal)):
+        needs.append("positions")
+    if not needs:
+        return
+    if backend is BACKENDS["torch"] and q.device.type != "cpu":
+        raise ValueError(f"the torch backend takes {' and '.join(needs)} on the CPU only; use the triton backend on "
+                         "CUDA")
+    parameters = inspect.signature(backend.forward).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return
+    missing = [name for name in needs if name not in {p.name for p in parameters}]
+    if missing:
+        raise ValueError(f"backend {getattr(backend, 'name', backend)!r} takes no {' or '.join(missing)} keyword, "
+                         f"which this call needs (documents or a window over a ring of {r}): use triton, torch or "
+                         "naive, or give its forward and backward those keywords (usp.kernels.tokens)")
+
+
 def _attend(what: str, check_group, ulysses, ring, q, k, v, causal, softmax_scale, layout, backend, check_ranks,
             check_finite, cu_seqlens=None, window_size=(-1, -1), schedule="ring"):
     """Check the arguments (together with the other ranks of ``check_group``), then run
@@ -58,7 +83,9 @@ def _attend(what: str, check_group, ulysses, ring, q, k, v, causal, softmax_scal
         check_sequence_split(q.shape[1] * u, k.shape[1] * u, causal, r, layout,
                              what="local" if ulysses is None else "per-ring-rank")
         documents = _documents_and_window(q, k, cu_seqlens, window_size, layout, u, r)
-        return resolve_softmax_scale(softmax_scale, q.shape[-1]), get_backend(backend), documents
+        chosen = get_backend(backend)
+        _check_backend_masks(chosen, q, window_size, documents, r, causal, schedule)
+        return resolve_softmax_scale(softmax_scale, q.shape[-1]), chosen, documents
 
     agreement = None  # posted here, settled before the call's first transfer
     if torch.compiler.is_compiling():

@@ -150,21 +150,23 @@ RING_CASES = [
 ]
 
 
-def _visible_sources(mask, layout, r, ring_rank, documents) -> int:
+def _visible_sources(mask, layout, r, ring_rank, documents, seqlen) -> int:
     """How many ring ranks' keys some query of ``ring_rank`` sees, from the oracle's mask."""
-    rows = ring_positions(64, r, ring_rank, layout, documents)
-    return sum(bool(mask[rows][:, ring_positions(64, r, source, layout, documents)].any()) for source in range(r))
+    rows = ring_positions(seqlen, r, ring_rank, layout, documents)
+    return sum(bool(mask[rows][:, ring_positions(seqlen, r, source, layout, documents)].any()) for source in range(r))
 
 
-def _ring_documents():
-    """Every ring case on 4 ranks against the oracle, with the ring steps each rank computed."""
+def _ring_cases(cases, seqlen: int = 64, heads=(4, 2)):
+    """Every case against the oracle, with the ring steps each rank computed and skipped
+    and the bytes it sent by label."""
     results = []
-    for index, (u, r, layout, lengths, causal, window, backend, dtype, schedule) in enumerate(RING_CASES):
+    for index, (u, r, layout, lengths, causal, window, backend, dtype, schedule) in enumerate(cases):
         mesh = init_mesh(u, r)
         cu = None if lengths is None else _offsets(lengths)
-        whole = _offsets([64]) if cu is None else cu
+        whole = _offsets([seqlen]) if cu is None else cu
         g = torch.Generator().manual_seed(100 + index)
-        q, k, v, dout = (torch.randn(1, 64, h, 16, generator=g, dtype=torch.float64) for h in (4, 2, 2, 4))
+        q, k, v, dout = (torch.randn(1, seqlen, h, 16, generator=g, dtype=torch.float64)
+                         for h in (heads[0], heads[1], heads[1], heads[0]))
         leaves = [x.clone().requires_grad_() for x in (q, k, v)]
         mask = document_mask(whole, whole, causal, window)
         expected, _ = naive_attention(*leaves, mask=mask)
@@ -191,13 +193,13 @@ def _ring_documents():
                             skipped_backward=steps[traffic.SKIP].count(traffic.BACKWARD), moved=moved,
                             shard_bytes=local[1].numel() * local[1].element_size(),  # as many after Ulysses
                             visible=_visible_sources(mask, layout, r, mesh.ring_rank, None if cu is None else
-                                                     tuple(cu.tolist()))))
+                                                     tuple(cu.tolist()), seqlen)))
     return results
 
 
 @pytest.fixture(scope="module")
 def ring_results():
-    return run(4, _ring_documents, pg_timeout_s=180)
+    return run(4, _ring_cases, (RING_CASES,), pg_timeout_s=180)
 
 
 @pytest.mark.parametrize("index", range(len(RING_CASES)), ids=[
@@ -211,24 +213,43 @@ def test_rings_with_documents_and_windows_match_the_oracle(ring_results, index):
     accumulation dtype (here the input dtype): ring, (r - 1) 2B of K/V forward, as much
     again backward, and r 2A of dK/dV accumulators; all-gather, (r - 1) 2B gathered in
     each pass and (r - 1) 2A reduce-scattered."""
-    tolerance = 1e-12 if RING_CASES[index][7] == torch.float64 else 2e-5
-    ring, schedule = RING_CASES[index][1], RING_CASES[index][8]
-    for rank, results in enumerate(ring_results):
-        case = results[index]
-        assert max(case["errors"]) <= tolerance, (rank, case)
-        kv = 2 * case["shard_bytes"]
+    _check_case(RING_CASES[index], [results[index] for results in ring_results])
+
+
+def _check_case(case, per_rank) -> None:
+    tolerance = 1e-12 if case[7] == torch.float64 else 2e-5
+    ring, schedule = case[1], case[8]
+    for rank, result in enumerate(per_rank):
+        assert max(result["errors"]) <= tolerance, (rank, case, result)
+        kv = 2 * result["shard_bytes"]
+        if ring == 1:
+            continue
         if schedule == "ring":
-            assert case["computed"] == case["visible"], (rank, case)
-            assert case["skipped"] == case["skipped_backward"] == ring - case["visible"], (rank, case)
+            assert result["computed"] == result["visible"], (rank, case, result)
+            assert result["skipped"] == result["skipped_backward"] == ring - result["visible"], (rank, case, result)
             expected = {traffic.KV_FORWARD: (ring - 1) * kv, traffic.KV_BACKWARD: (ring - 1) * kv,
                         traffic.DKV_BACKWARD: ring * kv}
         else:
-            assert (case["computed"], case["skipped"]) == (1, 0), (rank, case)
+            assert (result["computed"], result["skipped"]) == (1, 0), (rank, case, result)
             expected = {traffic.KV_GATHER: 2 * (ring - 1) * kv, traffic.DKV_REDUCE: (ring - 1) * kv}
-        assert case["moved"] == expected, (rank, case["moved"], expected)
+        assert result["moved"] == expected, (rank, case, result["moved"], expected)
         # the formula usp-bench balance prices the schedules with (accumulators in the input dtype here)
-        formula = schedule_bytes(schedule, ring, case["shard_bytes"], case["shard_bytes"])
-        assert sum(case["moved"].values()) == formula["fwd"] + formula["bwd"]
+        formula = schedule_bytes(schedule, ring, result["shard_bytes"], result["shard_bytes"])
+        assert sum(result["moved"].values()) == formula["fwd"] + formula["bwd"]
+
+
+# Every mesh of 8 ranks x layout x schedule, documents of 48, 0, 16 and 64 tokens (each a
+# multiple of 2 x 8) and a causal window of 20, naive float64 (the slow step).
+EVERY_MESH = [(u, 8 // u, layout, (48, 0, 16, 64), True, (20, 0), "naive", torch.float64, schedule)
+              for u in (1, 2, 4) for layout in ("contiguous", "zigzag", "stripe") for schedule in ("ring", "allgather")]
+EVERY_MESH.append((8, 1, "zigzag", (48, 0, 16, 64), True, (20, 0), "naive", torch.float64, "ring"))
+
+
+@pytest.mark.slow
+def test_every_mesh_layout_and_schedule_on_8_ranks():
+    per_rank = run(8, _ring_cases, (EVERY_MESH, 128, (8, 8)), pg_timeout_s=300)
+    for index, case in enumerate(EVERY_MESH):
+        _check_case(case, [results[index] for results in per_rank])
 
 
 def test_a_window_on_a_contiguous_ring_skips_distant_ranks(ring_results):
@@ -237,6 +258,15 @@ def test_a_window_on_a_contiguous_ring_skips_distant_ranks(ring_results):
     (document 3); not rank 1 and rank 2 (a document boundary at 32), nor any farther one."""
     index = RING_CASES.index((1, 4, "contiguous", RING_DOCUMENTS, False, (5, 3), "torch", torch.float32, "ring"))
     assert [results[index]["skipped"] for results in ring_results] == [2, 2, 2, 2]
+
+
+def _plain_backend():
+    """A custom backend that knows causal attention only."""
+    from usp.kernels import FunctionBackend, get_backend
+
+    naive = get_backend("naive")
+    return FunctionBackend("plain", lambda q, k, v, *, causal, softmax_scale: naive.forward(
+        q, k, v, causal=causal, softmax_scale=softmax_scale), naive.backward)
 
 
 def _bad_documents():
@@ -256,6 +286,9 @@ def _bad_documents():
                                                    cu_seqlens=_offsets([6, 10])),
         "window on a ring, cross": lambda: usp_attention(x, x[:, :4], x[:, :4], ring, backend="naive",
                                                          window_size=(4, 0)),
+        "backend without positions": lambda: usp_attention(x, x, x, ring, True, backend=_plain_backend(),
+                                                           cu_seqlens=_offsets([8, 8])),
+        "schedule": lambda: usp_attention(x, x, x, ring, True, backend="naive", schedule="gather"),
         "batch 2": lambda: ulysses_attention(x.expand(2, -1, -1, -1), x.expand(2, -1, -1, -1),
                                              x.expand(2, -1, -1, -1), mesh.ulysses_group, backend="naive",
                                              cu_seqlens=_offsets([8, 8])),
@@ -277,6 +310,8 @@ def test_bad_documents_raise_on_every_rank():
         "wrong end": "cu_seqlens must start at 0 and end at the packed length 16, got 0 ... 8",
         "zigzag cannot cut": "document 0 has 6 tokens, pad it to 8",
         "window on a ring, cross": "packed documents and windows over a ring need q and k of one length, got 8 and 4",
+        "backend without positions": "backend 'plain' takes no positions keyword, which this call needs",
+        "schedule": "schedule must be one of ('ring', 'allgather'), got 'gather'",
         "batch 2": "packed documents (cu_seqlens) need batch 1, got q of batch 2",
         "only rank 1 bad": "cu_seqlens must be int32",
         "gather with other offsets": "disagree on gather_sequence (documents)",
