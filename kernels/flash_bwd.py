@@ -21,9 +21,8 @@ from .checks import check_backward_inputs, check_packed_backward_inputs, resolve
 from .configs import KernelConfig, get_config, padded_head_dim
 from .flash_fwd import packed_mask, token_mask
 from .triton_common import (LOG2E, Launch, MaskSpec, check_triton_inputs, device_guard, dot_precision,
-                            any_visible, key_block_range, kv_tile_pointers, load_row_stats, load_tile,
-                            program_tile, query_block_range, sequence_span, store_tile, strides, tile_pointers,
-                            tokens_visible, window_visible)
+                            block_visibility, key_block_range, kv_tile_pointers, load_row_stats, load_tile,
+                            program_tile, query_block_range, sequence_span, store_tile, strides, tile_pointers)
 
 
 @triton.jit
@@ -66,13 +65,8 @@ def _dkdv_query_blocks(dk, dv, k, v, q_ptrs, do_ptrs, lse2_ptr, delta_ptr, strid
     is given by token and a query block with no visible pair is skipped."""
     offs_m = lo + tl.arange(0, BLOCK_M)
     for _start_m in range(lo, hi, BLOCK_M):
-        visit = 1
-        if TOKENS:
-            visible = tokens_visible(offs_m, offs_n, seqlen_q, seqlen_k, QPos, QDoc, KPos, KDoc,
-                                     window_left, window_right, LEFT, RIGHT)
-            visit = any_visible(visible)
-        elif MASKED:
-            visible = window_visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, LEFT, RIGHT)
+        visible, visit = block_visibility(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right,
+                                          QPos, QDoc, KPos, KDoc, MASKED, LEFT, RIGHT, TOKENS)
         if visit > 0:
             if COUNT_VISITS:  # for tests
                 tl.atomic_add(Visits + visit_slot, 1)
@@ -144,16 +138,9 @@ def _bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
     # Query blocks [full_begin, full_end) see every key here; [begin, full_begin) and
-    # [full_end, end) cross the causal diagonal or a window edge. A mask by token (TOKENS)
-    # tests every query block: one masked range.
-    if TOKENS:
-        begin = 0
-        full_begin = 0
-        full_end = 0
-        end = seqlen_q
-    else:
-        begin, full_begin, full_end, end = query_block_range(start_n, seqlen_q, seqlen_k, window_left,
-                                                             window_right, LEFT, RIGHT, BLOCK_M, BLOCK_N)
+    # [full_end, end) cross the causal diagonal or a window edge.
+    begin, full_begin, full_end, end = query_block_range(start_n, seqlen_q, seqlen_k, window_left, window_right,
+                                                         LEFT, RIGHT, TOKENS, BLOCK_M, BLOCK_N)
     rows = tl.arange(0, BLOCK_M)
     window = (seqlen_q, seqlen_k, head_dim, qk_scale, window_left, window_right, QPos, QDoc, KPos, KDoc,
               Visits, tl.program_id(1) * tl.num_programs(0) + tl.program_id(0))
@@ -190,14 +177,8 @@ def _dq_key_blocks(dq, q, do, lse2, delta, lo, hi, K, V, b, h_kv, k0, offs_m, of
                                       stride_kd, stride_vb, stride_vs, stride_vh, stride_vd)
     offs_n = lo + offs_n
     for _start_n in range(lo, hi, BLOCK_N):
-        visit = 1
-        if TOKENS:
-            visible = tokens_visible(offs_m, offs_n, seqlen_q, seqlen_k, QPos, QDoc, KPos, KDoc,
-                                     window_left, window_right, LEFT, RIGHT)
-            visit = any_visible(visible)
-        elif MASKED:
-            visible = (offs_n[None, :] < seqlen_k) & window_visible(
-                offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, LEFT, RIGHT)
+        visible, visit = block_visibility(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right,
+                                          QPos, QDoc, KPos, KDoc, MASKED, LEFT, RIGHT, TOKENS)
         if visit > 0:
             k = load_tile(k_ptrs, offs_n, seqlen_k, offs_d, head_dim, MASKED, not EVEN_D)
             v = load_tile(v_ptrs, offs_n, seqlen_k, offs_d, head_dim, MASKED, not EVEN_D)
@@ -248,14 +229,8 @@ def _bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     # The forward's key ranges: [full_lo, full_end) unmasked, [lo, full_lo) and [full_end, hi) masked.
-    if TOKENS:
-        lo = 0
-        full_lo = 0
-        full_end = 0
-        hi = seqlen_k
-    else:
-        lo, full_lo, full_end, hi = key_block_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
-                                                    LEFT, RIGHT, BLOCK_M, BLOCK_N)
+    lo, full_lo, full_end, hi = key_block_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
+                                                LEFT, RIGHT, TOKENS, BLOCK_M, BLOCK_N)
     kv = (K, V, b, h_kv, k0, offs_m, offs_n, offs_d, stride_kb, stride_ks, stride_kh, stride_kd,
           stride_vb, stride_vs, stride_vh, stride_vd)
     window = (seqlen_q, seqlen_k, head_dim, qk_scale, window_left, window_right, QPos, QDoc, KPos, KDoc)

@@ -16,9 +16,9 @@ import triton.language as tl
 
 from .checks import check_documents, check_packed_qkv, check_qkv, resolve_softmax_scale, resolve_window
 from .configs import KernelConfig, get_config, padded_head_dim
-from .triton_common import (LOG2E, Launch, MaskSpec, any_visible, check_triton_inputs, device_guard, dot_precision,
-                            key_block_range, kv_tile_pointers, load_tile, program_tile, sequence_span, store_tile,
-                            tile_pointers, tokens_visible, window_visible)
+from .triton_common import (LOG2E, Launch, MaskSpec, block_visibility, check_triton_inputs, device_guard,
+                            dot_precision, key_block_range, kv_tile_pointers, load_tile, program_tile, sequence_span,
+                            store_tile, tile_pointers)
 
 
 @triton.jit
@@ -37,14 +37,8 @@ def _attend_key_blocks(acc, m_i, l_i, q, offs_m, lo, hi, K, V, b, h_kv, k0, offs
                                       stride_kd, stride_vb, stride_vn, stride_vh, stride_vd)
     offs_n = lo + offs_n
     for _start_n in range(lo, hi, BLOCK_N):
-        visit = 1
-        if TOKENS:
-            visible = tokens_visible(offs_m, offs_n, seqlen_q, seqlen_k, QPos, QDoc, KPos, KDoc,
-                                     window_left, window_right, LEFT, RIGHT)
-            visit = any_visible(visible)
-        elif MASKED:
-            visible = (offs_n[None, :] < seqlen_k) & window_visible(
-                offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, LEFT, RIGHT)
+        visible, visit = block_visibility(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right,
+                                          QPos, QDoc, KPos, KDoc, MASKED, LEFT, RIGHT, TOKENS)
         if visit > 0:
             if COUNT_VISITS:  # for tests
                 tl.atomic_add(Visits + visit_slot, 1)
@@ -102,16 +96,9 @@ def _flash_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-    # Key blocks [full_lo, full_end) need no mask; [lo, full_lo) and [full_end, hi) do. A
-    # mask by token (TOKENS) tests every block: one masked range [0, Sk).
-    if TOKENS:
-        lo = 0
-        full_lo = 0
-        full_end = 0
-        hi = seqlen_k
-    else:
-        lo, full_lo, full_end, hi = key_block_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
-                                                    LEFT, RIGHT, BLOCK_M, BLOCK_N)
+    # Key blocks [full_lo, full_end) need no mask; [lo, full_lo) and [full_end, hi) do.
+    lo, full_lo, full_end, hi = key_block_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
+                                                LEFT, RIGHT, TOKENS, BLOCK_M, BLOCK_N)
     kv = (K, V, b, h_kv, k0, offs_n, offs_d, stride_kb, stride_ks, stride_kh, stride_kd,
           stride_vb, stride_vs, stride_vh, stride_vd)
     window = (seqlen_q, seqlen_k, head_dim, qk_scale, window_left, window_right,

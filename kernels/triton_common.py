@@ -121,52 +121,65 @@ def load_row_stats(lse2_ptr, delta_ptr, rows, n_rows, CHECK_ROWS: tl.constexpr):
 
 @triton.jit
 def key_block_range(start_m, seqlen_q, seqlen_k, window_left, window_right, LEFT: tl.constexpr,
-                    RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    RIGHT: tl.constexpr, TOKENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """For query rows [start_m, start_m + BLOCK_M): keys [lo, full_lo) and [full_end, hi)
     need the mask, keys [full_lo, full_end) are seen by every row; others by none. All but
-    hi are multiples of BLOCK_N."""
+    hi are multiples of BLOCK_N. A mask by token (TOKENS) may leave any block visible: one
+    masked range [0, Sk), each block tested as it comes."""
     offset = seqlen_k - seqlen_q
     lo = 0
     full_lo = 0
     hi = seqlen_k
     full_end = seqlen_k
-    if LEFT:
-        lo = tl.minimum(tl.maximum(start_m + offset - window_left, 0), seqlen_k)
-        full_lo = tl.minimum(tl.maximum(start_m + BLOCK_M - 1 + offset - window_left, 0), seqlen_k)
-    if RIGHT:
-        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + offset + window_right, 0), seqlen_k)
-        full_end = tl.minimum(tl.maximum(start_m + offset + window_right + 1, 0), seqlen_k)
-    lo = lo // BLOCK_N * BLOCK_N
-    full_lo = tl.cdiv(full_lo, BLOCK_N) * BLOCK_N
-    full_end = full_end // BLOCK_N * BLOCK_N
-    no_whole_block = full_lo >= full_end
-    return lo, tl.where(no_whole_block, lo, full_lo), tl.where(no_whole_block, lo, full_end), hi
+    if TOKENS:
+        full_end = 0
+    else:
+        if LEFT:
+            lo = tl.minimum(tl.maximum(start_m + offset - window_left, 0), seqlen_k)
+            full_lo = tl.minimum(tl.maximum(start_m + BLOCK_M - 1 + offset - window_left, 0), seqlen_k)
+        if RIGHT:
+            hi = tl.minimum(tl.maximum(start_m + BLOCK_M + offset + window_right, 0), seqlen_k)
+            full_end = tl.minimum(tl.maximum(start_m + offset + window_right + 1, 0), seqlen_k)
+        lo = lo // BLOCK_N * BLOCK_N
+        full_lo = tl.cdiv(full_lo, BLOCK_N) * BLOCK_N
+        full_end = full_end // BLOCK_N * BLOCK_N
+        no_whole_block = full_lo >= full_end
+        full_lo = tl.where(no_whole_block, lo, full_lo)
+        full_end = tl.where(no_whole_block, lo, full_end)
+    return lo, full_lo, full_end, hi
 
 
 @triton.jit
 def query_block_range(start_n, seqlen_q, seqlen_k, window_left, window_right, LEFT: tl.constexpr,
-                      RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                      RIGHT: tl.constexpr, TOKENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """For key rows [start_n, start_n + BLOCK_N): queries [begin, full_begin) and
     [full_end, end) need the mask, queries [full_begin, full_end) see every key of the
-    tile; others see none. All are multiples of BLOCK_M (rows past Sq contribute 0)."""
+    tile; others see none. All are multiples of BLOCK_M (rows past Sq contribute 0). A
+    mask by token (TOKENS): one masked range over every query block."""
     offset = seqlen_k - seqlen_q
     begin = 0
     full_begin = 0
     full_end = seqlen_q
     end = seqlen_q
-    if RIGHT:
-        begin = tl.minimum(tl.maximum(start_n - offset - window_right, 0), seqlen_q)
-        full_begin = tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - offset - window_right, 0), seqlen_q)
-    if LEFT:
-        end = tl.minimum(tl.maximum(start_n + BLOCK_N - offset + window_left, 0), seqlen_q)
-        full_end = tl.minimum(tl.maximum(start_n - offset + window_left + 1, 0), seqlen_q)
-    begin = begin // BLOCK_M * BLOCK_M
-    full_begin = tl.cdiv(full_begin, BLOCK_M) * BLOCK_M
-    # up to Sq, the last partial block is whole too: its rows past Sq contribute nothing
-    full_end = tl.where(full_end == seqlen_q, tl.cdiv(seqlen_q, BLOCK_M), full_end // BLOCK_M) * BLOCK_M
-    end = tl.cdiv(end, BLOCK_M) * BLOCK_M
-    no_whole_block = full_begin >= full_end
-    return (begin, tl.where(no_whole_block, begin, full_begin), tl.where(no_whole_block, begin, full_end), end)
+    if TOKENS:
+        full_end = 0
+        end = tl.cdiv(seqlen_q, BLOCK_M) * BLOCK_M
+    else:
+        if RIGHT:
+            begin = tl.minimum(tl.maximum(start_n - offset - window_right, 0), seqlen_q)
+            full_begin = tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - offset - window_right, 0), seqlen_q)
+        if LEFT:
+            end = tl.minimum(tl.maximum(start_n + BLOCK_N - offset + window_left, 0), seqlen_q)
+            full_end = tl.minimum(tl.maximum(start_n - offset + window_left + 1, 0), seqlen_q)
+        begin = begin // BLOCK_M * BLOCK_M
+        full_begin = tl.cdiv(full_begin, BLOCK_M) * BLOCK_M
+        # up to Sq, the last partial block is whole too: its rows past Sq contribute nothing
+        full_end = tl.where(full_end == seqlen_q, tl.cdiv(seqlen_q, BLOCK_M), full_end // BLOCK_M) * BLOCK_M
+        end = tl.cdiv(end, BLOCK_M) * BLOCK_M
+        no_whole_block = full_begin >= full_end
+        full_begin = tl.where(no_whole_block, begin, full_begin)
+        full_end = tl.where(no_whole_block, begin, full_end)
+    return begin, full_begin, full_end, end
 
 
 @triton.jit
@@ -215,9 +228,22 @@ def tokens_visible(offs_m, offs_n, seqlen_q, seqlen_k, QPos, QDoc, KPos, KDoc, w
 
 
 @triton.jit
-def any_visible(visible):
-    """1 when some pair of a [M, N] block is visible, else 0 (the block is skipped)."""
-    return tl.max(tl.max(visible.to(tl.int32), 1), 0)
+def block_visibility(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, QPos, QDoc, KPos, KDoc,
+                     MASKED: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr, TOKENS: tl.constexpr):
+    """``(visible, visit)`` of the block of queries ``offs_m`` and keys ``offs_n``: the
+    [M, N] pairs that count (keys past Sk never; MASKED: the window, TOKENS: the mask by
+    token) and whether to compute the block at all (a mask by token skips a block with
+    no visible pair). An unmasked block: nothing to mask, always computed."""
+    visible = 0
+    visit = 1
+    if TOKENS:
+        visible = tokens_visible(offs_m, offs_n, seqlen_q, seqlen_k, QPos, QDoc, KPos, KDoc, window_left,
+                                 window_right, LEFT, RIGHT)
+        visit = tl.max(tl.max(visible.to(tl.int32), 1), 0)
+    elif MASKED:
+        visible = (offs_n[None, :] < seqlen_k) & window_visible(
+            offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, LEFT, RIGHT)
+    return visible, visit
 
 
 @dataclass(frozen=True)

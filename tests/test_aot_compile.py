@@ -48,13 +48,26 @@ _EVERY_VARIANT = [f"--variant={v}" for v in VARIANTS]
 
 @pytest.fixture(scope="module")
 def hopper_bf16():
-    """Every head dim causal; the packed-window variant at d64 and d128 (all in the slow sweep)."""
+    """Every head dim causal; the packed-window variant at d64 and d128, the mask by token
+    at d128 (all in the slow sweep)."""
     sm90 = ["--family", "sm90", "--dtype", "bf16"]
     return _compile([[*sm90, "--variant=causal", "--head-dim", "16", "--head-dim", "32", "--head-dim", "256"],
-                     [*sm90, *_EVERY_VARIANT, "--head-dim", "64", "--head-dim", "128"]])
+                     [*sm90, *_EVERY_VARIANT, "--head-dim", "64", "--head-dim", "128"],
+                     [*sm90, "--variant=tokens-window", "--head-dim", "128"]])
+
+
+def test_the_mask_by_token_compiles_fits_and_uses_wgmma(hopper_bf16):
+    """Its loop tests each block before computing it, which Triton does not pipeline (no
+    cp.async; README, Status): this checks that it compiles, fits and keeps wgmma."""
+    tokens = {r["kernel"]: r for r in hopper_bf16 if r["variant"] == "tokens-window"}
+    assert set(tokens) == set(ALL_KERNELS)
+    assert not _too_big(list(tokens.values()))
+    for kernel in KERNELS:
+        assert "wgmma" in tokens[kernel]["ptx_features"], (kernel, tokens[kernel]["ptx_features"])
 
 
 def test_hopper_bf16_kernels_compile_and_fit(hopper_bf16):
+    hopper_bf16 = [r for r in hopper_bf16 if r["variant"] != "tokens-window"]
     assert {(r["kernel"], r["head_dim"], r["variant"]) for r in hopper_bf16} == {
         (k, d, v) for k, v in KERNEL_VARIANTS for d in PADDED_HEAD_DIMS if v == "causal" or d in (64, 128)}
     assert not _too_big(hopper_bf16), _too_big(hopper_bf16)

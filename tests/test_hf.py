@@ -57,20 +57,20 @@ def _assert_parity(records, bar: float, parameter_bar: float) -> None:
         assert record["parity"] is True
 
 
-def _train_and_refuse(setup: TrainSetup) -> tuple[list[dict], dict]:
-    """On each of 4 ranks: the USP training runs, then the bad inputs (one launch for both)."""
-    return rank_main(setup, CONFIGS), _bad_inputs()
+def _train_and_refuse(setup: TrainSetup) -> tuple[list[dict], dict, dict]:
+    """On each of 4 ranks: the USP training runs, the bad inputs, and packed documents (one launch)."""
+    return rank_main(setup, CONFIGS), _bad_inputs(), _packed_documents()
 
 
 @pytest.fixture(scope="module")
 def four_ranks():
     setup = _setup("fp64", steps=3)
-    per_rank, refusals = zip(*run(4, _train_and_refuse, (setup,), pg_timeout_s=60.0))
-    return setup, list(per_rank), list(refusals)
+    per_rank, refusals, packed = zip(*run(4, _train_and_refuse, (setup,), pg_timeout_s=60.0))
+    return setup, list(per_rank), list(refusals), list(packed)
 
 
 def test_training_with_usp_matches_one_process_in_float64(four_ranks):
-    setup, per_rank, _ = four_ranks
+    setup, per_rank = four_ranks[:2]
     records = _parity(setup, CONFIGS, per_rank)
     assert [r["name"] for r in records] == ["u4r1", "u2r2-zigzag", "u2r2-contiguous", "u2r2-stripe", "u1r4-zigzag",
                                             "u1r4-contiguous", "u1r4-stripe", "dp2-u1r2-zigzag",
@@ -216,8 +216,8 @@ def _packed_documents() -> dict:
     return results
 
 
-def test_packed_documents_train_as_each_document_alone():
-    for rank, results in enumerate(run(4, _packed_documents, pg_timeout_s=60.0)):
+def test_packed_documents_train_as_each_document_alone(four_ranks):
+    for rank, results in enumerate(four_ranks[3]):
         for name, differences in results.items():
             assert differences["loss"] <= 1e-10 and differences["gradients"] <= 1e-10, (rank, name, differences)
 
