@@ -80,6 +80,13 @@ def test_triton_fp16_by_token_matches_the_oracle():
     _check("triton", torch.float16, "zigzag", 1, None, True, (7, 0), DOCUMENTS, ring=4, heads=(2, 2))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("block", BLOCKS, ids=lambda b: f"{b[0]}-{b[1]}-{b[2]}-w{b[4][0]}.{b[4][1]}")
+def test_bf16_by_token_on_gpu(block):
+    layout, rank, source, causal, window, documents = block
+    _check("triton", torch.bfloat16, layout, rank, source, causal, window, documents)
+
+
 def test_rows_that_see_nothing_give_zeros():
     """Rank 0 of a causal contiguous ring against rank 1's keys: every pair masked."""
     _check("triton", torch.float32, "contiguous", 0, 1, True, (-1, -1), None)

@@ -83,6 +83,20 @@ def test_every_window_and_document_mix(case):
     assert result.passed, f"{case.label}: {result.failures}"
 
 
+GPU_CASES = ([_case("triton", torch.bfloat16, causal, w, docs) for docs in DOCUMENTS
+              for causal, w in ((True, (-1, -1)), (True, (5, 0)), (False, (20, 7)))]
+             + [_case("triton", torch.bfloat16, causal, w, shape=s) for s in WINDOW_SHAPES
+                for causal, w in ((True, (5, 0)), (False, (3, -1)))])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.label.replace(" ", "-"))
+def test_bf16_windows_and_documents_on_gpu(case):
+    """bf16, which the interpreter computes wrongly: compiled kernels only."""
+    result = _run(case)
+    assert result.passed, f"{case.label}: {result.failures}"
+
+
 def test_document_mask_by_hand():
     """Documents [0, 3) and [3, 5) of queries; keys [0, 4) and [4, 5): bottom-right per document."""
     cu_q, cu_k = torch.tensor([0, 3, 5], dtype=torch.int32), torch.tensor([0, 4, 5], dtype=torch.int32)
