@@ -4,10 +4,11 @@
 ``triton`` (our kernels), ``torch`` (PyTorch's fused ops) and ``naive`` (plain torch)
 are registered here; any object with the same attributes can be passed wherever a
 backend name is taken. A sliding window reaches a backend as the keyword
-``window_size``, passed only when one is set, so a backend without windows still serves
-every other call. Packed documents (``usp.kernels.varlen``) use a backend's own
-``varlen_forward`` / ``varlen_backward`` where it has them (triton), else one call per
-document.
+``window_size``, and a mask given by token (``usp.kernels.tokens``: ring steps and the
+all-gather schedule with documents or a window) as ``positions``, each passed only when
+set, so a backend without them still serves every other call. Packed documents
+(``usp.kernels.varlen``) use a backend's own ``varlen_forward`` / ``varlen_backward``
+where it has them (triton), else one call per document.
 """
 
 from __future__ import annotations
