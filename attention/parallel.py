@@ -37,6 +37,7 @@ from usp.comm.heads import head_shares, kv_copies, kv_head_shares, replicate_kv_
 from usp.comm.ring import RingComm
 from usp.kernels import BACKENDS, get_backend, varlen_backward, varlen_forward
 from usp.kernels.backends import window_kwargs
+from usp.kernels.checks import offsets_tensor
 from usp.kernels.layout import accum_dtype, reduce_kv_grad
 
 from .allgather import GatherComm, allgather_backward, allgather_forward
@@ -78,7 +79,7 @@ class Plan:
         return tuple(g[None] for g in grads)
 
     def _offsets(self, device):
-        cu = torch.tensor(self.documents, dtype=torch.int32, device=device)
+        cu = offsets_tensor(self.documents, device)  # made once per device; never read back
         longest = max(b - a for a, b in zip(self.documents, self.documents[1:]))
         return cu, cu, longest, longest
 

@@ -7,7 +7,9 @@ the offending argument, before any kernel runs.
 
 from __future__ import annotations
 
+import functools
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -158,7 +160,42 @@ def check_cu_seqlens(name: str, cu_seqlens, total: int, max_seqlen) -> list[int]
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"{name} must be 1-D [documents + 1] with at least 2 entries, got shape "
                          f"{tuple(cu_seqlens.shape)}")
-    return check_offsets(name, cu_seqlens.tolist(), total, max_seqlen)
+    return check_offsets(name, read_offsets(cu_seqlens), total, max_seqlen)
+
+
+# Offsets read from the device, per tensor and version: a model passes the same offsets to
+# every layer, and each read is a host synchronisation on a GPU. An in-place change of the
+# tensor bumps its version, so the new values are read again.
+_offsets_read: dict[int, tuple[int, tuple[int, ...]]] = {}  # id(tensor) -> (version, offsets), while it lives
+
+
+def read_offsets(cu_seqlens: torch.Tensor) -> list[int]:
+    """``cu_seqlens.tolist()``, read once per tensor version."""
+    cached = _offsets_read.get(id(cu_seqlens))
+    if cached is not None and cached[0] == cu_seqlens._version:
+        return list(cached[1])
+    offsets = cu_seqlens.tolist()
+    _remember_offsets(cu_seqlens, tuple(offsets))
+    return offsets
+
+
+def _remember_offsets(tensor: torch.Tensor, offsets: tuple[int, ...]) -> None:
+    if id(tensor) not in _offsets_read:
+        weakref.finalize(tensor, _offsets_read.pop, id(tensor), None)
+    _offsets_read[id(tensor)] = (tensor._version, offsets)
+
+
+def offsets_tensor(offsets: tuple[int, ...], device) -> torch.Tensor:
+    """Offsets already checked, as an int32 tensor on ``device`` that ``read_offsets``
+    knows without reading it (made once per offsets and device)."""
+    return _offsets_tensor(tuple(offsets), torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _offsets_tensor(offsets: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    tensor = torch.tensor(offsets, dtype=torch.int32, device=device)
+    _remember_offsets(tensor, offsets)
+    return tensor
 
 
 def check_documents(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, shape: AttentionShape

@@ -236,3 +236,22 @@ def test_bad_windows_are_refused(window, message):
     q = torch.randn(1, 8, 2, 16)
     for backend in ("triton", "torch", "naive"):
         assert message in error_of(lambda: flash_attn_func(q, q, q, window_size=window, backend=backend))
+
+
+def test_offsets_are_read_once_per_tensor_version(monkeypatch):
+    """A model passes the same offsets to every layer: they are read from the device once,
+    and again only after an in-place change (which is then validated)."""
+    from usp.kernels import checks
+
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    reads = []
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(1) or self.numpy().tolist())
+    assert checks.check_cu_seqlens("cu", cu, 8, 5) == [0, 3, 8]
+    assert checks.check_cu_seqlens("cu", cu, 8, 5) == [0, 3, 8] and len(reads) == 1
+    cu[1] = 9
+    with pytest.raises(ValueError, match="cu must be non-decreasing, got 9 then 8"):
+        checks.check_cu_seqlens("cu", cu, 8, 9)
+    assert len(reads) == 2
+    made = checks.offsets_tensor((0, 2, 8), "cpu")  # made from checked offsets: known without a read
+    assert checks.check_cu_seqlens("cu", made, 8, 6) == [0, 2, 8] and len(reads) == 2
+    assert checks.offsets_tensor((0, 2, 8), "cpu") is made
