@@ -24,7 +24,7 @@ from usp.comm import traffic
 from usp.comm.gather import post_gather_sequence, post_reduce_scatter_sequence
 from usp.kernels.layout import accum_dtype
 
-from .layout import gathered_block
+from .layout import gathered_block, on_device
 
 SCHEDULES = ("ring", "allgather")
 
@@ -52,8 +52,8 @@ class GatherComm:
 
 
 def _block(q, comm, causal, layout, documents, window_size):
-    return gathered_block(comm.rank, q.shape[1] * comm.size, comm.size, layout, causal, documents,
-                          tuple(window_size), q.device)
+    return on_device(gathered_block(comm.rank, q.shape[1] * comm.size, comm.size, layout, causal, documents,
+                                    tuple(window_size)), q.device)
 
 
 def allgather_forward(q, k, v, comm, causal: bool, scale: float, layout: str, backend, documents=None,

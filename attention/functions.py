@@ -58,10 +58,11 @@ def _check_backend_masks(backend, q, window_size, documents, r: int, causal: boo
     if backend is BACKENDS["torch"] and q.device.type != "cpu":
         raise ValueError(f"the torch backend takes {' and '.join(needs)} on the CPU only; use the triton backend on "
                          "CUDA")
-    parameters = inspect.signature(backend.forward).parameters.values()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-        return
-    missing = [name for name in needs if name not in {p.name for p in parameters}]
+    missing = []
+    for function in (backend.forward, backend.backward):
+        parameters = inspect.signature(function).parameters.values()
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+            missing += [name for name in needs if name not in {p.name for p in parameters} and name not in missing]
     if missing:
         raise ValueError(f"backend {getattr(backend, 'name', backend)!r} takes no {' or '.join(missing)} keyword, "
                          f"which this call needs (documents or a window over a ring of {r}): use triton, torch or "

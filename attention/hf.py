@@ -103,7 +103,7 @@ PACKED_KWARGS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k")
 def _documents(kwargs: dict):
     """The packed documents' offsets the model was called with (``cu_seq_lens_q``), or None."""
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
-    if (cu_q is None) != (cu_k is None) or (cu_q is not None and not torch.equal(cu_q, cu_k)):
+    if (cu_q is None) != (cu_k is None) or (cu_q is not cu_k and cu_q is not None and not torch.equal(cu_q, cu_k)):
         raise ValueError("USP attention takes packed documents as equal cu_seq_lens_q and cu_seq_lens_k (self-"
                          "attention over one packed sequence): pass shard_batch(...)['attention_kwargs']")
     return cu_q
@@ -176,8 +176,8 @@ def shard_batch(mesh: Mesh, input_ids: torch.Tensor, labels: torch.Tensor | None
     data loader by ``mesh.dp_rank``); ``labels: [B, S]`` in transformers' convention (the
     token itself; default ``input_ids``); ``position_ids: [B, S]`` (default ``0 .. S-1``).
     ``cu_seqlens``: the offsets of packed documents (int32 ``[documents + 1]``, batch 1):
-    positions then restart at each document (the default, and what ``position_ids`` must
-    be if given), no label crosses a document's end, and the zigzag layout cuts each
+    positions then restart at each document (the default; ``position_ids`` given must
+    do so too, up to an offset), no label crosses a document's end, and the zigzag layout cuts each
     document (lengths multiples of ``2 x ring_degree``: see ``pad_documents``).
     Returns ``input_ids``, ``position_ids`` and ``shift_labels`` (the next token's label,
     ``ignore_index`` after the last token of the sequence or of a document), each
@@ -207,11 +207,11 @@ def shard_batch(mesh: Mesh, input_ids: torch.Tensor, labels: torch.Tensor | None
             if input_ids.shape[0] != 1:
                 raise ValueError(f"packed documents (cu_seqlens) need batch 1, got {input_ids.shape[0]} rows")
             documents = document_offsets(cu_seqlens, seqlen)
-        expected = positions_in_documents(torch.arange(seqlen), documents)
-        if position_ids is not None and not bool((position_ids == expected).all()):
-            raise ValueError("position_ids must count up by one from 0 along each row, or restart at 0 at each "
-                             "document of cu_seqlens: " + ("pass cu_seqlens for packed documents" if documents is None
-                                                           else "they do not match cu_seqlens"))
+        expected = positions_in_documents(torch.arange(seqlen, device=input_ids.device), documents)
+        if position_ids is not None and not bool((position_ids - position_ids[:, :1] == expected).all()):
+            raise ValueError("position_ids must count up by one along each row, or restart at each document of "
+                             "cu_seqlens: " + ("pass cu_seqlens for packed documents" if documents is None
+                                               else "they do not match cu_seqlens"))
         check_global_seqlen(seqlen, mesh.ulysses_degree, mesh.ring_degree, layout, documents)
         call.fields = dict(shape=tuple(input_ids.shape), layout=layout, ignore_index=ignore_index,
                            input_ids=_fingerprint(input_ids), labels=_fingerprint(labels),
@@ -224,9 +224,10 @@ def shard_batch(mesh: Mesh, input_ids: torch.Tensor, labels: torch.Tensor | None
         cu = torch.tensor(documents, dtype=torch.int32, device=input_ids.device)
         longest = max(b - a for a, b in zip(documents, documents[1:]))
         attention_kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+    if position_ids is None:
+        position_ids = expected.expand_as(input_ids)
     shards = {name: shard_sequence(x, mesh, layout=layout, cu_seqlens=documents) for name, x in
-              (("input_ids", input_ids), ("position_ids", expected.to(input_ids.device).expand_as(input_ids)),
-               ("shift_labels", shift_labels))}
+              (("input_ids", input_ids), ("position_ids", position_ids), ("shift_labels", shift_labels))}
     return dict(shards, attention_kwargs=attention_kwargs)
 
 

@@ -16,6 +16,7 @@ shard of ``(ring_rank, ulysses_rank)`` is piece ``ulysses_rank`` of ring rank
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -166,8 +167,8 @@ def ring_block(rank: int, source: int, seqlen: int, layout: str, causal: bool, r
     ``device``, over a ring of ``ring_size``.
     """
     if documents is not None or tuple(window_size) != (-1, -1):
-        return token_block(rank, source, seqlen * ring_size, ring_size, layout, causal, documents,
-                           tuple(window_size), device)
+        return on_device(token_block(rank, source, seqlen * ring_size, ring_size, layout, causal, documents,
+                                     tuple(window_size)), device)
     everything = slice(None)
     if not causal:
         return Block(everything, everything, False)
@@ -190,11 +191,20 @@ def ring_block(rank: int, source: int, seqlen: int, layout: str, causal: bool, r
 # (a range of the source's local indices, as every layout holds its positions in
 # increasing order), keeps the rows that see some key and the keys some row sees, and
 # hands the kernels the mask by token of that sub-block. Ranks agree on the plan, so
-# each computes it alone; it is cached per (sequence, mesh, mask, device).
+# each computes it alone; it is cached on the host per (sequence, mesh, mask) and its
+# positions copied to the device per call (a few KB), so a long run of ever new document
+# mixes holds no device memory.
 
-@functools.lru_cache(maxsize=256)
+def on_device(block: Block | None, device) -> Block | None:
+    """``block`` with its mask by token on ``device``."""
+    if block is None or block.positions is None or device is None:
+        return block
+    return dataclasses.replace(block, positions=block.positions.to(device))
+
+
+@functools.lru_cache(maxsize=64)
 def token_block(rank: int, source: int, seqlen: int, ring_size: int, layout: str, causal: bool,
-                documents: tuple[int, ...] | None, window_size: tuple[int, int], device) -> Block | None:
+                documents: tuple[int, ...] | None, window_size: tuple[int, int]) -> Block | None:
     """The block of ``rank``'s queries against ``source``'s keys in a sequence of
     ``seqlen`` tokens packed as ``documents`` under causal and ``window_size``; None
     when no pair is visible."""
@@ -206,7 +216,7 @@ def token_block(rank: int, source: int, seqlen: int, ring_size: int, layout: str
         return None
     q_rows = slice(int(rows[0]), int(rows[-1]) + 1)
     k_rows = slice(int(first[rows].min()), int(last[rows].max()))
-    positions = token_positions(q_pos[q_rows], k_pos[k_rows], documents, device)
+    positions = token_positions(q_pos[q_rows], k_pos[k_rows], documents)
     return Block(q_rows, k_rows, causal, window_size, positions)
 
 
@@ -225,9 +235,9 @@ def visible_key_span(q_pos: torch.Tensor, k_pos: torch.Tensor, seqlen: int, docu
     return torch.searchsorted(keys, low), torch.searchsorted(keys, high, right=True)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)
 def gathered_block(rank: int, seqlen: int, ring_size: int, layout: str, causal: bool,
-                   documents: tuple[int, ...] | None, window_size: tuple[int, int], device) -> Block:
+                   documents: tuple[int, ...] | None, window_size: tuple[int, int]) -> Block:
     """The all-gather schedule's one block: ``rank``'s queries against the keys of every
     ring rank gathered in rank order, in a sequence of ``seqlen`` tokens. Unmasked
     attention needs no mask; otherwise the mask by token of the layout's positions."""
@@ -236,4 +246,4 @@ def gathered_block(rank: int, seqlen: int, ring_size: int, layout: str, causal: 
         return Block(everything, everything, False)
     q_pos = ring_positions(seqlen, ring_size, rank, layout, documents)
     k_pos = torch.cat([ring_positions(seqlen, ring_size, source, layout, documents) for source in range(ring_size)])
-    return Block(everything, everything, causal, window_size, token_positions(q_pos, k_pos, documents, device))
+    return Block(everything, everything, causal, window_size, token_positions(q_pos, k_pos, documents))

@@ -43,7 +43,7 @@ from usp.kernels.checks import resolve_softmax_scale, resolve_window
 from .balance import document_offsets, documents_type, imbalance, rank_work
 from .cli_args import (DEFAULT_BANDWIDTHS, DTYPES, add_device_argument, add_output_arguments, add_timing_arguments,
                        bounded_int, default_device, positive_float)
-from .flops import FLOP_CONVENTION, attention_flops
+from .flops import FLOP_CONVENTION, attention_flops, masked_attention_flops
 from .inputs import random_inputs
 from .results import TIMING_FIELDS, device_name, sp_impl_name, timing_record, write_result
 from .timing import measure_ms, synchronize
@@ -374,10 +374,13 @@ def _record(problem: Problem, layout: str, schedule: str, pass_: str, times: dic
     r, u = problem.ring_degree, problem.ulysses_degree
     per_rank = [sum(times["fwd"][i]) + (sum(times["bwd"][i]) if pass_ == "fwd+bwd" else 0.0) for i in range(r)]
     monolithic = whole["fwd"] + (whole["bwd"] if pass_ == "fwd+bwd" else 0.0)
-    flops = attention_flops(problem.batch, problem.heads, problem.seqlen, problem.seqlen, problem.head_dim,
-                            problem.causal, pass_)
     left, right = resolve_window(problem.causal, problem.window_size)
     work = rank_work(problem.seqlen, r, layout, problem.documents, (left, right))
+    if problem.documents is None and problem.window is None:
+        flops = attention_flops(problem.batch, problem.heads, problem.seqlen, problem.seqlen, problem.head_dim,
+                                problem.causal, pass_)
+    else:  # the visible pairs only
+        flops = masked_attention_flops(problem.batch, problem.heads, problem.head_dim, sum(work), pass_)
     slowest = max(per_rank)
     predictions = {}
     for name, gbs in bandwidths.items():

@@ -48,11 +48,12 @@ from usp.comm import PLACEMENTS, RingComm, init_mesh, mesh_shapes, record_traffi
 from usp.comm.heads import heads_problem, kv_head_shares
 from usp.comm.traffic import CudaClock, HostClock
 from usp.kernels import BACKENDS
+from usp.kernels.checks import resolve_window
 
-from .balance import document_offsets, documents_type
+from .balance import document_offsets, documents_type, rank_work
 from .cli_args import (DTYPES, add_output_arguments, add_timing_arguments, bounded_int, mesh_type,
                        positive_float, world_size_type)
-from .flops import FLOP_CONVENTION, attention_flops
+from .flops import FLOP_CONVENTION, attention_flops, masked_attention_flops
 from .inputs import random_inputs
 from .launch import cores_available, under_torchrun
 from .launch import run as launch_run
@@ -88,6 +89,15 @@ class Settings:
     schedule: str = "ring"
     docs: dict | None = None  # a document-length mix (usp.bench.balance.parse_documents), packed per case
     window: int | None = None  # a sliding window of this many keys back
+
+    def flops(self, seqlen: int, world_size: int, pass_: str) -> float:
+        """The FLOPs of a case: dense by the convention, or those of its visible pairs."""
+        if self.docs is None and self.window is None:
+            return attention_flops(self.batch, self.heads, seqlen, seqlen, self.head_dim, self.causal, pass_)
+        masking = self.masking(seqlen, world_size)
+        window = resolve_window(self.causal, masking["window_size"])
+        (pairs,) = rank_work(seqlen, 1, "contiguous", masking["cu_seqlens"], window)
+        return masked_attention_flops(self.batch, self.heads, self.head_dim, pairs, pass_)
 
     def masking(self, seqlen: int, world_size: int) -> dict:
         """The keywords of a case's ``usp_attention`` call beyond the tensors: the schedule,
@@ -328,8 +338,7 @@ def combine(settings: Settings, per_rank: list[list[dict]], device: str, world_s
         first = cases[0]
         u, r, seqlen, pass_ = first["ulysses_degree"], first["ring_degree"], first["seqlen"], first["pass_"]
         ms = slowest_rank_ms([c["times_ms"] for c in cases])
-        flops = attention_flops(settings.batch, settings.heads, seqlen, seqlen, settings.head_dim, settings.causal,
-                                pass_)
+        flops = settings.flops(seqlen, world_size, pass_)
         ranks = [{key: value for key, value in c.items() if key not in ("ulysses_degree", "ring_degree", "seqlen",
                                                                          "pass_", "references")} for c in cases]
         for rank_figures in ranks:

@@ -163,19 +163,22 @@ def check_cu_seqlens(name: str, cu_seqlens, total: int, max_seqlen) -> list[int]
     return check_offsets(name, read_offsets(cu_seqlens), total, max_seqlen)
 
 
-# Offsets read from the device, per tensor and version: a model passes the same offsets to
-# every layer, and each read is a host synchronisation on a GPU. An in-place change of the
-# tensor bumps its version, so the new values are read again.
+# Offsets read from a GPU, per tensor and version: a model passes the same offsets to every
+# layer, and each read is a host synchronisation. An in-place change of the tensor bumps
+# its version, so the new values are read again (a write through ``.data`` or DLPack does
+# not: make a new tensor instead). CPU tensors, free to read and often views of reused
+# numpy buffers, and inference tensors, which keep no version, are read every time.
 _offsets_read: dict[int, tuple[int, tuple[int, ...]]] = {}  # id(tensor) -> (version, offsets), while it lives
 
 
 def read_offsets(cu_seqlens: torch.Tensor) -> list[int]:
-    """``cu_seqlens.tolist()``, read once per tensor version."""
+    """``cu_seqlens.tolist()``, read from a GPU once per tensor version."""
     cached = _offsets_read.get(id(cu_seqlens))
-    if cached is not None and cached[0] == cu_seqlens._version:
+    if cached is not None and not cu_seqlens.is_inference() and cached[0] == cu_seqlens._version:
         return list(cached[1])
     offsets = cu_seqlens.tolist()
-    _remember_offsets(cu_seqlens, tuple(offsets))
+    if cu_seqlens.device.type != "cpu" and not cu_seqlens.is_inference():
+        _remember_offsets(cu_seqlens, tuple(offsets))
     return offsets
 
 
@@ -187,13 +190,14 @@ def _remember_offsets(tensor: torch.Tensor, offsets: tuple[int, ...]) -> None:
 
 def offsets_tensor(offsets: tuple[int, ...], device) -> torch.Tensor:
     """Offsets already checked, as an int32 tensor on ``device`` that ``read_offsets``
-    knows without reading it (made once per offsets and device)."""
+    knows without reading it (made once per offsets and device; never write to it)."""
     return _offsets_tensor(tuple(offsets), torch.device(device))
 
 
 @functools.lru_cache(maxsize=64)
 def _offsets_tensor(offsets: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    tensor = torch.tensor(offsets, dtype=torch.int32, device=device)
+    with torch.inference_mode(False):  # a normal tensor, with a version, even when first made in inference mode
+        tensor = torch.tensor(offsets, dtype=torch.int32, device=device)
     _remember_offsets(tensor, offsets)
     return tensor
 

@@ -243,6 +243,10 @@ def test_emulate_with_documents_a_window_and_both_schedules(tmp_path, capsys):
     # each rank holds two whole documents: contiguous is balanced; zigzag's one-token chunks under the window are not
     assert by["contiguous", "ring"]["work_imbalance"] == 1.0 < by["zigzag", "ring"]["work_imbalance"]
     assert by["zigzag", "ring"]["documents"] == 8
+    # TFLOP/s of the visible pairs only: 4 x heads x head dim per pair, over the ranks, per slowest-rank time
+    record = by["zigzag", "ring"]
+    flops = 4 * 2 * 16 * sum(record["per_rank_work"])
+    assert record["tflops"] == pytest.approx(flops / 4 / (record["ms"] * 1e-3) / 1e12, rel=1e-6)
     assert "8 documents, window 5" in capsys.readouterr().out
 
 

@@ -260,13 +260,17 @@ def test_a_window_on_a_contiguous_ring_skips_distant_ranks(ring_results):
     assert [results[index]["skipped"] for results in ring_results] == [2, 2, 2, 2]
 
 
-def _plain_backend():
-    """A custom backend that knows causal attention only."""
+def _plain_backend(forward_takes_masks: bool = False):
+    """A custom backend whose backward knows causal attention only (and its forward too,
+    unless ``forward_takes_masks``)."""
     from usp.kernels import FunctionBackend, get_backend
 
     naive = get_backend("naive")
-    return FunctionBackend("plain", lambda q, k, v, *, causal, softmax_scale: naive.forward(
-        q, k, v, causal=causal, softmax_scale=softmax_scale), naive.backward)
+    plain = lambda q, k, v, *, causal, softmax_scale: naive.forward(  # noqa: E731
+        q, k, v, causal=causal, softmax_scale=softmax_scale)
+    backward = lambda dout, q, k, v, out, lse, *, causal, softmax_scale: naive.backward(  # noqa: E731
+        dout, q, k, v, out, lse, causal=causal, softmax_scale=softmax_scale)
+    return FunctionBackend("plain", naive.forward if forward_takes_masks else plain, backward)
 
 
 def _bad_documents():
@@ -288,6 +292,8 @@ def _bad_documents():
                                                          window_size=(4, 0)),
         "backend without positions": lambda: usp_attention(x, x, x, ring, True, backend=_plain_backend(),
                                                            cu_seqlens=_offsets([8, 8])),
+        "backward without positions": lambda: usp_attention(x, x, x, ring, True, backend=_plain_backend(True),
+                                                            window_size=(3, 0)),
         "schedule": lambda: usp_attention(x, x, x, ring, True, backend="naive", schedule="gather"),
         "batch 2": lambda: ulysses_attention(x.expand(2, -1, -1, -1), x.expand(2, -1, -1, -1),
                                              x.expand(2, -1, -1, -1), mesh.ulysses_group, backend="naive",
@@ -311,6 +317,7 @@ def test_bad_documents_raise_on_every_rank():
         "zigzag cannot cut": "document 0 has 6 tokens, pad it to 8",
         "window on a ring, cross": "packed documents and windows over a ring need q and k of one length, got 8 and 4",
         "backend without positions": "backend 'plain' takes no positions keyword, which this call needs",
+        "backward without positions": "backend 'plain' takes no window_size or positions keyword",
         "schedule": "schedule must be one of ('ring', 'allgather'), got 'gather'",
         "batch 2": "packed documents (cu_seqlens) need batch 1, got q of batch 2",
         "only rank 1 bad": "cu_seqlens must be int32",

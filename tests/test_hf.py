@@ -124,6 +124,8 @@ def _bad_inputs() -> dict:
         "other_layout": error_of(lambda: model(input_ids=shard["input_ids"],
                                                position_ids=shard_batch(mesh, ids, layout="stripe")["position_ids"])),
         "restarting_positions": error_of(lambda: shard_batch(mesh, ids, position_ids=ids % 4)),
+        "offset_positions": torch.equal(shard_batch(mesh, ids, position_ids=ids + 5)["position_ids"],
+                                        shard["input_ids"] + 5),  # ids count up by one along each row
         "documents_batch_2": error_of(lambda: shard_batch(mesh, ids, cu_seqlens=torch.tensor([0, 4, 8],
                                                                                          dtype=torch.int32))),
         "documents_positions": error_of(lambda: shard_batch(mesh, ids[:1], position_ids=ids[:1],
@@ -171,7 +173,8 @@ def test_bad_input_is_refused_on_every_rank(four_ranks):
     assert "mesh must be a usp.comm.Mesh" in first["mesh_type"]
     assert "needs position_ids=shard['position_ids'] from shard_batch" in first["no_positions"]
     assert "not this rank's positions in the zigzag layout" in first["other_layout"]
-    assert "or restart at 0 at each document of cu_seqlens: pass cu_seqlens" in first["restarting_positions"]
+    assert "or restart at each document of cu_seqlens: pass cu_seqlens" in first["restarting_positions"]
+    assert first["offset_positions"] is True  # counting up from another start: sharded as given
     assert "packed documents (cu_seqlens) need batch 1, got 2 rows" in first["documents_batch_2"]
     assert "they do not match cu_seqlens" in first["documents_positions"]
     assert "document 0 has 2 tokens, pad it to 4" in first["documents_uncut"]
