@@ -32,7 +32,9 @@ def _block(layout, ring, rank, source, documents):
     return q_pos, k_pos
 
 
-def _check(backend, dtype, layout, rank, source, causal, window, documents, ring=2, heads=(4, 2)):
+def _compare(backend, dtype, layout, rank, source, causal, window, documents, ring=2, heads=(4, 2)):
+    """Run the block on ``backend`` and judge it against the oracle: ``(failures, the
+    backend's results, the oracle's mask)``; a failure names the quantity and its error."""
     q_pos, k_pos = _block(layout, ring, rank, source, documents)
     cu = torch.tensor(documents or (0, SEQLEN), dtype=torch.int32)
     mask = document_mask(cu, cu, causal, window)[q_pos][:, k_pos]
@@ -50,9 +52,8 @@ def _check(backend, dtype, layout, rank, source, causal, window, documents, ring
     with poisoned_allocations():
         results = run_backend(backend, q, k, v, dout, causal, **options)
     baseline = None if dtype == torch.float64 else run_backend("naive", q, k, v, dout, causal, **options)
-    errors, _, failures = compare(Case(backend, dtype, shape, causal), results, ref, baseline)
-    assert not failures, (label, errors)
-    return mask
+    _, _, failures = compare(Case(backend, dtype, shape, causal), results, ref, baseline)
+    return [f"{label}: {failure}" for failure in failures], results, mask
 
 
 # (layout, rank, source, causal, window, documents): zigzag documents against an earlier
@@ -72,24 +73,32 @@ BLOCKS = [
                                            ("naive", torch.float64)])
 def test_a_block_by_token_matches_the_oracle(backend, dtype, block):
     layout, rank, source, causal, window, documents = block
-    mask = _check(backend, dtype, layout, rank, source, causal, window, documents)
+    failures, _, mask = _compare(backend, dtype, layout, rank, source, causal, window, documents)
+    assert not failures, failures
     assert mask.any() and not mask.all()  # the case masks something and leaves something
 
 
 def test_triton_fp16_by_token_matches_the_oracle():
-    _check("triton", torch.float16, "zigzag", 1, None, True, (7, 0), DOCUMENTS, ring=4, heads=(2, 2))
+    failures, _, _ = _compare("triton", torch.float16, "zigzag", 1, None, True, (7, 0), DOCUMENTS, ring=4,
+                              heads=(2, 2))
+    assert not failures, failures
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("block", BLOCKS, ids=lambda b: f"{b[0]}-{b[1]}-{b[2]}-w{b[4][0]}.{b[4][1]}")
 def test_bf16_by_token_on_gpu(block):
-    layout, rank, source, causal, window, documents = block
-    _check("triton", torch.bfloat16, layout, rank, source, causal, window, documents)
+    failures, _, _ = _compare("triton", torch.bfloat16, *block)
+    assert not failures, failures
 
 
 def test_rows_that_see_nothing_give_zeros():
-    """Rank 0 of a causal contiguous ring against rank 1's keys: every pair masked."""
-    _check("triton", torch.float32, "contiguous", 0, 1, True, (-1, -1), None)
+    """Rank 0 of a causal contiguous ring against rank 1's keys: every pair masked, so out,
+    every gradient 0 and lse -inf."""
+    failures, results, mask = _compare("triton", torch.float32, "contiguous", 0, 1, True, (-1, -1), None)
+    assert not failures, failures
+    assert not mask.any()
+    assert torch.isneginf(results["lse"]).all()
+    assert all((results[name] == 0).all() for name in ("out", "dq", "dk", "dv"))
 
 
 def test_blocks_without_a_visible_pair_are_skipped():
