@@ -78,10 +78,11 @@ def ring_positions(seqlen: int, ring_degree: int, ring_rank: int, layout: str,
 
 
 def document_ids(positions: torch.Tensor, documents: tuple[int, ...] | None) -> torch.Tensor:
-    """The document index of each global position (0 everywhere without documents), int32."""
+    """The document index of each global position (0 everywhere without documents), int32,
+    on the positions' device."""
     if documents is None:
-        return torch.zeros(positions.shape, dtype=torch.int32)
-    ends = torch.tensor(documents[1:], dtype=torch.long)
+        return torch.zeros(positions.shape, dtype=torch.int32, device=positions.device)
+    ends = torch.tensor(documents[1:], dtype=torch.long, device=positions.device)
     return torch.searchsorted(ends, positions.long(), right=True).to(torch.int32)
 
 
@@ -225,7 +226,7 @@ def visible_key_span(q_pos: torch.Tensor, k_pos: torch.Tensor, seqlen: int, docu
     """For each query, the local key indices ``[first, last)`` it sees among keys at the
     increasing positions ``k_pos``: those of its document within ``[p - left, p + right]``."""
     bounds = torch.tensor(documents if documents is not None else (0, seqlen), dtype=torch.long)
-    doc = torch.searchsorted(bounds[1:], q_pos.long(), right=True)
+    doc = document_ids(q_pos, documents).long()
     low, high = bounds[doc], bounds[doc + 1] - 1  # the query's document, inclusive
     if left is not None:
         low = torch.maximum(low, q_pos - left)

@@ -37,8 +37,8 @@ from usp.comm.heads import head_shares, kv_copies, kv_head_shares, replicate_kv_
 from usp.comm.ring import RingComm
 from usp.kernels import BACKENDS, get_backend, varlen_backward, varlen_forward
 from usp.kernels.backends import window_kwargs
-from usp.kernels.checks import offsets_tensor
 from usp.kernels.layout import accum_dtype, reduce_kv_grad
+from usp.kernels.varlen import self_attention_offsets
 
 from .allgather import GatherComm, allgather_backward, allgather_forward
 from .ring import ring_backward, ring_forward
@@ -65,8 +65,8 @@ class Plan:
         options = dict(causal=self.causal, softmax_scale=self.scale)
         if self.documents is None:
             return self.backend.forward(q, k, v, **options, **window_kwargs(self.window_size))
-        out, lse = varlen_forward(self.backend, q[0], k[0], v[0], *self._offsets(q.device), **options,
-                                  window_size=self.window_size)
+        out, lse = varlen_forward(self.backend, q[0], k[0], v[0], *self_attention_offsets(self.documents, q.device),
+                                  **options, window_size=self.window_size)
         return out[None], lse[None]
 
     def local_backward(self, dout, q, k, v, out, lse):
@@ -74,14 +74,10 @@ class Plan:
         options = dict(causal=self.causal, softmax_scale=self.scale)
         if self.documents is None:
             return self.backend.backward(dout, q, k, v, out, lse, **options, **window_kwargs(self.window_size))
-        grads = varlen_backward(self.backend, dout[0], q[0], k[0], v[0], out[0], lse[0], *self._offsets(q.device),
-                                **options, window_size=self.window_size)
+        grads = varlen_backward(self.backend, dout[0], q[0], k[0], v[0], out[0], lse[0],
+                                *self_attention_offsets(self.documents, q.device), **options,
+                                window_size=self.window_size)
         return tuple(g[None] for g in grads)
-
-    def _offsets(self, device):
-        cu = offsets_tensor(self.documents, device)  # made once per device; never read back
-        longest = max(b - a for a, b in zip(self.documents, self.documents[1:]))
-        return cu, cu, longest, longest
 
     def ulysses_size(self) -> int:
         return 1 if self.ulysses is None else dist.get_world_size(self.ulysses)

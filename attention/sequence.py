@@ -14,7 +14,7 @@ from usp.comm.mesh import check_mesh
 
 from usp.kernels.checks import check_cu_seqlens, check_offsets
 
-from .layout import check_global_seqlen, check_layout, shard_positions
+from .layout import check_global_seqlen, check_layout, document_ids, shard_positions
 
 
 def document_offsets(cu_seqlens, seqlen: int) -> tuple[int, ...] | None:
@@ -48,8 +48,8 @@ def positions_in_documents(positions: torch.Tensor, documents: tuple[int, ...] |
     """Each global position's position inside its document (as given without documents)."""
     if documents is None:
         return positions
-    offsets = torch.tensor(documents)
-    return positions - offsets[torch.searchsorted(offsets, positions, right=True) - 1]
+    starts = torch.tensor(documents, device=positions.device)
+    return positions - starts[document_ids(positions, documents).long()]
 
 
 def _check_dim(x: torch.Tensor, dim: int) -> int:

@@ -39,6 +39,7 @@ from usp.comm.traffic import CudaClock, HostClock, record_traffic
 from usp.kernels import BACKENDS, get_backend, varlen_backward, varlen_forward
 from usp.kernels.backends import window_kwargs
 from usp.kernels.checks import resolve_softmax_scale, resolve_window
+from usp.kernels.varlen import self_attention_offsets
 
 from .balance import document_offsets, documents_type, imbalance, rank_work
 from .cli_args import (DEFAULT_BANDWIDTHS, DTYPES, add_device_argument, add_output_arguments, add_timing_arguments,
@@ -201,9 +202,7 @@ def monolithic_ms(problem: Problem, backend_name: str, device, warmup: int, repe
         forward = lambda: backend.forward(q, k, v, **options)  # noqa: E731
         backward = lambda out, lse: backend.backward(dout, q, k, v, out, lse, **options)  # noqa: E731
     else:  # batch 1, packed
-        cu = torch.tensor(problem.documents, dtype=torch.int32, device=device)
-        longest = max(b - a for a, b in zip(problem.documents, problem.documents[1:]))
-        packed = (cu, cu, longest, longest)
+        packed = self_attention_offsets(problem.documents, device)
         options["window_size"] = problem.window_size
         forward = lambda: varlen_forward(backend, q[0], k[0], v[0], *packed, **options)  # noqa: E731
         backward = lambda out, lse: varlen_backward(backend, dout[0], q[0], k[0], v[0], out, lse,  # noqa: E731

@@ -14,9 +14,18 @@ from __future__ import annotations
 import torch
 
 from .backends import Backend, get_backend, window_kwargs
-from .checks import (check_documents, check_packed_backward_inputs, check_packed_qkv, refuse_flash_attn_extras,
-                     resolve_window)
+from .checks import (check_documents, check_packed_backward_inputs, check_packed_qkv, offsets_tensor,
+                     refuse_flash_attn_extras, resolve_window)
 from .layout import accum_dtype
+
+
+def self_attention_offsets(documents: tuple[int, ...], device) -> tuple:
+    """The varlen arguments ``cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k`` of
+    one packed sequence attending to itself, from its checked offsets (the tensor made
+    once per device, never read back)."""
+    cu = offsets_tensor(documents, device)
+    longest = max(b - a for a, b in zip(documents, documents[1:]))
+    return cu, cu, longest, longest
 
 
 def _document_spans(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, shape):
