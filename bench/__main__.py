@@ -23,7 +23,8 @@ COMMANDS = {
     "train": ("train", "train a small LLaMA-family model with USP on gloo processes and on one; compare the losses"),
     "faults": ("faults", "inject one fault per run into ring, Ulysses and USP on gloo processes; count hangs"),
     "balance": ("balance", "per-rank work of each layout (dense causal, packed documents) and bytes per schedule"),
-    "model": ("cost_model_cli", "the paper's communication / memory cost model, rankings and placement advice"),
+    "comm": ("comm_bench", "measure all-to-all and P2P bandwidth and latency here; write a cluster file for model"),
+    "model": ("cost_model_cli", "which Ulysses x ring mesh to run: predicted time per mesh on a cluster, ranked"),
     "plot": ("plot", "draw PNG figures from result JSON files (same as python -m usp.plots)"),
 }
 

@@ -2,8 +2,8 @@
 
 For a model shape, a sequence length and N devices: the communication volume each
 device sends per block (forward + backward) and the memory it holds, for SP-Ulysses,
-SP-Ring, USP (every ``u x r``), Megatron TP with sequence parallelism and DP / ZeRO;
-then a predicted attention time for each USP mesh and placement on a cluster.
+SP-Ring, USP (every ``u x r``), Megatron TP with sequence parallelism and DP / ZeRO.
+``predict.py`` turns these volumes into times on a cluster.
 
 Notation: ``b`` batch, ``s`` global sequence length, ``d`` hidden size, ``g`` the K/V
 share of the heads (``kv_heads / heads``), ``N`` the degree, ``e`` bytes per element.
@@ -20,8 +20,9 @@ A *unit* is ``b·s·d`` elements, the size of one full activation, as in the pap
 - USP ``u x r``: Ulysses over ``u`` on the local shard, then the ring over ``r`` with
   ``g·d/u`` K/V features per device (K/V heads repeated as ``usp.comm.heads`` says, up
   to one per query head when the query heads split unevenly).
-- Megatron TP-SP: 2 all-gathers and 2 reduce-scatters of ``b·s·d`` forward, the same
-  backward: ``8 (N-1)/N`` units.
+- Megatron TP-SP: 2 all-gathers and 2 reduce-scatters of ``b·s·d`` forward; backward 2
+  reduce-scatters and 4 all-gathers (the 2 of the forward's backward and 2 re-gathers of
+  the sharded input for the weight gradients): ``10 (N-1)/N`` units, the paper's 10.
 - DP / ZeRO: no activation traffic; gradient all-reduce ``2Ψ(N-1)/N`` elements per block
   (ZeRO-1/2 the same as reduce-scatter + all-gather, ZeRO-3 ``3Ψ(N-1)/N``). SP methods
   replicate the parameters, so they pay DP's gradient all-reduce over their group too.
@@ -37,10 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from usp.attention.volume import attention_volume
-from usp.comm.heads import heads_per_rank
 from usp.comm.mesh import mesh_shapes
-
-from .flops import attention_flops
 
 
 @dataclass(frozen=True)
@@ -51,10 +49,11 @@ class ModelShape:
     kv_heads: int
     layers: int
     ffn_hidden: int
+    head_size: int | None = None  # when not hidden / heads
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.head_size or self.hidden // self.heads
 
     @property
     def kv_share(self) -> float:
@@ -62,45 +61,15 @@ class ModelShape:
 
     @property
     def block_params(self) -> int:
-        """Parameters of one block: q, o (``d²`` each), k, v (``g·d²`` each), a SwiGLU MLP
-        (``3·d·ffn``) and two norms."""
+        """Parameters of one block: q, o (``d·Hq·D`` each), k, v (``d·Hkv·D`` each), a SwiGLU
+        MLP (``3·d·ffn``) and two norms."""
         d = self.hidden
-        return int(d * d * (2 + 2 * self.kv_share)) + 3 * d * self.ffn_hidden + 2 * d
+        return d * self.head_dim * (2 * self.heads + 2 * self.kv_heads) + 3 * d * self.ffn_hidden + 2 * d
 
 
 MODELS = {
     "llama3-8b": ModelShape("LLaMA3-8B", 4096, 32, 8, 32, 14336),
     "llama2-7b": ModelShape("LLaMA2-7B", 4096, 32, 32, 32, 11008),
-}
-
-
-@dataclass(frozen=True)
-class Cluster:
-    """Nominal per-direction link bandwidths per GPU (GB/s = 1e9 B/s) and dense bf16 peak."""
-
-    name: str
-    gpus_per_node: int
-    nodes: int
-    intra_gbs: float
-    inter_gbs: float
-    peak_tflops: float
-    kernel_efficiency: float = 0.5  # achieved / peak for the attention kernel (measure with bench kernels)
-    ring_efficiency: float = 0.9  # per-step ring kernels against one whole call (measure: 1 / bench emulate overhead)
-    latency_us: float = 10.0
-
-    @property
-    def world_size(self) -> int:
-        return self.gpus_per_node * self.nodes
-
-
-# Nominal figures from the vendors' spec sheets (assumptions, not measurements): NVLink 3
-# (A100/A800: 600 / 400 GB/s both directions), NVLink 4 (H100: 900), PCIe 4.0 x16 (32 GB/s
-# per direction), InfiniBand HDR 200 Gb/s and NDR 400 Gb/s per GPU.
-CLUSTERS = {
-    "8xA100-NVLink": Cluster("8xA100-NVLink", 8, 1, 300.0, 25.0, 312.0),
-    "8xL20-PCIe": Cluster("8xL20-PCIe", 8, 1, 32.0, 25.0, 119.5),
-    "2x8xA800": Cluster("2x8xA800", 8, 2, 200.0, 25.0, 312.0),
-    "2x8xH100": Cluster("2x8xH100", 8, 2, 450.0, 50.0, 989.0),
 }
 
 
@@ -127,7 +96,8 @@ def communication(shape: ModelShape, batch: int, seqlen: int, ulysses_degree: in
 
 
 def megatron_tp_sp(batch: int, seqlen: int, hidden: int, degree: int, element_size: int = 2) -> dict:
-    units = 8 * (degree - 1) / degree
+    """6 all-gathers and 4 reduce-scatters of ``b·s·d`` per block, each sending ``(N-1)/N`` of it."""
+    units = 10 * (degree - 1) / degree
     return dict(units=units, paper_units=units, bytes=units * batch * seqlen * hidden * element_size)
 
 
@@ -146,63 +116,9 @@ def memory(shape: ModelShape, batch: int, seqlen: int, degree: int, method: str)
     return dict(params=sharded[method], activations=34 * batch * seqlen * shape.hidden / degree)
 
 
-def group_bandwidth(cluster: Cluster, ulysses_degree: int, ring_degree: int, placement: str) -> dict[str, float]:
-    """The slowest link each group crosses: contiguous groups stay in a node while they
-    fit, strided groups leave it when the whole mesh does."""
-    n = ulysses_degree * ring_degree
-    inside = lambda size: size <= cluster.gpus_per_node and cluster.gpus_per_node % size == 0
-    if placement == "ulysses_inner":
-        ulysses_in, ring_in = inside(ulysses_degree), inside(n)
-    else:
-        ring_in, ulysses_in = inside(ring_degree), inside(n)
-    pick = lambda within: cluster.intra_gbs if within else cluster.inter_gbs
-    return dict(ulysses=pick(ulysses_in), ring=pick(ring_in))
-
-
-def predict_attention(shape: ModelShape, cluster: Cluster, batch: int, seqlen: int, ulysses_degree: int,
-                      ring_degree: int, placement: str, causal: bool = True, element_size: int = 2) -> dict:
-    """Milliseconds of one block's attention, forward + backward, on each device: compute at
-    ``peak x kernel_efficiency`` (x ``ring_efficiency`` when split into ring steps), the
-    Ulysses all-to-alls (not overlapped) and the ring transfers that outlast a step's compute."""
-    u, r = ulysses_degree, ring_degree
-    n = u * r
-    bandwidth = group_bandwidth(cluster, u, r, placement)
-    flops = attention_flops(batch, shape.heads, seqlen, seqlen, shape.head_dim, causal, "fwd+bwd") / n
-    flops *= heads_per_rank(shape.heads, u) * u / shape.heads  # the busiest rank of an uneven head split
-    rate = cluster.peak_tflops * 1e12 * cluster.kernel_efficiency * (cluster.ring_efficiency if r > 1 else 1.0)
-    compute = flops / rate * 1e3
-    comm = communication(shape, batch, seqlen, u, r, element_size)
-    unit_bytes = batch * seqlen * shape.hidden * element_size
-    latency = cluster.latency_us * 1e-3
-    all_to_all = (8 * latency + comm["all_to_all_units"] * unit_bytes / (bandwidth["ulysses"] * 1e9) * 1e3) \
-        if u > 1 else 0.0
-    exposed_ring = 0.0
-    if r > 1:
-        hop_ms = lambda nbytes: latency + nbytes / (bandwidth["ring"] * 1e9) * 1e3  # noqa: E731
-        fwd_step, bwd_step = compute / 3.5 / r, compute * 2.5 / 3.5 / r
-        kv_hop, accumulator = hop_ms(comm["kv_hop_bytes"]), hop_ms(comm["accumulator_hop_bytes"])
-        exposed_ring = (r - 1) * max(0.0, kv_hop - fwd_step) \
-            + (r - 1) * max(0.0, kv_hop + accumulator - bwd_step) + accumulator
-    total = compute + all_to_all + exposed_ring
-    return dict(ulysses_degree=u, ring_degree=r, placement=placement, compute_ms=compute, all_to_all_ms=all_to_all,
-                exposed_ring_ms=exposed_ring, total_ms=total, bandwidth_gbs=bandwidth, comm_bytes=comm["bytes"])
-
-
 def meshes(world_size: int, shape: ModelShape) -> list[tuple[int, int]]:
     """Every ``(u, r)`` with ``u x r = world_size`` whose Ulysses degree the heads allow."""
     return mesh_shapes(world_size, shape.heads, shape.kv_heads)
-
-
-def rank_meshes(shape: ModelShape, cluster: Cluster, batch: int, seqlen: int, causal: bool = True) -> list[dict]:
-    """Predictions for every mesh and placement, fastest first."""
-    predictions = [predict_attention(shape, cluster, batch, seqlen, u, r, placement, causal)
-                   for u, r in meshes(cluster.world_size, shape)
-                   for placement in (("ulysses_inner", "ring_inner") if u > 1 and r > 1 else ("ulysses_inner",))]
-    return sorted(predictions, key=lambda p: p["total_ms"])
-
-
-def best_ulysses_degree(shape: ModelShape, cluster: Cluster, batch: int, seqlen: int) -> int:
-    return rank_meshes(shape, cluster, batch, seqlen)[0]["ulysses_degree"]
 
 
 def volume_table(shape: ModelShape, batch: int, seqlen: int, degrees) -> list[dict]:

@@ -1,172 +1,205 @@
-"""``usp-bench model``: the paper's communication and memory cost model (USP,
-arXiv 2405.07719, Table 2) for a model shape, a sequence length and a cluster.
+"""``usp-bench model``: which Ulysses x ring mesh to run on a cluster, predicted from the
+cluster's links and kernel curve (``usp.bench.predict``), and the paper's per-block
+communication and memory table (USP, arXiv 2405.07719, Table 2).
 
-Prints and writes, per transformer block and device: the communication volume of
-SP-Ulysses, SP-Ring, every USP ``u x r``, Megatron TP-SP and DP / ZeRO over a range of
-degrees; the memory of each; the predicted attention time of every mesh and placement
-on the cluster (compute at the given efficiency, Ulysses all-to-alls, and ring
-transfers that outlast a step's compute), ranked, with the recommended one; and where
-the model agrees with the paper's published findings and where it does not. No
-process is launched: this runs in a second.
+For the attention alone (``--scope attention``) or a whole transformer block with
+Megatron tensor parallelism (``--scope block --tp T``): every mesh and placement with its
+predicted time per call, TFLOP/s per GPU, bytes sent and memory per rank, ranked; meshes
+within the model's uncertainty of the fastest are reported as tied. Then the model
+against the paper's measured Tables 3 and 4 (the measured best mesh and Kendall's tau per
+row). Presets or measured inputs: ``--cluster-file`` from ``usp-bench comm``,
+``--kernels-file`` from ``usp-bench kernels``. No process is launched: this runs in a
+second.
 """
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import torch
 
+from usp.comm.mesh import PLACEMENTS
+
 from . import cost_model as cm
-from .cli_args import add_output_arguments, bounded_int, positive_float
+from . import paper_tables as pt
+from .cli_args import add_output_arguments, bounded_int, world_size_type
+from .clusters import CLUSTERS
 from .flops import FLOP_CONVENTION
+from .hardware import Cluster, load_cluster, with_kernel
+from .kernel_curve import from_kernel_results
+from .predict import LAYOUTS, PASSES, UNCERTAINTY, Attention, predict_attention, predict_block
 from .results import write_result
 
-RING_UNITS_NOTE = ("the paper counts SP-Ring at 4 units per block (2 forward, 2 backward); counted as sent it is 6 "
-                   "(for MHA, N large): backward sends K and V around again besides the dK/dV accumulators")
-# The best mesh the paper measured for attention alone (LLaMA3-8B shape, forward, bf16, zigzag
-# ring, 8 GPUs): Ulysses degree per sequence length, from its Tables 3 (8 x L20, PCIe, two CPU
-# sockets) and 4 (8 x A100, NVLink). The tables' length may be per GPU rather than global; the
-# model is evaluated at the global length.
-PAPER_BEST_ULYSSES_DEGREE = {
-    "8xL20-PCIe": ("paper, Table 3 (8 x L20, PCIe)", {8192: 2, 32768: 2, 131072: 2}),
-    "8xA100-NVLink": ("paper, Table 4 (8 x A100, NVLink)", {32768: 8, 131072: 1}),
-}
+SHAPE_OPTIONS = ("hidden", "heads", "kv_heads", "head_dim", "layers", "ffn_hidden")
 
 
-def paper_checks() -> list[dict]:
-    """The model against the paper's findings, each verdict computed from the model."""
-    llama2, llama3 = cm.MODELS["llama2-7b"], cm.MODELS["llama3-8b"]
-    checks = []
-
-    ratio = {n: cm.communication(llama2, 1, 65536, n, 1)["units"] / cm.megatron_tp_sp(1, 65536, llama2.hidden,
-                                                                                      n)["units"] for n in (8, 16)}
-    checks.append(dict(
-        claim="SP-Ulysses sends less than Megatron TP-SP, by a factor that grows with N",
-        source="paper, Table 2", model=f"ratio {ratio[8]:.4f} at N = 8, {ratio[16]:.4f} at N = 16 (LLaMA2-7B, MHA)",
-        agrees=ratio[8] < 1 and abs(ratio[16] - ratio[8] / 2) < 1e-9))
-
-    ring = cm.communication(llama2, 1, 65536, 1, 1024)
-    checks.append(dict(
-        claim="SP-Ring sends 4 units per block", source="paper, Table 2",
-        model=f"counted the paper's way {ring['paper_units']:.2f}, as sent {ring['units']:.2f} units at N = 1024",
-        agrees=abs(ring["paper_units"] - 4) < 0.01, note=RING_UNITS_NOTE))
-
-    worse = [f"{shape.name} u{u}r{r}" for shape in (llama2, llama3) for world in (8, 16)
-             for u, r in cm.meshes(world, shape)
-             if cm.communication(shape, 1, 65536, u, r)["units"] >= cm.megatron_tp_sp(1, 65536, shape.hidden,
-                                                                                     world)["units"]]
-    checks.append(dict(
-        claim="USP sends less than Megatron TP-SP", source="paper, Table 2",
-        model="every USP mesh of 8 and 16 devices sends fewer activation units than TP-SP" if not worse
-        else f"not less for: {', '.join(worse)}", agrees=not worse,
-        note="activation traffic only; SP also all-reduces gradients, which TP-SP does not"))
-
-    for cluster, (source, measured) in PAPER_BEST_ULYSSES_DEGREE.items():
-        best = {s: cm.best_ulysses_degree(llama3, cm.CLUSTERS[cluster], 1, s) for s in measured}
-        checks.append(dict(
-            claim=f"{cluster}: the fastest mesh for attention is u = "
-                  + ", ".join(f"{u} at {s // 1024}K" for s, u in measured.items()),
-            source=source,
-            model="fastest u " + ", ".join(f"{u} at {s // 1024}K" for s, u in best.items())
-                  + f" (LLaMA3-8B attention, batch 1, {cluster} preset)",
-            agrees=best == measured))
-    return checks
+def paper_agreement(seqlen_per_rank: bool = False) -> list[dict]:
+    """The model on every row of the paper's Tables 3 and 4 (presets, the paper's placement:
+    Ulysses groups of neighbouring GPUs)."""
+    rows = []
+    for row in pt.ROWS:
+        predictions = [predict_attention(row.call(seqlen_per_rank), CLUSTERS[row.cluster], u, r) for u, r in pt.MESHES]
+        result = pt.agreement(row, [p["total_ms"] for p in predictions], UNCERTAINTY)
+        rows.append(dict(result, cluster=row.cluster, seqlen=row.seqlen, layout=row.layout,
+                         measured_iterations_per_s=list(row.iterations_per_s),
+                         predicted_ms=[p["total_ms"] for p in predictions], implied_tflops=pt.implied_tflops(row)))
+    return rows
 
 
 def _model(args) -> cm.ModelShape:
+    given = {k: getattr(args, k) for k in SHAPE_OPTIONS if getattr(args, k) is not None}
+    given["head_size"] = given.pop("head_dim", None)
     if args.model != "custom":
-        shape = cm.MODELS[args.model]
-        overrides = {k: getattr(args, k) for k in ("hidden", "heads", "kv_heads", "layers", "ffn_hidden")
-                     if getattr(args, k) is not None}
-        return replace(shape, **overrides) if overrides else shape
-    missing = [f"--{k.replace('_', '-')}" for k in ("hidden", "heads", "kv_heads", "layers", "ffn_hidden")
-               if getattr(args, k) is None]
+        return replace(cm.MODELS[args.model], **{k: v for k, v in given.items() if v is not None})
+    missing = [f"--{k.replace('_', '-')}" for k in SHAPE_OPTIONS if k != "head_dim" and getattr(args, k) is None]
     if missing:
         raise SystemExit(f"model custom needs {', '.join(missing)}")
-    shape = cm.ModelShape("custom", args.hidden, args.heads, args.kv_heads, args.layers, args.ffn_hidden)
-    if shape.hidden % shape.heads or shape.heads % shape.kv_heads:
-        raise SystemExit("the hidden size must be a multiple of the heads, and the heads of the K/V heads")
+    shape = cm.ModelShape("custom", **given)
+    if shape.heads % shape.kv_heads or (shape.head_size is None and shape.hidden % shape.heads):
+        raise SystemExit("the heads must be a multiple of the K/V heads, and the hidden size of the heads "
+                         "(or give --head-dim)")
     return shape
 
 
-def _cluster(args) -> cm.Cluster:
-    cluster = cm.CLUSTERS[args.cluster]
-    overrides = {k: getattr(args, k) for k in ("gpus_per_node", "nodes", "intra_gbs", "inter_gbs", "peak_tflops",
-                                               "kernel_efficiency", "ring_efficiency", "latency_us")
-                 if getattr(args, k) is not None}
-    return replace(cluster, **overrides) if overrides else cluster
+def _cluster(args) -> Cluster:
+    try:
+        cluster = load_cluster(args.cluster_file) if args.cluster_file else CLUSTERS[args.cluster]
+        if args.kernels_file:
+            cluster = with_kernel(cluster, from_kernel_results(args.kernels_file))
+    except (OSError, ValueError) as error:
+        raise SystemExit(str(error)) from None
+    return cluster
+
+
+def _candidates(args, shape: cm.ModelShape, world: int) -> list[tuple[int, int, str]]:
+    heads, kv_heads = shape.heads // args.tp, max(1, shape.kv_heads // args.tp)
+    return [(u, r, placement) for u, r in cm.mesh_shapes(world // args.tp, heads, kv_heads)
+            for placement in (PLACEMENTS if u > 1 and r > 1 else PLACEMENTS[:1])]
+
+
+def rank_meshes(args, shape: cm.ModelShape, cluster: Cluster, seqlen: int, world: int) -> list[dict]:
+    """Every candidate's prediction, fastest first, with its place and whether it ties the fastest."""
+    results = []
+    for u, r, placement in _candidates(args, shape, world):
+        if args.scope == "block":
+            p = predict_block(shape, cluster, args.batch, seqlen, args.tp, u, r, placement, args.pass_, args.causal,
+                              args.layout)
+        else:
+            call = Attention(shape.heads, shape.kv_heads, shape.head_dim, args.batch, seqlen, args.pass_, args.causal,
+                             args.layout)
+            p = dict(predict_attention(call, cluster, u, r, placement), tensor_parallel=1)
+        results.append(p)
+    results.sort(key=lambda p: p["total_ms"])
+    fastest = results[0]["total_ms"]
+    for place, p in enumerate(results, 1):
+        p.update(rank=place, tied_with_fastest=p["total_ms"] <= fastest * (1 + UNCERTAINTY))
+    return results
+
+
+def _mesh(p: dict) -> str:
+    tp = f"tp{p['tensor_parallel']} x " if p["tensor_parallel"] > 1 else ""
+    return f"{tp}u{p['ulysses_degree']} x r{p['ring_degree']}"
+
+
+def _print_ranking(ranking: list[dict]) -> None:
+    print(f"  {'rank':>4}  {'mesh':<16}{'placement':<15}{'ms/call':>10}{'TFLOP/s/GPU':>13}{'MiB sent/rank':>15}"
+          f"{'GiB/rank':>10}")
+    for p in ranking:
+        print(f"  {p['rank']:>4}  {_mesh(p):<16}{p['placement']:<15}{p['total_ms']:>10.3f}{p['tflops_per_gpu']:>13.1f}"
+              f"{p['comm_bytes'] / 2 ** 20:>15.1f}{p['memory_bytes'] / 2 ** 30:>10.2f}")
+    tied = [p for p in ranking if p["tied_with_fastest"]]
+    if len({(p["tensor_parallel"], p["ulysses_degree"], p["ring_degree"]) for p in tied}) > 1:
+        names = ", ".join(f"{_mesh(p)} ({p['placement']})" for p in tied)
+        print(f"  tie: {names} are within the model's "
+              f"{UNCERTAINTY:.0%} uncertainty of the fastest; measure them (usp-bench scaling) to choose")
+    else:
+        print(f"  best: {_mesh(ranking[0])}, placement {ranking[0]['placement']} (the next is more than "
+              f"{UNCERTAINTY:.0%} slower)" if len(ranking) > 1 and not ranking[1]["tied_with_fastest"]
+              else f"  best: {_mesh(ranking[0])}, placement {ranking[0]['placement']}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--cluster", choices=list(CLUSTERS), default="8xA100-NVLink", help="cluster preset")
+    where.add_argument("--cluster-file", type=Path, help="a cluster profile written by usp-bench comm (default: the "
+                                                         "--cluster preset)")
+    parser.add_argument("--kernels-file", type=Path,
+                        help="usp-bench kernels results to read the kernel curve from (default: the cluster's curve)")
     parser.add_argument("--model", choices=[*cm.MODELS, "custom"], default="llama3-8b",
-                        help="model shape preset; custom needs the five shape options")
+                        help="model shape preset; custom needs --hidden --heads --kv-heads --layers --ffn-hidden")
     for name, help_ in (("hidden", "hidden size"), ("heads", "query heads"), ("kv-heads", "K/V heads"),
-                        ("layers", "transformer blocks"), ("ffn-hidden", "MLP hidden size")):
-        parser.add_argument(f"--{name}", type=bounded_int(1), help=f"{help_} (default: the preset's)")
-    parser.add_argument("--seqlen", type=bounded_int(1), default=65536,
-                        help="global sequence length, divisible by every degree")
+                        ("head-dim", "head size (default: hidden / heads)"), ("layers", "transformer blocks"),
+                        ("ffn-hidden", "MLP hidden size")):
+        parser.add_argument(f"--{name}", type=bounded_int(1),
+                            help=help_ if "default" in help_ else f"{help_} (default: the preset's)")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--seqlen", type=bounded_int(1), help="global sequence length (default: 32768)")
+    length.add_argument("--seqlen-per-rank", type=bounded_int(1),
+                        help="sequence length per GPU; the global one is this x --world-size (default: use --seqlen)")
     parser.add_argument("--batch", type=bounded_int(1), default=1, help="batch size")
+    parser.add_argument("--world-size", type=world_size_type,
+                        help="GPUs to split the sequence over (default: all of the cluster's)")
+    parser.add_argument("--pass", dest="pass_", choices=PASSES, default="fwd+bwd", help="what one call does")
+    parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True, help="causal attention")
+    parser.add_argument("--layout", choices=LAYOUTS, default="zigzag", help="how the ring splits the sequence")
+    parser.add_argument("--scope", choices=("attention", "block"), default="attention",
+                        help="the attention alone, or a whole transformer block with tensor parallelism")
+    parser.add_argument("--tp", type=bounded_int(1), default=1, help="tensor-parallel degree (block scope)")
     parser.add_argument("--degrees", type=bounded_int(1), nargs="+", default=[2, 4, 8, 16, 32],
-                        help="degrees N of the volume table")
-    parser.add_argument("--cluster", choices=list(cm.CLUSTERS), default="2x8xA800",
-                        help="cluster preset for the ranking")
-    for option, help_ in (("--gpus-per-node", "GPUs per node"), ("--nodes", "nodes")):
-        parser.add_argument(option, type=bounded_int(1), help=f"{help_} (default: the preset's)")
-    for option, help_ in (("--intra-gbs", "intra-node GB/s per direction per GPU"),
-                          ("--inter-gbs", "inter-node GB/s per direction per GPU"),
-                          ("--peak-tflops", "dense bf16 peak TFLOP/s per GPU"),
-                          ("--kernel-efficiency", "achieved / peak of the attention kernel (usp-bench kernels "
-                                                  "measures it)"),
-                          ("--ring-efficiency", "ring step kernels against one whole call (1 / the overhead "
-                                                "usp-bench emulate measures)"),
-                          ("--latency-us", "per-transfer latency in microseconds")):
-        parser.add_argument(option, type=positive_float, help=f"{help_} (default: the preset's)")
+                        help="degrees N of the per-block volume table")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="also write the result to this file (default: only the run folder's file)")
     add_output_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     shape, cluster = _model(args), _cluster(args)
-    b, s = args.batch, args.seqlen
-    if any(s % n for n in (*args.degrees, cluster.world_size)):
-        raise SystemExit(f"--seqlen {s} must be divisible by every degree ({' '.join(map(str, args.degrees))}) "
-                         f"and by the cluster's {cluster.world_size} GPUs")
-    mib = 2 ** 20
-    print(f"model: {shape.name} (d {shape.hidden}, {shape.heads}/{shape.kv_heads} heads, {shape.layers} layers, "
-          f"{shape.block_params / 1e6:.1f} M params per block), batch {b}, sequence {s}")
-    print("communication per device per block, forward + backward, MiB (bf16; ring accumulators in fp32)")
-    volumes = cm.volume_table(shape, b, s, args.degrees)
-    for row in volumes:
-        cells = [f"{name} " + ("-" if v is None else f"{v['bytes'] / mib:.1f}") for name, v in row["methods"].items()]
-        print(f"  N={row['degree']:<3} " + ", ".join(cells))
-    n = cluster.world_size
-    memory = {method: cm.memory(shape, b, s, n, method)
-              for method in ("dp", "sp", "zero1", "zero2", "zero3", "sp+zero3", "tp-sp")}
-    print(f"memory per device per block at N={n}, MiB (params+grads+Adam | activations): "
-          + ", ".join(f"{m} {v['params'] / mib:.0f} | {v['activations'] / mib:.0f}" for m, v in memory.items()))
-    ranking = cm.rank_meshes(shape, cluster, b, s)
-    print(f"predicted attention time per block (fwd+bwd, causal) on {cluster.name}: {n} GPUs, "
-          f"{cluster.intra_gbs:g}/{cluster.inter_gbs:g} GB/s intra/inter, {cluster.peak_tflops:g} TFLOP/s x "
-          f"{cluster.kernel_efficiency:g} (ring steps x {cluster.ring_efficiency:g})")
-    for place, p in enumerate(ranking, 1):
-        print(f"  {place:>2}. u{p['ulysses_degree']}r{p['ring_degree']} {p['placement']:<14} {p['total_ms']:8.3f} ms "
-              f"(compute {p['compute_ms']:.3f}, all-to-all {p['all_to_all_ms']:.3f}, "
-              f"exposed ring {p['exposed_ring_ms']:.3f})")
-    best = ranking[0]
-    recommendation = dict(ulysses_degree=best["ulysses_degree"], ring_degree=best["ring_degree"],
-                          placement=best["placement"], predicted_ms=best["total_ms"])
-    print(f"recommended: u{best['ulysses_degree']} x r{best['ring_degree']}, placement {best['placement']}")
-    checks = paper_checks()
-    print("against the paper:")
-    for check in checks:
-        verdict = "agrees" if check["agrees"] else "differs"
-        print(f"  [{verdict}] {check['claim']}: {check['model']}")
-    path = write_result("model", torch.device("cpu"), dict(
+    world = args.world_size or cluster.world_size
+    if world > cluster.world_size:
+        raise SystemExit(f"--world-size {world} exceeds the cluster's {cluster.world_size} GPUs")
+    if args.tp > 1 and args.scope != "block":
+        raise SystemExit("--tp needs --scope block")
+    if world % args.tp or shape.heads % args.tp:
+        raise SystemExit(f"--tp {args.tp} must divide the world size {world} and the {shape.heads} heads")
+    seqlen = args.seqlen_per_rank * world if args.seqlen_per_rank else (args.seqlen or 32768)
+    sp = world // args.tp
+    if seqlen % (2 * sp):
+        raise SystemExit(f"the global sequence length {seqlen} must be divisible by 2 x {sp} (the zigzag chunks of "
+                         f"{sp} sequence-parallel ranks)")
+    print(f"model: {shape.name} ({shape.heads}/{shape.kv_heads} heads of {shape.head_dim}, d {shape.hidden}), batch "
+          f"{args.batch}, sequence {seqlen} global ({seqlen // world} per GPU), {args.pass_}, "
+          f"{'causal' if args.causal else 'full'}, {args.layout}, scope {args.scope}"
+          + (f", tensor parallel {args.tp}" if args.tp > 1 else ""))
+    print(f"cluster: {cluster.name}, {world} of {cluster.world_size} GPUs ({cluster.gpus_per_domain} per domain, "
+          f"{cluster.gpus_per_node} per node), {cluster.peak_tflops:g} TFLOP/s peak; kernel: {cluster.kernel.name}")
+    ranking = rank_meshes(args, shape, cluster, seqlen, world)
+    _print_ranking(ranking)
+    agreement = paper_agreement()
+    passed = sum(a["best_ok"] and a["tau_ok"] for a in agreement)
+    print(f"against the paper's Tables 3 and 4 (global length; presets): best mesh predicted or tied in "
+          f"{sum(a['best_ok'] for a in agreement)} of {len(agreement)} rows, Kendall tau >= 2/3 in "
+          f"{sum(a['tau_ok'] for a in agreement)}, both in {passed}")
+    for a in agreement:
+        print(f"  {a['row']:<38} measured best u{a['measured_best'][0]} | predicted " + (
+            f"u{a['predicted_best'][0]}" if len(a["predicted_tied"]) == 1 else
+            "tie " + "/".join(f"u{m[0]}" for m in a["predicted_tied"])) + f" | tau {a['kendall_tau']:+.2f}"
+              + ("" if a["best_ok"] and a["tau_ok"] else "  (misses the bar)"))
+    volumes = cm.volume_table(shape, args.batch, seqlen, args.degrees)
+    document = dict(
         flop_convention=FLOP_CONVENTION,
-        config=dict(model=asdict(shape), block_params=shape.block_params, cluster=asdict(cluster), batch=b,
-                    seqlen=s, degrees=args.degrees, units="1 unit = batch x seqlen x hidden elements",
-                    conventions=cm.__doc__, ring_units_note=RING_UNITS_NOTE),
-        volumes=volumes, memory=memory, ranking=ranking, recommendation=recommendation, paper_checks=checks),
-        args.out_dir)
+        config=dict(model=asdict(shape), block_params=shape.block_params, cluster=cluster.to_json(), batch=args.batch,
+                    seqlen=seqlen, seqlen_per_rank=seqlen // world, world_size=world, pass_=args.pass_,
+                    causal=args.causal, layout=args.layout, scope=args.scope, tensor_parallel=args.tp,
+                    uncertainty=UNCERTAINTY, degrees=args.degrees,
+                    units="1 unit = batch x seqlen x hidden elements", conventions=cm.__doc__),
+        ranking=ranking, tied=[_mesh(p) + f" {p['placement']}" for p in ranking if p["tied_with_fastest"]],
+        volumes=volumes, paper_agreement=agreement)
+    path = write_result("model", torch.device("cpu"), document, args.out_dir)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(path.read_text())
+        print(f"wrote {args.json}")
     print(f"wrote {path}")
     return 0

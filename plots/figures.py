@@ -417,6 +417,33 @@ def balance_figure(document: dict, out_dir: Path) -> list[Path]:
     return [_save(figure, out_dir / "balance.png")]
 
 
+def paper_agreement_figure(document: dict, out_dir: Path) -> list[Path]:
+    """Per row of the paper's Tables 3 and 4: each mesh's speed relative to the row's
+    fastest, measured (bars) and predicted by the cost model (markers)."""
+    rows = document.get("paper_agreement") or []
+    if not rows:
+        return []
+    columns, lines = 4, (len(rows) + 3) // 4
+    figure, axes = plt.subplots(lines, columns, figsize=(13, 2.6 * lines), sharey=True, squeeze=False)
+    meshes = ["u8r1", "u4r2", "u2r4", "u1r8"]
+    for axis, row in zip(axes.flat, rows):
+        x = range(len(meshes))
+        axis.bar(x, row["measured_relative"], color="0.75", label="measured (paper)")
+        axis.plot(x, row["predicted_relative"], "o-", color="tab:blue", label="predicted")
+        axis.set_xticks(list(x), meshes, fontsize=8)
+        axis.set_ylim(0, 1.1)
+        verdict = "ok" if row["best_ok"] and row["tau_ok"] else "misses the bar"
+        axis.set_title(f"{row['row'].split(' ', 2)[2]}\ntau {row['kendall_tau']:+.2f}, {verdict}", fontsize=8)
+        axis.grid(True, axis="y", alpha=0.3)
+    for axis in list(axes.flat)[len(rows):]:
+        axis.set_visible(False)
+    axes[0][0].set_ylabel("speed / row's fastest")
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    figure.suptitle("Cost model against the USP paper's Tables 3 (8 x L20, PCIe) and 4 (8 x A100, NVLink): LLaMA3-8B "
+                    f"attention, forward, global length; computed on {machine_label(document)}", fontsize=9)
+    return [_save(figure, out_dir / "model-vs-paper.png")]
+
+
 FIGURES = {"kernels": [kernel_figures], "scaling": [scaling_figures, timeline_figure, references_figure],
-           "emulate": [timeline_figure], "model": [comm_volume_figure], "train": [train_figure],
+           "emulate": [timeline_figure], "model": [comm_volume_figure, paper_agreement_figure], "train": [train_figure],
            "balance": [balance_figure]}

@@ -274,13 +274,13 @@ def test_model_command(toy_results):
     out, outputs = toy_results
     document = _document(out, "model")
     assert [row["degree"] for row in document["volumes"]] == [2, 8]
-    assert document["recommendation"]["predicted_ms"] == min(p["total_ms"] for p in document["ranking"])
-    checks = {check["claim"]: check for check in document["paper_checks"]}
-    ring = checks["SP-Ring sends 4 units per block"]
-    assert ring["model"] == "counted the paper's way 4.00, as sent 6.00 units at N = 1024" and ring["agrees"] is True
-    assert all(check["source"].startswith("paper, Table") and isinstance(check["agrees"], bool)
-               for check in checks.values())
-    assert "recommended: u" in outputs["model"] and "against the paper:" in outputs["model"]
+    ranking = document["ranking"]
+    assert [p["rank"] for p in ranking] == list(range(1, len(ranking) + 1))
+    assert [p["total_ms"] for p in ranking] == sorted(p["total_ms"] for p in ranking)
+    for p in ranking:  # every field the interface promises
+        assert {"total_ms", "tflops_per_gpu", "comm_bytes", "memory_bytes", "ulysses_degree", "ring_degree"} <= set(p)
+    assert len(document["paper_agreement"]) == 10
+    assert "against the paper's Tables 3 and 4" in outputs["model"] and "ms/call" in outputs["model"]
 
 
 def test_train_command(toy_results):
@@ -309,16 +309,25 @@ def test_scaling_under_torchrun(tmp_path):
     assert all(len(rank["times_ms"]) == 2 for rank in record["ranks"])
 
 
-def test_model_with_a_custom_shape(tmp_path, capsys):
+def test_model_with_a_custom_shape_block_scope_and_json(tmp_path, capsys):
+    json_path = tmp_path / "plan" / "model.json"
     assert main(["model", "--model", "custom", "--hidden", "1024", "--heads", "8", "--kv-heads", "2", "--layers", "4",
-                 "--ffn-hidden", "4096", "--cluster", "8xA100-NVLink", "--intra-gbs", "100", "--seqlen", "4096",
-                 "--degrees", "2", "4", "--out-dir", str(tmp_path)]) == 0
-    document = _document(tmp_path, "model")
-    assert document["config"]["model"]["name"] == "custom" and document["config"]["cluster"]["intra_gbs"] == 100
-    assert document["config"]["block_params"] == 1024 * 1024 * 2.5 + 3 * 1024 * 4096 + 2 * 1024
-    # 8 GPUs, 8 query and 2 K/V heads: u in 1, 2, 4, 8; the two hybrids have two placements
-    assert len(document["ranking"]) == 6
-    assert "recommended: u" in capsys.readouterr().out
+                 "--ffn-hidden", "4096", "--cluster", "2x8xA800", "--scope", "block", "--tp", "2",
+                 "--seqlen-per-rank", "2048", "--degrees", "2", "4", "--json", str(json_path),
+                 "--out-dir", str(tmp_path)]) == 0
+    document = json.loads(json_path.read_text())
+    assert document == _document(tmp_path, "model")
+    assert document["config"]["model"]["name"] == "custom" and document["config"]["seqlen"] == 2048 * 16
+    assert document["config"]["block_params"] == 1024 * 128 * (16 + 4) + 3 * 1024 * 4096 + 2 * 1024
+    # 16 GPUs, tp 2: 8 sequence-parallel ranks over 4 heads and 1 K/V head per TP rank: u in 1, 2, 4;
+    # the hybrid has two placements
+    meshes = [(p["tensor_parallel"], p["ulysses_degree"], p["ring_degree"], p["placement"])
+              for p in document["ranking"]]
+    assert sorted(meshes) == [(2, 1, 8, "ulysses_inner"), (2, 2, 4, "ring_inner"), (2, 2, 4, "ulysses_inner"),
+                              (2, 4, 2, "ring_inner"), (2, 4, 2, "ulysses_inner")]
+    assert all(p["tensor_parallel_ms"] > 0 and p["matmul_ms"] > 0 for p in document["ranking"])
+    output = capsys.readouterr().out
+    assert "tp2 x u" in output and ("tie:" in output or "best:" in output)
 
 
 def test_plot_writes_png_figures_from_the_toy_runs(toy_results, tmp_path):
@@ -327,7 +336,7 @@ def test_plot_writes_png_figures_from_the_toy_runs(toy_results, tmp_path):
     assert plots_main([str(out), "--out-dir", str(figures)]) == 0
     names = {p.name for p in figures.glob("*.png")}
     assert {"kernels-fp32-d16-full.png", "kernels-fp32-d16-causal.png", "scaling-fwd.png", "scaling-fwd-bwd.png",
-            "comm-volume.png", "ring-timeline-scaling.png", "ring-timeline-emulate.png",
+            "comm-volume.png", "model-vs-paper.png", "ring-timeline-scaling.png", "ring-timeline-emulate.png",
             "scaling-references.png", "train-fp64.png", "balance.png"} == names
     for path in figures.glob("*.png"):
         data = path.read_bytes()
@@ -408,7 +417,10 @@ def test_a_failing_step_does_not_stop_the_main_job(tmp_path, monkeypatch, capsys
     (["scaling", "--world-size", "2", "--seqlen", "30"], "--seqlen 30"),
     (["emulate", "--world-size", "4", "--ulysses-degree", "3"], "must divide the world size"),
     (["model", "--model", "custom", "--hidden", "64"], "model custom needs --heads"),
-    (["model", "--seqlen", "1000"], "must be divisible by every degree"),
+    (["model", "--seqlen", "1000"], "must be divisible by 2 x 8"),
+    (["model", "--world-size", "16"], "exceeds the cluster's 8 GPUs"),
+    (["model", "--tp", "2"], "--tp needs --scope block"),
+    (["model", "--cluster-file", "/nonexistent/cluster.json"], "cannot read the cluster file"),
     (["scaling", "--mesh", "2y2"], "expected a mesh like 2x4"),
     (["emulate", "--bandwidth", "nvlink"], "expected NAME=GB/s"),
     (["train", "--mesh", "3x1"], "u x r must divide the world size 4"),
