@@ -19,7 +19,6 @@ links (peak, memory bandwidth, kernel curve) come from ``--base`` (a preset) or
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 from dataclasses import asdict, dataclass, replace
@@ -32,7 +31,7 @@ from .cli_args import add_output_arguments, add_timing_arguments, bounded_int, w
 from .clusters import CLUSTERS
 from .hardware import LEVELS, Cluster, group_level
 from .kernel_curve import from_kernel_results
-from .launch import cores_available, under_torchrun
+from .launch import cores_available, join_torchrun_group, under_torchrun
 from .launch import run as launch_run
 from .results import device_name, new_run_dir, write_result
 from .timing import measure_ms
@@ -176,19 +175,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_under_torchrun(args) -> int:
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.timeout))
+    device = join_torchrun_group(args.timeout)
     try:
         world = dist.get_world_size()
-        settings = _settings(args, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)), gpu=backend == "nccl")
+        settings = _settings(args, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)), gpu=device.type == "cuda")
         gathered = [None] * world
         dist.all_gather_object(gathered, rank_main(settings))
         if dist.get_rank() != 0:
             return 0
-        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-        return _report(gathered, settings, world, device, backend, args)
+        return _report(gathered, settings, world, device, dist.get_backend(), args)
     finally:
         dist.destroy_process_group()
 

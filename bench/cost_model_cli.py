@@ -115,9 +115,9 @@ def _print_ranking(ranking: list[dict]) -> None:
         print(f"  tie: {names} are within the model's "
               f"{UNCERTAINTY:.0%} uncertainty of the fastest; measure them (usp-bench scaling) to choose")
     else:
-        print(f"  best: {_mesh(ranking[0])}, placement {ranking[0]['placement']} (the next is more than "
-              f"{UNCERTAINTY:.0%} slower)" if len(ranking) > 1 and not ranking[1]["tied_with_fastest"]
-              else f"  best: {_mesh(ranking[0])}, placement {ranking[0]['placement']}")
+        clear = len(ranking) > 1 and not ranking[1]["tied_with_fastest"]
+        print(f"  best: {_mesh(ranking[0])}, placement {ranking[0]['placement']}"
+              + (f" (the next is more than {UNCERTAINTY:.0%} slower)" if clear else ""))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -31,7 +31,6 @@ per length and shared out between the ranks).
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import statistics
 import sys
@@ -56,6 +55,7 @@ from .cli_args import (DTYPES, add_output_arguments, add_timing_arguments, bound
 from .flops import FLOP_CONVENTION, attention_flops, masked_attention_flops
 from .inputs import random_inputs
 from .launch import cores_available, under_torchrun
+from .launch import join_torchrun_group
 from .launch import run as launch_run
 from .oracle import global_oracle
 from .references import REFERENCES
@@ -501,10 +501,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_under_torchrun(args) -> int:
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=min(args.timeout, 600.0)))
+    device = join_torchrun_group(min(args.timeout, 600.0))
+    backend = dist.get_backend()
     try:
         rank, world_size = dist.get_rank(), dist.get_world_size()
         settings, notes = _settings(args, world_size, gpu=backend == "nccl")
@@ -514,7 +512,6 @@ def _run_under_torchrun(args) -> int:
         mine = rank_main(settings)
         gathered = [None] * world_size
         dist.all_gather_object(gathered, mine)
-        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         if rank != 0:
             return 0
         cores = cores_available()

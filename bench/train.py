@@ -25,7 +25,6 @@ fp64, which the GPU kernels do not run, is refused).
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
 import os
 import sys
@@ -43,7 +42,7 @@ from usp.comm.heads import heads_problem
 
 from .cli_args import add_output_arguments, bounded_int, mesh_type, positive_float, world_size_type
 from .flops import attention_flops
-from .launch import cores_available, under_torchrun
+from .launch import cores_available, join_torchrun_group, under_torchrun
 from .launch import run as launch_run
 from .results import device_name, write_result
 from .timing import synchronize
@@ -332,13 +331,9 @@ def _run_under_torchrun(args, setup: TrainSetup, configs, names: list[str]) -> i
     """Every process a rank; rank 0 trains the reference first, then gathers and reports."""
     import transformers
 
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    backend = "nccl" if cuda else "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.timeout))
+    device = join_torchrun_group(args.timeout)
+    backend = dist.get_backend()
     try:
-        device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         rank, world_size = dist.get_rank(), dist.get_world_size()
         if rank == 0:
             _announce(setup, transformers.__version__)
