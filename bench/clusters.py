@@ -41,9 +41,20 @@ SOURCE_A100 = ("FlashAttention-2's per-length shape on H100 (arXiv 2407.08608) s
 L20_SCALE = A100_SCALE * 119.5 / 312
 
 
+# Tiles: FlashAttention-2's forward at head dim 128 runs one thread block per 128 query rows
+# of a head (run_mha_fwd_hdim128 in csrc/flash_attn/src/flash_fwd_launch_template.h of
+# github.com/Dao-AILab/flash-attention: 128 x 64 tiles on sm80/sm90, 128 x 32 on sm89, whose
+# comment says "we get 2 CTAs per SM"); two blocks per SM on every card (assumption for
+# sm80/sm90: 64 KB of shared memory and 128 threads of up to 255 registers each fit twice).
+# The benchmark's calls (16K tokens, 16 heads) have 16384/128 x 16 = 2048 tiles at every length.
+FA_TILES = dict(tile_rows=128, tiles_per_sm=2, reference_tiles=16384 // 128 * 16)
+SOURCE_TILES = ("; tiles of 128 query rows, 2 per SM (FlashAttention-2's flash_fwd_launch_template.h), 2048 per "
+                "benchmark call")
+
+
 def _curve(name: str, source: str, scale: float) -> KernelCurve:
-    return KernelCurve(name, source, _fa_points([t * scale for t in H100_FA2_CAUSAL], True),
-                       _fa_points([t * scale for t in H100_FA2_FULL], False), backward_ratio=0.8)
+    return KernelCurve(name, source + SOURCE_TILES, _fa_points([t * scale for t in H100_FA2_CAUSAL], True),
+                       _fa_points([t * scale for t in H100_FA2_FULL], False), backward_ratio=0.8, **FA_TILES)
 
 
 KERNELS = {
@@ -70,15 +81,42 @@ LATENCY_NETWORK = "about 17 us for a small 2-node all-reduce (github.com/NVIDIA/
 # Many streams at once through the CPU do not: an all-to-all over 4 GPUs with P2P through the CPU
 # reaches 2 GB/s bus bandwidth (4 x RTX 4090, github.com/NVIDIA/nccl/issues/1603: "CPUs make very
 # poor PCI switches ... A2A performance is bad when P2P is used across CPUs"). No figure is
-# published for 8 GPUs across two sockets: the 4-GPU figure stands in, an upper bound.
+# published for 8 GPUs across two sockets: ``host_bridged_all_to_all`` derives it from the 4-GPU
+# figure (the NCCL maintainers: "the A2A performance of most CPU interconnects fall drastically
+# under load", github.com/NVIDIA/nccl/issues/1163).
 PCIE_P2P = "25 / 20 GB/s one way within / across sockets (8 x A40, github.com/NVIDIA/nccl-tests/issues/74)"
-PCIE_ALL_TO_ALL = ("a pair: one stream each way, as a P2P hop; 4 and 8 GPUs: 2 GB/s bus bandwidth with P2P through "
-                   "the CPU (4 x RTX 4090, github.com/NVIDIA/nccl/issues/1603), across sockets no better (assumption)")
+PCIE_ALL_TO_ALL = ("a pair: one stream each way, as a P2P hop; 4 GPUs of one socket: 2 GB/s bus bandwidth with P2P "
+                   "through the CPU (4 x RTX 4090, github.com/NVIDIA/nccl/issues/1603); 8 GPUs over two sockets: "
+                   "derived from the 4-GPU figure, each socket's root complex forwarding peer traffic at the rate it "
+                   "reaches for its own 4 GPUs, now also carrying the other socket's traffic to its GPUs "
+                   "(assumption; github.com/NVIDIA/nccl/issues/1163)")
 
+
+def host_bridged_all_to_all(socket_gbs: float, per_socket: int, n: int) -> float:
+    """Bus bandwidth of an all-to-all over ``n`` GPUs, ``per_socket`` under each CPU socket,
+    when each socket's root complex forwards GPU-to-GPU traffic at one aggregate rate ``C``,
+    whichever way it flows, and the link between the sockets is not the narrower.
+
+    ``socket_gbs`` is the bus bandwidth of an all-to-all of the ``per_socket`` GPUs of one
+    socket, so ``C = per_socket * socket_gbs``. Each GPU holds ``V`` bytes and sends ``V/n`` to
+    every other member. A root complex forwards what its ``m = per_socket`` GPUs send,
+    ``m (n-1)/n V``, and what the other sockets send to them, ``m (n-m)/n V``::
+
+        time = m V (2n - m - 1) / (n C)        bus bandwidth = (n-1)/n V / time
+             = (n - 1) C / (m (2n - m - 1))    8 GPUs, 4 per socket: 7 C / 44
+    """
+    m, capacity = per_socket, per_socket * socket_gbs
+    return (n - 1) * capacity / (m * (2 * n - m - 1))
+
+
+SM_COUNT = {"A100": 108, "H100": 132, "L20": 92}
 SPECS = {
-    "A100": "A100 SXM4 80GB: 312 TFLOP/s dense bf16, 2039 GB/s HBM2e (NVIDIA A100 datasheet)",
-    "H100": "H100 SXM5: 989 TFLOP/s dense bf16, 3350 GB/s HBM3 (NVIDIA H100 datasheet)",
-    "L20": "L20 48GB: 119.5 TFLOP/s dense bf16, 864 GB/s GDDR6, PCIe 4.0 x16 (NVIDIA L20 product brief)",
+    "A100": "A100 SXM4 80GB: 312 TFLOP/s dense bf16, 2039 GB/s HBM2e (NVIDIA A100 datasheet), 108 SMs (NVIDIA "
+            "A100 Tensor Core GPU architecture whitepaper)",
+    "H100": "H100 SXM5: 989 TFLOP/s dense bf16, 3350 GB/s HBM3 (NVIDIA H100 datasheet), 132 SMs (NVIDIA H100 Tensor "
+            "Core GPU architecture whitepaper)",
+    "L20": "L20 48GB: 119.5 TFLOP/s dense bf16, 864 GB/s GDDR6, PCIe 4.0 x16 (NVIDIA L20 product brief), 92 SMs "
+           "(AD102 with 11776 CUDA cores, 128 per SM; www.topcpu.net/en/gpu-c/a40-pcie-vs-l20)",
 }
 LAUNCH = "10 us per kernel issued from PyTorch (assumption: host dispatch and launch of one small op)"
 GEMM = "0.7 of peak for the block's large bf16 matmuls (assumption: typical cuBLAS share at these shapes)"
@@ -97,15 +135,16 @@ def _nvlink_cluster(name: str, gpu: str, nodes: int, peak: float, memory: float,
         sources.update(network=network_source + "; an all-to-all over n GPUs on 8-GPU nodes sends (n-8)/(n-1) of "
                        "its bytes over the network: bus bandwidth NIC x (n-1)/(n-8)", network_latency=LATENCY_NETWORK)
     return Cluster(name, 8, 8, nodes, peak, memory, kernel=KERNELS[gpu], launch_us=10.0, memory_gib=memory_gib,
-                   sources=sources, **links)
+                   sm_count=SM_COUNT[gpu], sources=sources, **links)
 
 
 CLUSTERS = {
     "8xA100-NVLink": _nvlink_cluster("8xA100-NVLink", "A100", 1, 312.0, 2039.0, 230.0, NVLINK_A100, 0, "", 80),
     "8xL20-PCIe": Cluster(
         "8xL20-PCIe", gpus_per_domain=4, gpus_per_node=8, nodes=1, peak_tflops=119.5, memory_gbs=864.0,
-        all_to_all_gbs={"domain": {2: 25.0, 4: 2.0}, "node": {8: 2.0}}, p2p_gbs={"domain": 25.0, "node": 20.0},
-        latency_us={"domain": 12.0, "node": 42.0}, kernel=KERNELS["L20"], launch_us=10.0, memory_gib=48,
+        all_to_all_gbs={"domain": {2: 25.0, 4: 2.0}, "node": {8: host_bridged_all_to_all(2.0, 4, 8)}},
+        p2p_gbs={"domain": 25.0, "node": 20.0}, latency_us={"domain": 12.0, "node": 42.0}, kernel=KERNELS["L20"],
+        launch_us=10.0, memory_gib=48, sm_count=SM_COUNT["L20"],
         sources=dict(spec=SPECS["L20"], topology="two CPU sockets, four GPUs under each (the paper's 8 x L20 box)",
                      p2p=PCIE_P2P, all_to_all=PCIE_ALL_TO_ALL, latency=LATENCY_PCIE, launch=LAUNCH, gemm=GEMM,
                      kernel=KERNELS["L20"].source)),

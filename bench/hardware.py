@@ -51,6 +51,7 @@ class Cluster:
     launch_us: float = 5.0  # one kernel launch as the host issues it
     gemm_efficiency: float = 0.7  # achieved / peak of the block's large matmuls
     memory_gib: float = 80.0
+    sm_count: int | None = None  # streaming multiprocessors per GPU (the kernel's waves of tiles)
     sources: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -106,7 +107,7 @@ class Cluster:
                                     for level, table in self.all_to_all_gbs.items()},
                     p2p_gbs=dict(self.p2p_gbs), latency_us=dict(self.latency_us), kernel=self.kernel.to_json(),
                     launch_us=self.launch_us, gemm_efficiency=self.gemm_efficiency, memory_gib=self.memory_gib,
-                    sources=dict(self.sources))
+                    sm_count=self.sm_count, sources=dict(self.sources))
 
     @classmethod
     def from_json(cls, data: dict) -> Cluster:

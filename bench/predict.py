@@ -11,16 +11,20 @@ One call, on the busiest rank:
    last step has no hop. Steps after the first merge their output into the fp32
    accumulator (one memory pass). Backward, K/V and the fp32 dK/dV accumulators share
    the hop; the accumulators make one more hop home.
-3. The blocks of the busiest ring rank (causal; ``h`` heads; the kernel's rate read off
-   the curve at each block's own work)::
+3. The blocks of each ring step (causal; ``h`` heads; the kernel's rate read off the curve
+   at each block's own work and corrected for how full its last wave of tiles is)::
 
-       zigzag      step 0: c x c causal     steps 1..r-1: c x c/2 full (half the block)
+       zigzag      step 0: c x c causal     steps 1..r-1: c x c/2 full on the ranks whose
+                                            source comes earlier, c/2 x c full on the others
        contiguous  step 0: c x c causal     steps 1..r-1: c x c full  (rank r-1; rank 0
                                                                         only computes step 0)
        not causal  every step: c x c full
 
-   The contiguous split does ``(r - 1/2)`` blocks on its last rank where zigzag does
-   ``r/2`` on every rank: that imbalance is what the paper's "basic" rows measure.
+   Each hop waits for the neighbour's K/V, so the ring moves in step: a step lasts as long
+   as its slowest block. Zigzag's two shapes do the same work, but ``c/2 x c`` has half the
+   query tiles, and with few tiles per SM its last wave runs part empty. The contiguous
+   split does ``(r - 1/2)`` blocks on its last rank where zigzag does ``r/2`` on every rank:
+   that imbalance is what the paper's "basic" rows measure.
 
 Times are milliseconds; ``flops.py`` gives the FLOP convention.
 """
@@ -81,21 +85,28 @@ class Block:
     causal: bool
 
 
-def ring_blocks(call: Attention, ulysses_degree: int, ring_degree: int) -> list[Block]:
-    """Per ring step, the block the busiest ring rank computes (see the module doc)."""
+def ring_steps(call: Attention, ulysses_degree: int, ring_degree: int) -> list[tuple[Block, ...]]:
+    """Per ring step, the distinct blocks the ring's ranks compute (see the module doc)."""
     h, r = heads_per_rank(call.heads, ulysses_degree), ring_degree
     rows, keys = call.batch * call.seqlen // r, call.seqlen // r  # the batch's rows go into one call
     if r == 1 or not call.causal:
-        return [Block(rows, keys, h, call.causal)] * r
-    later = Block(rows, keys // 2 if call.layout == "zigzag" else keys, h, False)
-    return [Block(rows, keys, h, True)] + [later] * (r - 1)
+        return [(Block(rows, keys, h, call.causal),)] * r
+    if call.layout == "zigzag":
+        later = (Block(rows, keys // 2, h, False), Block(rows // 2, keys, h, False))
+    else:
+        later = (Block(rows, keys, h, False),)
+    return [(Block(rows, keys, h, True),)] + [later] * (r - 1)
 
 
 def kernel_ms(cluster: Cluster, block: Block, head_dim: int, backward: bool) -> float:
-    """One launch of the attention kernel (forward, or the backward of the same block)."""
+    """One launch of the attention kernel (forward, or the backward of the same block; the
+    backward's tiles run over key rows)."""
     forward = attention_flops(1, block.heads, block.rows, block.keys, head_dim, block.causal, "fwd")
     work = forward * (2.5 if backward else 1.0)
-    return work / (cluster.kernel.tflops(forward, block.causal, backward) * 1e12) * 1e3 + cluster.launch_us * 1e-3
+    rate = cluster.kernel.tflops(forward, block.causal, backward)
+    if not block.causal:
+        rate *= cluster.kernel.wave_factor(block.keys if backward else block.rows, block.heads, cluster.sm_count)
+    return work / (rate * 1e12) * 1e3 + cluster.launch_us * 1e-3
 
 
 def memory_pass_ms(cluster: Cluster, nbytes: float) -> float:
@@ -112,6 +123,17 @@ def groups(ulysses_degree: int, ring_degree: int, placement: str, stride: int = 
     return ulysses, ring
 
 
+def _block_ms(cluster: Cluster, block: Block, step: int, backward: bool, head_dim: int, element_size: int,
+              kv_heads: int, ring_degree: int) -> tuple[float, float]:
+    """The kernel and the merge of one block of a ring step."""
+    merge_bytes = 0
+    if step > 0 and not backward:  # out and LSE into the accumulator: read both, write one
+        merge_bytes = block.rows * block.heads * head_dim * (2 * ACCUMULATOR_SIZE + element_size)
+    elif backward and ring_degree > 1:  # dK and dV into the accumulators
+        merge_bytes = 2 * block.keys * kv_heads * head_dim * (2 * ACCUMULATOR_SIZE + element_size)
+    return kernel_ms(cluster, block, head_dim, backward), memory_pass_ms(cluster, merge_bytes) if merge_bytes else 0.0
+
+
 def predict_attention(call: Attention, cluster: Cluster, ulysses_degree: int, ring_degree: int,
                       placement: str = "ulysses_inner", stride: int = 1) -> dict:
     """Milliseconds of one call on the busiest rank, by part; see the module doc."""
@@ -122,7 +144,7 @@ def predict_attention(call: Attention, cluster: Cluster, ulysses_degree: int, ri
     e, d = call.element_size, call.head_dim
     passes = ("fwd", "bwd") if call.pass_ == "fwd+bwd" else ("fwd",)
     parts = dict(all_to_all_ms=0.0, compute_ms=0.0, merge_ms=0.0, exposed_ring_ms=0.0)
-    blocks = ring_blocks(call, u, r)
+    steps = ring_steps(call, u, r)
     kv_heads = kv_heads_per_rank(call.heads, call.kv_heads, u)
     for pass_ in passes:
         backward = pass_ == "bwd"
@@ -136,13 +158,9 @@ def predict_attention(call: Attention, cluster: Cluster, ulysses_degree: int, ri
             hop = cluster.hop_ms(volume.kv_hop_bytes, ring_ranks)
             if backward:
                 hop += cluster.hop_ms(volume.accumulator_hop_bytes, ring_ranks)
-        for step, block in enumerate(blocks):
-            compute = kernel_ms(cluster, block, d, backward)
-            merge = 0.0
-            if step > 0 and not backward:  # out and LSE into the accumulator: read both, write one
-                merge = memory_pass_ms(cluster, block.rows * block.heads * d * (2 * ACCUMULATOR_SIZE + e))
-            elif backward and r > 1:  # dK and dV into the accumulators
-                merge = memory_pass_ms(cluster, 2 * block.keys * kv_heads * d * (2 * ACCUMULATOR_SIZE + e))
+        for step, blocks in enumerate(steps):
+            compute, merge = max((_block_ms(cluster, block, step, backward, d, e, kv_heads, r) for block in blocks),
+                                 key=sum)
             parts["compute_ms"] += compute
             parts["merge_ms"] += merge
             if step < r - 1:
@@ -153,8 +171,9 @@ def predict_attention(call: Attention, cluster: Cluster, ulysses_degree: int, ri
     # held at once: the q, k, v shards, their copies after the all-to-all, two K/V blocks of the
     # ring (one computing, one arriving) and the fp32 output accumulator with its LSE
     shard = call.batch * call.seqlen // (u * r) * (call.heads + 2 * call.kv_heads) * d * e
-    gathered = call.batch * call.seqlen // r * (blocks[0].heads + 2 * kv_heads) * d * e if u > 1 else 0
-    accumulator = call.batch * call.seqlen // r * blocks[0].heads * (d + 1) * ACCUMULATOR_SIZE
+    heads = steps[0][0].heads
+    gathered = call.batch * call.seqlen // r * (heads + 2 * kv_heads) * d * e if u > 1 else 0
+    accumulator = call.batch * call.seqlen // r * heads * (d + 1) * ACCUMULATOR_SIZE
     memory = shard + gathered + (2 * volume.kv_hop_bytes if r > 1 else 0) + accumulator
     return dict(ulysses_degree=u, ring_degree=r, placement=placement, **parts, total_ms=total, memory_bytes=memory,
                 tflops_per_gpu=call.flops() / (u * r) / (total * 1e-3) / 1e12,

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 
 from usp.bench import paper_tables as pt
-from usp.bench.clusters import CLUSTERS
+from usp.bench.clusters import CLUSTERS, host_bridged_all_to_all
 from usp.bench.comm_bench import Settings, profile
 from usp.bench.cost_model import MODELS
 from usp.bench.cost_model_cli import paper_agreement
 from usp.bench.hardware import Cluster, load_cluster
 from usp.bench.kernel_curve import KernelCurve, from_kernel_results
-from usp.bench.predict import Attention, predict_attention, predict_block, ring_blocks
+from usp.bench.predict import Attention, predict_attention, predict_block, ring_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,14 +103,49 @@ def test_ring_steps_overlap_their_hops_by_hand():
     slow_link = flat_cluster(p2p_gbs=0.01)
     p = predict_attention(CALL, slow_link, 1, 2)
     c = 2048
-    blocks = ring_blocks(CALL, 1, 2)
-    assert [(b.rows, b.keys, b.causal) for b in blocks] == [(c, c, True), (c, c // 2, False)]
+    steps = ring_steps(CALL, 1, 2)
+    assert [[(b.rows, b.keys, b.causal) for b in step] for step in steps] == [
+        [(c, c, True)], [(c, c // 2, False), (c // 2, c, False)]]  # zigzag: the two shapes of step 1
     step = 4 * 8 * c * c * 64 / 2 / 100e12 * 1e3  # both steps do half a c x c block on 8 heads
     hop = 2 * c * 2 * 64 * 2 / 0.01e9 * 1e3  # K and V: c tokens x 2 heads x 64 x bf16
     assert p["compute_ms"] == pytest.approx(2 * step)
     assert p["exposed_ring_ms"] == pytest.approx(hop - step)  # the one hop outlasts step 0
     fast_link = predict_attention(CALL, flat_cluster(p2p_gbs=1e6), 1, 2)
     assert fast_link["exposed_ring_ms"] == 0
+
+
+def test_wave_factor_by_hand():
+    """10 SMs x 2 tiles = 20 slots; the curve's calls have 40 tiles (two full waves)."""
+    curve = KernelCurve("c", "test", ((1.0, 1.0),), ((1.0, 1.0),), tile_rows=128, tiles_per_sm=2, reference_tiles=40)
+    assert curve.wave_factor(128 * 10, 4, 10) == 1.0  # 40 tiles: full waves
+    assert curve.wave_factor(128 * 6, 4, 10) == pytest.approx(24 / 40)  # 24 tiles: the second wave 4 of 20
+    assert curve.wave_factor(100, 20, 10) == 1.0  # 100 rows still take one tile per head
+    assert curve.wave_factor(128 * 6, 4, None) == 1.0  # no SM count: read as it is
+    assert KernelCurve("c", "test", ((1.0, 1.0),), ((1.0, 1.0),)).wave_factor(128, 1, 10) == 1.0
+    assert KernelCurve.from_json(json.loads(json.dumps(curve.to_json()))) == curve
+
+
+def test_zigzag_step_lasts_as_its_slower_shape():
+    """48 SMs x 2 tiles = 96 slots, the curve's calls one full wave. c = 4096, 8 heads: the
+    c x c/2 shape has 8 x 32 = 256 tiles (3 waves, 256/288 filled), c/2 x c has 128 tiles
+    (2 waves, 128/192 filled): the same work, and the ring waits for the slower."""
+    curve = KernelCurve("c", "test", ((1.0, 100.0),), ((1.0, 100.0),), tile_rows=128, tiles_per_sm=2,
+                        reference_tiles=96)
+    cluster = replace(flat_cluster(p2p_gbs=1e6), kernel=curve, sm_count=48)
+    p = predict_attention(replace(CALL, seqlen=8192), cluster, 1, 2)  # 2 ring ranks: c = 4096, 8 heads
+    half_block = 4 * 8 * 4096 * 2048 * 64 / 100e12 * 1e3
+    causal_step = half_block  # the diagonal: half a c x c block, read without the wave factor
+    assert p["compute_ms"] == pytest.approx(causal_step + half_block / (128 / 192))
+    contiguous = predict_attention(replace(CALL, seqlen=8192, layout="contiguous"), cluster, 1, 2)
+    assert contiguous["compute_ms"] == pytest.approx(causal_step + 2 * half_block / (256 / 288))
+
+
+def test_host_bridged_all_to_all_by_hand():
+    """One socket gives back its own figure; 8 GPUs on two sockets of 4: each root complex
+    forwards 4 x 7/8 V out and 4 x 4/8 V in, 5.5 V where one socket's 4 GPUs had 3 V."""
+    assert host_bridged_all_to_all(2.0, 4, 4) == pytest.approx(2.0)
+    assert host_bridged_all_to_all(2.0, 4, 8) == pytest.approx((7 / 8) / (5.5 / 8))
+    assert CLUSTERS["8xL20-PCIe"].all_to_all_gbs["node"][8] == pytest.approx(2.0 * 7 * 4 / 44)
 
 
 @pytest.mark.parametrize("r", [2, 4, 8])
@@ -165,19 +200,10 @@ def test_the_tables_read_as_global_lengths():
         assert implied["global"] < peak < implied["per_gpu"], row.label
 
 
-# The rows the model still misses (README, cost model): L20 128K contiguous, where the published
-# 2 GB/s all-to-all over four PCIe GPUs makes u4 x r2 too slow at 128K; A100 32K zigzag, where
-# the published kernel curve runs 4K-token ring steps near full speed and the model ties every mesh.
-KNOWN_MISSES = {"Table 3 8xL20-PCIe 128K contiguous", "Table 4 8xA100-NVLink 32K zigzag"}
-
-
 @pytest.mark.parametrize("result", paper_agreement(), ids=lambda a: a["row"])
 def test_the_model_ranks_the_papers_meshes(result):
     """The bar: the measured best mesh predicted best or tied, and Kendall's tau >= 2/3."""
     assert result["best_ok"], (result["measured_best"], result["predicted_tied"])
-    if result["row"] in KNOWN_MISSES:
-        assert not result["tau_ok"], "this row now passes: take it off KNOWN_MISSES"
-        pytest.xfail(f"tau {result['kendall_tau']:+.2f} below 2/3 (see KNOWN_MISSES)")
     assert result["tau_ok"], result["kendall_tau"]
 
 
