@@ -9,7 +9,7 @@ cluster's own links and ``usp-bench kernels`` its kernel curve: prefer those.
 from __future__ import annotations
 
 from .hardware import Cluster
-from .kernel_curve import KernelCurve
+from .kernel_curve import KernelCurve, wave_fill
 
 # --- kernel curves -------------------------------------------------------------------
 # FlashAttention's benchmark: 16K tokens per call (batch = 16384 / L), 16 heads of 128, so
@@ -46,10 +46,11 @@ L20_SCALE = A100_SCALE * 119.5 / 312
 # github.com/Dao-AILab/flash-attention: 128 x 64 tiles on sm80/sm90, 128 x 32 on sm89, whose
 # comment says "we get 2 CTAs per SM"); two blocks per SM on every card (assumption for
 # sm80/sm90: 64 KB of shared memory and 128 threads of up to 255 registers each fit twice).
-# The benchmark's calls (16K tokens, 16 heads) have 16384/128 x 16 = 2048 tiles at every length.
-FA_TILES = dict(tile_rows=128, tiles_per_sm=2, reference_tiles=16384 // 128 * 16)
-SOURCE_TILES = ("; tiles of 128 query rows, 2 per SM (FlashAttention-2's flash_fwd_launch_template.h), 2048 per "
-                "benchmark call")
+# The curve's points are H100 runs of 16K tokens on 16 heads: 16384/128 x 16 = 2048 tiles on
+# 132 SMs x 2, 8 waves, 2048/2112 full; the A100 and L20 curves keep that H100 shape.
+FA_TILES = dict(tile_rows=128, tiles_per_sm=2, reference_fill=wave_fill(16384 // 128 * 16, 132 * 2))
+SOURCE_TILES = ("; tiles of 128 query rows, 2 per SM (FlashAttention-2's flash_fwd_launch_template.h); the curve's "
+                "calls filled 2048/2112 of their waves on the H100")
 
 
 def _curve(name: str, source: str, scale: float) -> KernelCurve:

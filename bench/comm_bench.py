@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from .cli_args import add_output_arguments, add_timing_arguments, bounded_int, world_size_type
 from .clusters import CLUSTERS
-from .hardware import LEVELS, Cluster, group_level
+from .hardware import LEVELS, Cluster, group_level, with_kernel
 from .kernel_curve import from_kernel_results
 from .launch import cores_available, join_torchrun_group, under_torchrun
 from .launch import run as launch_run
@@ -130,7 +130,8 @@ def profile(per_rank: list[dict], settings: Settings, world: int, base: Cluster,
     cluster = replace(base, name=name, gpus_per_domain=settings.gpus_per_domain, gpus_per_node=settings.gpus_per_node,
                       nodes=nodes, all_to_all_gbs=all_to_all, p2p_gbs=p2p, latency_us=latency,
                       sources={**base.sources, "links": source, "domain": source, "node": source, "network": source,
-                               "latency": source, "base": f"peak, memory, kernel and launch figures of {base.name}"})
+                               "latency": source,
+                               "base": f"peak, memory, SM count, kernel and launch figures of {base.name}"})
     return cluster, dict(points=points, largest_bytes=largest, smallest_bytes=smallest)
 
 
@@ -191,7 +192,7 @@ def _run_under_torchrun(args) -> int:
 def _report(per_rank, settings: Settings, world: int, device: torch.device, backend: str, args) -> int:
     base = CLUSTERS[args.base]
     if args.kernels_file:
-        base = replace(base, kernel=from_kernel_results(args.kernels_file))
+        base = with_kernel(base, from_kernel_results(args.kernels_file))
     name = args.name or f"{world}x{device_name(device)} ({backend})"
     cluster, measured = profile(per_rank, settings, world, base, name)
     print(f"{'kind':<11}{'group':>13}{'level':>9}{'bytes':>12}{'ms':>10}{'GB/s':>9}")

@@ -10,11 +10,14 @@ causal call (the diagonal block of a ring) reads the causal curve.
 
 Work alone does not say how well a call fills the GPU. The kernel runs one thread block per
 ``tile_rows`` query rows of each head, ``tiles_per_sm`` at a time on every SM; a call whose
-tiles leave the last wave part empty runs that much below the rate of the curve's own calls
-(``reference_tiles`` tiles each). ``wave_factor`` gives the ratio; a curve without tiling
-figures (``tile_rows = 0``, as measured curves are) is read as it is. Causal calls are read
-without it: their tiles differ in length, and FlashAttention starts the longest first, so
-the short ones fill the last wave.
+tiles leave its last wave part empty runs that much below a call whose waves are full.
+``reference_fill`` is how full the waves of the curve's own calls were, on the card they
+were measured on; ``wave_factor`` is a call's fill over it. A curve without tiling figures
+(``tile_rows = 0``, as measured curves are) is read as it is. The factor is a rule for the
+forward of full calls only: a causal call's tiles differ in length (tile ``m`` does ``m + 1``
+key blocks), so its last wave is no fixed count of equal tiles, and the backward runs
+other tiles (FlashAttention-2's hdim-128 backward: 128 key rows, 8 warps, about one per
+SM); both are read off the curve as they are.
 
 Points come from ``usp-bench kernels`` results (``from_kernel_results``) or from a
 published curve (the presets of ``hardware.py``, each with its source).
@@ -46,7 +49,7 @@ class KernelCurve:
     backward_ratio: float = 1.0
     tile_rows: int = 0  # query rows per thread block (0: no wave model)
     tiles_per_sm: int = 1  # thread blocks resident on one SM
-    reference_tiles: int = 0  # thread blocks of one call at the curve's points
+    reference_fill: float = 1.0  # how full the waves of the curve's own calls were
 
     def __post_init__(self):
         for label, points in (("causal", self.causal), ("full", self.full)):
@@ -65,34 +68,35 @@ class KernelCurve:
         rate = _interpolate(self.causal if causal else self.full, forward_flops)
         return rate * (self.backward_ratio if backward else 1.0)
 
-    def wave_factor(self, rows: int, heads: int, sm_count: int | None) -> float:
-        """Rate of a full call of ``rows`` query rows per head (of the backward: key rows) on
-        ``heads`` heads over the curve's rate, from how full its last wave of tiles is::
+    def wave_factor(self, sequences_x_heads: int, rows: int, sm_count: int | None) -> float:
+        """Rate of a full forward call of ``rows`` query rows on each of ``sequences_x_heads``
+        (batch x heads) over the curve's rate, from how full its last wave of tiles is::
 
-            tiles = heads * ceil(rows / tile_rows), slots = sm_count * tiles_per_sm
-            filled(n) = n / (ceil(n / slots) * slots);  factor = filled(tiles) / filled(reference_tiles)
+            tiles = sequences_x_heads * ceil(rows / tile_rows),  slots = sm_count * tiles_per_sm
+            factor = tiles / (ceil(tiles / slots) * slots) / reference_fill
         """
-        if not (self.tile_rows and self.reference_tiles and sm_count):
+        if not (self.tile_rows and sm_count):
             return 1.0
-        slots = sm_count * self.tiles_per_sm
-
-        def filled(tiles: int) -> float:
-            return tiles / (math.ceil(tiles / slots) * slots)
-
-        return filled(heads * math.ceil(rows / self.tile_rows)) / filled(self.reference_tiles)
+        return wave_fill(sequences_x_heads * math.ceil(rows / self.tile_rows), sm_count * self.tiles_per_sm) \
+            / self.reference_fill
 
     def to_json(self) -> dict:
         return dict(name=self.name, source=self.source, causal=[list(p) for p in self.causal],
                     full=[list(p) for p in self.full], backward_causal=[list(p) for p in self.backward_causal],
                     backward_full=[list(p) for p in self.backward_full], backward_ratio=self.backward_ratio,
-                    tile_rows=self.tile_rows, tiles_per_sm=self.tiles_per_sm, reference_tiles=self.reference_tiles)
+                    tile_rows=self.tile_rows, tiles_per_sm=self.tiles_per_sm, reference_fill=self.reference_fill)
 
     @classmethod
     def from_json(cls, data: dict) -> KernelCurve:
         points = lambda key: tuple(sorted((float(f), float(t)) for f, t in data.get(key, ())))  # noqa: E731
         return cls(data["name"], data.get("source", ""), points("causal"), points("full"), points("backward_causal"),
                    points("backward_full"), float(data.get("backward_ratio", 1.0)), int(data.get("tile_rows", 0)),
-                   int(data.get("tiles_per_sm", 1)), int(data.get("reference_tiles", 0)))
+                   int(data.get("tiles_per_sm", 1)), float(data.get("reference_fill", 1.0)))
+
+
+def wave_fill(tiles: int, slots: int) -> float:
+    """How full the waves of ``tiles`` equal thread blocks are on ``slots`` at a time."""
+    return tiles / (math.ceil(tiles / slots) * slots)
 
 
 def _interpolate(points: Points, x: float) -> float:

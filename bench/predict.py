@@ -12,7 +12,8 @@ One call, on the busiest rank:
    accumulator (one memory pass). Backward, K/V and the fp32 dK/dV accumulators share
    the hop; the accumulators make one more hop home.
 3. The blocks of each ring step (causal; ``h`` heads; the kernel's rate read off the curve
-   at each block's own work and corrected for how full its last wave of tiles is)::
+   at each block's own work; a full forward block corrected for how full its last wave of
+   tiles is)::
 
        zigzag      step 0: c x c causal     steps 1..r-1: c x c/2 full on the ranks whose
                                             source comes earlier, c/2 x c full on the others
@@ -77,35 +78,37 @@ class Attention:
 
 @dataclass(frozen=True)
 class Block:
-    """One kernel call: ``rows x keys`` tokens on ``heads`` heads; ``causal`` for a diagonal block."""
+    """One kernel call: ``batch`` sequences of ``rows x keys`` tokens on ``heads`` heads;
+    ``causal`` for a diagonal block."""
 
     rows: int
     keys: int
     heads: int
     causal: bool
+    batch: int = 1
 
 
 def ring_steps(call: Attention, ulysses_degree: int, ring_degree: int) -> list[tuple[Block, ...]]:
     """Per ring step, the distinct blocks the ring's ranks compute (see the module doc)."""
     h, r = heads_per_rank(call.heads, ulysses_degree), ring_degree
-    rows, keys = call.batch * call.seqlen // r, call.seqlen // r  # the batch's rows go into one call
+    c, b = call.seqlen // r, call.batch
     if r == 1 or not call.causal:
-        return [(Block(rows, keys, h, call.causal),)] * r
+        return [(Block(c, c, h, call.causal, b),)] * r
     if call.layout == "zigzag":
-        later = (Block(rows, keys // 2, h, False), Block(rows // 2, keys, h, False))
+        later = (Block(c, c // 2, h, False, b), Block(c // 2, c, h, False, b))
     else:
-        later = (Block(rows, keys, h, False),)
-    return [(Block(rows, keys, h, True),)] + [later] * (r - 1)
+        later = (Block(c, c, h, False, b),)
+    return [(Block(c, c, h, True, b),)] + [later] * (r - 1)
 
 
 def kernel_ms(cluster: Cluster, block: Block, head_dim: int, backward: bool) -> float:
-    """One launch of the attention kernel (forward, or the backward of the same block; the
-    backward's tiles run over key rows)."""
-    forward = attention_flops(1, block.heads, block.rows, block.keys, head_dim, block.causal, "fwd")
+    """One launch of the attention kernel (forward, or the backward of the same block). The
+    wave factor applies to full forward calls only (``kernel_curve.py``)."""
+    forward = attention_flops(block.batch, block.heads, block.rows, block.keys, head_dim, block.causal, "fwd")
     work = forward * (2.5 if backward else 1.0)
     rate = cluster.kernel.tflops(forward, block.causal, backward)
-    if not block.causal:
-        rate *= cluster.kernel.wave_factor(block.keys if backward else block.rows, block.heads, cluster.sm_count)
+    if not (block.causal or backward):
+        rate *= cluster.kernel.wave_factor(block.batch * block.heads, block.rows, cluster.sm_count)
     return work / (rate * 1e12) * 1e3 + cluster.launch_us * 1e-3
 
 
@@ -128,9 +131,9 @@ def _block_ms(cluster: Cluster, block: Block, step: int, backward: bool, head_di
     """The kernel and the merge of one block of a ring step."""
     merge_bytes = 0
     if step > 0 and not backward:  # out and LSE into the accumulator: read both, write one
-        merge_bytes = block.rows * block.heads * head_dim * (2 * ACCUMULATOR_SIZE + element_size)
+        merge_bytes = block.batch * block.rows * block.heads * head_dim * (2 * ACCUMULATOR_SIZE + element_size)
     elif backward and ring_degree > 1:  # dK and dV into the accumulators
-        merge_bytes = 2 * block.keys * kv_heads * head_dim * (2 * ACCUMULATOR_SIZE + element_size)
+        merge_bytes = 2 * block.batch * block.keys * kv_heads * head_dim * (2 * ACCUMULATOR_SIZE + element_size)
     return kernel_ms(cluster, block, head_dim, backward), memory_pass_ms(cluster, merge_bytes) if merge_bytes else 0.0
 
 

@@ -115,37 +115,53 @@ def test_ring_steps_overlap_their_hops_by_hand():
 
 
 def test_wave_factor_by_hand():
-    """10 SMs x 2 tiles = 20 slots; the curve's calls have 40 tiles (two full waves)."""
-    curve = KernelCurve("c", "test", ((1.0, 1.0),), ((1.0, 1.0),), tile_rows=128, tiles_per_sm=2, reference_tiles=40)
-    assert curve.wave_factor(128 * 10, 4, 10) == 1.0  # 40 tiles: full waves
-    assert curve.wave_factor(128 * 6, 4, 10) == pytest.approx(24 / 40)  # 24 tiles: the second wave 4 of 20
-    assert curve.wave_factor(100, 20, 10) == 1.0  # 100 rows still take one tile per head
-    assert curve.wave_factor(128 * 6, 4, None) == 1.0  # no SM count: read as it is
-    assert KernelCurve("c", "test", ((1.0, 1.0),), ((1.0, 1.0),)).wave_factor(128, 1, 10) == 1.0
+    """10 SMs x 2 tiles = 20 slots; the curve's own calls filled 0.8 of their waves."""
+    curve = KernelCurve("c", "test", ((1.0, 1.0),), ((1.0, 1.0),), tile_rows=128, tiles_per_sm=2, reference_fill=0.8)
+    assert curve.wave_factor(4, 128 * 10, 10) == pytest.approx(1 / 0.8)  # 40 tiles: two full waves
+    assert curve.wave_factor(4, 128 * 6, 10) == pytest.approx(24 / 40 / 0.8)  # 24 tiles: the second wave 4 of 20
+    assert curve.wave_factor(20, 100, 10) == pytest.approx(1 / 0.8)  # 100 rows still take one tile each
+    assert curve.wave_factor(4, 128 * 6, None) == 1.0  # no SM count: read as it is
+    assert KernelCurve("c", "test", ((1.0, 1.0),), ((1.0, 1.0),)).wave_factor(1, 128, 10) == 1.0
     assert KernelCurve.from_json(json.loads(json.dumps(curve.to_json()))) == curve
 
 
+def _wave_cluster():
+    """48 SMs x 2 tiles = 96 slots, the curve's calls one full wave (fill 1)."""
+    curve = KernelCurve("c", "test", ((1.0, 100.0),), ((1.0, 100.0),), tile_rows=128, tiles_per_sm=2)
+    return replace(flat_cluster(p2p_gbs=1e6), kernel=curve, sm_count=48)
+
+
 def test_zigzag_step_lasts_as_its_slower_shape():
-    """48 SMs x 2 tiles = 96 slots, the curve's calls one full wave. c = 4096, 8 heads: the
-    c x c/2 shape has 8 x 32 = 256 tiles (3 waves, 256/288 filled), c/2 x c has 128 tiles
-    (2 waves, 128/192 filled): the same work, and the ring waits for the slower."""
-    curve = KernelCurve("c", "test", ((1.0, 100.0),), ((1.0, 100.0),), tile_rows=128, tiles_per_sm=2,
-                        reference_tiles=96)
-    cluster = replace(flat_cluster(p2p_gbs=1e6), kernel=curve, sm_count=48)
+    """c = 4096, 8 heads on 96 slots: the c x c/2 shape has 8 x 32 = 256 tiles (3 waves,
+    256/288 filled), c/2 x c has 128 tiles (2 waves, 128/192 filled): the same work, and the
+    ring waits for the slower. The diagonal (causal) is read without the factor."""
+    cluster = _wave_cluster()
     p = predict_attention(replace(CALL, seqlen=8192), cluster, 1, 2)  # 2 ring ranks: c = 4096, 8 heads
     half_block = 4 * 8 * 4096 * 2048 * 64 / 100e12 * 1e3
-    causal_step = half_block  # the diagonal: half a c x c block, read without the wave factor
-    assert p["compute_ms"] == pytest.approx(causal_step + half_block / (128 / 192))
+    assert p["compute_ms"] == pytest.approx(half_block + half_block / (128 / 192))
     contiguous = predict_attention(replace(CALL, seqlen=8192, layout="contiguous"), cluster, 1, 2)
-    assert contiguous["compute_ms"] == pytest.approx(causal_step + 2 * half_block / (256 / 288))
+    assert contiguous["compute_ms"] == pytest.approx(half_block + 2 * half_block / (256 / 288))
+
+
+def test_wave_factor_counts_every_sequence_and_spares_the_backward():
+    """Batch 2: the c/2 x c shape has 2 x 8 x 16 = 256 tiles (256/288), c x c/2 512 (512/576,
+    the same fill): both shapes take half_block x 2 / (8/9). The backward reads the curve as it
+    is (2.5 x the forward's work, no factor)."""
+    cluster = _wave_cluster()
+    call = replace(CALL, seqlen=8192, batch=2)
+    half_block = 2 * 4 * 8 * 4096 * 2048 * 64 / 100e12 * 1e3  # both sequences
+    assert predict_attention(call, cluster, 1, 2)["compute_ms"] == pytest.approx(half_block + half_block * 9 / 8)
+    both = predict_attention(replace(call, pass_="fwd+bwd"), cluster, 1, 2)
+    assert both["compute_ms"] == pytest.approx(half_block + half_block * 9 / 8 + 2 * 2.5 * half_block)
 
 
 def test_host_bridged_all_to_all_by_hand():
     """One socket gives back its own figure; 8 GPUs on two sockets of 4: each root complex
     forwards 4 x 7/8 V out and 4 x 4/8 V in, 5.5 V where one socket's 4 GPUs had 3 V."""
     assert host_bridged_all_to_all(2.0, 4, 4) == pytest.approx(2.0)
-    assert host_bridged_all_to_all(2.0, 4, 8) == pytest.approx((7 / 8) / (5.5 / 8))
-    assert CLUSTERS["8xL20-PCIe"].all_to_all_gbs["node"][8] == pytest.approx(2.0 * 7 * 4 / 44)
+    capacity = 4 * 2.0  # what one socket's root complex forwarded: 4 GPUs at 2 GB/s
+    assert host_bridged_all_to_all(2.0, 4, 8) == pytest.approx((7 / 8) / (5.5 / capacity))  # sent / time, V = 1
+    assert CLUSTERS["8xL20-PCIe"].all_to_all_gbs["node"][8] == host_bridged_all_to_all(2.0, 4, 8)
 
 
 @pytest.mark.parametrize("r", [2, 4, 8])
