@@ -3,7 +3,8 @@
 At each step a rank posts the transfer of the K/V block it holds to the next rank (and
 the receive of the previous rank's), computes its queries against the block it holds
 (full, causal diagonal, half block or nothing: ``layout.ring_block``), merges the
-partial result through the LSE, and only then waits for the transfer. Backward sends
+partial result through the LSE (inside the kernel when the backend has ``forward_into``),
+and only then waits for the transfer. Backward sends
 K/V around again; the dK/dV accumulator of each block (float32, float64 for float64
 inputs) travels one hop behind it and is back at its owner after the last step. Every
 step's backward uses the global (merged) out and lse, as the backend contract requires.
@@ -45,9 +46,8 @@ def ring_forward(q, k, v, ring: RingTransport, causal: bool, scale: float, layou
         else:
             rows, keys = block.q_rows, block.k_rows
             with traffic.span(traffic.COMPUTE, label=traffic.FORWARD, step=step):
-                block_out, block_lse = backend.forward(q[:, rows], kv[0][:, keys], kv[1][:, keys],
-                                                       softmax_scale=scale, **block.options())
-                partial.add(rows, block_out, block_lse)
+                partial.attend(backend, rows, q[:, rows], kv[0][:, keys], kv[1][:, keys], softmax_scale=scale,
+                               **block.options())
         if step + 1 < ring.size:
             kv = incoming.wait()
     out, lse = partial.result()

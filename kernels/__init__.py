@@ -14,14 +14,14 @@ from .autograd import flash_attn_func, local_attention
 from .backends import BACKENDS, Backend, FunctionBackend, get_backend
 from .checks import AttentionShape
 from .flash_bwd import flash_attn_backward, flash_attn_varlen_backward
-from .flash_fwd import flash_attn_forward, flash_attn_varlen_forward
+from .flash_fwd import flash_attn_forward, flash_attn_forward_into, flash_attn_varlen_forward
 from .merge import merge_attention
 from .tokens import TokenPositions
 from .varlen import flash_attn_varlen_func, varlen_backward, varlen_forward
 
 __all__ = [
     "AttentionShape", "BACKENDS", "Backend", "FunctionBackend", "TokenPositions", "flash_attn_backward",
-    "flash_attn_forward", "flash_attn_func", "flash_attn_varlen_backward", "flash_attn_varlen_forward",
-    "flash_attn_varlen_func", "get_backend", "local_attention", "merge_attention", "varlen_backward",
-    "varlen_forward",
+    "flash_attn_forward", "flash_attn_forward_into", "flash_attn_func", "flash_attn_varlen_backward",
+    "flash_attn_varlen_forward", "flash_attn_varlen_func", "get_backend", "local_attention", "merge_attention",
+    "varlen_backward", "varlen_forward",
 ]

@@ -1,7 +1,8 @@
 """Compile every GPU kernel configuration ahead of time, on a machine without a GPU.
 
 ``python -m usp.kernels.aot [--family sm90] [--json]`` builds, for each config table entry,
-each kernel the launchers would start (forward, backward preprocess, dK/dV, dQ), for
+each kernel the launchers would start (forward, the forward merging into a ring's
+accumulator, backward preprocess, dK/dV, dQ), for
 bf16 and fp32, and each mask variant (``MASK_VARIANTS``: full, causal, and packed
 documents with a causal sliding window), into a cubin for the family's target with
 ``triton.compile``, and reports the shared memory each needs against the family's
@@ -103,6 +104,9 @@ def _meta(*shape, dtype):
 # sliding window (LEFT, RIGHT, VARLEN), and a causal sliding window by token (LEFT, RIGHT,
 # TOKENS: a sequence-parallel block of shards).
 MASK_VARIANTS = ("full", "causal", "packed-window", "tokens-window")
+# The forward merging into an accumulator serves ring steps: dense (causal covers the full
+# variant's code paths) or masked by token.
+ACCUMULATE_VARIANTS = ("causal", "tokens-window")
 
 
 def _mask(variant: str) -> MaskSpec:
@@ -130,7 +134,11 @@ def _launches(family: GpuFamily, head_dim: int, dtype: torch.dtype, variant: str
     fwd = forward_launch(q, k, k, q, lse, mask=mask, scale=head_dim**-0.5, config=configs["fwd"])
     pre, dkdv, dq = backward_launches(q, q, k, k, q, lse, lse, lse, q, k, k, mask=mask,
                                       scale=head_dim**-0.5, configs=configs)
-    return {"fwd": fwd, "bwd_preprocess": pre, "bwd_dkdv": dkdv, "bwd_dq": dq}
+    launches = {"fwd": fwd, "bwd_preprocess": pre, "bwd_dkdv": dkdv, "bwd_dq": dq}
+    if variant in ACCUMULATE_VARIANTS:  # into a float32 accumulator
+        launches["fwd_into"] = forward_launch(q, k, k, _meta(*q.shape, dtype=torch.float32), lse, mask=mask,
+                                              scale=head_dim**-0.5, config=configs["fwd"], accumulate=True)
+    return launches
 
 
 PTX_FEATURES = {"wgmma": "wgmma.mma_async", "cp.async": "cp.async", "tma": "cp.async.bulk.tensor",

@@ -8,7 +8,9 @@ backend name is taken. A sliding window reaches a backend as the keyword
 all-gather schedule with documents or a window) as ``positions``, each passed only when
 set, so a backend without them still serves every other call. Packed documents
 (``usp.kernels.varlen``) use a backend's own ``varlen_forward`` / ``varlen_backward``
-where it has them (triton), else one call per document.
+where it has them (triton), else one call per document. A backend's ``forward_into``
+(triton), where it has one, merges a block's result into a running float32 ``(out, lse)``
+in place: the ring's later steps use it instead of a separate merge.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from . import naive, torch_fused
 from .checks import resolve_window
 from .flash_bwd import flash_attn_backward, flash_attn_varlen_backward
-from .flash_fwd import flash_attn_forward, flash_attn_varlen_forward
+from .flash_fwd import flash_attn_forward, flash_attn_forward_into, flash_attn_varlen_forward
 
 
 @runtime_checkable
@@ -50,6 +52,7 @@ class FunctionBackend:
     backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     varlen_forward: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
     varlen_backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+    forward_into: Callable[..., None] | None = None
 
 
 def window_kwargs(window_size) -> dict:
@@ -59,8 +62,8 @@ def window_kwargs(window_size) -> dict:
 
 
 BACKENDS: dict[str, Backend] = {
-    "triton": FunctionBackend("triton", flash_attn_forward, flash_attn_backward,
-                              flash_attn_varlen_forward, flash_attn_varlen_backward),
+    "triton": FunctionBackend("triton", flash_attn_forward, flash_attn_backward, flash_attn_varlen_forward,
+                              flash_attn_varlen_backward, flash_attn_forward_into),
     "torch": FunctionBackend("torch", torch_fused.forward, torch_fused.backward),
     "naive": FunctionBackend("naive", naive.forward, naive.backward),
 }

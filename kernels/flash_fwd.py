@@ -6,6 +6,9 @@ masked; the blocks every row sees, unmasked; the causal diagonal, the window's r
 edge or the sequence end, masked), keeping the running max ``m``, sum ``l`` and output
 accumulator in float32 (online softmax). With a mask given by token (``TOKENS``, see
 ``usp.kernels.tokens``) it tests every key block and skips those with no visible pair.
+With ``ACCUMULATE`` the tile's result is merged into the running ``(out, lse)`` already in
+``Out`` and ``Lse`` (a ring step's accumulator) instead of overwriting them, so a ring
+step needs no separate merge pass over the accumulator.
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ def _flash_fwd_kernel(
     seqlen_q, seqlen_k, heads, group, head_dim, qk_scale, window_left, window_right,
     LEFT: tl.constexpr, RIGHT: tl.constexpr, VARLEN: tl.constexpr, TOKENS: tl.constexpr,
     COUNT_VISITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
     # b is the batch row, or the document when VARLEN (whose batch strides are 0): its
     # queries start at row q0 and its keys at row k0 of the packed tensors.
@@ -118,8 +121,25 @@ def _flash_fwd_kernel(
     lse = tl.where(seen, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))  # log2 -> ln
 
     o_ptrs = tile_pointers(Out, b, h, m0, rows, offs_d, stride_ob, stride_os, stride_oh, stride_od)
-    store_tile(o_ptrs, out.to(Out.dtype.element_ty), offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, not EVEN_D)
     lse_ptrs = Lse + b * stride_lb + h * stride_lh + q0 + offs_m
+    if ACCUMULATE:
+        # Merge with the running result of these rows: both weighted by exp(lse - merged),
+        # merged = logaddexp(lse_before, lse); a side at -inf saw no key and weighs 0, and
+        # where both are -inf the reference is 0 so no weight is exp(-inf - -inf) = NaN.
+        if EVEN_M:
+            lse_before = tl.load(lse_ptrs)
+        else:
+            lse_before = tl.load(lse_ptrs, mask=offs_m < seqlen_q, other=float("-inf"))
+        out_before = load_tile(o_ptrs, offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, not EVEN_D).to(tl.float32)
+        top = tl.maximum(lse_before, lse)
+        top = tl.where(top == float("-inf"), 0.0, top)
+        total = tl.exp(lse_before - top) + tl.exp(lse - top)
+        # total = 0: neither side saw a key; a NaN total keeps its NaN
+        merged = tl.where(total == 0.0, float("-inf"), top + tl.log(tl.where(total == 0.0, 1.0, total)))
+        reference = tl.where(merged == float("-inf"), 0.0, merged)
+        out = out_before * tl.exp(lse_before - reference)[:, None] + out * tl.exp(lse - reference)[:, None]
+        lse = merged
+    store_tile(o_ptrs, out.to(Out.dtype.element_ty), offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, not EVEN_D)
     if EVEN_M:
         tl.store(lse_ptrs, lse)
     else:
@@ -127,11 +147,12 @@ def _flash_fwd_kernel(
 
 
 def forward_launch(q, k, v, out, lse, *, mask: MaskSpec, scale: float, config: KernelConfig,
-                   visits: torch.Tensor | None = None) -> Launch:
+                   visits: torch.Tensor | None = None, accumulate: bool = False) -> Launch:
     """The forward launch writing ``out`` and ``lse`` for already-validated inputs: dense
     ``[B, S, H, D]`` tensors and ``lse [B, H, Sq]``, or, with ``mask.varlen``, packed
-    ``[total, H, D]`` ones and ``lse [H, total_q]``. ``visits``, int32 zeros with one slot
-    per program, receives the number of key blocks each visited."""
+    ``[total, H, D]`` ones and ``lse [H, total_q]``; with ``accumulate``, merging into
+    them. ``visits``, int32 zeros with one slot per program, receives the number of key
+    blocks each visited."""
     q4, k4, v4, out4 = (x.unsqueeze(0) if mask.varlen else x for x in (q, k, v, out))
     batch, seqlen_q, heads, head_dim = q4.shape
     seqlen_k, kv_heads = k4.shape[1], k4.shape[2]
@@ -150,7 +171,7 @@ def forward_launch(q, k, v, out, lse, *, mask: MaskSpec, scale: float, config: K
              TOKENS=mask.tokens is not None, COUNT_VISITS=visits is not None, BLOCK_M=config.block_m,
              BLOCK_N=config.block_n, BLOCK_D=block_d,
              EVEN_M=not mask.varlen and seqlen_q % config.block_m == 0, EVEN_D=head_dim == block_d,
-             PRECISION=dot_precision(q.dtype)),
+             PRECISION=dot_precision(q.dtype), ACCUMULATE=accumulate),
         config.num_warps, config.num_stages)
 
 
@@ -170,6 +191,28 @@ def flash_attn_forward(q, k, v, causal=False, softmax_scale=None, window_size=(-
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((shape.batch, shape.heads, shape.seqlen_q), dtype=torch.float32, device=q.device)
     return _run_forward(q, k, v, out, lse, shape, mask, softmax_scale)
+
+
+def flash_attn_forward_into(q, k, v, out, lse, causal=False, softmax_scale=None, window_size=(-1, -1),
+                            positions=None) -> None:
+    """``flash_attn_forward`` of ``q`` over ``k, v`` merged in place into a running result
+    over other keys: ``out [B, Sq, Hq, D]`` and ``lse [B, Hq, Sq]``, both float32 (views
+    allowed, e.g. some rows of an accumulator; ``lse`` with unit stride along Sq). Rows at
+    ``lse = -inf`` (out 0) hold nothing yet. The same as ``merge_attention_(out, lse,
+    *flash_attn_forward(...))`` without the block's own output ever reaching memory."""
+    shape = check_qkv(q, k, v, causal)
+    expected_lse = (shape.batch, shape.heads, shape.seqlen_q)
+    if tuple(out.shape) != tuple(q.shape) or tuple(lse.shape) != expected_lse:
+        raise ValueError(f"out must have q's shape {list(q.shape)} and lse {list(expected_lse)}, got "
+                         f"{list(out.shape)} and {list(lse.shape)}")
+    if out.dtype != torch.float32 or lse.dtype != torch.float32:
+        raise ValueError(f"out and lse accumulate in float32, got {out.dtype} and {lse.dtype}")
+    if out.device != q.device or lse.device != q.device:
+        raise ValueError(f"out and lse must be on q's device {q.device}")
+    if lse.stride(-1) != 1 and shape.seqlen_q > 1:
+        raise ValueError("lse must have unit stride along the sequence")
+    mask = token_mask(causal, window_size, positions, shape, q.device)
+    _run_forward(q, k, v, out, lse, shape, mask, softmax_scale, accumulate=True)
 
 
 def flash_attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False,
@@ -205,10 +248,11 @@ def token_mask(causal, window_size, positions, shape, device) -> MaskSpec:
     return MaskSpec(*resolve_window(causal, window_size), tokens=positions)
 
 
-def _run_forward(q, k, v, out, lse, shape, mask: MaskSpec, softmax_scale, visits=None):
+def _run_forward(q, k, v, out, lse, shape, mask: MaskSpec, softmax_scale, visits=None, accumulate=False):
     check_triton_inputs(q)
     scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
     config = get_config("fwd", shape.head_dim, q.dtype, q.device)
     with device_guard(q.device):
-        forward_launch(q, k, v, out, lse, mask=mask, scale=scale, config=config, visits=visits).run()
+        forward_launch(q, k, v, out, lse, mask=mask, scale=scale, config=config, visits=visits,
+                       accumulate=accumulate).run()
     return out, lse

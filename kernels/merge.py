@@ -71,6 +71,16 @@ class PartialResults:
             self._start_empty()
         merge_attention_(self.out[:, rows], self.lse[:, :, rows], block_out, block_lse)
 
+    def attend(self, backend, rows: slice, q, k, v, **options) -> None:
+        """Compute attention of ``q`` (the query rows ``rows``) over ``k, v`` with ``backend``
+        and merge it: inside the kernel when the backend has ``forward_into`` and a float32
+        accumulator already exists, else through ``add``."""
+        forward_into = getattr(backend, "forward_into", None)
+        if forward_into is not None and self.out is not None and self.dtype == torch.float32:
+            forward_into(q, k, v, self.out[:, rows], self.lse[:, :, rows], **options)
+        else:
+            self.add(rows, *backend.forward(q, k, v, **options))
+
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.out is None:
             self._start_empty()

@@ -16,10 +16,12 @@ import torch
 from usp.kernels.configs import GPU_FAMILIES, HOPPER, KERNELS, PADDED_HEAD_DIMS
 
 ROOT = Path(__file__).resolve().parents[1]
-ALL_KERNELS = (*KERNELS, "bwd_preprocess")
+ALL_KERNELS = (*KERNELS, "bwd_preprocess", "fwd_into")
 VARIANTS = ("causal", "packed-window")  # together a superset of the full variant's code paths
-# every kernel in every variant, but the preprocess, which has no mask, once
-KERNEL_VARIANTS = [(k, v) for k in ALL_KERNELS for v in VARIANTS if k != "bwd_preprocess" or v == VARIANTS[0]]
+# every kernel in every variant, but the preprocess, which has no mask, once, and the forward
+# merging into a ring's accumulator, which serves dense and by-token masks, not packed documents
+KERNEL_VARIANTS = [(k, v) for k in ALL_KERNELS for v in VARIANTS
+                   if (k != "bwd_preprocess" or v == VARIANTS[0]) and (k != "fwd_into" or v != "packed-window")]
 
 
 def _compile(groups: list[list[str]]) -> list[dict]:
@@ -62,7 +64,7 @@ def test_the_mask_by_token_compiles_fits_and_uses_wgmma(hopper_bf16):
     tokens = {r["kernel"]: r for r in hopper_bf16 if r["variant"] == "tokens-window"}
     assert set(tokens) == set(ALL_KERNELS)
     assert not _too_big(list(tokens.values()))
-    for kernel in KERNELS:
+    for kernel in (*KERNELS, "fwd_into"):
         assert "wgmma" in tokens[kernel]["ptx_features"], (kernel, tokens[kernel]["ptx_features"])
 
 
@@ -76,9 +78,8 @@ def test_hopper_bf16_kernels_compile_and_fit(hopper_bf16):
     assert fwd128["shared_bytes"] > HOPPER.shared_memory_bytes // 2
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel, variant", [(k, v) for k, v in KERNEL_VARIANTS if k != "bwd_preprocess"])
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("variant", VARIANTS)
 def test_hopper_bf16_kernels_use_wgmma_and_async_copies(hopper_bf16, kernel, head_dim, variant):
     (result,) = [r for r in hopper_bf16 if r["kernel"] == kernel and r["head_dim"] == head_dim
                  and r["variant"] == variant]

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from conftest import DEVICE
-from thread_ring import run_on_ring
-from usp.attention.layout import LAYOUTS, ring_positions
-from usp.attention.ring import ring_backward, ring_forward
+from thread_ring import ring_by_threads
+from usp.attention.layout import LAYOUTS
 from usp.bench.numerics import DTYPE_NAMES, Case, compare, reference, run_backend
 from usp.kernels import AttentionShape, get_backend, merge_attention
 from usp.kernels.merge import PartialResults, merge_attention_
@@ -110,25 +109,6 @@ def test_merge_in_place_needs_a_wide_accumulator():
     out, lse = torch.zeros(1, 2, 1, 4, dtype=torch.float16), torch.zeros(1, 1, 2, dtype=torch.float16)
     with pytest.raises(ValueError, match="both float32 or both float64"):
         merge_attention_(out, lse, out, lse)
-
-
-def ring_by_threads(backend: str, q, k, v, dout, causal: bool, ring_size: int, layout: str) -> dict:
-    """Out, lse and gradients of the ring loops of ``usp.attention.ring`` run on a ring of
-    threads, each rank on its shard of the whole sequence, gathered back in order."""
-    be = get_backend(backend)
-    positions = [ring_positions(q.shape[1], ring_size, rank, layout) for rank in range(ring_size)]
-    scale = q.shape[-1] ** -0.5
-
-    def rank_main(ring):
-        mine = lambda x: x[:, positions[ring.rank]]  # noqa: E731
-        out, lse = ring_forward(mine(q), mine(k), mine(v), ring, causal, scale, layout, be)
-        grads = ring_backward(mine(dout), mine(q), mine(k), mine(v), out, lse, ring, causal, scale, layout, be)
-        return out, lse, *grads
-
-    per_rank = run_on_ring(ring_size, rank_main)
-    order = torch.cat(positions).argsort()
-    gather = lambda i, dim=1: torch.cat([r[i] for r in per_rank], dim=dim).index_select(dim, order)  # noqa: E731
-    return dict(out=gather(0), lse=gather(1, dim=2), dq=gather(2), dk=gather(3), dv=gather(4))
 
 
 def _ring_case(layout, dtype, causal, backend):

@@ -10,6 +10,12 @@ import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
+
+from usp.attention.layout import ring_positions
+from usp.attention.ring import ring_backward, ring_forward
+from usp.kernels import get_backend
+
 TIMEOUT_S = 60.0
 
 
@@ -57,3 +63,22 @@ def run_on_ring(size: int, fn) -> list:
     with ThreadPoolExecutor(max_workers=size) as pool:
         futures = [pool.submit(rank_main, rank) for rank in range(size)]
         return [future.result(timeout=TIMEOUT_S) for future in futures]
+
+
+def ring_by_threads(backend, q, k, v, dout, causal: bool, ring_size: int, layout: str) -> dict:
+    """Out, lse and gradients of the ring loops of ``usp.attention.ring`` run on a ring of
+    threads, each rank on its shard of the whole sequence, gathered back in order."""
+    be = get_backend(backend)
+    positions = [ring_positions(q.shape[1], ring_size, rank, layout) for rank in range(ring_size)]
+    scale = q.shape[-1] ** -0.5
+
+    def rank_main(ring):
+        mine = lambda x: x[:, positions[ring.rank]]  # noqa: E731
+        out, lse = ring_forward(mine(q), mine(k), mine(v), ring, causal, scale, layout, be)
+        grads = ring_backward(mine(dout), mine(q), mine(k), mine(v), out, lse, ring, causal, scale, layout, be)
+        return out, lse, *grads
+
+    per_rank = run_on_ring(ring_size, rank_main)
+    order = torch.cat(positions).argsort()
+    gather = lambda i, dim=1: torch.cat([r[i] for r in per_rank], dim=dim).index_select(dim, order)  # noqa: E731
+    return dict(out=gather(0), lse=gather(1, dim=2), dq=gather(2), dk=gather(3), dv=gather(4))

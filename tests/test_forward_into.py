@@ -1,0 +1,114 @@
+"""The Triton forward that merges into a running result (``flash_attn_forward_into``), and
+the ring's use of it: a block computed into the accumulator equals the float64 oracle over
+the union of the keys, within the rule of ``usp.bench.numerics`` (the naive backend in the
+input dtype over all the keys is the baseline)."""
+
+import pytest
+import torch
+
+from conftest import DEVICE
+from thread_ring import ring_by_threads
+from usp.attention import naive_attention
+from usp.bench.numerics import max_error, tolerance
+from usp.kernels import get_backend
+from usp.kernels.backends import FunctionBackend
+from usp.kernels.flash_fwd import flash_attn_forward, flash_attn_forward_into
+
+INF = float("inf")
+
+
+def _randn(*shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float32).to(device=DEVICE, dtype=dtype)
+
+
+def _causal(sq: int, sk: int) -> torch.Tensor:
+    """Bottom-right causal: query i sees keys j <= i + sk - sq (rows below 0 see nothing)."""
+    return torch.arange(sk, device=DEVICE)[None, :] <= torch.arange(sq, device=DEVICE)[:, None] + sk - sq
+
+
+# (first block causal, second block causal): the accumulator's first rows see nothing from a
+# causal first block (sk < sq), or the second block adds nothing to them
+SPLITS = [(False, False), (True, False), (False, True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("first_causal, second_causal", SPLITS, ids=["full-full", "causal-full", "full-causal"])
+def test_forward_into_equals_attention_over_both_blocks(dtype, first_causal, second_causal):
+    """Rows 8..47 of a 56-row accumulator (a view, as a zigzag step's half), 4 query and 2
+    K/V heads of 16; keys 30 + 21 in two blocks."""
+    sq, sk1, sk2, heads, kv_heads, d = 40, 30, 21, 4, 2, 16
+    q = _randn(1, sq, heads, d, dtype=dtype, seed=1)
+    k, v = (_randn(1, sk1 + sk2, kv_heads, d, dtype=dtype, seed=s) for s in (2, 3))
+    first = flash_attn_forward(q, k[:, :sk1], v[:, :sk1], causal=first_causal)
+    out = torch.zeros(1, 56, heads, d, device=DEVICE)
+    lse = torch.full((1, heads, 56), -INF, device=DEVICE)
+    out[:, 8:48], lse[:, :, 8:48] = first[0].float(), first[1]
+    flash_attn_forward_into(q, k[:, sk1:], v[:, sk1:], out[:, 8:48], lse[:, :, 8:48], causal=second_causal)
+
+    mask = torch.cat([_causal(sq, sk1) if first_causal else torch.ones(sq, sk1, dtype=torch.bool, device=DEVICE),
+                      _causal(sq, sk2) if second_causal else torch.ones(sq, sk2, dtype=torch.bool, device=DEVICE)], 1)
+    expected_out, expected_lse = naive_attention(*(x.double() for x in (q, k, v)), mask=mask)
+    baseline_out, baseline_lse = naive_attention(q, k, v, mask=mask)  # the input dtype, all keys at once
+    for name, got, want, baseline in (("out", out[:, 8:48], expected_out, baseline_out),
+                                      ("lse", lse[:, :, 8:48], expected_lse, baseline_lse)):
+        allowed = tolerance(name, dtype, d, want, max_error(baseline, want))
+        assert max_error(got, want) <= allowed, (name, max_error(got, want), allowed)
+    assert (out[:, :8] == 0).all() and (out[:, 48:] == 0).all() and (lse[:, :, :8] == -INF).all()
+
+
+def test_forward_into_keeps_rows_that_see_nothing_empty():
+    """A causal block with more queries than keys adds nothing to its first rows; rows that
+    held nothing before and get nothing stay out 0, lse -inf (no NaN)."""
+    q, k, v = (_randn(1, n, 1, 16, dtype=torch.float32, seed=s) for n, s in ((24, 4), (8, 5), (8, 6)))
+    out = torch.zeros(1, 24, 1, 16, device=DEVICE)
+    lse = torch.full((1, 1, 24), -INF, device=DEVICE)
+    flash_attn_forward_into(q, k, v, out, lse, causal=True)
+    assert (out[:, :16] == 0).all() and (lse[..., :16] == -INF).all()
+    expected_out, expected_lse = naive_attention(*(x.double() for x in (q, k, v)), mask=_causal(24, 8))
+    torch.testing.assert_close(out[:, 16:].double(), expected_out[:, 16:], rtol=0, atol=1e-5)
+    torch.testing.assert_close(lse[..., 16:].double(), expected_lse[..., 16:], rtol=0, atol=1e-5)
+
+
+def test_forward_into_keeps_a_nan_where_merge_attention_keeps_it():
+    """A NaN query row gives NaN out and lse, as merging its NaN block would; other rows exact."""
+    q, k, v = (_randn(1, 16, 1, 16, dtype=torch.float32, seed=s) for s in (12, 13, 14))
+    q[0, 3] = float("nan")
+    out, lse = (x.float().contiguous() for x in flash_attn_forward(q, k[:, :8], v[:, :8]))
+    flash_attn_forward_into(q, k[:, 8:], v[:, 8:], out, lse)
+    assert out[0, 3].isnan().all() and lse[0, 0, 3].isnan()
+    expected_out, _ = naive_attention(*(x.double() for x in (q, k, v)))
+    rows = [i for i in range(16) if i != 3]
+    torch.testing.assert_close(out[0, rows].double(), expected_out[0, rows], rtol=0, atol=1e-5)
+
+
+def test_forward_into_refuses_accumulators_it_cannot_merge_into():
+    q = _randn(1, 16, 2, 16, dtype=torch.float32, seed=7)
+    out, lse = torch.zeros(1, 16, 2, 16, device=DEVICE), torch.zeros(1, 2, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="accumulate in float32"):
+        flash_attn_forward_into(q, q, q, out.half(), lse)
+    with pytest.raises(ValueError, match="must have q's shape"):
+        flash_attn_forward_into(q, q, q, out[:, :8], lse)
+    with pytest.raises(ValueError, match="unit stride"):
+        flash_attn_forward_into(q, q, q, out, torch.zeros(1, 16, 2, device=DEVICE).transpose(1, 2))
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+def test_the_ring_merges_each_later_step_inside_the_kernel(layout):
+    """The triton backend's forward_into takes every later step of a causal ring of 3
+    (zigzag: 2 steps on each rank; contiguous: the steps of earlier sources, 0 + 1 + 2):
+    the ring's out and lse equal the oracle, with no separate merge."""
+    calls = []
+    triton = get_backend("triton")
+
+    def counted_into(*args, **kwargs):
+        calls.append(1)
+        return triton.forward_into(*args, **kwargs)
+
+    backend = FunctionBackend("counted", triton.forward, triton.backward, forward_into=counted_into)
+    q, k, v, dout = (_randn(1, 48, 2, 16, dtype=torch.float32, seed=s) for s in (8, 9, 10, 11))
+    ring = ring_by_threads(backend, q, k, v, dout, True, 3, layout)
+    expected_out, expected_lse = naive_attention(*(x.double() for x in (q, k, v)), causal=True)
+    torch.testing.assert_close(ring["out"].double(), expected_out, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ring["lse"].double(), expected_lse, rtol=0, atol=1e-5)
+    assert len(calls) == (2 * 3 if layout == "zigzag" else 0 + 1 + 2)
