@@ -6,7 +6,9 @@ accumulator, backward preprocess, dK/dV, dQ), for
 bf16 and fp32, and each mask variant (``MASK_VARIANTS``: full, causal, and packed
 documents with a causal sliding window), into a cubin for the family's target with
 ``triton.compile``, and reports the shared memory each needs against the family's
-limit and the PTX features it uses (wgmma, cp.async, TMA, vector loads). It uses the
+limit, the PTX features it uses (wgmma, cp.async, TMA, vector loads), and, where
+Triton ships ``cuobjdump``, the registers per thread and the stack bytes (register spills)
+of the cubin. It uses the
 launchers' own argument lists on meta tensors, specialised as Triton's JIT specialises
 real inputs (``specialization``), so what is compiled is what runs. Compiled kernels
 land in Triton's cache, keyed by source and specialisation, so a second run is quick.
@@ -17,12 +19,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import triton
+import triton.backends.nvidia
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -52,6 +59,8 @@ class CompileResult:
     shared_limit: int
     seconds: float
     ptx_features: list[str]  # of "wgmma", "cp.async", "tma", "vector loads": what the PTX uses
+    registers: int | None = None  # per thread, from the cubin (None: no cuobjdump)
+    stack_bytes: int | None = None  # per thread: register spills (0: none)
 
     @property
     def fits(self) -> bool:
@@ -145,6 +154,20 @@ PTX_FEATURES = {"wgmma": "wgmma.mma_async", "cp.async": "cp.async", "tma": "cp.a
                 "vector loads": "ld.global.v4"}
 
 
+def resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
+    """Registers per thread and stack bytes (spills) of a cubin's kernel, read by the
+    ``cuobjdump`` that ships with Triton's NVIDIA backend; ``(None, None)`` without it."""
+    tool = Path(triton.backends.nvidia.__file__).parent / "bin" / "cuobjdump"
+    if not tool.exists():
+        return None, None
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "kernel.cubin"
+        path.write_bytes(cubin)
+        report = subprocess.run([str(tool), "-res-usage", str(path)], capture_output=True, text=True).stdout
+    match = re.search(r"REG:(\d+) STACK:(\d+)", report)
+    return (int(match[1]), int(match[2])) if match else (None, None)
+
+
 def ptx_features(ptx: str) -> list[str]:
     """The features of ``PTX_FEATURES`` a kernel's PTX uses."""
     return [name for name, instruction in PTX_FEATURES.items() if instruction in ptx]
@@ -166,7 +189,8 @@ def compile_family(family: GpuFamily, head_dims=PADDED_HEAD_DIMS, dtypes=(torch.
                         family.name, name, head_dim, _TRITON_TYPES[dtype], variant,
                         launch.constexprs["BLOCK_M"], launch.constexprs.get("BLOCK_N", 0),
                         launch.num_warps, launch.num_stages, compiled.metadata.shared,
-                        family.shared_memory_bytes, time.perf_counter() - start, ptx_features(compiled.asm["ptx"]))
+                        family.shared_memory_bytes, time.perf_counter() - start, ptx_features(compiled.asm["ptx"]),
+                        *resource_usage(compiled.asm["cubin"]))
                     results.append(result)
                     if progress:
                         progress(result)
@@ -196,6 +220,7 @@ def main(argv=None) -> int:
             print(f"{r.family} {r.kernel:<14} d={r.head_dim:<3} {r.dtype:<4} {r.variant:<13} "
                   f"tile={r.block_m}x{r.block_n} warps={r.num_warps} stages={r.num_stages} "
                   f"smem={r.shared_bytes}/{r.shared_limit} {'ok' if r.fits else 'TOO BIG'} "
+                  f"regs={r.registers} stack={r.stack_bytes} "
                   f"[{', '.join(r.ptx_features)}] ({r.seconds:.1f}s)",
                   flush=True)
 

@@ -211,6 +211,11 @@ def flash_attn_forward_into(q, k, v, out, lse, causal=False, softmax_scale=None,
         raise ValueError(f"out and lse must be on q's device {q.device}")
     if lse.stride(-1) != 1 and shape.seqlen_q > 1:
         raise ValueError("lse must have unit stride along the sequence")
+    if any(stride == 0 and size > 1 for x in (out, lse) for stride, size in zip(x.stride(), x.shape)):
+        raise ValueError("out and lse must not have elements that overlap (an expanded tensor): the kernel writes them")
+    if any(a.numel() and b.numel() and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+           for a in (out, lse) for b in (q, k, v, lse if a is out else out)):
+        raise ValueError("out and lse must not share memory with q, k, v or each other")
     mask = token_mask(causal, window_size, positions, shape, q.device)
     _run_forward(q, k, v, out, lse, shape, mask, softmax_scale, accumulate=True)
 

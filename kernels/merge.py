@@ -75,6 +75,8 @@ class PartialResults:
         """Compute attention of ``q`` (the query rows ``rows``) over ``k, v`` with ``backend``
         and merge it: inside the kernel when the backend has ``forward_into`` and a float32
         accumulator already exists, else through ``add``."""
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise ValueError(f"rows must be a slice of consecutive rows, got {rows!r}")  # a view, not a copy
         forward_into = getattr(backend, "forward_into", None)
         if forward_into is not None and self.out is not None and self.dtype == torch.float32:
             forward_into(q, k, v, self.out[:, rows], self.lse[:, :, rows], **options)

@@ -13,6 +13,7 @@ from usp.bench.numerics import max_error, tolerance
 from usp.kernels import get_backend
 from usp.kernels.backends import FunctionBackend
 from usp.kernels.flash_fwd import flash_attn_forward, flash_attn_forward_into
+from usp.kernels.merge import PartialResults, merge_attention_
 
 INF = float("inf")
 
@@ -82,6 +83,27 @@ def test_forward_into_keeps_a_nan_where_merge_attention_keeps_it():
     torch.testing.assert_close(out[0, rows].double(), expected_out[0, rows], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_forward_into_equals_merge_attention_of_the_blocks_result(dtype):
+    """Batch 2, head dim 24 (padded in the kernel), GQA, a transposed accumulator viewed at
+    an offset, rows before it held nothing (-inf) or NaN: the same as merging the block's
+    own float32 result with merge_attention_ (fp16: the block's out rounded to fp16 there)."""
+    q = _randn(2, 20, 4, 24, dtype=dtype, seed=15)
+    k, v = (_randn(2, 13, 2, 24, dtype=dtype, seed=s) for s in (16, 17))
+    start_out = _randn(2, 4, 30, 24, dtype=torch.float32, seed=18).transpose(1, 2)  # [B, S, H, D], not contiguous
+    start_lse = _randn(2, 4, 30, dtype=torch.float32, seed=19)
+    start_lse[:, :, 5:9], start_out[:, 5:9] = -INF, 0.0  # held nothing
+    start_lse[0, 1, 12], start_out[0, 12, 1] = float("nan"), float("nan")  # a NaN already there
+    out, lse = start_out.clone(), start_lse.clone()
+    flash_attn_forward_into(q, k, v, out[:, 4:24], lse[:, :, 4:24], causal=True)
+    expected_out, expected_lse = start_out.clone(), start_lse.clone()
+    merge_attention_(expected_out[:, 4:24], expected_lse[:, :, 4:24], *flash_attn_forward(q, k, v, causal=True))
+    atol = 1e-3 if dtype == torch.float16 else 1e-5
+    torch.testing.assert_close(out, expected_out, rtol=0, atol=atol, equal_nan=True)
+    torch.testing.assert_close(lse, expected_lse, rtol=0, atol=1e-5, equal_nan=True)
+    assert lse[0, 1, 12].isnan() and out[0, 12, 1].isnan().all()
+
+
 def test_forward_into_refuses_accumulators_it_cannot_merge_into():
     q = _randn(1, 16, 2, 16, dtype=torch.float32, seed=7)
     out, lse = torch.zeros(1, 16, 2, 16, device=DEVICE), torch.zeros(1, 2, 16, device=DEVICE)
@@ -91,6 +113,12 @@ def test_forward_into_refuses_accumulators_it_cannot_merge_into():
         flash_attn_forward_into(q, q, q, out[:, :8], lse)
     with pytest.raises(ValueError, match="unit stride"):
         flash_attn_forward_into(q, q, q, out, torch.zeros(1, 16, 2, device=DEVICE).transpose(1, 2))
+    with pytest.raises(ValueError, match="must not have elements that overlap"):
+        flash_attn_forward_into(q, q, q, torch.zeros(1, 1, 2, 16, device=DEVICE).expand(1, 16, 2, 16), lse)
+    with pytest.raises(ValueError, match="must not share memory"):
+        flash_attn_forward_into(q, q, q, q, lse)
+    with pytest.raises(ValueError, match="slice of consecutive rows"):
+        PartialResults(q.shape, torch.float32, DEVICE).attend(get_backend("triton"), slice(0, 16, 2), q, q, q)
 
 
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
