@@ -5,6 +5,7 @@ encode their own global coordinates, so any misplaced element shows."""
 import datetime
 import functools
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -177,14 +178,17 @@ def _eight_ranks():
 
 @functools.cache
 def _eight_rank_results():
-    """One launch of 8 ranks serves the tests below."""
+    """One launch of 8 ranks serves the tests below (about 10 s on 2 cores: the slow step,
+    as the other 8-rank launches)."""
     return run(8, _eight_ranks, pg_timeout_s=61)
 
 
+@pytest.mark.slow
 def test_shard_and_gather_are_exact():
     assert [r["shard_gather"] for r in _eight_rank_results()] == ["ok"] * 8
 
 
+@pytest.mark.slow
 def test_mesh_groups_follow_the_placement():
     inner = [r["inner"] for r in _eight_rank_results()]
     outer = [r["outer"] for r in _eight_rank_results()]
