@@ -28,6 +28,7 @@ from __future__ import annotations
 import bisect
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,10 +123,7 @@ def from_kernel_results(path: str | Path, impl: str | None = None, dtype: str | 
     records = [r for r in document["records"] if impl is None or r["impl"] == impl]
     for field, wanted in (("dtype", dtype), ("head_dim", head_dim)):
         if wanted is None and records:
-            counts: dict = {}
-            for r in records:
-                counts[r[field]] = counts.get(r[field], 0) + 1
-            wanted = max(counts, key=counts.get)
+            wanted = Counter(r[field] for r in records).most_common(1)[0][0]
         records = [r for r in records if r[field] == wanted]
     if not records:
         raise ValueError(f"{path}: no kernel timings for impl {impl}, dtype {dtype}, head dim {head_dim}")

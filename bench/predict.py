@@ -149,6 +149,7 @@ def predict_attention(call: Attention, cluster: Cluster, ulysses_degree: int, ri
     parts = dict(all_to_all_ms=0.0, compute_ms=0.0, merge_ms=0.0, exposed_ring_ms=0.0)
     steps = ring_steps(call, u, r)
     kv_heads = kv_heads_per_rank(call.heads, call.kv_heads, u)
+    accumulator_hop = cluster.hop_ms(volume.accumulator_hop_bytes, ring_ranks) if r > 1 else 0.0  # backward
     for pass_ in passes:
         backward = pass_ == "bwd"
         if u > 1:
@@ -156,11 +157,9 @@ def predict_attention(call: Attention, cluster: Cluster, ulysses_degree: int, ri
             local = sent * u / (u - 1)  # the tensors before the exchange
             parts["all_to_all_ms"] += cluster.all_to_all_ms(sent, ulysses_ranks, messages=4) \
                 + 2 * memory_pass_ms(cluster, 2 * local)  # copies into and out of the send buffers
-        hop = 0.0
-        if r > 1:
-            hop = cluster.hop_ms(volume.kv_hop_bytes, ring_ranks)
-            if backward:
-                hop += cluster.hop_ms(volume.accumulator_hop_bytes, ring_ranks)
+        hop = cluster.hop_ms(volume.kv_hop_bytes, ring_ranks) if r > 1 else 0.0
+        if backward:
+            hop += accumulator_hop
         for step, blocks in enumerate(steps):
             compute, merge = max((_block_ms(cluster, block, step, backward, d, e, kv_heads, r) for block in blocks),
                                  key=sum)
@@ -168,8 +167,8 @@ def predict_attention(call: Attention, cluster: Cluster, ulysses_degree: int, ri
             parts["merge_ms"] += merge
             if step < r - 1:
                 parts["exposed_ring_ms"] += max(0.0, hop - compute - merge)
-        if backward and r > 1:
-            parts["exposed_ring_ms"] += cluster.hop_ms(volume.accumulator_hop_bytes, ring_ranks)
+        if backward:  # the accumulators' hop home
+            parts["exposed_ring_ms"] += accumulator_hop
     total = sum(parts.values())
     # held at once: the q, k, v shards, their copies after the all-to-all, two K/V blocks of the
     # ring (one computing, one arriving) and the fp32 output accumulator with its LSE
@@ -212,7 +211,8 @@ def predict_block(shape, cluster: Cluster, batch: int, seqlen: int, tensor_paral
     tp_ms = sum(collectives) * cluster.collective_ms(activation * (t - 1) / t, tp_ranks) if t > 1 else 0.0
     weights = linear_params / t * element_size
     sp_ranks = [t * i for i in range(sp)]
-    gradient_ms = 2 * cluster.collective_ms(weights * (sp - 1) / sp, sp_ranks) if pass_ == "fwd+bwd" else 0.0
+    gradient_bytes = weights * (sp - 1) / sp if pass_ == "fwd+bwd" else 0.0  # each of the two collectives
+    gradient_ms = 2 * cluster.collective_ms(gradient_bytes, sp_ranks) if gradient_bytes else 0.0
     backward_compute = (matmul_ms + attention["compute_ms"]) * 2 / 3 if pass_ == "fwd+bwd" else 0.0
     exposed_gradient = max(0.0, gradient_ms - backward_compute)
     total = attention["total_ms"] + matmul_ms + tp_ms + exposed_gradient
@@ -223,6 +223,6 @@ def predict_block(shape, cluster: Cluster, batch: int, seqlen: int, tensor_paral
     return dict(tensor_parallel=t, ulysses_degree=u, ring_degree=r, placement=placement, total_ms=total,
                 attention_ms=attention["total_ms"], matmul_ms=matmul_ms, tensor_parallel_ms=tp_ms,
                 exposed_gradient_ms=exposed_gradient, tflops_per_gpu=flops / n / (total * 1e-3) / 1e12,
-                comm_bytes=attention["comm_bytes"] + sum(collectives) * activation * (t - 1) / t
-                + (2 * weights * (sp - 1) / sp if pass_ == "fwd+bwd" else 0.0), memory_bytes=memory,
+                comm_bytes=attention["comm_bytes"] + sum(collectives) * activation * (t - 1) / t + 2 * gradient_bytes,
+                memory_bytes=memory,
                 attention=attention)

@@ -89,16 +89,45 @@ def check_backward_inputs(dout, q, k, v, out, lse, causal: bool = False) -> Atte
         if x.shape != q.shape:
             raise ValueError(f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(x.shape)}")
         _check_same(name, x, "q", q)
+    _check_lse(lse, shape, q)
+    if lse.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"lse must be float32 or float64 (as the forward returns it), got {lse.dtype}")
+    return shape
+
+
+def check_accumulator(q, k, v, out, lse, causal: bool = False) -> AttentionShape:
+    """Validate a forward that merges into a running float32 ``(out, lse)`` in place
+    (``flash_attn_forward_into``) and return the sizes: ``out`` of q's shape, ``lse`` with
+    unit stride along the sequence, neither expanded (the kernel writes every element) nor
+    sharing memory with q, k, v or the other."""
+    shape = check_qkv(q, k, v, causal)
+    _check_tensor("out", out)
+    if out.shape != q.shape:
+        raise ValueError(f"out must have the shape of q {tuple(q.shape)}, got {tuple(out.shape)}")
+    _check_lse(lse, shape, q)
+    if out.dtype != torch.float32 or lse.dtype != torch.float32:
+        raise ValueError(f"out and lse accumulate in float32, got {out.dtype} and {lse.dtype}")
+    if out.device != q.device:
+        raise ValueError(f"out is on {out.device} but q is on {q.device}")
+    if lse.stride(-1) != 1 and shape.seqlen_q > 1:
+        raise ValueError("lse must have unit stride along the sequence")
+    if any(stride == 0 and size > 1 for x in (out, lse) for stride, size in zip(x.stride(), x.shape)):
+        raise ValueError("out and lse must not have elements that overlap (an expanded tensor): the kernel writes them")
+    if any(a.numel() and b.numel() and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+           for a in (out, lse) for b in (q, k, v, lse if a is out else out)):
+        raise ValueError("out and lse must not share memory with q, k, v or each other")
+    return shape
+
+
+def _check_lse(lse, shape: AttentionShape, q: torch.Tensor) -> None:
+    """``lse [batch, heads, seqlen_q]`` on q's device (its dtype is the caller's rule)."""
     if not isinstance(lse, torch.Tensor):
         raise TypeError(f"lse must be a torch.Tensor, got {type(lse).__name__}")
     expected = (shape.batch, shape.heads, shape.seqlen_q)
     if tuple(lse.shape) != expected:
         raise ValueError(f"lse must have shape [batch, heads, seqlen_q] = {list(expected)}, got {list(lse.shape)}")
-    if lse.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"lse must be float32 or float64 (as the forward returns it), got {lse.dtype}")
     if lse.device != q.device:
         raise ValueError(f"lse is on {lse.device} but q is on {q.device}")
-    return shape
 
 
 def resolve_softmax_scale(softmax_scale, head_dim: int) -> float:

@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import check_documents, check_packed_qkv, check_qkv, resolve_softmax_scale, resolve_window
+from .checks import (check_accumulator, check_documents, check_packed_qkv, check_qkv, resolve_softmax_scale,
+                     resolve_window)
 from .configs import KernelConfig, get_config, padded_head_dim
 from .triton_common import (LOG2E, Launch, MaskSpec, block_visibility, check_triton_inputs, device_guard,
                             dot_precision, key_block_range, kv_tile_pointers, load_tile, program_tile, sequence_span,
@@ -200,22 +201,7 @@ def flash_attn_forward_into(q, k, v, out, lse, causal=False, softmax_scale=None,
     allowed, e.g. some rows of an accumulator; ``lse`` with unit stride along Sq). Rows at
     ``lse = -inf`` (out 0) hold nothing yet. The same as ``merge_attention_(out, lse,
     *flash_attn_forward(...))`` without the block's own output ever reaching memory."""
-    shape = check_qkv(q, k, v, causal)
-    expected_lse = (shape.batch, shape.heads, shape.seqlen_q)
-    if tuple(out.shape) != tuple(q.shape) or tuple(lse.shape) != expected_lse:
-        raise ValueError(f"out must have q's shape {list(q.shape)} and lse {list(expected_lse)}, got "
-                         f"{list(out.shape)} and {list(lse.shape)}")
-    if out.dtype != torch.float32 or lse.dtype != torch.float32:
-        raise ValueError(f"out and lse accumulate in float32, got {out.dtype} and {lse.dtype}")
-    if out.device != q.device or lse.device != q.device:
-        raise ValueError(f"out and lse must be on q's device {q.device}")
-    if lse.stride(-1) != 1 and shape.seqlen_q > 1:
-        raise ValueError("lse must have unit stride along the sequence")
-    if any(stride == 0 and size > 1 for x in (out, lse) for stride, size in zip(x.stride(), x.shape)):
-        raise ValueError("out and lse must not have elements that overlap (an expanded tensor): the kernel writes them")
-    if any(a.numel() and b.numel() and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-           for a in (out, lse) for b in (q, k, v, lse if a is out else out)):
-        raise ValueError("out and lse must not share memory with q, k, v or each other")
+    shape = check_accumulator(q, k, v, out, lse, causal)
     mask = token_mask(causal, window_size, positions, shape, q.device)
     _run_forward(q, k, v, out, lse, shape, mask, softmax_scale, accumulate=True)
 

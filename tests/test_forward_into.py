@@ -114,7 +114,7 @@ def test_forward_into_refuses_accumulators_it_cannot_merge_into():
     out, lse = torch.zeros(1, 16, 2, 16, device=DEVICE), torch.zeros(1, 2, 16, device=DEVICE)
     with pytest.raises(ValueError, match="accumulate in float32"):
         flash_attn_forward_into(q, q, q, out.half(), lse)
-    with pytest.raises(ValueError, match="must have q's shape"):
+    with pytest.raises(ValueError, match="out must have the shape of q"):
         flash_attn_forward_into(q, q, q, out[:, :8], lse)
     with pytest.raises(ValueError, match="unit stride"):
         flash_attn_forward_into(q, q, q, out, torch.zeros(1, 16, 2, device=DEVICE).transpose(1, 2))
