@@ -367,6 +367,7 @@ def test_plot_refuses_a_result_without_figures(tmp_path, capsys, monkeypatch):
     assert "no results under runs/" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # 6-12 s of subprocesses: the slow step keeps the default suite's budget
 def test_the_main_job_writes_one_run_folder_and_nothing_else(tmp_path, monkeypatch, capsys):
     """usp-bench all: every step's JSON and the figures in one new folder under runs/;
     without transformers the train step is skipped, saying why (the train command runs

@@ -228,6 +228,7 @@ def _die_or_dawdle():
     return "done"
 
 
+@pytest.mark.slow  # 6-12 s of subprocesses: the slow step keeps the default suite's budget
 def test_the_launcher_reports_ranks_that_die_or_overrun():
     """The run's timeout counts from the moment every rank has joined the group, so a
     slow start on a busy machine does not eat it."""

@@ -34,6 +34,7 @@ def _run_example(marker: str, tmp_path: Path) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow  # 6-12 s of subprocesses: the slow step keeps the default suite's budget
 def test_the_gloo_example_runs_as_written_under_torchrun(tmp_path):
     stdout = _run_example("<!-- example: gloo -->", tmp_path)
     (error,) = re.findall(r"max \|USP - float64\| = (\S+)", stdout)
