@@ -113,7 +113,8 @@ def ring_attention(q, k, v, group: dist.ProcessGroup | None, causal: bool = Fals
     ``backend``: a ``usp.kernels`` backend or its name (default: triton on CUDA, else torch).
     ``check_ranks``: first make sure every rank passes the same shapes and options
     (one small all-gather; a mismatch, or bad arguments on some ranks only, raises a
-    ValueError on every rank). ``check_finite``: in the same all-gather, raise a
+    ValueError on every rank; exchanged on the host, see ``usp.comm.agreement.host_group``).
+    ``check_finite``: in the same all-gather, raise a
     ValueError on every rank, naming the rank and the tensor, when any rank's q, k or v
     holds a NaN or an infinity (costs a sum over each; on a GPU a host synchronisation).
     ``cu_seqlens``: the global offsets of packed documents (an int32 tensor, or a tuple

@@ -9,6 +9,12 @@ the message). ``ranks_agree`` wraps a call's argument checks too: a rank whose o
 arguments are bad tells the others, instead of raising alone and leaving them waiting in
 the next collective. With ``check_finite`` the same exchange also makes every rank raise
 when any rank's inputs hold a NaN or an infinity, naming the rank and the tensor.
+
+Where the exchange runs: on the host whenever it can, so that checking never waits for
+the GPU. A gloo group (or one made with a backend string such as "cpu:gloo,cuda:nccl")
+exchanges CPU tensors itself; an NCCL group made by ``init_mesh`` has a gloo twin over
+the same ranks (``host_group``). Only other NCCL groups exchange on the GPU, which costs
+a host synchronisation when the result is read.
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ import torch
 import torch.distributed as dist
 
 from . import traffic
+
+# The name of an NCCL group made by init_mesh -> a gloo group over the same ranks, for the checks.
+_HOST_TWINS: dict = {}
 
 
 def _code(value: tuple) -> int:
@@ -53,6 +62,25 @@ def _nonfinite_detail(inputs: dict, flags: int) -> str:
     return ", ".join(parts)
 
 
+def cpu_capable(backend: str) -> bool:
+    """True when a group of this backend (``dist.get_backend``'s string) takes CPU tensors."""
+    return "gloo" in str(backend)
+
+
+def register_host_group(group: dist.ProcessGroup, twin: dist.ProcessGroup) -> None:
+    """Let the checks on ``group`` exchange over ``twin``, a gloo group of the same ranks."""
+    if dist.get_process_group_ranks(group) != dist.get_process_group_ranks(twin):
+        raise ValueError("a host group must hold the same ranks, in the same order, as its group")
+    _HOST_TWINS[group.group_name] = twin
+
+
+def host_group(group: dist.ProcessGroup) -> dist.ProcessGroup | None:
+    """The group that exchanges ``group``'s checks on the host: its registered gloo twin,
+    else the group itself when it takes CPU tensors; None when the exchange must run on
+    the GPU (then reading its result synchronises the host)."""
+    return _HOST_TWINS.get(group.group_name) or (group if cpu_capable(dist.get_backend(group)) else None)
+
+
 def ensure_ranks_agree(group: dist.ProcessGroup, what: str, fields: dict | None, device: torch.device,
                        inputs: dict | None = None) -> None:
     """Raise a ValueError on every rank of ``group`` unless all ranks pass equal ``what``
@@ -60,9 +88,11 @@ def ensure_ranks_agree(group: dist.ProcessGroup, what: str, fields: dict | None,
     values, not objects; None: compare nothing), and, given ``inputs`` (``{name: tensor}``),
     unless every rank's inputs are finite.
 
-    ``device``: where the exchanged tensor lives for a non-gloo (NCCL) group. Costs one
-    all-gather of three integers (on a GPU also a host synchronisation); every rank sends
-    three whatever it describes, so different calls cannot misalign the exchange.
+    ``device``: where the exchanged tensor lives when the group has no host exchange
+    (``host_group``). Costs one all-gather of three integers, on the host where it can
+    (else also a host synchronisation), and with ``inputs`` a sum over each (on a GPU a
+    host synchronisation); every rank sends three whatever it describes, so different
+    calls cannot misalign the exchange.
     """
     post_agreement(group, what, fields, device, inputs).settle()
 
@@ -71,41 +101,45 @@ def post_agreement(group: dist.ProcessGroup, what: str, fields: dict | None, dev
                    inputs: dict | None = None) -> "Agreement":
     """``ensure_ranks_agree`` in two halves: this one posts the all-gather and returns at
     once; the ``Agreement``'s ``settle()`` waits for it and raises."""
-    size = dist.get_world_size(group)
+    size, transfers_on_gloo = dist.get_world_size(group), dist.get_backend(group) == "gloo"
     if size == 1 and not inputs:
-        return Agreement(group, what, fields, {}, [], None)
-    if dist.get_backend(group) == "gloo":
-        device = torch.device("cpu")
+        return Agreement(group, what, fields, {}, [], None, transfers_on_gloo)
+    exchange = host_group(group)
+    if exchange is not None:
+        group, device = exchange, torch.device("cpu")
     canonical = {} if fields is None else {name: value if isinstance(value, (str, int, float, bool)) else str(value)
                                            for name, value in fields.items()}
     codes = [0, 0] if fields is None else [_code((what, *canonical)), _code(tuple(canonical.values()))]
     flags = _nonfinite_flags(inputs, device) if inputs else torch.zeros((), dtype=torch.int64, device=device)
     mine = torch.cat([torch.tensor(codes, dtype=torch.int64, device=device), flags.view(1)])
     if size == 1:
-        return Agreement(group, what, fields, inputs, [mine], None)
+        return Agreement(group, what, fields, inputs, [mine], None, transfers_on_gloo)
     table = [torch.empty_like(mine) for _ in range(size)]
     traffic.note(traffic.CHECK, mine.numel() * mine.element_size() * (size - 1), size - 1, what)
-    return Agreement(group, what, fields, inputs or {}, table, dist.all_gather(table, mine, group=group,
-                                                                               async_op=True))
+    work = dist.all_gather(table, mine, group=group, async_op=True)
+    return Agreement(group, what, fields, inputs or {}, table, work, transfers_on_gloo)
 
 
 class Agreement:
     """A posted rank-agreement exchange (``post_agreement``).
 
+    ``group`` is the group that exchanged (the call's own, or its host twin).
     ``settle()`` waits for it and raises the ValueError of ``ensure_ranks_agree`` on every
     rank when the ranks disagree or an input is not finite (later calls: nothing).
     ``when_agreed(post)`` runs ``post`` (which posts a transfer and returns it) once
     every rank's entry is in and they all agree, and returns a transfer whose ``wait()``
-    settles first. On gloo ``post`` runs from gloo's own thread as soon as the exchange
-    completes, so the caller can compute meanwhile; elsewhere it settles and posts at
-    once. Why this cannot hang: every rank gets the same table, so either every rank
-    posts the transfer or none does, and then all raise the same error; a caller that
+    settles first. When the call's own group is gloo (``transfers_on_gloo``), ``post``
+    runs from gloo's own thread as soon as the exchange completes, so the caller can
+    compute meanwhile; elsewhere it settles and posts at once. Why this cannot hang:
+    every rank gets the same table, so either every rank posts the transfer or none does, and then all raise the same error; a caller that
     fails before waiting for the transfer must settle before it raises (``sp_forward``
     does), so that ranks which disagreed all report the disagreement."""
 
-    def __init__(self, group, what: str, fields: dict | None, inputs: dict, table: list, work):
+    def __init__(self, group, what: str, fields: dict | None, inputs: dict, table: list, work,
+                 transfers_on_gloo: bool):
         self.group, self.what, self.fields, self.inputs = group, what, fields, inputs
         self.table, self.work, self.settled = table, work, False
+        self.transfers_on_gloo = transfers_on_gloo
 
     def _same_call(self) -> bool:
         return all(torch.equal(row[:2], self.table[0][:2]) for row in self.table)
@@ -127,7 +161,7 @@ class Agreement:
             _raise_if_nonfinite(self.group, self.what, self.inputs, int(mine[2]))
 
     def when_agreed(self, post):
-        if self.work is None or self.settled or dist.get_backend(self.group) != "gloo":
+        if self.work is None or self.settled or not self.transfers_on_gloo:
             self.settle()
             return post()
         def post_if_agreed(exchanged):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .agreement import device_of, ensure_ranks_agree
+from .agreement import cpu_capable, device_of, ensure_ranks_agree, register_host_group
 from .heads import heads_problem
 
 PLACEMENTS = ("ulysses_inner", "ring_inner")
@@ -159,6 +159,11 @@ def _mesh_ranks(group) -> tuple[tuple[int, ...] | None, str]:
                   f"{type(group).__name__}")
 
 
+def _needs_host_twins(backend: str) -> bool:
+    """Whether the mesh's groups need gloo twins for their checks (their backend takes no CPU tensors)."""
+    return not cpu_capable(backend)
+
+
 def init_mesh(ulysses_degree: int, ring_degree: int, placement: str = "ulysses_inner",
               group: dist.ProcessGroup | list[int] | None = None,
               timeout: datetime.timedelta | None = None) -> Mesh | None:
@@ -173,8 +178,10 @@ def init_mesh(ulysses_degree: int, ring_degree: int, placement: str = "ulysses_i
     meshes all raise the same ValueError, naming what each asked for (one small
     all-gather over the world first). The new groups inherit the timeout of ``group``
     (or of the world) unless ``timeout`` is given, so a rank that fails makes its peers
-    fail within it. On NCCL, call ``torch.cuda.set_device`` first: the check runs on
-    the current GPU.
+    fail within it. On NCCL, call ``torch.cuda.set_device`` first: this first check runs
+    on the current GPU. A backend without CPU tensors (NCCL) also gets a gloo group over
+    the same ranks beside each group, where the calls' rank checks run on the host, so
+    checking never synchronises with the GPU (``usp.comm.agreement.host_group``).
     """
     if not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialized: call init_process_group first")
@@ -197,27 +204,33 @@ def init_mesh(ulysses_degree: int, ring_degree: int, placement: str = "ulysses_i
     dp_degree = len(ranks) // sp
     timeout = timeout or group_timeout(group if isinstance(group, dist.ProcessGroup) else None)
     me = dist.get_rank()
+    host_twins = _needs_host_twins(dist.get_backend())
 
     def coords(position):
         return mesh_coordinates(position, ulysses_degree, ring_degree, placement)
 
-    def make_groups(key):
-        """One group per value of ``key(coords)``, created in the same order on every rank."""
+    def make_groups(key, checked=True):
+        """One group per value of ``key(coords)``, created in the same order on every rank
+        (and, for a group the calls check on, its gloo twin where ``host_twins``)."""
         members: dict = {}
         for position in range(len(ranks)):
             members.setdefault(key(coords(position)), []).append(position)
         mine = None
         for positions in members.values():
             # Positions ascend with the varying coordinate, so group rank == coordinate.
-            created = dist.new_group([ranks[p] for p in positions], timeout=timeout)
-            if me in (ranks[p] for p in positions):
+            members_ranks = [ranks[p] for p in positions]
+            created = dist.new_group(members_ranks, timeout=timeout)
+            twin = dist.new_group(members_ranks, timeout=timeout, backend="gloo") if host_twins and checked else None
+            if me in members_ranks:
                 mine = created
+                if twin is not None:
+                    register_host_group(created, twin)
         return mine
 
     ulysses_group = make_groups(lambda c: (c[0], c[2]))
     ring_group = make_groups(lambda c: (c[0], c[1]))
     sp_group = make_groups(lambda c: c[0])
-    dp_group = make_groups(lambda c: (c[1], c[2]))
+    dp_group = make_groups(lambda c: (c[1], c[2]), checked=False)
     if me not in ranks:
         return None
     return Mesh(ulysses_degree, ring_degree, dp_degree, placement, ranks.index(me), ranks,

@@ -14,7 +14,8 @@ from usp.attention import (LAYOUTS, LongContextAttention, USPAttention, gather_s
 from usp.bench.launch import run
 from usp.attention.ring import ring_backward, ring_forward
 from usp.comm import RingComm, head_to_seq, init_mesh, record_traffic, replicate_kv_heads, seq_to_head
-from usp.comm.agreement import post_agreement
+from usp.comm import agreement, mesh as mesh_module
+from usp.comm.agreement import cpu_capable, host_group, post_agreement
 from usp.comm.ring import Delivered
 from usp.comm.heads import head_shares
 from usp.comm.mesh import group_timeout
@@ -138,8 +139,56 @@ def _check_post_after_agreement():
     return seen, len(posted)
 
 
+def _check_on_host_twins():
+    """A mesh built as on NCCL (gloo twins beside its groups, forced here on gloo): the
+    calls' checks all-gather over the twins, never over the groups that move the data,
+    and a disagreement still raises on every rank."""
+    mesh_module._needs_host_twins = lambda backend: True
+    mesh = init_mesh(2, 2)
+    twins = {name: host_group(getattr(mesh, name)) for name in ("ulysses_group", "ring_group", "sp_group")}
+    exchanged_on = []
+    all_gather = dist.all_gather
+
+    def spy(table, tensor, group=None, async_op=False):
+        exchanged_on.append(group.group_name)
+        return all_gather(table, tensor, group=group, async_op=async_op)
+
+    agreement.dist.all_gather = spy
+    q, k, v = (torch.randn(1, 4, 4, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    usp_attention(q, k, v, mesh, causal=True, backend="naive").sum().backward()
+    try:
+        short = 3 if dist.get_rank() == 2 else 4
+        usp_attention(q[:, :short], k[:, :short], v[:, :short], mesh, backend="naive")
+        error = ""
+    except ValueError as raised:
+        error = str(raised)
+    return dict(same_ranks=all(dist.get_process_group_ranks(twin) == dist.get_process_group_ranks(getattr(mesh, n))
+                               and twin is not getattr(mesh, n) for n, twin in twins.items()),
+                exchanged_on=set(exchanged_on), sp_twin=twins["sp_group"].group_name,
+                data_groups={getattr(mesh, n).group_name for n in twins}, error=error)
+
+
+def _agreement_checks():
+    return _check_post_after_agreement(), _check_on_host_twins()
+
+
+@functools.cache
+def _agreement_results():
+    """One launch of 4 ranks for the two checks of the agreement below."""
+    return run(4, _agreement_checks, pg_timeout_s=60)
+
+
+def test_checks_run_on_the_host_beside_groups_without_cpu_tensors():
+    assert cpu_capable("gloo") and cpu_capable("cpu:gloo,cuda:nccl") and not cpu_capable("nccl")
+    for _, twins in _agreement_results():
+        assert twins["same_ranks"]
+        assert twins["exchanged_on"] == {twins["sp_twin"]} and not twins["exchanged_on"] & twins["data_groups"]
+        assert twins["error"].startswith("the ranks of the group disagree on usp_attention (q_shape, k_shape, "
+                                         "v_shape): rank 0: q_shape=(1, 4, 4, 8)"), twins["error"]
+
+
 def test_a_transfer_waits_for_the_ranks_to_agree():
-    for seen, posted in run(4, _check_post_after_agreement, pg_timeout_s=60):
+    for (seen, posted), _ in _agreement_results():
         assert seen[0] == ["sent"] and posted == 1  # agreed: posted once; disagreed: never
         assert seen[1].startswith("the ranks of the group disagree on a call (shape): rank 0: shape=(2, 3); "
                                   "rank 1: shape=(2, 3); rank 2: shape=(2, 4)")

@@ -130,3 +130,35 @@ def test_usp_with_triton_on_nccl_with_one_gpu():
     (results,) = run(1, check_cases, (cases, 0, "cuda"), backend="nccl", pg_timeout_s=120)
     for case, result in zip(cases, results):
         assert not result["failures"], (case.label, result["failures"])
+
+
+def _calls_without_host_syncs():
+    """On NCCL (world 1): the mesh's checks have gloo twins, and a checked USP call,
+    forward and backward on the triton backend, never synchronises the host with the GPU
+    (``torch.cuda.set_sync_debug_mode("error")`` raises at any synchronising call)."""
+    import torch.distributed as dist
+
+    from usp.attention import usp_attention
+    from usp.comm import init_mesh
+    from usp.comm.agreement import host_group
+
+    mesh = init_mesh(1, 1)
+    q, k, v = (torch.randn(1, 2048, heads, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for heads in (8, 2, 2))
+
+    def call():
+        usp_attention(q, k, v, mesh, causal=True, backend="triton").sum().backward()
+
+    call()  # compiles the kernels
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        call()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return dist.get_backend(host_group(mesh.sp_group))
+
+
+@pytest.mark.gpu
+def test_a_checked_call_on_nccl_never_syncs_the_host():
+    assert run(1, _calls_without_host_syncs, backend="nccl", pg_timeout_s=120) == ["gloo"]
