@@ -132,8 +132,9 @@ class Agreement:
     runs from gloo's own thread as soon as the exchange completes, so the caller can
     compute meanwhile; elsewhere it settles and posts at once. Why this cannot hang:
     every rank gets the same table, so either every rank posts the transfer or none does,
-    and then all raise the same error; a caller that fails before waiting for the transfer must settle before it raises (``sp_forward``
-    does), so that ranks which disagreed all report the disagreement."""
+    and then all raise the same error; a caller that fails before waiting for the
+    transfer must settle before it raises (``sp_forward`` does), so that ranks which
+    disagreed all report the disagreement."""
 
     def __init__(self, group, what: str, fields: dict | None, inputs: dict, table: list, work,
                  transfers_on_gloo: bool):
