@@ -5,7 +5,10 @@ efficient, cuDNN, math), over sequence lengths, head dims, dtypes, causal and no
 
 On a GPU each figure is the median of CUDA-event timings after warm-up; on a CPU, the
 median wall clock of the repeats. The headline is each backend's speed relative to the
-fastest SDPA backend on the same config, measured in the same run.
+fastest SDPA backend on the same config, measured in the same run. Before timing, the
+triton kernels of every (dtype, head dim, causal) in the grid are compiled once, and
+the seconds that took are reported; the device's dense matmul rate per dtype is measured
+too, and each record's TFLOP/s is also given as a fraction of it (``of_matmul``).
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import statistics
 import sys
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -28,13 +33,14 @@ from .cli_args import (DTYPES, add_device_argument, add_output_arguments, add_ti
 from .flops import FLOP_CONVENTION, PASSES, attention_flops
 from .inputs import random_inputs
 from .results import TIMING_FIELDS, device_name, timing_record, write_result
-from .timing import measure_ms
+from .timing import measure_ms, synchronize
 
 OUR_IMPLS = ("triton", "torch", "naive")
 SDPA_BACKENDS = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
                  "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-math": SDPBackend.MATH}
 IMPLS = OUR_IMPLS + tuple(SDPA_BACKENDS)
 NAIVE_MEMORY_FRACTION = 0.4  # of free GPU memory (or of 8 GiB on a CPU) the naive scores may take
+MATMUL_SIZE = {"cuda": 8192, "cpu": 1024}  # n of the n x n x n matmul whose rate is the reference
 
 
 @dataclass(frozen=True)
@@ -157,6 +163,43 @@ def headline(records: list[dict]) -> dict[str, dict[str, float]]:
             for impl, passes in table.items()}
 
 
+def compile_triton(configs: list[KernelConfig], passes: list[str], device: torch.device, seed: int) -> dict:
+    """Run every triton kernel the grid needs once, on its smallest sequence length per
+    (dtype, head dim, causal, heads): ``{"seconds": total, "groups": [{..., "seconds"}]}``,
+    the time of that first call (compilation, or loading Triton's cache)."""
+    groups, started = [], time.perf_counter()
+    firsts = {}
+    for config in configs:
+        key = (config.dtype, config.head_dim, config.causal, config.heads, config.kv_heads)
+        if key not in firsts or config.seqlen < firsts[key].seqlen:
+            firsts[key] = config
+    backward = any(p != "fwd" for p in passes)
+    for config in firsts.values():
+        begin = time.perf_counter()
+        pass_call("fwd+bwd" if backward else "fwd", "triton", config, device, seed)()
+        synchronize(device)
+        groups.append(dict(dtype=config.dtype, head_dim=config.head_dim, causal=config.causal,
+                           seconds=time.perf_counter() - begin))
+    return dict(seconds=time.perf_counter() - started, groups=groups)
+
+
+def matmul_tflops(dtype: str, device: torch.device, warmup: int, repeats: int) -> float:
+    """The device's rate, TFLOP/s, on an ``n x n`` by ``n x n`` matmul of ``dtype``
+    (n = 8192 on a GPU, 1024 on a CPU), median of ``repeats``."""
+    n = MATMUL_SIZE[device.type]
+    a, b = (torch.randn(n, n, device=device, dtype=DTYPES[dtype]) for _ in range(2))
+    timing = measure_ms(lambda: a @ b, device, max(warmup, 1), repeats)
+    return 2 * n ** 3 / (timing["ms"] * 1e-3) / 1e12
+
+
+def matmul_fractions(records: list[dict]) -> dict[str, dict[str, float]]:
+    """Per implementation and pass: the median over configs of TFLOP/s / the matmul rate."""
+    table: dict[str, dict[str, list[float]]] = {}
+    for r in records:
+        table.setdefault(r["impl"], {}).setdefault(r["pass"], []).append(r["of_matmul"])
+    return {impl: {p: statistics.median(v) for p, v in passes.items()} for impl, passes in table.items()}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--impl", action="append", choices=IMPLS,
                         help="implementation to time, repeatable (default: all that run here; triton only on a GPU)")
@@ -194,10 +237,21 @@ def run(args: argparse.Namespace) -> int:
     clock = "CUDA events" if device.type == "cuda" else "wall clock"
     print(f"kernels: {len(configs)} configs x {len(impls)} implementations x {len(passes)} passes on {where} "
           f"({clock}, median of {args.repeats} after {args.warmup} warm-up); FLOPs: {FLOP_CONVENTION}")
+    compiled = None
+    if "triton" in impls:
+        compiled = compile_triton(configs, passes, device, args.seed)
+        print(f"compiled the triton kernels of {len(compiled['groups'])} (dtype, head dim, causal) groups in "
+              f"{compiled['seconds']:.1f} s (first calls; Triton's cache is reused when warm)", flush=True)
+    matmul = {dtype: matmul_tflops(dtype, device, args.warmup, args.repeats) for dtype in
+              dict.fromkeys(c.dtype for c in configs)}
+    print("matmul rate: " + ", ".join(f"{dtype} {rate:.1f} TFLOP/s" for dtype, rate in matmul.items())
+          + f" ({MATMUL_SIZE[device.type]}^3)", flush=True)
     records, skipped, done = [], [], 0
     try:
         for config in configs:
             config_records = _time_config(config, impls, passes, device, where, args, skipped)
+            for record in config_records:
+                record["of_matmul"] = record["tflops"] / matmul[config.dtype]
             records += config_records
             done += 1
             _print_config(done, len(configs), config, config_records, impls, skipped)
@@ -206,16 +260,21 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"interrupted after {done} of {len(configs)} configs: writing what was measured", file=sys.stderr)
     summary = headline(records)
+    of_matmul = matmul_fractions(records)
     for impl, ratios in summary.items():
         if impl not in SDPA_BACKENDS:
             print(f"headline {impl}: " + ", ".join(f"{p} {ratio:.2f}x" for p, ratio in ratios.items())
                   + " the fastest SDPA backend (geometric mean over configs; above 1 is faster)")
+    for impl, fractions in of_matmul.items():
+        print(f"of the matmul rate, {impl}: " + ", ".join(f"{p} {f:.2f}" for p, f in fractions.items())
+              + " (median over configs)")
     path = write_result("kernels", device, dict(
         flop_convention=FLOP_CONVENTION, timing_fields=list(TIMING_FIELDS),
         config=dict(impls=impls, passes=passes, warmup=args.warmup, repeats=args.repeats, seed=args.seed,
                     timing=clock, grid=[asdict(c) for c in configs]),
         summary=dict(speedup_vs_fastest_sdpa=summary, skipped=len(skipped), configs_done=done,
-                     interrupted=done < len(configs)),
+                     interrupted=done < len(configs), matmul_tflops=matmul, matmul_size=MATMUL_SIZE[device.type],
+                     of_matmul=of_matmul, compile=compiled),
         records=records, skipped=skipped), args.out_dir)
     print(f"{len(records)} timings, {len(skipped)} skipped; wrote {path}")
     if done < len(configs):

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import statistics
 import shutil
 import subprocess
 import sys
@@ -126,6 +127,16 @@ def test_kernels_command(toy_results):
                 (s["seqlen"], s["causal"], s["pass"]) == (r["seqlen"], r["causal"], r["pass"])}
         assert r["speedup_vs_sdpa"] == pytest.approx(min(sdpa.values()) / r["ms"])
     assert set(document["summary"]["speedup_vs_fastest_sdpa"]["torch"]) == {"fwd", "bwd", "fwd+bwd"}
+    # each record as a fraction of the matmul rate measured in the same run; the triton kernels compiled first
+    rate = document["summary"]["matmul_tflops"]["fp32"]
+    assert rate > 0 and all(r["of_matmul"] == pytest.approx(r["tflops"] / rate) for r in records)
+    assert document["summary"]["of_matmul"]["torch"]["fwd"] == pytest.approx(
+        statistics.median(r["of_matmul"] for r in records if (r["impl"], r["pass"]) == ("torch", "fwd")))
+    compiled = document["summary"]["compile"]
+    assert [(g["head_dim"], g["causal"]) for g in compiled["groups"]] == [(16, False), (16, True)]
+    assert compiled["seconds"] >= sum(g["seconds"] for g in compiled["groups"]) > 0
+    assert "compiled the triton kernels of 2 (dtype, head dim, causal) groups in" in outputs["kernels"]
+    assert "matmul rate: fp32 " in outputs["kernels"] and "of the matmul rate, torch: fwd " in outputs["kernels"]
     assert "[  1/4] fp32 b1 s32 h2/2 d16 full" in outputs["kernels"]  # progress
     assert "headline torch:" in outputs["kernels"]
 
