@@ -1,21 +1,123 @@
 #!/usr/bin/env bash
 # Every GPU check of this repository in one go, for a machine with one CUDA GPU and the
-# packages already installed (torch, triton, numpy, matplotlib, pytest, setuptools): the
-# project is installed offline, then the gpu-marked tests, the numerics verification, the
-# kernel benchmark against SDPA and the 8-rank emulation (LLaMA3-8B attention shape, 8K
-# tokens per rank, bf16, causal, both layouts). The JSON results and two logs go to $OUT
-# (default /tmp/usp-gpu); draw the figures afterwards with `python -m usp.plots $OUT`.
+# packages already installed (torch, triton, numpy, matplotlib, pytest, setuptools), in
+# under 8 minutes. Each step runs under its own time limit, so one that fails or hangs
+# cannot eat the others' time:
+#   setup     install the project offline; the card, its clocks, torch and triton
+#   tests     the gpu-marked tests (bf16 numerics of every kernel, the NCCL paths, no host
+#             syncs), in 8 pytest processes side by side, so Triton's compiles use the cores
+#   verify    `usp-bench verify --no-distributed`: every backend against float64
+#   kernels   `usp-bench kernels`: triton against SDPA's flash, cuDNN and efficient
+#             backends, bf16, head dim 64 and 128, 16K tokens per call (2048 / d heads),
+#             1K to 16K tokens, causal and not, forward and backward; the kernels'
+#             compile time and the card's bf16 matmul rate, measured in the same run
+#   emulate   `usp-bench emulate`: the 8-rank ring for LLaMA3-8B's attention (32 query
+#             and 8 K/V heads, d128, bf16, 8K tokens per rank, causal) per layout
+#   train     `usp-bench train` under torchrun on NCCL (one rank): bf16 autocast, MFU
+# $OUT (default /tmp/usp-gpu; new or empty) gets at most 8 files: check.log (every step's output),
+# summary.txt (each step's verdict and time, then the headline lines) and each step's
+# JSON result. Draw the figures afterwards with `python -m usp.plots DIR`.
+#
+# `bench/gpu_check.sh --smoke` runs the same steps on a CPU, through Triton's
+# interpreter at tiny sizes, to show that the plumbing works (the tests check it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/usp-gpu}"
+smoke=0
+if [ "${1:-}" = "--smoke" ]; then
+  smoke=1
+  export TRITON_INTERPRET=1
+elif [ $# -gt 0 ]; then
+  echo "usage: bench/gpu_check.sh [--smoke]" >&2
+  exit 2
+fi
+if [ -n "$(ls -A "$out" 2>/dev/null)" ]; then
+  echo "$out is not empty: give OUT a new or empty folder (this run's files would mix with others)" >&2
+  exit 2
+fi
 mkdir -p "$out"
+work="$(mktemp -d)"  # each step's raw output, outside $OUT
+trap 'rm -rf "$work"' EXIT
+log="$out/check.log"
+summary="$out/summary.txt"
+: >"$log"
+: >"$summary"
 status=0
-pip install -q --no-deps --no-build-isolation -e . >"$out/gpu-tests.log" 2>&1 || status=1
-{ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv; python -c "import torch, triton; print(torch.__version__, triton.__version__)"; } >>"$out/gpu-tests.log" 2>&1
-python -m pytest -q -m gpu -p no:cacheprovider >>"$out/gpu-tests.log" 2>&1 || status=1
-for step in "verify --no-distributed" "kernels" "emulate"; do
-  echo "+ usp-bench $step" >>"$out/bench.log"
-  python -m usp.bench $step --out-dir "$out" >>"$out/bench.log" 2>&1 || status=1
+
+step() {  # step NAME SECONDS COMMAND...: run COMMAND under a time limit, log it, note the verdict
+  local name=$1 limit=$2 begin=$SECONDS rc verdict
+  shift 2
+  echo "=== $name (limit ${limit} s): $*" >>"$log"
+  timeout --kill-after=10 "$limit" bash -c '"$@"' "$name" "$@" >>"$log" 2>&1  # bash: setup, gpu_tests
+  rc=$?
+  case $rc in
+    0) verdict="ok" ;;
+    124|137) verdict="timed out" ;;
+    *) verdict="failed ($rc)" ;;
+  esac
+  [ $rc -eq 0 ] || status=1
+  printf '%-8s %-12s %4d s\n' "$name" "$verdict" $((SECONDS - begin)) | tee -a "$summary"
+}
+
+setup() {
+  pip install -q --no-deps --no-build-isolation -e . || return 1
+  if [ $smoke -eq 0 ]; then
+    nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv || return 1
+  fi
+  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+}
+
+gpu_tests() {  # the gpu tests dealt round-robin to 8 pytest processes side by side; fails if any fails
+  local ids=() bucket pids=() rc=0 i
+  mapfile -t ids < <(python -m pytest -m gpu --collect-only -q -p no:cacheprovider | grep "::")
+  [ ${#ids[@]} -gt 0 ] || { echo "no gpu tests collected"; return 1; }
+  for bucket in 0 1 2 3 4 5 6 7; do
+    local mine=()
+    for ((i = bucket; i < ${#ids[@]}; i += 8)); do mine+=("${ids[i]}"); done
+    [ ${#mine[@]} -gt 0 ] || continue
+    python -m pytest -q -rfEs -m gpu -p no:cacheprovider "${mine[@]}" >"$work/tests-$bucket.log" 2>&1 &
+    pids+=($!)
+  done
+  for i in "${pids[@]}"; do wait "$i" || rc=1; done
+  for bucket in 0 1 2 3 4 5 6 7; do
+    [ -f "$work/tests-$bucket.log" ] || continue
+    echo "--- tests, share $bucket of 8: $(tail -n 1 "$work/tests-$bucket.log")"
+    cat "$work/tests-$bucket.log"
+  done
+  return $rc
+}
+
+export -f setup gpu_tests
+export smoke work
+
+if [ $smoke -eq 1 ]; then  # tiny sizes, fp32 (the interpreter's bf16 is wrong), CPU gloo for torchrun
+  kernels=(--impl triton --impl sdpa-math --dtype fp32 --head-dim 16 --seqlen 32 --heads 2 --batch 1 --pass fwd
+           --pass bwd --warmup 0 --repeats 1)
+  emulate=(--world-size 2 --tokens-per-rank 32 --heads 2 --kv-heads 1 --head-dim 16 --backend triton --layout zigzag)
+  verify=(--backend torch --backend naive)
+  train=(--mesh 1x1 --steps 2 --dtype fp32)
+  limits=(120 120 120 300 300 180)
+else
+  kernels=(--impl triton --impl sdpa-flash --impl sdpa-cudnn --impl sdpa-efficient --dtype bf16 --head-dim 64 128
+           --seqlen 1024 2048 4096 8192 16384 --pass fwd --pass bwd --warmup 3 --repeats 10)
+  emulate=()
+  verify=()
+  train=(--mesh 1x1 --steps 10 --seqlen 4096 --batch 2 --vocab 32000 --hidden 2048 --ffn-hidden 5632 --layers 4
+         --heads 16 --kv-heads 4)
+  limits=(45 150 60 130 50 45)  # 480 s in all, the most each step may take
+fi
+
+step setup "${limits[0]}" setup
+step tests "${limits[1]}" gpu_tests
+step verify "${limits[2]}" python -m usp.bench verify --no-distributed "${verify[@]}" --out-dir "$work/verify"
+step kernels "${limits[3]}" python -m usp.bench kernels "${kernels[@]}" --out-dir "$work/kernels"
+step emulate "${limits[4]}" python -m usp.bench emulate "${emulate[@]}" --out-dir "$work/emulate"
+step train "${limits[5]}" torchrun --standalone --nproc-per-node 1 -m usp.bench train "${train[@]}" \
+  --out-dir "$work/train"
+
+for dir in verify kernels emulate train; do  # each step's JSON result, nothing else
+  cp "$work/$dir"/*.json "$out/" 2>/dev/null || echo "$dir: no JSON result" | tee -a "$summary"
 done
-tail -n 3 "$out/gpu-tests.log"; grep -E "passed|headline|predicted|wrote" "$out/bench.log"
+grep -hE "^(--- tests|headline|of the matmul rate|matmul rate|compiled the triton|config |u[0-9]+r[0-9]+ )|overhead \
+[0-9.]+x|[0-9]+/[0-9]+ passed" "$log" >>"$summary"
 exit $status

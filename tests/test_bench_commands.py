@@ -508,3 +508,26 @@ def test_a_reference_that_computed_a_wrong_result_is_marked():
     assert wrong_result({"max_abs_error": 1.5, "usp_max_abs_error": 1e-6})  # yunchang's ring on a CPU
     assert not wrong_result({"max_abs_error": 3e-7, "usp_max_abs_error": 2e-6})  # as exact as ours
     assert not wrong_result({"max_abs_error": 5e-4, "usp_max_abs_error": 1e-7})  # below the 1e-3 floor
+
+
+@pytest.mark.slow  # about a minute of subprocesses
+def test_gpu_check_script_runs_its_steps_on_a_cpu(tmp_path):
+    """``bench/gpu_check.sh --smoke``: every step of the GPU check, through the interpreter
+    at tiny sizes, into at most 8 files; it refuses a folder that already holds files."""
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", "--smoke"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    names = sorted(path.name for path in out.iterdir())
+    assert [name.split("-")[0] for name in names] == ["check.log", "emulate", "kernels", "summary.txt", "train",
+                                                      "verify"]
+    summary = (out / "summary.txt").read_text()
+    for step in ("setup", "tests", "verify", "kernels", "emulate", "train"):
+        assert re.search(rf"^{step} +ok +\d+ s$", summary, re.M), summary
+    assert "--- tests, share 0 of 8: " in summary and "matmul rate: fp32 " in summary
+    kernels = _timed_document(out, "kernels")
+    assert kernels["summary"]["compile"]["groups"] and kernels["summary"]["matmul_tflops"]["fp32"] > 0
+    again = subprocess.run(["bash", "bench/gpu_check.sh", "--smoke"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=60)
+    assert again.returncode == 2 and "is not empty" in again.stderr
