@@ -456,7 +456,7 @@ def test_an_interrupted_kernel_run_keeps_what_it_measured(tmp_path, monkeypatch,
 
     def measure_then_interrupt(*args, **kwargs):
         calls.append(1)
-        if len(calls) > 2:  # the second config's first timing: Ctrl-C
+        if len(calls) > 3:  # after the matmul rate and the first config's two timings: Ctrl-C
             raise KeyboardInterrupt
         return real(*args, **kwargs)
     monkeypatch.setattr(kernel_bench, "measure_ms", measure_then_interrupt)
