@@ -20,6 +20,7 @@ COMMANDS = {
     "kernels": ("kernel_bench", "time the local backends against PyTorch SDPA (TFLOP/s, ratio to SDPA)"),
     "scaling": ("scaling", "run ring, Ulysses and USP attention on N processes (gloo, or NCCL under torchrun)"),
     "emulate": ("emulate", "time the per-rank schedule of N virtual ranks on one device; predict the step time"),
+    "tune": ("tune", "time candidate tile configs of each Triton kernel on this GPU, for the config table"),
     "train": ("train", "train a small LLaMA-family model with USP on gloo processes and on one; compare the losses"),
     "faults": ("faults", "inject one fault per run into ring, Ulysses and USP on gloo processes; count hangs"),
     "balance": ("balance", "per-rank work of each layout (dense causal, packed documents) and bytes per schedule"),

@@ -10,6 +10,7 @@ its register spills: the dK/dV kernel runs 8 warps from d64 up, where 4 spilled
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 
 import torch
@@ -64,6 +65,27 @@ GPU_FAMILIES = (HOPPER, AMPERE, SMALL_SMEM)
 # The Triton interpreter runs programs one after another: one tiny tile for everything.
 INTERPRETER_CONFIG = KernelConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
 
+_OVERRIDES: dict[tuple[str, int], KernelConfig] = {}  # (kernel, padded head dim) -> config, for tuning
+
+
+@contextlib.contextmanager
+def config_override(kernel: str, head_dim: int, config: KernelConfig):
+    """Within the block, ``kernel`` (one of KERNELS) at this head dim runs ``config``, as
+    given for every dtype and device, instead of its table entry: for tuning the table
+    (``usp-bench tune``), never for production calls."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    key = (kernel, padded_head_dim(head_dim))
+    saved = _OVERRIDES.get(key)
+    _OVERRIDES[key] = config
+    try:
+        yield
+    finally:
+        if saved is None:
+            del _OVERRIDES[key]
+        else:
+            _OVERRIDES[key] = saved
+
 
 @triton.jit
 def _probe():
@@ -100,6 +122,9 @@ def config_for_dtype(config: KernelConfig, dtype: torch.dtype) -> KernelConfig:
 
 def get_config(kernel: str, head_dim: int, dtype: torch.dtype, device: torch.device) -> KernelConfig:
     """The config of ``kernel`` (one of KERNELS) for this head dim, dtype and device."""
+    override = _OVERRIDES.get((kernel, padded_head_dim(head_dim)))
+    if override is not None:
+        return override
     if interpreter_active():
         return INTERPRETER_CONFIG
     family = family_for(torch.cuda.get_device_capability(device))

@@ -1,5 +1,6 @@
 """Forward (out, lse) and backward (dq, dk, dv) of every backend against float64 naive attention."""
 
+import contextlib
 import itertools
 import zlib
 
@@ -9,6 +10,7 @@ import torch
 from usp.bench.numerics import Case, compare, reference, run_backend, run_case
 from conftest import DEVICE
 from usp.kernels import AttentionShape
+from usp.kernels.configs import KERNELS, KernelConfig, config_override, get_config
 
 # (batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim). Together they cover head dims
 # 16/64/80/96/128/256, lengths 1/17/64/129/200, Sq < Sk and Sq > Sk, MHA, GQA 2:1 with two
@@ -123,3 +125,34 @@ def test_half_precision_scores_beyond_the_fp16_range(backend):
     baseline = None if backend == "naive" else run_backend("naive", q, k, v, dout, True)
     _, _, failures = compare(case, got, reference(q, k, v, dout, True), baseline)
     assert not failures, failures
+
+
+# Tiles other than the interpreter's 16 x 16 (as ``usp-bench tune`` tries them): block_m
+# and block_n unequal both ways, over lengths that leave partial tiles.
+OTHER_TILES = [KernelConfig(32, 16, 1, 1), KernelConfig(16, 32, 1, 1)]
+
+
+@pytest.mark.parametrize("tile", OTHER_TILES, ids=lambda t: f"{t.block_m}x{t.block_n}")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_the_kernels_are_exact_at_other_tiles(tile, causal):
+    case = Case("triton", torch.float32, AttentionShape(1, 40, 56, 2, 1, 32), causal)
+    with contextlib.ExitStack() as stack:
+        for kernel in KERNELS:
+            stack.enter_context(config_override(kernel, 32, tile))
+        result = run_case(case, device=DEVICE, seed=_seed(case))
+    assert result.passed, f"{case.label} at {tile}: {result.failures}"
+
+
+def test_a_config_override_applies_inside_its_block_only():
+    table, forward = (get_config(kernel, 64, torch.float16, DEVICE) for kernel in ("bwd_dq", "fwd"))
+    other = KernelConfig(64, 64, 8, 2)
+    with config_override("bwd_dq", 60, other):  # head dim 60 runs the padded 64 tiles
+        assert get_config("bwd_dq", 64, torch.float16, DEVICE) == other
+        assert get_config("fwd", 64, torch.float16, DEVICE) == forward  # the other kernels keep theirs
+        with config_override("bwd_dq", 64, KernelConfig(16, 16, 1, 1)):
+            assert get_config("bwd_dq", 64, torch.float32, DEVICE) == KernelConfig(16, 16, 1, 1)
+        assert get_config("bwd_dq", 64, torch.float16, DEVICE) == other
+    assert get_config("bwd_dq", 64, torch.float16, DEVICE) == table
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        with config_override("fwd_dq", 64, other):
+            pass
