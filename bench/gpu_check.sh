@@ -89,6 +89,8 @@ gpu_tests() {  # the gpu tests dealt round-robin to 8 pytest processes side by s
 
 export -f setup gpu_tests
 export smoke work
+# one machine: gloo (the mesh's host checks, torchrun on a CPU) and NCCL's bootstrap on loopback
+export GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-lo}" NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-lo}"
 
 if [ $smoke -eq 1 ]; then  # tiny sizes, fp32 (the interpreter's bf16 is wrong), CPU gloo for torchrun
   kernels=(--impl triton --impl sdpa-math --dtype fp32 --head-dim 16 --seqlen 32 --heads 2 --batch 1 --pass fwd

@@ -166,7 +166,7 @@ def _needs_host_twins(backend: str) -> bool:
 
 def init_mesh(ulysses_degree: int, ring_degree: int, placement: str = "ulysses_inner",
               group: dist.ProcessGroup | list[int] | None = None,
-              timeout: datetime.timedelta | None = None) -> Mesh | None:
+              timeout: datetime.timedelta | None = None, check_on_host: bool = True) -> Mesh | None:
     """Split the ranks of ``group`` (default: the world; a process group or a list of
     global ranks) into Ulysses, ring, sequence and data-parallel groups.
     ``dp = size(group) / (ulysses_degree x ring_degree)``.
@@ -179,17 +179,19 @@ def init_mesh(ulysses_degree: int, ring_degree: int, placement: str = "ulysses_i
     all-gather over the world first). The new groups inherit the timeout of ``group``
     (or of the world) unless ``timeout`` is given, so a rank that fails makes its peers
     fail within it. On NCCL, call ``torch.cuda.set_device`` first: this first check runs
-    on the current GPU. A backend without CPU tensors (NCCL) also gets a gloo group over
-    the same ranks beside each group, where the calls' rank checks run on the host, so
-    checking never synchronises with the GPU (``usp.comm.agreement.host_group``).
-    """
+    on the current GPU. With ``check_on_host``, a backend without CPU tensors (NCCL) also
+    gets a gloo group over the same ranks beside each group the calls check on, where
+    their rank checks run on the host, so checking never synchronises with the GPU
+    (``usp.comm.agreement.host_group``; gloo then needs the network too: set
+    ``GLOO_SOCKET_IFNAME`` where it picks the wrong interface). Without it, the checks
+    exchange on the GPU (a host synchronisation per checked call)."""
     if not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialized: call init_process_group first")
     ranks, group_problem = _mesh_ranks(group)
     # Every rank creates the same groups in the same order, or torch's group creation hangs
     # until the store's timeout: first make sure they all asked for the same mesh.
     ensure_ranks_agree(dist.group.WORLD, "init_mesh", dict(
-        ulysses_degree=ulysses_degree, ring_degree=ring_degree, placement=placement,
+        ulysses_degree=ulysses_degree, ring_degree=ring_degree, placement=placement, check_on_host=check_on_host,
         group=ranks if ranks is not None else group_problem), device_of(None))
     if ranks is None:
         raise ValueError(group_problem)
@@ -204,7 +206,7 @@ def init_mesh(ulysses_degree: int, ring_degree: int, placement: str = "ulysses_i
     dp_degree = len(ranks) // sp
     timeout = timeout or group_timeout(group if isinstance(group, dist.ProcessGroup) else None)
     me = dist.get_rank()
-    host_twins = _needs_host_twins(dist.get_backend())
+    host_twins = bool(check_on_host) and _needs_host_twins(dist.get_backend())
 
     def coords(position):
         return mesh_coordinates(position, ulysses_degree, ring_degree, placement)

@@ -146,6 +146,8 @@ def _check_on_host_twins():
     mesh_module._needs_host_twins = lambda backend: True
     mesh = init_mesh(2, 2)
     twins = {name: host_group(getattr(mesh, name)) for name in ("ulysses_group", "ring_group", "sp_group")}
+    plain = init_mesh(2, 2, check_on_host=False)  # no twins: the checks exchange over the groups themselves
+    untwinned = all(host_group(getattr(plain, name)) is getattr(plain, name) for name in twins)
     exchanged_on = []
     all_gather = dist.all_gather
 
@@ -165,7 +167,7 @@ def _check_on_host_twins():
     return dict(same_ranks=all(dist.get_process_group_ranks(twin) == dist.get_process_group_ranks(getattr(mesh, n))
                                and twin is not getattr(mesh, n) for n, twin in twins.items()),
                 exchanged_on=set(exchanged_on), sp_twin=twins["sp_group"].group_name,
-                data_groups={getattr(mesh, n).group_name for n in twins}, error=error)
+                data_groups={getattr(mesh, n).group_name for n in twins}, error=error, untwinned=untwinned)
 
 
 def _agreement_checks():
@@ -181,7 +183,7 @@ def _agreement_results():
 def test_checks_run_on_the_host_beside_groups_without_cpu_tensors():
     assert cpu_capable("gloo") and cpu_capable("cpu:gloo,cuda:nccl") and not cpu_capable("nccl")
     for _, twins in _agreement_results():
-        assert twins["same_ranks"]
+        assert twins["same_ranks"] and twins["untwinned"]
         assert twins["exchanged_on"] == {twins["sp_twin"]} and not twins["exchanged_on"] & twins["data_groups"]
         assert twins["error"].startswith("the ranks of the group disagree on usp_attention (q_shape, k_shape, "
                                          "v_shape): rank 0: q_shape=(1, 4, 4, 8)"), twins["error"]
