@@ -44,11 +44,12 @@ summary="$out/summary.txt"
 : >"$summary"
 status=0
 
-step() {  # step NAME SECONDS COMMAND...: run COMMAND under a time limit, log it, note the verdict
+step() {  # step NAME SECONDS COMMAND...: run COMMAND under a time limit, log it, note the verdict,
+          # and bring its JSON result (written under $work/NAME) to $OUT at once
   local name=$1 limit=$2 begin=$SECONDS rc verdict
   shift 2
   echo "=== $name (limit ${limit} s): $*" >>"$log"
-  timeout --kill-after=10 "$limit" bash -c '"$@"' "$name" "$@" >>"$log" 2>&1  # bash: setup, gpu_tests
+  timeout --kill-after=20 "$limit" bash -c '"$@"' "$name" "$@" >>"$log" 2>&1  # bash: setup, gpu_tests
   rc=$?
   case $rc in
     0) verdict="ok" ;;
@@ -57,6 +58,10 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND under a time limit, log it
   esac
   [ $rc -eq 0 ] || status=1
   printf '%-8s %-12s %4d s\n' "$name" "$verdict" $((SECONDS - begin)) | tee -a "$summary"
+  case $name in
+    verify|kernels|emulate|train)
+      cp "$work/$name"/*.json "$out/" 2>/dev/null || echo "$name: no JSON result" | tee -a "$summary" ;;
+  esac
 }
 
 setup() {
@@ -69,7 +74,11 @@ setup() {
 
 gpu_tests() {  # the gpu tests dealt round-robin to 8 pytest processes side by side; fails if any fails
   local ids=() bucket pids=() rc=0 i
-  mapfile -t ids < <(python -m pytest -m gpu --collect-only -q -p no:cacheprovider | grep "::")
+  if ! python -m pytest -m gpu --collect-only -q -p no:cacheprovider >"$work/collect.log" 2>&1; then
+    cat "$work/collect.log"  # a test module that does not import is a failure, not a smaller suite
+    return 1
+  fi
+  mapfile -t ids < <(grep "::" "$work/collect.log")
   [ ${#ids[@]} -gt 0 ] || { echo "no gpu tests collected"; return 1; }
   for bucket in 0 1 2 3 4 5 6 7; do
     local mine=()
@@ -79,12 +88,16 @@ gpu_tests() {  # the gpu tests dealt round-robin to 8 pytest processes side by s
     pids+=($!)
   done
   for i in "${pids[@]}"; do wait "$i" || rc=1; done
-  for bucket in 0 1 2 3 4 5 6 7; do
-    [ -f "$work/tests-$bucket.log" ] || continue
-    echo "--- tests, share $bucket of 8: $(tail -n 1 "$work/tests-$bucket.log")"
-    cat "$work/tests-$bucket.log"
-  done
   return $rc
+}
+
+test_logs() {  # every shard's last line, then its log: also after a timeout, which cut the shards short
+  local file
+  for file in "$work"/tests-*.log; do
+    [ -f "$file" ] || continue
+    echo "--- tests, share $(basename "$file" .log | cut -d- -f2) of 8: $(tail -n 1 "$file")"
+    cat "$file"
+  done
 }
 
 export -f setup gpu_tests
@@ -98,7 +111,7 @@ if [ $smoke -eq 1 ]; then  # tiny sizes, fp32 (the interpreter's bf16 is wrong),
   emulate=(--world-size 2 --tokens-per-rank 32 --heads 2 --kv-heads 1 --head-dim 16 --backend triton --layout zigzag)
   verify=(--backend torch --backend naive)
   train=(--mesh 1x1 --steps 2 --dtype fp32)
-  limits=(120 120 120 300 300 180)
+  limits=(60 120 90 120 120 120)
 else
   kernels=(--impl triton --impl sdpa-flash --impl sdpa-cudnn --impl sdpa-efficient --dtype bf16 --head-dim 64 128
            --seqlen 1024 2048 4096 8192 16384 --pass fwd --pass bwd --warmup 3 --repeats 10)
@@ -106,20 +119,20 @@ else
   verify=()
   train=(--mesh 1x1 --steps 10 --seqlen 4096 --batch 2 --vocab 32000 --hidden 2048 --ffn-hidden 5632 --layers 4
          --heads 16 --kv-heads 4)
-  limits=(45 150 60 130 50 45)  # 480 s in all, the most each step may take
+  limits=(40 140 55 125 50 40)  # 450 s in all, the most each step may take
 fi
 
 step setup "${limits[0]}" setup
 step tests "${limits[1]}" gpu_tests
-step verify "${limits[2]}" python -m usp.bench verify --no-distributed "${verify[@]}" --out-dir "$work/verify"
+test_logs >>"$log"
+# ${a[@]+"${a[@]}"}: an empty array under set -u on bash before 4.4
+step verify "${limits[2]}" python -m usp.bench verify --no-distributed ${verify[@]+"${verify[@]}"} \
+  --out-dir "$work/verify"
 step kernels "${limits[3]}" python -m usp.bench kernels "${kernels[@]}" --out-dir "$work/kernels"
-step emulate "${limits[4]}" python -m usp.bench emulate "${emulate[@]}" --out-dir "$work/emulate"
+step emulate "${limits[4]}" python -m usp.bench emulate ${emulate[@]+"${emulate[@]}"} --out-dir "$work/emulate"
 step train "${limits[5]}" torchrun --standalone --nproc-per-node 1 -m usp.bench train "${train[@]}" \
   --out-dir "$work/train"
 
-for dir in verify kernels emulate train; do  # each step's JSON result, nothing else
-  cp "$work/$dir"/*.json "$out/" 2>/dev/null || echo "$dir: no JSON result" | tee -a "$summary"
-done
 grep -hE "^(--- tests|headline|of the matmul rate|matmul rate|compiled the triton|config |u[0-9]+r[0-9]+ )|overhead \
 [0-9.]+x|[0-9]+/[0-9]+ passed" "$log" >>"$summary"
 exit $status

@@ -166,7 +166,8 @@ def headline(records: list[dict]) -> dict[str, dict[str, float]]:
 def compile_triton(configs: list[KernelConfig], passes: list[str], device: torch.device, seed: int) -> dict:
     """Run every triton kernel the grid needs once, on its smallest sequence length per
     (dtype, head dim, causal, heads): ``{"seconds": total, "groups": [{..., "seconds"}]}``,
-    the time of that first call (compilation, or loading Triton's cache)."""
+    the time of that first call (compilation, or loading Triton's cache), and ``error``
+    where it failed."""
     groups, started = [], time.perf_counter()
     firsts = {}
     for config in configs:
@@ -176,10 +177,13 @@ def compile_triton(configs: list[KernelConfig], passes: list[str], device: torch
     backward = any(p != "fwd" for p in passes)
     for config in firsts.values():
         begin = time.perf_counter()
-        pass_call("fwd+bwd" if backward else "fwd", "triton", config, device, seed)()
-        synchronize(device)
-        groups.append(dict(dtype=config.dtype, head_dim=config.head_dim, causal=config.causal,
-                           seconds=time.perf_counter() - begin))
+        group = dict(dtype=config.dtype, head_dim=config.head_dim, causal=config.causal, heads=config.heads)
+        try:
+            pass_call("fwd+bwd" if backward else "fwd", "triton", config, device, seed)()
+            synchronize(device)
+        except Exception as error:  # a compile error: timing that config reports it again, as a skip
+            group["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:160]}"
+        groups.append(dict(group, seconds=time.perf_counter() - begin))
     return dict(seconds=time.perf_counter() - started, groups=groups)
 
 
@@ -237,17 +241,18 @@ def run(args: argparse.Namespace) -> int:
     clock = "CUDA events" if device.type == "cuda" else "wall clock"
     print(f"kernels: {len(configs)} configs x {len(impls)} implementations x {len(passes)} passes on {where} "
           f"({clock}, median of {args.repeats} after {args.warmup} warm-up); FLOPs: {FLOP_CONVENTION}")
-    compiled = None
-    if "triton" in impls:
-        compiled = compile_triton(configs, passes, device, args.seed)
-        print(f"compiled the triton kernels of {len(compiled['groups'])} (dtype, head dim, causal) groups in "
-              f"{compiled['seconds']:.1f} s (first calls; Triton's cache is reused when warm)", flush=True)
-    matmul = {dtype: matmul_tflops(dtype, device, args.warmup, args.repeats) for dtype in
-              dict.fromkeys(c.dtype for c in configs)}
-    print("matmul rate: " + ", ".join(f"{dtype} {rate:.1f} TFLOP/s" for dtype, rate in matmul.items())
-          + f" ({MATMUL_SIZE[device.type]}^3)", flush=True)
-    records, skipped, done = [], [], 0
+    compiled, matmul, records, skipped, done = None, {}, [], [], 0
     try:
+        if "triton" in impls:
+            compiled = compile_triton(configs, passes, device, args.seed)
+            failed = [g for g in compiled["groups"] if "error" in g]
+            print(f"compiled the triton kernels of {len(compiled['groups'])} (dtype, head dim, causal, heads) "
+                  f"configurations in {compiled['seconds']:.1f} s (first calls; Triton's cache is reused when warm)"
+                  + "".join(f"; d{g['head_dim']} {g['dtype']} failed: {g['error']}" for g in failed), flush=True)
+        for dtype in dict.fromkeys(c.dtype for c in configs):
+            matmul[dtype] = matmul_tflops(dtype, device, args.warmup, args.repeats)
+        print("matmul rate: " + ", ".join(f"{dtype} {rate:.1f} TFLOP/s" for dtype, rate in matmul.items())
+              + f" ({MATMUL_SIZE[device.type]}^3)", flush=True)
         for config in configs:
             config_records = _time_config(config, impls, passes, device, where, args, skipped)
             for record in config_records:

@@ -26,7 +26,9 @@ import torch.distributed as dist
 
 from . import traffic
 
-# The name of an NCCL group made by init_mesh -> a gloo group over the same ranks, for the checks.
+# The name of an NCCL group made by init_mesh -> (that group, a gloo group over the same ranks)
+# for the checks. The group is kept to tell it from a later group of the same name (torch
+# numbers groups afresh after destroy_process_group).
 _HOST_TWINS: dict = {}
 
 
@@ -39,12 +41,15 @@ def _code(value: tuple) -> int:
 @torch.no_grad()
 def _nonfinite_flags(inputs: dict, device: torch.device) -> torch.Tensor:
     """An int64 on ``device`` with bit ``i`` set when the ``i``-th input's sum is not
-    finite, without a host synchronisation. A NaN or an infinity always makes the sum so;
-    a finite tensor only when its sum overflows, which the exact count then clears."""
-    sums = torch.stack([t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).to(device)
+    finite, computed on the inputs' device; moving it to another ``device`` (the host,
+    for an exchange there) is its only synchronisation. A NaN or an infinity always makes
+    the sum so; a finite tensor only when its sum overflows, which the exact count then
+    clears."""
+    where = next(iter(inputs.values())).device
+    sums = torch.stack([t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).to(where)
                         for t in inputs.values()])
-    weights = torch.tensor([1 << i for i in range(len(inputs))], dtype=torch.int64, device=device)
-    return ((~torch.isfinite(sums)).to(torch.int64) * weights).sum()
+    weights = torch.tensor([1 << i for i in range(len(inputs))], dtype=torch.int64, device=where)
+    return ((~torch.isfinite(sums)).to(torch.int64) * weights).sum().to(device)
 
 
 @torch.no_grad()
@@ -71,14 +76,17 @@ def register_host_group(group: dist.ProcessGroup, twin: dist.ProcessGroup) -> No
     """Let the checks on ``group`` exchange over ``twin``, a gloo group of the same ranks."""
     if dist.get_process_group_ranks(group) != dist.get_process_group_ranks(twin):
         raise ValueError("a host group must hold the same ranks, in the same order, as its group")
-    _HOST_TWINS[group.group_name] = twin
+    _HOST_TWINS[group.group_name] = (group, twin)
 
 
 def host_group(group: dist.ProcessGroup) -> dist.ProcessGroup | None:
     """The group that exchanges ``group``'s checks on the host: its registered gloo twin,
     else the group itself when it takes CPU tensors; None when the exchange must run on
     the GPU (then reading its result synchronises the host)."""
-    return _HOST_TWINS.get(group.group_name) or (group if cpu_capable(dist.get_backend(group)) else None)
+    registered, twin = _HOST_TWINS.get(group.group_name, (None, None))
+    if registered is group:
+        return twin
+    return group if cpu_capable(dist.get_backend(group)) else None
 
 
 def ensure_ranks_agree(group: dist.ProcessGroup, what: str, fields: dict | None, device: torch.device,

@@ -222,7 +222,9 @@ def init_mesh(ulysses_degree: int, ring_degree: int, placement: str = "ulysses_i
             # Positions ascend with the varying coordinate, so group rank == coordinate.
             members_ranks = [ranks[p] for p in positions]
             created = dist.new_group(members_ranks, timeout=timeout)
-            twin = dist.new_group(members_ranks, timeout=timeout, backend="gloo") if host_twins and checked else None
+            # a group of one rank exchanges nothing: no twin
+            twin = (dist.new_group(members_ranks, timeout=timeout, backend="gloo")
+                    if host_twins and checked and len(members_ranks) > 1 else None)
             if me in members_ranks:
                 mine = created
                 if twin is not None:

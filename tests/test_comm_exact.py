@@ -143,27 +143,30 @@ def _check_on_host_twins():
     """A mesh built as on NCCL (gloo twins beside its groups, forced here on gloo): the
     calls' checks all-gather over the twins, never over the groups that move the data,
     and a disagreement still raises on every rank."""
-    mesh_module._needs_host_twins = lambda backend: True
-    mesh = init_mesh(2, 2)
-    twins = {name: host_group(getattr(mesh, name)) for name in ("ulysses_group", "ring_group", "sp_group")}
-    plain = init_mesh(2, 2, check_on_host=False)  # no twins: the checks exchange over the groups themselves
-    untwinned = all(host_group(getattr(plain, name)) is getattr(plain, name) for name in twins)
+    needs_twins, all_gather = mesh_module._needs_host_twins, dist.all_gather
     exchanged_on = []
-    all_gather = dist.all_gather
 
     def spy(table, tensor, group=None, async_op=False):
         exchanged_on.append(group.group_name)
         return all_gather(table, tensor, group=group, async_op=async_op)
 
-    agreement.dist.all_gather = spy
-    q, k, v = (torch.randn(1, 4, 4, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    usp_attention(q, k, v, mesh, causal=True, backend="naive").sum().backward()
+    mesh_module._needs_host_twins = lambda backend: True
     try:
-        short = 3 if dist.get_rank() == 2 else 4
-        usp_attention(q[:, :short], k[:, :short], v[:, :short], mesh, backend="naive")
-        error = ""
-    except ValueError as raised:
-        error = str(raised)
+        mesh = init_mesh(2, 2)
+        twins = {name: host_group(getattr(mesh, name)) for name in ("ulysses_group", "ring_group", "sp_group")}
+        plain = init_mesh(2, 2, check_on_host=False)  # no twins: the checks exchange over the groups themselves
+        untwinned = all(host_group(getattr(plain, name)) is getattr(plain, name) for name in twins)
+        agreement.dist.all_gather = spy
+        q, k, v = (torch.randn(1, 4, 4, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+        usp_attention(q, k, v, mesh, causal=True, backend="naive").sum().backward()
+        try:
+            short = 3 if dist.get_rank() == 2 else 4
+            usp_attention(q[:, :short], k[:, :short], v[:, :short], mesh, backend="naive")
+            error = ""
+        except ValueError as raised:
+            error = str(raised)
+    finally:
+        mesh_module._needs_host_twins, agreement.dist.all_gather = needs_twins, all_gather
     return dict(same_ranks=all(dist.get_process_group_ranks(twin) == dist.get_process_group_ranks(getattr(mesh, n))
                                and twin is not getattr(mesh, n) for n, twin in twins.items()),
                 exchanged_on=set(exchanged_on), sp_twin=twins["sp_group"].group_name,

@@ -133,17 +133,18 @@ def test_usp_with_triton_on_nccl_with_one_gpu():
 
 
 def _calls_without_host_syncs():
-    """On NCCL (world 1): the mesh's checks have gloo twins, and a checked USP call,
-    forward and backward on the triton backend, never synchronises the host with the GPU
-    (``torch.cuda.set_sync_debug_mode("error")`` raises at any synchronising call)."""
+    """On NCCL: the mesh's checks have gloo twins (on 2 ranks or more), and a checked USP
+    call, forward and backward on the triton backend, never synchronises the host with
+    the GPU (``torch.cuda.set_sync_debug_mode("error")`` raises at any synchronising call)."""
     import torch.distributed as dist
 
     from usp.attention import usp_attention
     from usp.comm import init_mesh
     from usp.comm.agreement import host_group
 
-    mesh = init_mesh(1, 1)
-    q, k, v = (torch.randn(1, 2048, heads, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    world = dist.get_world_size()
+    mesh = init_mesh(1, world)
+    q, k, v = (torch.randn(1, 2048 // world, heads, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for heads in (8, 2, 2))
 
     def call():
@@ -156,9 +157,15 @@ def _calls_without_host_syncs():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
-    return dist.get_backend(host_group(mesh.sp_group))
+    return dist.get_backend(host_group(mesh.sp_group)) if world > 1 else "one rank: nothing exchanged"
 
 
 @pytest.mark.gpu
-def test_a_checked_call_on_nccl_never_syncs_the_host():
-    assert run(1, _calls_without_host_syncs, backend="nccl", pg_timeout_s=120) == ["gloo"]
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_checked_call_on_nccl_never_syncs_the_host(world):
+    """With one GPU this shows the kernels and the ring loop do not synchronise; the
+    exchange over the gloo twin runs with two GPUs or more."""
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} GPUs")
+    expected = "gloo" if world > 1 else "one rank: nothing exchanged"
+    assert run(world, _calls_without_host_syncs, backend="nccl", pg_timeout_s=120) == [expected] * world
