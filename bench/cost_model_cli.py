@@ -8,8 +8,11 @@ predicted time per call, TFLOP/s per GPU, bytes sent and memory per rank, ranked
 within the model's uncertainty of the fastest are reported as tied. Then the model
 against the paper's measured Tables 3 and 4 (the measured best mesh and Kendall's tau per
 row). Presets or measured inputs: ``--cluster-file`` from ``usp-bench comm``,
-``--kernels-file`` from ``usp-bench kernels``. No process is launched: this runs in a
-second.
+``--kernels-file`` from ``usp-bench kernels``. With ``--docs`` (packed documents drawn
+from a length distribution, as ``usp-bench balance`` draws them) and ``--window``, each
+mesh's ring steps come from the masks of its layout, and each mesh's ``work_imbalance``
+(the busiest ring rank's visible pairs over the mean) is printed. No process is
+launched: this runs in a second.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from usp.comm.mesh import PLACEMENTS
 
 from . import cost_model as cm
 from . import paper_tables as pt
+from .balance import document_offsets, documents_type
 from .cli_args import add_output_arguments, bounded_int, world_size_type
 from .clusters import CLUSTERS
 from .flops import FLOP_CONVENTION
@@ -79,16 +83,17 @@ def _candidates(args, shape: cm.ModelShape, world: int) -> list[tuple[int, int, 
             for placement in (PLACEMENTS if u > 1 and r > 1 else PLACEMENTS[:1])]
 
 
-def rank_meshes(args, shape: cm.ModelShape, cluster: Cluster, seqlen: int, world: int) -> list[dict]:
+def rank_meshes(args, shape: cm.ModelShape, cluster: Cluster, seqlen: int, world: int,
+                documents: tuple[int, ...] | None = None) -> list[dict]:
     """Every candidate's prediction, fastest first, with its place and whether it ties the fastest."""
     results = []
     for u, r, placement in _candidates(args, shape, world):
         if args.scope == "block":
             p = predict_block(shape, cluster, args.batch, seqlen, args.tp, u, r, placement, args.pass_, args.causal,
-                              args.layout)
+                              args.layout, documents=documents, window=args.window)
         else:
             call = Attention(shape.heads, shape.kv_heads, shape.head_dim, args.batch, seqlen, args.pass_, args.causal,
-                             args.layout)
+                             args.layout, documents=documents, window=args.window)
             p = dict(predict_attention(call, cluster, u, r, placement), tensor_parallel=1)
         results.append(p)
     results.sort(key=lambda p: p["total_ms"])
@@ -103,12 +108,18 @@ def _mesh(p: dict) -> str:
     return f"{tp}u{p['ulysses_degree']} x r{p['ring_degree']}"
 
 
+def _imbalance(p: dict) -> float | None:
+    return (p["attention"] if "attention" in p else p)["work_imbalance"]
+
+
 def _print_ranking(ranking: list[dict]) -> None:
+    masked = _imbalance(ranking[0]) is not None
     print(f"  {'rank':>4}  {'mesh':<16}{'placement':<15}{'ms/call':>10}{'TFLOP/s/GPU':>13}{'MiB sent/rank':>15}"
-          f"{'GiB/rank':>10}")
+          f"{'GiB/rank':>10}" + (f"{'imbalance':>11}" if masked else ""))
     for p in ranking:
         print(f"  {p['rank']:>4}  {_mesh(p):<16}{p['placement']:<15}{p['total_ms']:>10.3f}{p['tflops_per_gpu']:>13.1f}"
-              f"{p['comm_bytes'] / 2 ** 20:>15.1f}{p['memory_bytes'] / 2 ** 30:>10.2f}")
+              f"{p['comm_bytes'] / 2 ** 20:>15.1f}{p['memory_bytes'] / 2 ** 30:>10.2f}"
+              + (f"{_imbalance(p):>11.3f}" if masked else ""))
     tied = [p for p in ranking if p["tied_with_fastest"]]
     if len({(p["tensor_parallel"], p["ulysses_degree"], p["ring_degree"]) for p in tied}) > 1:
         names = ", ".join(f"{_mesh(p)} ({p['placement']})" for p in tied)
@@ -144,6 +155,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pass", dest="pass_", choices=PASSES, default="fwd+bwd", help="what one call does")
     parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True, help="causal attention")
     parser.add_argument("--layout", choices=LAYOUTS, default="zigzag", help="how the ring splits the sequence")
+    parser.add_argument("--docs", type=documents_type, default=None, metavar="SPEC",
+                        help="documents packed in each sequence, their lengths fixed:N or lognormal:mean=M[,sigma=S] "
+                             "(rounded up to multiples of 2 x the sequence-parallel ranks; default: one dense "
+                             "sequence)")
+    parser.add_argument("--window", type=bounded_int(0), default=None,
+                        help="a sliding window of this many keys before each query (default: none)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the document lengths")
     parser.add_argument("--scope", choices=("attention", "block"), default="attention",
                         help="the attention alone, or a whole transformer block with tensor parallelism")
     parser.add_argument("--tp", type=bounded_int(1), default=1, help="tensor-parallel degree (block scope)")
@@ -168,13 +186,20 @@ def run(args: argparse.Namespace) -> int:
     if seqlen % (2 * sp):
         raise SystemExit(f"the global sequence length {seqlen} must be divisible by 2 x {sp} (the zigzag chunks of "
                          f"{sp} sequence-parallel ranks)")
+    documents = None if args.docs is None else document_offsets(args.docs, seqlen, 2 * sp, args.seed)
     print(f"model: {shape.name} ({shape.heads}/{shape.kv_heads} heads of {shape.head_dim}, d {shape.hidden}), batch "
           f"{args.batch}, sequence {seqlen} global ({seqlen // world} per GPU), {args.pass_}, "
           f"{'causal' if args.causal else 'full'}, {args.layout}, scope {args.scope}"
           + (f", tensor parallel {args.tp}" if args.tp > 1 else ""))
+    if documents is not None or args.window is not None:
+        lengths = [b - a for a, b in zip(documents, documents[1:])] if documents else [seqlen]
+        print(f"masks: {len(lengths)} document(s) per sequence"
+              + (f" ({args.docs['kind']}, seed {args.seed}), {min(lengths)} to {max(lengths)} tokens" if documents
+                 else "") + (f"; window {args.window}" if args.window is not None else "")
+              + "; ring steps from each layout's masks, imbalance = busiest ring rank's visible pairs / mean")
     print(f"cluster: {cluster.name}, {world} of {cluster.world_size} GPUs ({cluster.gpus_per_domain} per domain, "
           f"{cluster.gpus_per_node} per node), {cluster.peak_tflops:g} TFLOP/s peak; kernel: {cluster.kernel.name}")
-    ranking = rank_meshes(args, shape, cluster, seqlen, world)
+    ranking = rank_meshes(args, shape, cluster, seqlen, world, documents)
     _print_ranking(ranking)
     agreement = paper_agreement()
     passed = sum(a["best_ok"] and a["tau_ok"] for a in agreement)
@@ -191,7 +216,8 @@ def run(args: argparse.Namespace) -> int:
         flop_convention=FLOP_CONVENTION,
         config=dict(model=asdict(shape), block_params=shape.block_params, cluster=cluster.to_json(), batch=args.batch,
                     seqlen=seqlen, seqlen_per_rank=seqlen // world, world_size=world, pass_=args.pass_,
-                    causal=args.causal, layout=args.layout, scope=args.scope, tensor_parallel=args.tp,
+                    causal=args.causal, layout=args.layout, docs=args.docs, documents=documents, window=args.window,
+                    seed=args.seed, scope=args.scope, tensor_parallel=args.tp,
                     uncertainty=UNCERTAINTY, degrees=args.degrees,
                     units="1 unit = batch x seqlen x hidden elements", conventions=cm.__doc__),
         ranking=ranking, tied=[_mesh(p) + f" {p['placement']}" for p in ranking if p["tied_with_fastest"]],

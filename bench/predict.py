@@ -22,7 +22,15 @@ One call, on the busiest rank:
        not causal  every step: c x c full
 
    Each hop waits for the neighbour's K/V, so the ring moves in step: a step lasts as long
-   as its slowest block. Zigzag's two shapes do the same work, but ``c/2 x c`` has half the
+   as its slowest block.
+
+   With packed documents or a sliding window the blocks come from the masks instead: rank
+   ``i``'s queries against the keys it holds at step ``s`` (those of rank ``i - s``), laid
+   out as the library lays them out (zigzag cut per document), each block the rectangle
+   of rows and keys that see each other, its work the visible (query, key) pairs, read
+   off the curve as a causal block of that work; a block with nothing visible is skipped
+   (its K/V still travel on), and ``work_imbalance`` is the busiest ring rank's pairs
+   over the mean (``usp-bench balance``). Zigzag's two shapes do the same work, but ``c/2 x c`` has half the
    query tiles, and with few tiles per SM its last wave runs part empty. The contiguous
    split does ``(r - 1/2)`` blocks on its last rank where zigzag does ``r/2`` on every rank:
    that imbalance is what the paper's "basic" rows measure.
@@ -34,11 +42,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
+from usp.attention.layout import ring_positions, visible_key_span
 from usp.attention.volume import attention_volume
 from usp.comm.heads import heads_per_rank, kv_heads_per_rank
 from usp.comm.mesh import mesh_position
 
-from .flops import attention_flops
+from usp.kernels.checks import resolve_window
+
+from .balance import imbalance, rank_work
+from .flops import attention_flops, masked_attention_flops
 from .hardware import Cluster
 
 LAYOUTS = ("zigzag", "contiguous")
@@ -63,15 +77,35 @@ class Attention:
     causal: bool = True
     layout: str = "zigzag"
     element_size: int = 2
+    documents: tuple[int, ...] | None = None  # offsets of the documents packed in each sequence
+    window: int | None = None  # a sliding window: keys this far back at most
 
     def __post_init__(self):
         if self.pass_ not in PASSES:
             raise ValueError(f"pass must be one of {PASSES}, got {self.pass_!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        d = self.documents
+        if d is not None and (d[0] != 0 or d[-1] != self.seqlen or any(a > b for a, b in zip(d, d[1:]))):
+            raise ValueError(f"documents must be non-decreasing offsets from 0 to the sequence length {self.seqlen}")
+
+    @property
+    def masked(self) -> bool:
+        return self.documents is not None or self.window is not None
+
+    @property
+    def bounds(self) -> tuple[int | None, int | None]:
+        """How far back and ahead of its position a query sees (None: unbounded)."""
+        window_size = (-1, -1) if self.window is None else (self.window, 0 if self.causal else -1)
+        return resolve_window(self.causal, window_size)
 
     def flops(self) -> float:
-        """Useful FLOPs of the whole call (every rank together)."""
+        """Useful FLOPs of the whole call (every rank together): the visible pairs' when masked."""
+        if self.masked:
+            positions = torch.arange(self.seqlen)
+            first, last = visible_key_span(positions, positions, self.seqlen, self.documents, *self.bounds)
+            pairs = int((last - first).clamp(min=0).sum())
+            return masked_attention_flops(self.batch, self.heads, self.head_dim, pairs, self.pass_)
         return attention_flops(self.batch, self.heads, self.seqlen, self.seqlen, self.head_dim, self.causal,
                                self.pass_)
 
@@ -86,6 +120,7 @@ class Block:
     heads: int
     causal: bool
     batch: int = 1
+    pairs: int | None = None  # visible (query, key) pairs per sequence and head, when masked
 
 
 def ring_steps(call: Attention, ulysses_degree: int, ring_degree: int) -> list[tuple[Block, ...]]:
@@ -101,10 +136,33 @@ def ring_steps(call: Attention, ulysses_degree: int, ring_degree: int) -> list[t
     return [(Block(c, c, h, True, b),)] + [later] * (r - 1)
 
 
+def masked_ring_steps(call: Attention, ulysses_degree: int, ring_degree: int) -> list[tuple[Block, ...]]:
+    """Per ring step, the blocks the ring's ranks compute under the call's documents and
+    window (a rank whose block sees nothing computes none)."""
+    h, r = heads_per_rank(call.heads, ulysses_degree), ring_degree
+    held = [ring_positions(call.seqlen, r, rank, call.layout, call.documents) for rank in range(r)]
+    steps = []
+    for step in range(r):
+        blocks = []
+        for rank in range(r):
+            first, last = visible_key_span(held[rank], held[(rank - step) % r], call.seqlen, call.documents,
+                                           *call.bounds)
+            seen = torch.nonzero(last > first).flatten()
+            if seen.numel():
+                blocks.append(Block(int(seen[-1] - seen[0]) + 1, int(last[seen].max() - first[seen].min()), h, True,
+                                    call.batch, int((last - first)[seen].sum())))
+        steps.append(tuple(blocks))
+    return steps
+
+
 def kernel_ms(cluster: Cluster, block: Block, head_dim: int, backward: bool) -> float:
     """One launch of the attention kernel (forward, or the backward of the same block). The
-    wave factor applies to full forward calls only (``kernel_curve.py``)."""
-    forward = attention_flops(block.batch, block.heads, block.rows, block.keys, head_dim, block.causal, "fwd")
+    wave factor applies to full forward calls only (``kernel_curve.py``); a masked block
+    runs at the causal curve's rate for its visible pairs."""
+    if block.pairs is None:
+        forward = attention_flops(block.batch, block.heads, block.rows, block.keys, head_dim, block.causal, "fwd")
+    else:
+        forward = masked_attention_flops(block.batch, block.heads, head_dim, block.pairs)
     work = forward * (2.5 if backward else 1.0)
     rate = cluster.kernel.tflops(forward, block.causal, backward)
     if not (block.causal or backward):
@@ -147,7 +205,7 @@ def predict_attention(call: Attention, cluster: Cluster, ulysses_degree: int, ri
     e, d = call.element_size, call.head_dim
     passes = ("fwd", "bwd") if call.pass_ == "fwd+bwd" else ("fwd",)
     parts = dict(all_to_all_ms=0.0, compute_ms=0.0, merge_ms=0.0, exposed_ring_ms=0.0)
-    steps = ring_steps(call, u, r)
+    steps = masked_ring_steps(call, u, r) if call.masked else ring_steps(call, u, r)
     kv_heads = kv_heads_per_rank(call.heads, call.kv_heads, u)
     accumulator_hop = cluster.hop_ms(volume.accumulator_hop_bytes, ring_ranks) if r > 1 else 0.0  # backward
     for pass_ in passes:
@@ -162,7 +220,7 @@ def predict_attention(call: Attention, cluster: Cluster, ulysses_degree: int, ri
             hop += accumulator_hop
         for step, blocks in enumerate(steps):
             compute, merge = max((_block_ms(cluster, block, step, backward, d, e, kv_heads, r) for block in blocks),
-                                 key=sum)
+                                 key=sum, default=(0.0, 0.0))
             parts["compute_ms"] += compute
             parts["merge_ms"] += merge
             if step < r - 1:
@@ -173,11 +231,15 @@ def predict_attention(call: Attention, cluster: Cluster, ulysses_degree: int, ri
     # held at once: the q, k, v shards, their copies after the all-to-all, two K/V blocks of the
     # ring (one computing, one arriving) and the fp32 output accumulator with its LSE
     shard = call.batch * call.seqlen // (u * r) * (call.heads + 2 * call.kv_heads) * d * e
-    heads = steps[0][0].heads
+    heads = heads_per_rank(call.heads, u)
     gathered = call.batch * call.seqlen // r * (heads + 2 * kv_heads) * d * e if u > 1 else 0
     accumulator = call.batch * call.seqlen // r * heads * (d + 1) * ACCUMULATOR_SIZE
     memory = shard + gathered + (2 * volume.kv_hop_bytes if r > 1 else 0) + accumulator
+    work_imbalance = None
+    if call.masked:
+        work_imbalance = imbalance(rank_work(call.seqlen, r, call.layout, call.documents, call.bounds))
     return dict(ulysses_degree=u, ring_degree=r, placement=placement, **parts, total_ms=total, memory_bytes=memory,
+                work_imbalance=work_imbalance,
                 tflops_per_gpu=call.flops() / (u * r) / (total * 1e-3) / 1e12,
                 comm_bytes=(volume.forward.bytes + (volume.backward.bytes if call.pass_ == "fwd+bwd" else 0)),
                 ulysses_level=cluster.level(ulysses_ranks), ring_level=cluster.ring_level(ring_ranks))
@@ -185,7 +247,8 @@ def predict_attention(call: Attention, cluster: Cluster, ulysses_degree: int, ri
 
 def predict_block(shape, cluster: Cluster, batch: int, seqlen: int, tensor_parallel: int, ulysses_degree: int,
                   ring_degree: int, placement: str = "ulysses_inner", pass_: str = "fwd+bwd", causal: bool = True,
-                  layout: str = "zigzag", element_size: int = 2) -> dict:
+                  layout: str = "zigzag", element_size: int = 2, documents: tuple[int, ...] | None = None,
+                  window: int | None = None) -> dict:
     """One transformer block (``cost_model.ModelShape``) on a ``tp x u x r`` mesh, tensor
     parallelism innermost (Megatron with sequence parallelism), ZeRO-1 over the ``u x r``
     ranks that hold the same weights. Adds to the attention: the block's matmuls at
@@ -199,7 +262,7 @@ def predict_block(shape, cluster: Cluster, batch: int, seqlen: int, tensor_paral
         raise ValueError(f"tensor parallelism {t} must divide the {shape.heads} heads and divide or be a multiple of "
                          f"the {shape.kv_heads} K/V heads")
     call = Attention(shape.heads // t, max(1, shape.kv_heads // t), shape.head_dim, batch, seqlen, pass_, causal,
-                     layout, element_size)
+                     layout, element_size, documents, window)
     attention = predict_attention(call, cluster, u, r, placement, stride=t)
     factor = 3.0 if pass_ == "fwd+bwd" else 1.0
     linear_params = shape.block_params - 2 * shape.hidden

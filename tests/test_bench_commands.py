@@ -342,6 +342,27 @@ def test_model_with_a_custom_shape_block_scope_and_json(tmp_path, capsys):
     assert "tp2 x u" in output and ("tie:" in output or "best:" in output)
 
 
+def test_model_with_documents_and_a_window(tmp_path, capsys):
+    """Documents of 8192 tokens: a contiguous ring of up to 4 ranks holds whole documents
+    (balanced); on 8 each document spans two ranks of c = 4096 tokens, whose halves see
+    c (c + 1) / 2 and c^2 + c (c + 1) / 2 pairs (busiest / mean = (3c + 1) / (2c + 1));
+    zigzag per document stays balanced."""
+    c = 4096
+    for layout, expected in (("contiguous", {1: 1.0, 2: 1.0, 4: 1.0, 8: (3 * c + 1) / (2 * c + 1)}),
+                             ("zigzag", {1: 1.0, 2: 1.0, 4: 1.0, 8: 1.0})):
+        assert main(["model", "--seqlen", "32768", "--docs", "fixed:8192", "--layout", layout, "--scope", "block",
+                     "--out-dir", str(tmp_path / layout)]) == 0
+        document = _document(tmp_path / layout, "model")
+        assert document["config"]["documents"] == list(range(0, 32769, 8192))
+        imbalance = {p["ring_degree"]: p["attention"]["work_imbalance"] for p in document["ranking"]}
+        assert imbalance == pytest.approx(expected, rel=1e-12), layout
+    printed = capsys.readouterr().out
+    assert "masks: 4 document(s) per sequence (fixed, seed 0), 8192 to 8192 tokens;" in printed
+    assert "imbalance" in printed.splitlines()[3]
+    assert main(["model", "--seqlen", "32768", "--window", "1024", "--out-dir", str(tmp_path / "window")]) == 0
+    assert "masks: 1 document(s) per sequence; window 1024;" in capsys.readouterr().out
+
+
 def test_plot_writes_png_figures_from_the_toy_runs(toy_results, tmp_path):
     out, _ = toy_results
     figures = tmp_path / "figures"
@@ -433,6 +454,7 @@ def test_a_failing_step_does_not_stop_the_main_job(tmp_path, monkeypatch, capsys
     (["model", "--seqlen", "1000"], "must be divisible by 2 x 8"),
     (["model", "--world-size", "16"], "exceeds the cluster's 8 GPUs"),
     (["model", "--tp", "2"], "--tp needs --scope block"),
+    (["model", "--docs", "fixed:0"], "documents must be fixed:N or lognormal:mean=M"),
     (["model", "--cluster-file", "/nonexistent/cluster.json"], "cannot read the cluster file"),
     (["scaling", "--mesh", "2y2"], "expected a mesh like 2x4"),
     (["emulate", "--bandwidth", "nvlink"], "expected NAME=GB/s"),

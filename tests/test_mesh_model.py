@@ -18,7 +18,7 @@ from usp.bench.cost_model import MODELS
 from usp.bench.cost_model_cli import paper_agreement
 from usp.bench.hardware import Cluster, load_cluster
 from usp.bench.kernel_curve import KernelCurve, from_kernel_results
-from usp.bench.predict import Attention, predict_attention, predict_block, ring_steps
+from usp.bench.predict import Attention, masked_ring_steps, predict_attention, predict_block, ring_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -172,6 +172,47 @@ def test_contiguous_split_costs_its_causal_imbalance(r):
     zigzag = predict_attention(CALL, cluster, 1, r)
     contiguous = predict_attention(replace(CALL, layout="contiguous"), cluster, 1, r)
     assert contiguous["compute_ms"] / zigzag["compute_ms"] == pytest.approx((r - 0.5) / (r / 2))
+
+
+def test_documents_on_separate_ranks_leave_the_second_step_empty():
+    """Contiguous r = 2 with one document per rank: step 0 is each rank's causal diagonal,
+    c (c + 1) / 2 pairs; at step 1 no query sees the other rank's keys, nothing is computed
+    and the one hop is exposed beyond step 0."""
+    c, slow_link = 2048, flat_cluster(p2p_gbs=0.01)
+    call = replace(CALL, layout="contiguous", documents=(0, c, 2 * c))
+    steps = masked_ring_steps(call, 1, 2)
+    assert [[(b.rows, b.keys, b.pairs) for b in step] for step in steps] == [[(c, c, c * (c + 1) // 2)] * 2, []]
+    p = predict_attention(call, slow_link, 1, 2)
+    step = 4 * 8 * c * (c + 1) / 2 * 64 / 100e12 * 1e3
+    hop = 2 * c * 2 * 64 * 2 / 0.01e9 * 1e3
+    assert p["compute_ms"] == pytest.approx(step) and p["exposed_ring_ms"] == pytest.approx(hop - step)
+    assert p["work_imbalance"] == 1.0 and predict_attention(CALL, slow_link, 1, 2)["work_imbalance"] is None
+    assert call.flops() == pytest.approx(4 * 8 * 64 * c * (c + 1))  # two documents of c(c + 1)/2 pairs per head
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+def test_one_document_over_the_whole_sequence_has_the_causal_pairs(layout):
+    """The masks of a single document see what dense causal attention sees: every rank's
+    blocks together hold S (S + 1) / 2 pairs, the zigzag ranks equally."""
+    s, r = 4096, 4
+    call = replace(CALL, layout=layout, documents=(0, s))
+    steps = masked_ring_steps(call, 1, r)
+    assert sum(b.pairs for step in steps for b in step) == s * (s + 1) // 2
+    assert len(steps[0]) == r  # every rank's diagonal
+    imbalance = predict_attention(call, flat_cluster(), 1, r)["work_imbalance"]
+    assert imbalance == 1.0 if layout == "zigzag" else imbalance == pytest.approx(
+        (s // r * (s // r + 1) // 2 + (r - 1) * (s // r) ** 2) / (s * (s + 1) / 2 / r))
+
+
+def test_a_window_counts_the_pairs_it_sees_by_hand():
+    s, w = 4096, 1000
+    call = replace(CALL, window=w)
+    pairs = sum(min(p, w) + 1 for p in range(s))  # query p sees keys p - w .. p
+    assert call.flops() == pytest.approx(4 * 8 * 64 * pairs)
+    ulysses = predict_attention(call, flat_cluster(), 4, 1)  # one block: 2 heads per rank, all the pairs
+    assert ulysses["compute_ms"] == pytest.approx(4 * 2 * 64 * pairs / 100e12 * 1e3)
+    with pytest.raises(ValueError, match="documents must be non-decreasing offsets from 0"):
+        replace(CALL, documents=(0, 100))
 
 
 def test_backward_sends_kv_and_accumulators_and_one_hop_home():
