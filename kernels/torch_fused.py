@@ -12,10 +12,13 @@ a square causal piece. Pieces are merged exactly through their LSE.
 A sliding window (``window_size``) or a mask by token (``positions``, see
 ``usp.kernels.tokens``) runs on the CPU as one call with an additive mask of
 ``[Sq, Sk]`` (in the input dtype: memory grows with Sq x Sk); on CUDA it is refused,
-the triton backend takes it. GQA/MQA: the CPU ops of PyTorch 2.9 and newer take fewer
-K/V heads than query heads themselves (each K/V head shared by its group of query heads, its gradient summed
-inside the op), so nothing is copied; on CUDA (and older CPU builds) K/V heads are
-expanded to the query heads and their gradients summed back.
+the triton backend takes it. GQA/MQA: the ops that can take fewer K/V heads than query
+heads are given them (each K/V head shared by its group of query heads, its gradient
+summed inside the op), so no K/V copy is made: the CPU op of PyTorch 2.9 and newer, and
+the CUDA flash op (fp16/bf16; FlashAttention-2 shares K/V heads, as SDPA's
+``enable_gqa`` relies on from PyTorch 2.5). The CUDA memory-efficient op (fp32) and
+older CPU builds get K/V heads expanded to the query heads and their gradients summed
+back.
 """
 
 from __future__ import annotations
@@ -66,15 +69,24 @@ def _pad_last_dim(x, multiple: int):
     return F.pad(x, (0, pad)) if pad else x
 
 
+_TORCH_VERSION = tuple(int(part) for part in torch.__version__.split(".")[:2])
 # PyTorch's CPU flash op shares K/V heads among query heads itself since 2.9; before,
 # it indexed K/V by the query head and would read past them.
-_CPU_OP_SHARES_KV_HEADS = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 9)
+_CPU_OP_SHARES_KV_HEADS = _TORCH_VERSION >= (2, 9)
+_CUDA_FLASH_SHARES_KV_HEADS = _TORCH_VERSION >= (2, 5) and torch.version.hip is None
+
+
+def op_shares_kv_heads(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the fused op for this device and dtype takes fewer K/V heads than query heads."""
+    if device.type == "cpu":
+        return _CPU_OP_SHARES_KV_HEADS
+    return _CUDA_FLASH_SHARES_KV_HEADS and dtype in (torch.float16, torch.bfloat16)
 
 
 def _kv_group(q, group: int) -> int:
     """How many query heads share a K/V head in the fused calls: ``group`` where the op
-    shares K/V heads itself (CPU, PyTorch 2.9 or newer), else 1 (K/V expanded first)."""
-    return group if q.device.type == "cpu" and _CPU_OP_SHARES_KV_HEADS else 1
+    shares K/V heads itself, else 1 (K/V expanded first)."""
+    return group if op_shares_kv_heads(q.device, q.dtype) else 1
 
 
 def _fused_forward(q, k, v, causal: bool, scale: float, bias=None):

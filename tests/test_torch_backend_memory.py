@@ -35,3 +35,39 @@ def test_gqa_allocates_no_expanded_kv(causal):
     backward = _allocated_units(lambda: backend.backward(out, q, k, v, out, lse, causal=causal))
     assert 1.0 <= forward <= 1.0 + 1 / D + 0.25, forward
     assert 1.0 + 2 * HKV / HQ <= backward <= 1.0 + 2 * HKV / HQ + 0.25, backward
+
+
+def _peak_bytes(call) -> int:
+    """The most CUDA memory ``call`` held beyond what was allocated before it."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    call()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+@pytest.mark.gpu
+def test_gqa_on_the_cuda_flash_op_makes_no_kv_copies(monkeypatch):
+    """bf16 on CUDA: with K/V heads shared inside the flash op, a call holds two
+    ``[B, S, Hq, D]`` tensors less than with K and V expanded (their copies), forward and
+    backward, and gives the same results."""
+    b, s, hq, hkv, d = 1, 4096, 16, 2, 128
+    unit = b * s * hq * d * 2
+    backend = get_backend("torch")
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, dout = (torch.randn(b, s, h, d, generator=generator, device="cuda", dtype=torch.bfloat16)
+                     for h in (hq, hkv, hkv, hq))
+    results = {}
+    for shares in (True, False):
+        monkeypatch.setattr(torch_fused, "_CUDA_FLASH_SHARES_KV_HEADS", shares)
+        out, lse = backend.forward(q, k, v, causal=True)
+        grads = backend.backward(dout, q, k, v, out, lse, causal=True)
+        results[shares] = dict(
+            forward=_peak_bytes(lambda: backend.forward(q, k, v, causal=True)),
+            backward=_peak_bytes(lambda: backend.backward(dout, q, k, v, out, lse, causal=True)),
+            values=(out, lse, *grads))
+    assert results[True]["forward"] <= results[False]["forward"] - 1.9 * unit, results
+    assert results[True]["backward"] <= results[False]["backward"] - 1.9 * unit, results
+    for shared, expanded in zip(results[True]["values"], results[False]["values"]):
+        torch.testing.assert_close(shared.float(), expanded.float(), rtol=2e-2, atol=2e-2)
