@@ -7,7 +7,9 @@ that kernel alone (``usp.kernels.configs.config_override``): ``fwd`` times the f
 the two backward kernels time the whole backward (the other one keeps its entry). Each
 candidate's results are compared with the table config's (largest difference), and a
 candidate the GPU cannot run (too much shared memory, for instance) is reported as
-skipped with the reason (a CUDA error, unlike a compile error, can leave the device
+skipped with the reason. First, ``--jobs`` processes compile every candidate side by
+side (each runs it once on a short input with the same specialisations), so the timing
+loop finds Triton's cache warm (a CUDA error, unlike a compile error, can leave the device
 unusable for the candidates after it: time a suspect one alone with ``--candidate``).
 Prints, per group, each candidate's time and the fastest
 against the table's; writes the JSON (``groups``: table config, candidates, best).
@@ -17,7 +19,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import multiprocessing
+import os
 import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
@@ -40,6 +46,11 @@ CANDIDATES = {
                  C(32, 128, 4, 2)],
     "bwd_dq": [C(128, 32, 4, 3), C(128, 64, 8, 2), C(64, 32, 4, 3), C(128, 32, 8, 3), C(64, 64, 4, 2)],
 }
+
+
+# Tokens per sequence of the compile pass: a multiple of 16 and of every tile, so the
+# kernels specialise as on the timed inputs and the timing finds them in Triton's cache.
+WARM_SEQLEN = 256
 
 
 def config_type(text: str) -> KernelConfig:
@@ -69,6 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only causal or only full attention (default: both)")
     parser.add_argument("--candidate", type=config_type, action="append", metavar="BMxBN,WARPS,STAGES",
                         help="a config to time, repeatable (default: a list per kernel, beside the table's entry)")
+    parser.add_argument("--jobs", type=bounded_int(1), default=min(8, os.cpu_count() or 1) if gpu else 1,
+                        help="processes compiling the candidates side by side before the timing (1: none; "
+                             "default: up to 8 on a GPU, 1 on a CPU)")
     add_device_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     add_timing_arguments(parser, warmup=3, repeats=10)
@@ -84,6 +98,37 @@ def _call(kernel: str, inputs: tuple, causal: bool, reference: tuple):
     return lambda: flash_attn_backward(dout, q, k, v, out, lse, causal)
 
 
+def _heads(head_dim: int, device: torch.device) -> int:
+    return max(1, 2048 // head_dim) if device.type == "cuda" else 2
+
+
+def compile_candidate(kernel: str, head_dim: int, causal: bool, config: KernelConfig, dtype: str, device: str,
+                      seqlen: int) -> str | None:
+    """Run one candidate once on a ``seqlen``-token input (in a worker process), so that
+    Triton compiles it; the error, if it cannot run (the timing reports it again)."""
+    device = torch.device(device)
+    heads = _heads(head_dim, device)
+    inputs = random_inputs(1, seqlen, heads, heads, head_dim, DTYPES[dtype], device, 0)
+    try:
+        forward = flash_attn_forward(*inputs[:3], causal)
+        with config_override(kernel, head_dim, config):
+            _call(kernel, inputs, causal, forward)()
+        return None
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+
+
+def compile_all(groups: list[tuple], args, device: torch.device) -> float:
+    """Compile every group's candidates in ``args.jobs`` processes; the seconds it took."""
+    started = time.perf_counter()
+    seqlen = min(WARM_SEQLEN, args.seqlen)
+    work = [(kernel, head_dim, causal, config, args.dtype, str(device), seqlen) for kernel, head_dim, causal in groups
+            for config in args.candidate or CANDIDATES[kernel]]
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(compile_candidate, *zip(*work)))
+    return time.perf_counter() - started
+
+
 def _largest_difference(a, b) -> float:
     a, b = (a,) if isinstance(a, torch.Tensor) else a, (b,) if isinstance(b, torch.Tensor) else b
     return max(float((x.float() - y.float()).abs().max()) for x, y in zip(a, b))
@@ -93,7 +138,7 @@ def tune_group(kernel: str, head_dim: int, causal: bool, candidates: list[Kernel
                device: torch.device) -> dict:
     """Every candidate of one (kernel, head dim, causal), against the table's config."""
     dtype = DTYPES[args.dtype]
-    batch, heads = max(1, args.tokens // args.seqlen), max(1, 2048 // head_dim) if device.type == "cuda" else 2
+    batch, heads = max(1, args.tokens // args.seqlen), _heads(head_dim, device)
     inputs = random_inputs(batch, args.seqlen, heads, heads, head_dim, dtype, device, args.seed)
     table = get_config(kernel, head_dim, dtype, device)
     forward = flash_attn_forward(*inputs[:3], causal)
@@ -127,8 +172,11 @@ def run(args: argparse.Namespace) -> int:
     where = device_name(device)
     print(f"tune: {len(groups)} (kernel, head dim, causal) groups on {where}, {args.dtype}, {args.seqlen} tokens "
           f"per sequence, {args.tokens} per call; median of {args.repeats} after {args.warmup} warm-up")
-    results = []
+    results, compile_s = [], None
     try:
+        if args.jobs > 1:
+            compile_s = compile_all(groups, args, device)
+            print(f"compiled the candidates in {compile_s:.1f} s with {args.jobs} processes", flush=True)
         for index, (kernel, head_dim, causal) in enumerate(groups, 1):
             candidates = args.candidate or CANDIDATES[kernel]
             group = tune_group(kernel, head_dim, causal, candidates, args, device)
@@ -147,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"interrupted after {len(results)} of {len(groups)} groups: writing what was measured", file=sys.stderr)
     path = write_result("tune", device, dict(
         config=dict(dtype=args.dtype, seqlen=args.seqlen, tokens=args.tokens, warmup=args.warmup,
-                    repeats=args.repeats, seed=args.seed),
+                    repeats=args.repeats, seed=args.seed, jobs=args.jobs, compile_seconds=compile_s),
         groups=results), args.out_dir)
     print(f"wrote {path}")
     return 0 if len(results) == len(groups) else 130

@@ -579,6 +579,16 @@ def test_tune_command_times_each_candidate_against_the_table(tmp_path, capsys):
     assert "[ 1/2] fwd d16 causal (table 16x16,1,1)" in printed and "fastest " in printed
 
 
+@pytest.mark.slow  # two spawned processes
+def test_tune_compiles_the_candidates_in_worker_processes_first(tmp_path, capsys):
+    assert main(["tune", "--kernel", "fwd", "--causal", "--candidate", "32x16,1,1", "--candidate", "24x16,1,1",
+                 "--jobs", "2", "--warmup", "0", "--repeats", "1", "--out-dir", str(tmp_path)]) == 0
+    assert "compiled the candidates in " in capsys.readouterr().out
+    document = _document(tmp_path, "tune")
+    assert document["config"]["jobs"] == 2 and document["config"]["compile_seconds"] > 0
+    assert [row["config"] for row in document["groups"][0]["candidates"]] == ["16x16,1,1", "32x16,1,1", "24x16,1,1"]
+
+
 def test_tune_candidates_must_read_as_tiles():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["tune", "--candidate", "128x64"])
