@@ -7,12 +7,12 @@ that kernel alone (``usp.kernels.configs.config_override``): ``fwd`` times the f
 the two backward kernels time the whole backward (the other one keeps its entry). Each
 candidate's results are compared with the table config's (largest difference), and a
 candidate the GPU cannot run (too much shared memory, for instance) is reported as
-skipped with the reason. First, ``--jobs`` processes compile every candidate side by
-side (each runs it once on a short input with the same specialisations), so the timing
-loop finds Triton's cache warm (a CUDA error, unlike a compile error, can leave the device
-unusable for the candidates after it: time a suspect one alone with ``--candidate``).
-Prints, per group, each candidate's time and the fastest
-against the table's; writes the JSON (``groups``: table config, candidates, best).
+skipped with the reason; a CUDA error, unlike a compile error, can leave the device
+unusable for the candidates after it: time a suspect one alone with ``--candidate``.
+Before the timing, ``--jobs`` processes compile every candidate side by side (each runs
+it once on a short input with the same specialisations), so the timing finds Triton's
+cache warm. Prints, per group, each candidate's time and the fastest against the
+table's; writes the JSON (``groups``: table config, candidates, best).
 """
 
 from __future__ import annotations
