@@ -160,7 +160,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(rounded up to multiples of 2 x the sequence-parallel ranks; default: one dense "
                              "sequence)")
     parser.add_argument("--window", type=bounded_int(0), default=None,
-                        help="a sliding window of this many keys before each query (default: none)")
+                        help="a sliding window of this many keys before each query (with --no-causal, no bound "
+                             "after it; default: none)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the document lengths")
     parser.add_argument("--scope", choices=("attention", "block"), default="attention",
                         help="the attention alone, or a whole transformer block with tensor parallelism")
@@ -186,6 +187,8 @@ def run(args: argparse.Namespace) -> int:
     if seqlen % (2 * sp):
         raise SystemExit(f"the global sequence length {seqlen} must be divisible by 2 x {sp} (the zigzag chunks of "
                          f"{sp} sequence-parallel ranks)")
+    if args.docs is not None and args.batch != 1:
+        raise SystemExit("--docs needs --batch 1: documents are packed into one sequence")
     documents = None if args.docs is None else document_offsets(args.docs, seqlen, 2 * sp, args.seed)
     print(f"model: {shape.name} ({shape.heads}/{shape.kv_heads} heads of {shape.head_dim}, d {shape.hidden}), batch "
           f"{args.batch}, sequence {seqlen} global ({seqlen // world} per GPU), {args.pass_}, "

@@ -27,8 +27,9 @@ One call, on the busiest rank:
    With packed documents or a sliding window the blocks come from the masks instead: rank
    ``i``'s queries against the keys it holds at step ``s`` (those of rank ``i - s``), laid
    out as the library lays them out (zigzag cut per document), each block the rectangle
-   of rows and keys that see each other, its work the visible (query, key) pairs, read
-   off the curve as a causal block of that work; a block with nothing visible is skipped
+   of rows and keys that see each other, its work the visible (query, key) pairs: a block
+   that sees all its pairs, or a square's causal half, is read as the dense model reads
+   it, any other off the causal curve at its work; a block with nothing visible is skipped
    (its K/V still travel on), and ``work_imbalance`` is the busiest ring rank's pairs
    over the mean (``usp-bench balance``). Zigzag's two shapes do the same work, but ``c/2 x c`` has half the
    query tiles, and with few tiles per SM its last wave runs part empty. The contiguous
@@ -140,6 +141,10 @@ def masked_ring_steps(call: Attention, ulysses_degree: int, ring_degree: int) ->
     """Per ring step, the blocks the ring's ranks compute under the call's documents and
     window (a rank whose block sees nothing computes none)."""
     h, r = heads_per_rank(call.heads, ulysses_degree), ring_degree
+    spans = [call.seqlen] if call.documents is None else [b - a for a, b in zip(call.documents, call.documents[1:])]
+    if any(span % (2 * r if call.layout == "zigzag" else r) for span in spans):
+        raise ValueError(f"a {call.layout} ring of {r} needs every document (and the sequence) to be a multiple "
+                         f"of {2 * r if call.layout == 'zigzag' else r} tokens")
     held = [ring_positions(call.seqlen, r, rank, call.layout, call.documents) for rank in range(r)]
     steps = []
     for step in range(r):
@@ -149,10 +154,20 @@ def masked_ring_steps(call: Attention, ulysses_degree: int, ring_degree: int) ->
                                            *call.bounds)
             seen = torch.nonzero(last > first).flatten()
             if seen.numel():
-                blocks.append(Block(int(seen[-1] - seen[0]) + 1, int(last[seen].max() - first[seen].min()), h, True,
-                                    call.batch, int((last - first)[seen].sum())))
+                rows, keys = int(seen[-1] - seen[0]) + 1, int(last[seen].max() - first[seen].min())
+                blocks.append(_block_of(rows, keys, int((last - first)[seen].sum()), h, call.batch))
         steps.append(tuple(blocks))
     return steps
+
+
+def _block_of(rows: int, keys: int, pairs: int, heads: int, batch: int) -> Block:
+    """A block that sees every pair, or a square's causal half, as the dense model reads
+    it (full or causal, on the curve's own terms); any other as a masked block of ``pairs``."""
+    if pairs == rows * keys:
+        return Block(rows, keys, heads, False, batch)
+    if rows == keys and pairs == rows * (rows + 1) // 2:
+        return Block(rows, keys, heads, True, batch)
+    return Block(rows, keys, heads, True, batch, pairs)
 
 
 def kernel_ms(cluster: Cluster, block: Block, head_dim: int, backward: bool) -> float:

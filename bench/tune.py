@@ -48,8 +48,8 @@ CANDIDATES = {
 }
 
 
-# Tokens per sequence of the compile pass: a multiple of 16 and of every tile, so the
-# kernels specialise as on the timed inputs and the timing finds them in Triton's cache.
+# Tokens per sequence of the compile pass (for timed lengths that are multiples of it): a
+# multiple of 16 and of every tile, so the kernels specialise as on the timed inputs.
 WARM_SEQLEN = 256
 
 
@@ -119,13 +119,21 @@ def compile_candidate(kernel: str, head_dim: int, causal: bool, config: KernelCo
 
 
 def compile_all(groups: list[tuple], args, device: torch.device) -> float:
-    """Compile every group's candidates in ``args.jobs`` processes; the seconds it took."""
+    """Compile every group's candidates in ``args.jobs`` processes; the seconds it took.
+    Only a speed-up: a failed pool (a worker killed) is reported and the timing goes on."""
     started = time.perf_counter()
-    seqlen = min(WARM_SEQLEN, args.seqlen)
+    # the timed length when it is not a multiple of WARM_SEQLEN: the same specialisations
+    seqlen = WARM_SEQLEN if args.seqlen % WARM_SEQLEN == 0 else args.seqlen
     work = [(kernel, head_dim, causal, config, args.dtype, str(device), seqlen) for kernel, head_dim, causal in groups
             for config in args.candidate or CANDIDATES[kernel]]
-    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    pool = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"))
+    try:
         list(pool.map(compile_candidate, *zip(*work)))
+    except Exception as error:  # BrokenProcessPool and the like
+        print(f"compiling side by side failed ({type(error).__name__}: {error}); the timing compiles instead",
+              flush=True)
+    finally:
+        pool.shutdown(cancel_futures=True)  # Ctrl-C: drop the compiles still queued
     return time.perf_counter() - started
 
 

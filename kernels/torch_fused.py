@@ -16,9 +16,9 @@ the triton backend takes it. GQA/MQA: the ops that can take fewer K/V heads than
 heads are given them (each K/V head shared by its group of query heads, its gradient
 summed inside the op), so no K/V copy is made: the CPU op of PyTorch 2.9 and newer, and
 the CUDA flash op (fp16/bf16; FlashAttention-2 shares K/V heads, as SDPA's
-``enable_gqa`` relies on from PyTorch 2.5). The CUDA memory-efficient op (fp32) and
-older CPU builds get K/V heads expanded to the query heads and their gradients summed
-back.
+``enable_gqa`` relies on from PyTorch 2.5; its backward still sums dK and dV from
+query-head-sized buffers of its own). The CUDA memory-efficient op (fp32) and older CPU
+builds get K/V heads expanded to the query heads and their gradients summed back.
 """
 
 from __future__ import annotations

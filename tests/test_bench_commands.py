@@ -455,6 +455,7 @@ def test_a_failing_step_does_not_stop_the_main_job(tmp_path, monkeypatch, capsys
     (["model", "--world-size", "16"], "exceeds the cluster's 8 GPUs"),
     (["model", "--tp", "2"], "--tp needs --scope block"),
     (["model", "--docs", "fixed:0"], "documents must be fixed:N or lognormal:mean=M"),
+    (["model", "--docs", "fixed:4096", "--batch", "2"], "--docs needs --batch 1"),
     (["model", "--cluster-file", "/nonexistent/cluster.json"], "cannot read the cluster file"),
     (["scaling", "--mesh", "2y2"], "expected a mesh like 2x4"),
     (["emulate", "--bandwidth", "nvlink"], "expected NAME=GB/s"),

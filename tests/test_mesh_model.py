@@ -175,15 +175,19 @@ def test_contiguous_split_costs_its_causal_imbalance(r):
 
 
 def test_documents_on_separate_ranks_leave_the_second_step_empty():
-    """Contiguous r = 2 with one document per rank: step 0 is each rank's causal diagonal,
-    c (c + 1) / 2 pairs; at step 1 no query sees the other rank's keys, nothing is computed
-    and the one hop is exposed beyond step 0."""
+    """Contiguous r = 2 with one document per rank: step 0 is each rank's causal diagonal
+    (a dense causal block); at step 1 no query sees the other rank's keys, nothing is
+    computed and the one hop is exposed beyond step 0. A window makes the diagonal a
+    masked block of its pairs."""
     c, slow_link = 2048, flat_cluster(p2p_gbs=0.01)
     call = replace(CALL, layout="contiguous", documents=(0, c, 2 * c))
     steps = masked_ring_steps(call, 1, 2)
-    assert [[(b.rows, b.keys, b.pairs) for b in step] for step in steps] == [[(c, c, c * (c + 1) // 2)] * 2, []]
+    assert [[(b.rows, b.keys, b.causal, b.pairs) for b in step] for step in steps] == [[(c, c, True, None)] * 2, []]
+    windowed = masked_ring_steps(replace(call, window=100), 1, 2)
+    assert [[(b.rows, b.keys, b.pairs) for b in step] for step in windowed] == [
+        [(c, c, sum(min(p, 100) + 1 for p in range(c)))] * 2, []]
     p = predict_attention(call, slow_link, 1, 2)
-    step = 4 * 8 * c * (c + 1) / 2 * 64 / 100e12 * 1e3
+    step = 4 * 8 * c * c / 2 * 64 / 100e12 * 1e3
     hop = 2 * c * 2 * 64 * 2 / 0.01e9 * 1e3
     assert p["compute_ms"] == pytest.approx(step) and p["exposed_ring_ms"] == pytest.approx(hop - step)
     assert p["work_imbalance"] == 1.0 and predict_attention(CALL, slow_link, 1, 2)["work_imbalance"] is None
@@ -191,13 +195,23 @@ def test_documents_on_separate_ranks_leave_the_second_step_empty():
 
 
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
-def test_one_document_over_the_whole_sequence_has_the_causal_pairs(layout):
-    """The masks of a single document see what dense causal attention sees: every rank's
-    blocks together hold S (S + 1) / 2 pairs, the zigzag ranks equally."""
+def test_one_document_over_the_whole_sequence_is_the_dense_call(layout):
+    """The masks of a single document see what dense causal attention sees: the blocks
+    are the dense model's (so is every predicted time, on the A100 preset with its curve
+    and wave factor), and the zigzag ranks are balanced."""
     s, r = 4096, 4
     call = replace(CALL, layout=layout, documents=(0, s))
+    dense = replace(CALL, layout=layout)
     steps = masked_ring_steps(call, 1, r)
-    assert sum(b.pairs for step in steps for b in step) == s * (s + 1) // 2
+    assert [set(step) for step in steps] == [set(step) for step in ring_steps(dense, 1, r)]
+    for u, r_ in ((1, 4), (2, 2), (4, 1)):
+        for pass_ in ("fwd", "fwd+bwd"):
+            masked = predict_attention(replace(call, pass_=pass_), CLUSTERS["8xA100-NVLink"], u, r_)
+            expected = predict_attention(replace(dense, pass_=pass_), CLUSTERS["8xA100-NVLink"], u, r_)
+            # TFLOP/s: the masks count the diagonal's S (S + 1) / 2 pairs, the dense convention S^2 / 2
+            assert masked["tflops_per_gpu"] == pytest.approx(expected["tflops_per_gpu"] * (s + 1) / s)
+            same = set(expected) - {"work_imbalance", "tflops_per_gpu"}
+            assert {k: masked[k] for k in same} == pytest.approx({k: expected[k] for k in same}), (u, r_, pass_)
     assert len(steps[0]) == r  # every rank's diagonal
     imbalance = predict_attention(call, flat_cluster(), 1, r)["work_imbalance"]
     assert imbalance == 1.0 if layout == "zigzag" else imbalance == pytest.approx(
@@ -213,6 +227,8 @@ def test_a_window_counts_the_pairs_it_sees_by_hand():
     assert ulysses["compute_ms"] == pytest.approx(4 * 2 * 64 * pairs / 100e12 * 1e3)
     with pytest.raises(ValueError, match="documents must be non-decreasing offsets from 0"):
         replace(CALL, documents=(0, 100))
+    with pytest.raises(ValueError, match="a zigzag ring of 4 needs every document .* multiple of 8 tokens"):
+        masked_ring_steps(replace(CALL, documents=(0, 100, 4096)), 1, 4)
 
 
 def test_backward_sends_kv_and_accumulators_and_one_hop_home():
