@@ -36,6 +36,7 @@ if [ -n "$(ls -A "$out" 2>/dev/null)" ]; then
   exit 2
 fi
 mkdir -p "$out"
+py="${PYTHON:-python3}"  # the interpreter that holds torch (python3 on the GPU image)
 work="$(mktemp -d)"  # each step's raw output, outside $OUT
 trap 'rm -rf "$work"' EXIT
 log="$out/check.log"
@@ -65,16 +66,16 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND under a time limit, log it
 }
 
 setup() {
-  pip install -q --no-deps --no-build-isolation -e . || return 1
+  "$py" -m pip install -q --no-deps --no-build-isolation -e . || return 1
   if [ $smoke -eq 0 ]; then
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv || return 1
   fi
-  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  "$py" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 }
 
 gpu_tests() {  # the gpu tests dealt round-robin to 8 pytest processes side by side; fails if any fails
   local ids=() bucket pids=() rc=0 i
-  if ! python -m pytest -m gpu --collect-only -q -p no:cacheprovider >"$work/collect.log" 2>&1; then
+  if ! "$py" -m pytest -m gpu --collect-only -q -p no:cacheprovider >"$work/collect.log" 2>&1; then
     cat "$work/collect.log"  # a test module that does not import is a failure, not a smaller suite
     return 1
   fi
@@ -84,7 +85,7 @@ gpu_tests() {  # the gpu tests dealt round-robin to 8 pytest processes side by s
     local mine=()
     for ((i = bucket; i < ${#ids[@]}; i += 8)); do mine+=("${ids[i]}"); done
     [ ${#mine[@]} -gt 0 ] || continue
-    python -m pytest -q -rfEs -m gpu -p no:cacheprovider "${mine[@]}" >"$work/tests-$bucket.log" 2>&1 &
+    "$py" -m pytest -q -rfEs -m gpu -p no:cacheprovider "${mine[@]}" >"$work/tests-$bucket.log" 2>&1 &
     pids+=($!)
   done
   for i in "${pids[@]}"; do wait "$i" || rc=1; done
@@ -101,7 +102,7 @@ test_logs() {  # every shard's last line, then its log: also after a timeout, wh
 }
 
 export -f setup gpu_tests
-export smoke work
+export smoke work py
 # one machine: gloo (the mesh's host checks, torchrun on a CPU) and NCCL's bootstrap on loopback
 export GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-lo}" NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-lo}"
 
@@ -126,12 +127,12 @@ step setup "${limits[0]}" setup
 step tests "${limits[1]}" gpu_tests
 test_logs >>"$log"
 # ${a[@]+"${a[@]}"}: an empty array under set -u on bash before 4.4
-step verify "${limits[2]}" python -m usp.bench verify --no-distributed ${verify[@]+"${verify[@]}"} \
+step verify "${limits[2]}" "$py" -m usp.bench verify --no-distributed ${verify[@]+"${verify[@]}"} \
   --out-dir "$work/verify"
-step kernels "${limits[3]}" python -m usp.bench kernels "${kernels[@]}" --out-dir "$work/kernels"
-step emulate "${limits[4]}" python -m usp.bench emulate ${emulate[@]+"${emulate[@]}"} --out-dir "$work/emulate"
-step train "${limits[5]}" torchrun --standalone --nproc-per-node 1 -m usp.bench train "${train[@]}" \
-  --out-dir "$work/train"
+step kernels "${limits[3]}" "$py" -m usp.bench kernels "${kernels[@]}" --out-dir "$work/kernels"
+step emulate "${limits[4]}" "$py" -m usp.bench emulate ${emulate[@]+"${emulate[@]}"} --out-dir "$work/emulate"
+step train "${limits[5]}" "$py" -m torch.distributed.run --standalone --nproc-per-node 1 \
+  -m usp.bench train "${train[@]}" --out-dir "$work/train"
 
 grep -hE "^(--- tests|headline|of the matmul rate|matmul rate|compiled the triton|config |u[0-9]+r[0-9]+ )|overhead \
 [0-9.]+x|[0-9]+/[0-9]+ passed" "$log" >>"$summary"

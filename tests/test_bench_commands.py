@@ -539,7 +539,7 @@ def test_gpu_check_script_runs_its_steps_on_a_cpu(tmp_path):
     """``bench/gpu_check.sh --smoke``: every step of the GPU check, through the interpreter
     at tiny sizes, into at most 8 files; it refuses a folder that already holds files."""
     out = tmp_path / "out"
-    env = dict(os.environ, OUT=str(out), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable)
     # its own session, so that a timeout here stops every process the script started
     proc = subprocess.Popen(["bash", "bench/gpu_check.sh", "--smoke"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
