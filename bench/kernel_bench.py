@@ -32,7 +32,7 @@ from .cli_args import (DTYPES, add_device_argument, add_output_arguments, add_ti
                        default_device)
 from .flops import FLOP_CONVENTION, PASSES, attention_flops
 from .inputs import random_inputs
-from .results import TIMING_FIELDS, device_name, timing_record, write_result
+from .results import TIMING_FIELDS, device_name, error_reason, timing_record, write_result
 from .timing import measure_ms, synchronize
 
 OUR_IMPLS = ("triton", "torch", "naive")
@@ -182,7 +182,7 @@ def compile_triton(configs: list[KernelConfig], passes: list[str], device: torch
             pass_call("fwd+bwd" if backward else "fwd", "triton", config, device, seed)()
             synchronize(device)
         except Exception as error:  # a compile error: timing that config reports it again, as a skip
-            group["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:160]}"
+            group["error"] = error_reason(error)
         groups.append(dict(group, seconds=time.perf_counter() - begin))
     return dict(seconds=time.perf_counter() - started, groups=groups)
 
@@ -298,7 +298,7 @@ def _time_config(config: KernelConfig, impls: list[str], passes: list[str], devi
                 timing = measure_ms(pass_call(pass_, impl, config, device, args.seed), device, args.warmup,
                                     args.repeats)
             except (RuntimeError, ValueError, NotImplementedError) as error:
-                reason = str(error).strip().splitlines()[0][:160]
+                reason = error_reason(error, with_type=False)
         if reason is not None:
             skipped.append(dict(impl=impl, config=config.label(), reason=reason))
             continue

@@ -22,7 +22,10 @@ One call, on the busiest rank:
        not causal  every step: c x c full
 
    Each hop waits for the neighbour's K/V, so the ring moves in step: a step lasts as long
-   as its slowest block.
+   as its slowest block. Zigzag's two shapes do the same work, but ``c/2 x c`` has half the
+   query tiles, and with few tiles per SM its last wave runs part empty. The contiguous
+   split does ``(r - 1/2)`` blocks on its last rank where zigzag does ``r/2`` on every rank:
+   that imbalance is what the paper's "basic" rows measure.
 
    With packed documents or a sliding window the blocks come from the masks instead: rank
    ``i``'s queries against the keys it holds at step ``s`` (those of rank ``i - s``), laid
@@ -31,10 +34,7 @@ One call, on the busiest rank:
    that sees all its pairs, or a square's causal half, is read as the dense model reads
    it, any other off the causal curve at its work; a block with nothing visible is skipped
    (its K/V still travel on), and ``work_imbalance`` is the busiest ring rank's pairs
-   over the mean (``usp-bench balance``). Zigzag's two shapes do the same work, but ``c/2 x c`` has half the
-   query tiles, and with few tiles per SM its last wave runs part empty. The contiguous
-   split does ``(r - 1/2)`` blocks on its last rank where zigzag does ``r/2`` on every rank:
-   that imbalance is what the paper's "basic" rows measure.
+   over the mean (``usp-bench balance``).
 
 Times are milliseconds; ``flops.py`` gives the FLOP convention.
 """
@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
-from usp.attention.layout import ring_positions, visible_key_span
+from usp.attention.layout import check_global_seqlen, ring_positions, visible_key_span
 from usp.attention.volume import attention_volume
 from usp.comm.heads import heads_per_rank, kv_heads_per_rank
 from usp.comm.mesh import mesh_position
@@ -141,10 +141,7 @@ def masked_ring_steps(call: Attention, ulysses_degree: int, ring_degree: int) ->
     """Per ring step, the blocks the ring's ranks compute under the call's documents and
     window (a rank whose block sees nothing computes none)."""
     h, r = heads_per_rank(call.heads, ulysses_degree), ring_degree
-    spans = [call.seqlen] if call.documents is None else [b - a for a, b in zip(call.documents, call.documents[1:])]
-    if any(span % (2 * r if call.layout == "zigzag" else r) for span in spans):
-        raise ValueError(f"a {call.layout} ring of {r} needs every document (and the sequence) to be a multiple "
-                         f"of {2 * r if call.layout == 'zigzag' else r} tokens")
+    check_global_seqlen(call.seqlen, ulysses_degree, r, call.layout, call.documents)
     held = [ring_positions(call.seqlen, r, rank, call.layout, call.documents) for rank in range(r)]
     steps = []
     for step in range(r):

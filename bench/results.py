@@ -88,6 +88,14 @@ TIMING_FIELDS = ("device", "impl", "pass", "dtype", "causal", "batch", "seqlen",
                  "ms", "tflops")
 
 
+def error_reason(error: BaseException, with_type: bool = True) -> str:
+    """Why a timing could not run, for records and progress lines: the first line of
+    ``error``'s message (at most 160 characters), after its type's name unless ``with_type``
+    is false."""
+    line = (str(error).strip().splitlines() or [""])[0][:160]
+    return f"{type(error).__name__}: {line}" if with_type else line
+
+
 def timing_record(device: str, impl: str, pass_: str, dtype: str, causal: bool, batch: int, seqlen: int, heads: int,
                   kv_heads: int, head_dim: int, ms: float, flops: float, **extra) -> dict:
     """One timing record: the DESIGN fields in their order (``tflops`` from ``flops`` and

@@ -18,6 +18,7 @@ table's; writes the JSON (``groups``: table config, candidates, best).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import multiprocessing
 import os
@@ -34,7 +35,7 @@ from .cli_args import (DTYPES, add_device_argument, add_output_arguments, add_ti
                        default_device)
 from .flops import attention_flops, tflops
 from .inputs import random_inputs
-from .results import device_name, write_result
+from .results import device_name, error_reason, write_result
 from .timing import measure_ms
 
 C = KernelConfig
@@ -105,19 +106,16 @@ def _heads(head_dim: int, device: torch.device) -> int:
 
 
 def compile_candidate(kernel: str, head_dim: int, causal: bool, config: KernelConfig, dtype: str, device: str,
-                      seqlen: int) -> str | None:
+                      seqlen: int) -> None:
     """Run one candidate once on a ``seqlen``-token input (in a worker process), so that
-    Triton compiles it; the error, if it cannot run (the timing reports it again)."""
+    Triton compiles it. A candidate that cannot run is left to the timing, which reports why."""
     device = torch.device(device)
     heads = _heads(head_dim, device)
     inputs = random_inputs(1, seqlen, heads, heads, head_dim, DTYPES[dtype], device, 0)
-    try:
+    with contextlib.suppress(Exception):
         forward = flash_attn_forward(*inputs[:3], causal)
         with config_override(kernel, head_dim, config):
             _call(kernel, inputs, causal, forward)()
-        return None
-    except Exception as error:
-        return f"{type(error).__name__}: {error}"
 
 
 def compile_all(groups: list[tuple], args, device: torch.device) -> float:
@@ -165,7 +163,7 @@ def tune_group(kernel: str, head_dim: int, causal: bool, candidates: list[Kernel
                 row.update(measure_ms(call, device, args.warmup, args.repeats))
             row["tflops"] = tflops(flops, row["ms"])
         except Exception as error:  # Triton's OutOfResources, a compile error: this candidate cannot run here
-            row["skipped"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:160]}"
+            row["skipped"] = error_reason(error)
         rows.append(row)
     timed = [r for r in rows if "ms" in r]
     best = min(timed, key=lambda r: r["ms"]) if timed else None

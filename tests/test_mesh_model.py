@@ -227,7 +227,8 @@ def test_a_window_counts_the_pairs_it_sees_by_hand():
     assert ulysses["compute_ms"] == pytest.approx(4 * 2 * 64 * pairs / 100e12 * 1e3)
     with pytest.raises(ValueError, match="documents must be non-decreasing offsets from 0"):
         replace(CALL, documents=(0, 100))
-    with pytest.raises(ValueError, match="a zigzag ring of 4 needs every document .* multiple of 8 tokens"):
+    with pytest.raises(ValueError, match="cuts every document into 2 x ring_degree = 8 chunks: document 0 has 100 "
+                       "tokens, pad it to 104"):
         masked_ring_steps(replace(CALL, documents=(0, 100, 4096)), 1, 4)
 
 
