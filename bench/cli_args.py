@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import os
 import re
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
@@ -99,6 +102,18 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", default=None,
                         help="where to write the JSON (default: a new folder runs/<UTC time>-<command> under the "
                              "current directory)")
+
+
+def add_jobs_argument(parser: argparse.ArgumentParser, work: str) -> None:
+    """``--jobs``: processes doing ``work`` side by side, so that Triton's compiles use the cores."""
+    gpu = torch.cuda.is_available()
+    parser.add_argument("--jobs", type=bounded_int(1), default=min(8, os.cpu_count() or 1) if gpu else 1,
+                        help=f"processes {work} side by side (1: none; default: up to 8 on a GPU, 1 on a CPU)")
+
+
+def process_pool(jobs: int) -> ProcessPoolExecutor:
+    """``jobs`` spawned worker processes (a forked child cannot use CUDA)."""
+    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
 
 
 def add_timing_arguments(parser: argparse.ArgumentParser, warmup: int, repeats: int) -> None:

@@ -6,7 +6,8 @@
 #   setup     install the project offline; the card, its clocks, torch and triton
 #   tests     the gpu-marked tests (bf16 numerics of every kernel, the NCCL paths, no host
 #             syncs), in 8 pytest processes side by side, so Triton's compiles use the cores
-#   verify    `usp-bench verify --no-distributed`: every backend against float64
+#   verify    `usp-bench verify --no-distributed`: every backend against float64, the cases
+#             in 8 processes side by side (its --jobs default on a GPU)
 #   kernels   `usp-bench kernels`: triton against SDPA's flash, cuDNN and efficient
 #             backends, bf16, head dim 64 and 128, 16K tokens per call (2048 / d heads),
 #             1K to 16K tokens, causal and not, forward and backward; the kernels'
@@ -118,9 +119,9 @@ else
            --seqlen 1024 2048 4096 8192 16384 --pass fwd --pass bwd --warmup 3 --repeats 10)
   emulate=()
   verify=()
-  train=(--mesh 1x1 --steps 10 --seqlen 4096 --batch 2 --vocab 32000 --hidden 2048 --ffn-hidden 5632 --layers 4
+  train=(--mesh 1x1 --steps 10 --seqlen 4096 --batch 2 --vocab 32000 --hidden 2048 --ffn-hidden 5632 --layers 4 --lr 3e-4
          --heads 16 --kv-heads 4)
-  limits=(40 140 55 125 50 40)  # 450 s in all, the most each step may take
+  limits=(30 110 110 90 40 90)  # 470 s in all, the most each step may take
 fi
 
 step setup "${limits[0]}" setup

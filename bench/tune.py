@@ -20,19 +20,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
-import multiprocessing
-import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
 from usp.kernels import flash_attn_backward, flash_attn_forward
 from usp.kernels.configs import KERNELS, KernelConfig, config_override, get_config
 
-from .cli_args import (DTYPES, add_device_argument, add_output_arguments, add_timing_arguments, bounded_int,
-                       default_device)
+from .cli_args import (DTYPES, add_device_argument, add_jobs_argument, add_output_arguments, add_timing_arguments,
+                       bounded_int, default_device, process_pool)
 from .flops import attention_flops, tflops
 from .inputs import random_inputs
 from .results import device_name, error_reason, write_result
@@ -83,9 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only causal or only full attention (default: both)")
     parser.add_argument("--candidate", type=config_type, action="append", metavar="BMxBN,WARPS,STAGES",
                         help="a config to time, repeatable (default: a list per kernel, beside the table's entry)")
-    parser.add_argument("--jobs", type=bounded_int(1), default=min(8, os.cpu_count() or 1) if gpu else 1,
-                        help="processes compiling the candidates side by side before the timing (1: none; "
-                             "default: up to 8 on a GPU, 1 on a CPU)")
+    add_jobs_argument(parser, "compiling the candidates before the timing")
     add_device_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     add_timing_arguments(parser, warmup=3, repeats=10)
@@ -126,7 +121,7 @@ def compile_all(groups: list[tuple], args, device: torch.device) -> float:
     seqlen = WARM_SEQLEN if args.seqlen % WARM_SEQLEN == 0 else args.seqlen
     work = [(kernel, head_dim, causal, config, args.dtype, str(device), seqlen) for kernel, head_dim, causal in groups
             for config in args.candidate or CANDIDATES[kernel]]
-    pool = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"))
+    pool = process_pool(args.jobs)
     try:
         list(pool.map(compile_candidate, *zip(*work)))
     except Exception as error:  # BrokenProcessPool and the like

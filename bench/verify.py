@@ -4,6 +4,7 @@ then ring, Ulysses and USP attention on local gloo process groups against the sa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import sys
 
@@ -13,7 +14,8 @@ from usp.comm.mesh import mesh_shapes
 from usp.kernels import BACKENDS, AttentionShape
 from usp.kernels.configs import interpreter_active
 
-from .cli_args import DTYPES, add_device_argument, add_output_arguments, default_device, world_size_type
+from .cli_args import (DTYPES, add_device_argument, add_jobs_argument, add_output_arguments, default_device,
+                       process_pool, world_size_type)
 from .dist_checks import DistCase, DistResult, run_checks
 from .numerics import DTYPE_NAMES, QUANTITIES, TOLERANCE_RULE, Case, CaseResult, run_case
 from .results import sp_method, write_result
@@ -127,6 +129,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dtype, repeatable (default: all the backend computes right here)")
     add_device_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    add_jobs_argument(parser, "running the single-device cases (printed in order, the same results)")
     add_output_arguments(parser)
     parser.add_argument("--world-size", type=world_size_type, action="append",
                         help="gloo world size of the distributed checks, repeatable (default: 4 and 8)")
@@ -152,12 +155,18 @@ def run(args: argparse.Namespace) -> int:
     print(f"verify: {len(cases)} cases on {device}{mode}; max abs error against float64 naive attention")
     print(" " * 9 + HEADER)
     results = []
-    for index, case in enumerate(cases, 1):
-        result = run_case(case, device=device, seed=args.seed + index)
-        results.append(result)
-        print(f"[{index:>3}/{len(cases)}] {format_row(result)}", flush=True)
-        for failure in result.failures:
-            print(f"          {failure}", flush=True)
+    seeds = [args.seed + index for index in range(1, len(cases) + 1)]  # case i's inputs whatever runs it
+    with contextlib.ExitStack() as stack:
+        runner = map
+        if args.jobs > 1 and len(cases) > 1:
+            pool = process_pool(min(args.jobs, len(cases)))
+            stack.callback(pool.shutdown, cancel_futures=True)  # Ctrl-C: drop the cases still queued
+            runner = pool.map
+        for index, result in enumerate(runner(run_case, cases, itertools.repeat(device), seeds), 1):
+            results.append(result)
+            print(f"[{index:>3}/{len(cases)}] {format_row(result)}", flush=True)
+            for failure in result.failures:
+                print(f"          {failure}", flush=True)
     dist_results = _run_distributed(dist_cases, args.seed) if dist_cases else []
     everything = results + dist_results
     failed = [r for r in everything if not r.passed]

@@ -63,7 +63,7 @@ def test_verify_help_lists_its_options(capsys):
     assert exit_info.value.code == 0
     usage = capsys.readouterr().out
     assert all(option in usage for option in ("--backend", "--dtype", "--device", "--out-dir", "--seed",
-                                              "--world-size", "--no-distributed"))
+                                              "--world-size", "--no-distributed", "--jobs"))
 
 
 @pytest.mark.parametrize("device", ["tpu", "nonsense"] + ([] if torch.cuda.is_available() else ["cuda"]))
@@ -112,3 +112,20 @@ def test_a_distributed_failure_on_any_rank_fails_the_case():
     assert merged.errors == dict(out=1.0)  # the worst rank's errors
     late = merge_ranks(case, [good, dict(good, overlapped=False)])
     assert not late.passed and "before the next K/V transfer was posted" in late.failures[0]
+
+
+@pytest.mark.slow
+def test_verify_side_by_side_gives_the_same_rows_in_order(tmp_path, monkeypatch, capsys):
+    """--jobs 2 runs the cases in two spawned processes: the same errors, seeds and
+    verdicts as one process, printed in the cases' order."""
+    monkeypatch.setattr(verify, "CPU_SHAPES", verify.CPU_SHAPES[:3])
+    docs, rows = {}, {}
+    for jobs in (1, 2):
+        out_dir = tmp_path / f"jobs{jobs}"
+        assert main(["verify", "--backend", "naive", "--dtype", "fp32", "--no-distributed", "--jobs", str(jobs),
+                     "--out-dir", str(out_dir)]) == 0
+        rows[jobs] = [line.split("]")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+        docs[jobs] = json.loads(next(out_dir.glob("verify-*.json")).read_text())["records"]
+    assert rows[1] == rows[2] == [f"[{i:>3}/6" for i in range(1, 7)]
+    strip = [{k: v for k, v in record.items() if k != "seconds"} for record in docs[1]]
+    assert strip == [{k: v for k, v in record.items() if k != "seconds"} for record in docs[2]]
