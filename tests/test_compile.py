@@ -2,10 +2,10 @@
 attention: no graph break (``torch._dynamo.explain``), and the compiled model's loss and
 gradients equal the eager ones. Float64 with the naive backend, so "equal" means equal
 to 1e-12 (the same operations in the same order; the tolerance only allows for a
-compiler that fuses the surrounding arithmetic differently). The default suite compiles
-with ``aot_eager`` (tracing, fake tensors and AOT autograd through the custom ops, no
-code generation) on one rank; the slow step on 4 ranks, with ``opcheck``, and with the
-default inductor backend on 2."""
+compiler that fuses the surrounding arithmetic differently). Every CPU test here is in the
+slow step (about 8 s each on 2 cores, the default suite's budget is spent elsewhere):
+``aot_eager`` (tracing, fake tensors and AOT autograd through the custom ops, no code
+generation) on 1 and 4 ranks, ``opcheck``, and the default inductor backend on 2."""
 
 import pytest
 import torch
@@ -18,19 +18,19 @@ from usp.comm import init_mesh
 TOLERANCE = 1e-12
 
 
-def _models(mesh):
+def _models(mesh, backend="naive"):
     """Small models around each public call: a projection before and a loss after."""
-    module = USPAttention(mesh, causal=True, backend="naive")
+    module = USPAttention(mesh, causal=True, backend=backend)
     calls = {
         "USPAttention": lambda q, k, v: module(q, k, v),
-        "usp_attention": lambda q, k, v: usp_attention(q, k, v, mesh, causal=True, backend="naive"),
-        "ring_attention": lambda q, k, v: ring_attention(q, k, v, mesh.ring_group, causal=True, backend="naive"),
-        "ulysses_attention": lambda q, k, v: ulysses_attention(q, k, v, mesh.ulysses_group, backend="naive"),
+        "usp_attention": lambda q, k, v: usp_attention(q, k, v, mesh, causal=True, backend=backend),
+        "ring_attention": lambda q, k, v: ring_attention(q, k, v, mesh.ring_group, causal=True, backend=backend),
+        "ulysses_attention": lambda q, k, v: ulysses_attention(q, k, v, mesh.ulysses_group, backend=backend),
         "ulysses_attention documents": lambda q, k, v: ulysses_attention(
-            q, k, v, mesh.ulysses_group, True, backend="naive", window_size=(5, 0),
+            q, k, v, mesh.ulysses_group, True, backend=backend, window_size=(5, 0),
             cu_seqlens=(0, 6, q.shape[1] * mesh.ulysses_degree)),  # a tuple: nothing to read from a tensor
         "usp_attention allgather documents": lambda q, k, v: usp_attention(
-            q, k, v, mesh, True, backend="naive", window_size=(5, 0), schedule="allgather",
+            q, k, v, mesh, True, backend=backend, window_size=(5, 0), schedule="allgather",
             cu_seqlens=(0, 8, q.shape[1] * mesh.sp_degree)),
     }
     return {name: (lambda q, k, v, call=call: call(q * 1.5, k, v.tanh()).square().sum()) for name, call in
@@ -48,7 +48,8 @@ def _compare(model, inputs, backend: str) -> dict:
         loss.backward()
         results.append([loss.detach(), *(x.grad for x in leaves)])
     return dict(breaks=explained.graph_break_count, custom_op=custom_op,
-                difference=max((a - b).abs().max().item() for a, b in zip(*results)))
+                difference=max((a - b).abs().max().item() for a, b in zip(*results)),
+                scale=max(a.abs().max().item() for a in results[0]))
 
 
 def _compiled_against_eager(ulysses_degree: int, ring_degree: int, backend: str) -> dict:
@@ -73,6 +74,16 @@ def _compiled_against_eager(ulysses_degree: int, ring_degree: int, backend: str)
         except Exception as error:  # noqa: BLE001 - what a user would see, whatever the compiler wraps it in
             seen[name] = f"{type(error).__name__}: {error}"
     return seen
+
+
+def _compiled_with_triton(device: str, backend: str, names: tuple[str, ...]) -> dict:
+    """The models ``names`` on the triton backend, float32 (exact float32 products) on ``device``."""
+    mesh = init_mesh(1, dist.get_world_size())
+    generator = torch.Generator(device=device).manual_seed(0)
+    inputs = [shard_sequence(torch.randn(1, 256, heads, 64, device=device, generator=generator), mesh)
+              for heads in (4, 2, 2)]
+    return {name: _compare(model, inputs, backend) for name, model in _models(mesh, "triton").items()
+            if name in names}
 
 
 def _opchecks() -> dict:
@@ -101,7 +112,8 @@ def test_the_custom_op_passes_opcheck():
         assert set(checks.values()) == {"SUCCESS"}, checks
 
 
-@pytest.mark.parametrize("world, mesh", [(1, (1, 1)), pytest.param(4, (2, 2), marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("world, mesh", [(1, (1, 1)), (4, (2, 2))])
 def test_compiled_attention_has_no_graph_break_and_equals_eager(world, mesh):
     for rank, seen in enumerate(run(world, _compiled_against_eager, (*mesh, "aot_eager"), pg_timeout_s=120)):
         for name in ("USPAttention", "usp_attention", "ring_attention", "ulysses_attention",
@@ -119,3 +131,17 @@ def test_inductor_compiles_it_too():
         for name in ("USPAttention", "usp_attention", "ring_attention", "ulysses_attention",
                      "ulysses_attention documents", "usp_attention allgather documents"):
             assert seen[name]["breaks"] == 0 and seen[name]["difference"] <= TOLERANCE, (rank, name, seen[name])
+
+
+@pytest.mark.gpu
+def test_inductor_compiles_the_triton_kernels_on_nccl():
+    """On one GPU (NCCL): the module, and the function with documents, a window and the
+    all-gather schedule, compile with no graph break, the custom op in the graph, and
+    equal eager within float32 rounding of the arithmetic that inductor fuses around the
+    call (1e-5 of the largest value)."""
+    names = ("USPAttention", "usp_attention allgather documents")
+    (seen,) = run(1, _compiled_with_triton, ("cuda", "inductor", names), backend="nccl", pg_timeout_s=600)
+    assert set(seen) == set(names)
+    for name, result in seen.items():
+        assert result["breaks"] == 0 and result["custom_op"], (name, result)
+        assert result["difference"] <= 1e-5 * result["scale"], (name, result)
