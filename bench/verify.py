@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import itertools
 import sys
+from concurrent.futures.process import BrokenProcessPool
 
 import torch
 
@@ -162,11 +163,16 @@ def run(args: argparse.Namespace) -> int:
             pool = process_pool(min(args.jobs, len(cases)))
             stack.callback(pool.shutdown, cancel_futures=True)  # Ctrl-C: drop the cases still queued
             runner = pool.map
-        for index, result in enumerate(runner(run_case, cases, itertools.repeat(device), seeds), 1):
-            results.append(result)
-            print(f"[{index:>3}/{len(cases)}] {format_row(result)}", flush=True)
-            for failure in result.failures:
-                print(f"          {failure}", flush=True)
+        try:
+            for index, result in enumerate(runner(run_case, cases, itertools.repeat(device), seeds), 1):
+                results.append(result)
+                print(f"[{index:>3}/{len(cases)}] {format_row(result)}", flush=True)
+                for failure in result.failures:
+                    print(f"          {failure}", flush=True)
+        except BrokenProcessPool as error:  # a worker killed (a crash, the OOM killer): its case is unknown
+            print(f"verify: a worker process died during case {len(results) + 1} or a later one ({error}); "
+                  "--jobs 1 runs the cases in this process and shows the error", file=sys.stderr)
+            return 1
     dist_results = _run_distributed(dist_cases, args.seed) if dist_cases else []
     everything = results + dist_results
     failed = [r for r in everything if not r.passed]

@@ -129,3 +129,22 @@ def test_verify_side_by_side_gives_the_same_rows_in_order(tmp_path, monkeypatch,
     assert rows[1] == rows[2] == [f"[{i:>3}/6" for i in range(1, 7)]
     strip = [{k: v for k, v in record.items() if k != "seconds"} for record in docs[1]]
     assert strip == [{k: v for k, v in record.items() if k != "seconds"} for record in docs[2]]
+
+
+def test_verify_names_the_case_a_dead_worker_left(tmp_path, monkeypatch, capsys):
+    from concurrent.futures.process import BrokenProcessPool
+
+    class DeadPool:  # what a pool whose worker was killed raises while its results are read
+        def map(self, *iterables):
+            raise BrokenProcessPool("a process in the pool was terminated abruptly")
+
+        def shutdown(self, **kwargs):
+            pass
+
+    monkeypatch.setattr(verify, "process_pool", lambda jobs: DeadPool())
+    monkeypatch.setattr(verify, "CPU_SHAPES", verify.CPU_SHAPES[:1])
+    status = main(["verify", "--backend", "naive", "--dtype", "fp32", "--no-distributed", "--jobs", "2",
+                   "--out-dir", str(tmp_path)])
+    assert status == 1
+    assert "a worker process died during case 1 or a later one" in capsys.readouterr().err
+    assert not list(tmp_path.glob("verify-*.json"))
