@@ -50,6 +50,7 @@ from .results import TIMING_FIELDS, device_name, sp_impl_name, timing_record, wr
 from .timing import measure_ms, synchronize
 
 EMULATE_PASSES = ("fwd", "fwd+bwd")
+MERGES = ("kernel", "separate")
 
 
 @dataclass(frozen=True)
@@ -144,11 +145,15 @@ def _step_ms(events, labels: tuple[str, ...], steps: int) -> list[float]:
 
 
 def step_times(problem: Problem, layout: str, backend_name: str, device, warmup: int, repeats: int,
-               seed: int, with_backward: bool, schedule: str = "ring", progress=print) -> dict[str, list[list[float]]]:
+               seed: int, with_backward: bool, schedule: str = "ring", progress=print,
+               merge: str = "kernel") -> dict[str, list[list[float]]]:
     """``{"fwd": t, "bwd": t}`` with ``t[i][s]``: ms of ring rank ``i``'s step ``s`` (0 when
     skipped; the all-gather schedule has one step), each the median over ``repeats`` runs
-    of the rank's schedule."""
+    of the rank's schedule. ``merge="separate"``: the ring steps write their block's output
+    and merge it outside the kernel even where the backend could merge inside it."""
     backend = get_backend(backend_name)
+    if merge == "separate":
+        backend = dataclasses.replace(backend, forward_into=None)
     r = problem.ring_degree
     scale = resolve_softmax_scale(None, problem.head_dim)
     # one Ulysses rank's heads over the whole sequence, then each ring rank's positions
@@ -306,6 +311,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              + " ".join(f"{k}={v:g}" for k, v in DEFAULT_BANDWIDTHS.items()) + ")")
     parser.add_argument("--latency-us", type=positive_float, default=10.0, help="per-transfer latency in microseconds")
     add_device_argument(parser)
+    parser.add_argument("--merge", choices=MERGES, default="kernel",
+                        help="where a ring step merges its block into the running result: inside the kernel, "
+                             "where the backend can (triton's forward_into), or separately after it (to compare)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     add_timing_arguments(parser, warmup=1, repeats=3)
     add_output_arguments(parser)
@@ -332,9 +340,10 @@ def run(args: argparse.Namespace) -> int:
     with_backward = "fwd+bwd" in passes
     where = device_name(device)
     u, r = problem.ulysses_degree, problem.ring_degree
+    merge = args.merge if get_backend(args.backend).forward_into is not None else "separate"
     print(f"emulate: {problem.world_size} virtual ranks (u{u} x r{r}) on {where}, {problem.seqlen} tokens "
           f"({problem.tokens_per_rank}/rank), {problem.heads}/{problem.kv_heads} heads d{problem.head_dim} "
-          f"{problem.dtype} {'causal' if problem.causal else 'full'}, {args.backend}"
+          f"{problem.dtype} {'causal' if problem.causal else 'full'}, {args.backend}, merge {merge}"
           + ("" if problem.documents is None else f", {len(problem.documents) - 1} documents")
           + ("" if problem.window is None else f", window {problem.window}"))
     print("monolithic kernel on the whole sequence ...", flush=True)
@@ -346,7 +355,7 @@ def run(args: argparse.Namespace) -> int:
             steps = f"{r} steps" if schedule == "ring" else "one call after the all-gather"
             print(f"layout {layout}, schedule {schedule}: {r} ring ranks x {steps}", flush=True)
             times = step_times(problem, layout, args.backend, device, args.warmup, args.repeats, args.seed,
-                               with_backward, schedule)
+                               with_backward, schedule, merge=merge)
             if schedule == "ring":
                 timelines[layout] = predicted_timeline(problem, times, next(iter(bandwidths.values())),
                                                        args.latency_us)
@@ -356,7 +365,7 @@ def run(args: argparse.Namespace) -> int:
     path = write_result("emulate", device, dict(
         flop_convention=FLOP_CONVENTION, timing_fields=list(TIMING_FIELDS),
         config=dict(asdict(problem), ring_degree=r, seqlen=problem.seqlen, backend=args.backend,
-                    layouts=args.layout, schedules=args.schedule, docs=args.docs, passes=passes,
+                    layouts=args.layout, schedules=args.schedule, docs=args.docs, passes=passes, merge=merge,
                     bandwidths_gbs=bandwidths, latency_us=args.latency_us,
                     warmup=args.warmup, repeats=args.repeats, transfer_bytes=asdict(problem.volume()),
                     timeline_bandwidth=next(iter(bandwidths)),

@@ -13,11 +13,12 @@
 #             1K to 16K tokens, causal and not, forward and backward; the kernels'
 #             compile time and the card's bf16 matmul rate, measured in the same run
 #   emulate   `usp-bench emulate`: the 8-rank ring for LLaMA3-8B's attention (32 query
-#             and 8 K/V heads, d128, bf16, 8K tokens per rank, causal) per layout
+#             and 8 K/V heads, d128, bf16, 8K tokens per rank, causal) per layout; then
+#             zigzag again with each step's merge outside the kernel (--merge separate)
 #   train     `usp-bench train` under torchrun on NCCL (one rank): bf16 autocast, MFU
 # $OUT (default /tmp/usp-gpu; new or empty) gets at most 8 files: check.log (every step's output),
 # summary.txt (each step's verdict and time, then the headline lines) and each step's
-# JSON result. Draw the figures afterwards with `python -m usp.plots DIR`.
+# JSON result (two for emulate). Draw the figures afterwards with `python -m usp.plots DIR`.
 #
 # `bench/gpu_check.sh --smoke` runs the same steps on a CPU, through Triton's
 # interpreter at tiny sizes, to show that the plumbing works (the tests check it).
@@ -51,7 +52,7 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND under a time limit, log it
   local name=$1 limit=$2 begin=$SECONDS rc verdict
   shift 2
   echo "=== $name (limit ${limit} s): $*" >>"$log"
-  timeout --kill-after=20 "$limit" bash -c '"$@"' "$name" "$@" >>"$log" 2>&1  # bash: setup, gpu_tests
+  timeout --kill-after=20 "$limit" bash -c '"$@"' "$name" "$@" >>"$log" 2>&1  # bash: setup, gpu_tests, emulate_both
   rc=$?
   case $rc in
     0) verdict="ok" ;;
@@ -102,7 +103,12 @@ test_logs() {  # every shard's last line, then its log: also after a timeout, wh
   done
 }
 
-export -f setup gpu_tests
+emulate_both() {  # emulate ARGS...: the ring as it runs (merging inside the kernel), then zigzag merging separately
+  "$py" -m usp.bench emulate "$@" --out-dir "$work/emulate" &&
+    "$py" -m usp.bench emulate "$@" --layout zigzag --merge separate --out-dir "$work/emulate"
+}
+
+export -f setup gpu_tests emulate_both
 export smoke work py
 # one machine: gloo (the mesh's host checks, torchrun on a CPU) and NCCL's bootstrap on loopback
 export GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-lo}" NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-lo}"
@@ -121,7 +127,7 @@ else
   verify=()
   train=(--mesh 1x1 --steps 10 --seqlen 4096 --batch 2 --vocab 32000 --hidden 2048 --ffn-hidden 5632 --layers 4 --lr 3e-4
          --heads 16 --kv-heads 4)
-  limits=(30 110 110 90 40 90)  # 470 s in all, the most each step may take
+  limits=(30 130 80 70 60 80)  # 450 s in all, the most each step may take
 fi
 
 step setup "${limits[0]}" setup
@@ -131,10 +137,10 @@ test_logs >>"$log"
 step verify "${limits[2]}" "$py" -m usp.bench verify --no-distributed ${verify[@]+"${verify[@]}"} \
   --out-dir "$work/verify"
 step kernels "${limits[3]}" "$py" -m usp.bench kernels "${kernels[@]}" --out-dir "$work/kernels"
-step emulate "${limits[4]}" "$py" -m usp.bench emulate ${emulate[@]+"${emulate[@]}"} --out-dir "$work/emulate"
+step emulate "${limits[4]}" emulate_both ${emulate[@]+"${emulate[@]}"}
 step train "${limits[5]}" "$py" -m torch.distributed.run --standalone --nproc-per-node 1 \
   -m usp.bench train "${train[@]}" --out-dir "$work/train"
 
-grep -hE "^(--- tests|headline|of the matmul rate|matmul rate|compiled the triton|config |u[0-9]+r[0-9]+ )|overhead \
+grep -hE "^(--- tests|emulate: |headline|of the matmul rate|matmul rate|compiled the triton|config |u[0-9]+r[0-9]+ )|overhead \
 [0-9.]+x|[0-9]+/[0-9]+ passed" "$log" >>"$summary"
 exit $status

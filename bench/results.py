@@ -72,15 +72,23 @@ def new_run_dir(name: str) -> Path:
 
 def write_result(kind: str, device: torch.device, payload: dict, out_dir: Path | str | None = None) -> Path:
     """Write ``{"kind", "created", "machine", **payload}`` as ``<kind>-<device>-<time>.json``
-    into ``out_dir`` (default: a new run folder, see ``new_run_dir``)."""
+    into ``out_dir`` (default: a new run folder, see ``new_run_dir``); ``-2``, ``-3``... are
+    appended to the name when a run of the same kind wrote there in the same second."""
     out_dir = Path(out_dir) if out_dir is not None else new_run_dir(kind)
     out_dir.mkdir(parents=True, exist_ok=True)
     now = _dt.datetime.now(_dt.timezone.utc)
     machine = machine_info(device)
-    path = out_dir / f"{kind}-{_slug(machine['device'])}-{now:%Y%m%d-%H%M%S}.json"
     document = dict(kind=kind, created=now.isoformat(timespec="seconds"), machine=machine, **payload)
-    path.write_text(json.dumps(document, indent=1) + "\n")
-    return path
+    text = json.dumps(document, indent=1) + "\n"
+    stem = f"{kind}-{_slug(machine['device'])}-{now:%Y%m%d-%H%M%S}"
+    for suffix in itertools.count(1):
+        path = out_dir / (stem + (f"-{suffix}" if suffix > 1 else "") + ".json")
+        try:
+            with path.open("x") as file:  # never over another run's file
+                file.write(text)
+            return path
+        except FileExistsError:
+            continue
 
 
 # Field names every timing record carries, in this order (ARCHITECTURE.md); scripts and plots rely on them.

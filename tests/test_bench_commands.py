@@ -3,6 +3,7 @@ exit status, progress output, the JSON schema, the figures, and the help of ever
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -262,6 +263,27 @@ def test_emulate_with_documents_a_window_and_both_schedules(tmp_path, capsys):
     assert "8 documents, window 5" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("merge, calls_inside", [("kernel", 2), ("separate", 0)])
+def test_emulate_merges_inside_the_kernel_or_separately_as_asked(tmp_path, monkeypatch, merge, calls_inside):
+    """Two ring ranks, zigzag: each merges its one later step inside the kernel
+    (``forward_into``) unless told to merge separately."""
+    from usp.kernels import backends
+
+    triton, calls = backends.BACKENDS["triton"], []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("causal"))
+        return triton.forward_into(*args, **kwargs)
+
+    monkeypatch.setitem(backends.BACKENDS, "triton", dataclasses.replace(triton, forward_into=counted))
+    argv = ["emulate", "--world-size", "2", "--tokens-per-rank", "16", "--heads", "2", "--kv-heads", "1",
+            "--head-dim", "16", "--backend", "triton", "--layout", "zigzag", "--pass", "fwd", "--warmup", "0",
+            "--repeats", "1", "--merge", merge, "--out-dir", str(tmp_path)]
+    assert main(argv) == 0
+    assert len(calls) == calls_inside
+    assert _document(tmp_path, "emulate")["config"]["merge"] == merge
+
+
 @pytest.mark.slow
 def test_scaling_with_documents_a_window_and_the_allgather_schedule(tmp_path):
     """On 2 gloo processes: packed documents and a window through the all-gather schedule;
@@ -432,6 +454,25 @@ def test_every_run_gets_a_new_folder(tmp_path, monkeypatch):
     assert second.name == f"{first.name}-2" or not second.name.startswith(stamp)  # same second: a suffix
 
 
+def test_two_results_of_one_kind_in_one_second_are_both_kept(tmp_path, monkeypatch):
+    from usp.bench import results
+
+    real = results._dt
+
+    class FrozenClock:  # the datetime module as results uses it, stopped at one second
+        timezone = real.timezone
+
+        class datetime:
+            @staticmethod
+            def now(tz):
+                return real.datetime(2026, 11, 27, 7, 54, 10, tzinfo=tz)
+
+    monkeypatch.setattr(results, "_dt", FrozenClock)
+    paths = [results.write_result("emulate", "cpu", dict(run=i), tmp_path) for i in range(3)]
+    assert [p.name.split("-20261127-075410")[1] for p in paths] == [".json", "-2.json", "-3.json"]
+    assert [json.loads(p.read_text())["run"] for p in paths] == [0, 1, 2]
+
+
 def test_a_failing_step_does_not_stop_the_main_job(tmp_path, monkeypatch, capsys):
     """A step that fails (here: an option its command refuses) is reported; the others still run."""
     toy = dict(TOY_RUNS, verify=["--backend", "naive", "--no-distributed"], kernels=["--seqlen", "0"],
@@ -550,12 +591,13 @@ def test_gpu_check_script_runs_its_steps_on_a_cpu(tmp_path):
         raise
     assert proc.returncode == 0, printed
     names = sorted(path.name for path in out.iterdir())
-    assert [name.split("-")[0] for name in names] == ["check.log", "emulate", "kernels", "summary.txt", "train",
-                                                      "verify"]
+    assert [name.split("-")[0] for name in names] == ["check.log", "emulate", "emulate", "kernels", "summary.txt",
+                                                      "train", "verify"]
     summary = (out / "summary.txt").read_text()
     for step in ("setup", "tests", "verify", "kernels", "emulate", "train"):
         assert re.search(rf"^{step} +ok +\d+ s$", summary, re.M), summary
     assert "--- tests, share 0 of 8: " in summary and "matmul rate: fp32 " in summary
+    assert "triton, merge kernel" in summary and "triton, merge separate" in summary  # both emulations
     kernels = _timed_document(out, "kernels")
     assert kernels["summary"]["compile"]["groups"] and kernels["summary"]["matmul_tflops"]["fp32"] > 0
     again = subprocess.run(["bash", "bench/gpu_check.sh", "--smoke"], cwd=ROOT, env=env, capture_output=True,
