@@ -105,10 +105,18 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_jobs_argument(parser: argparse.ArgumentParser, work: str) -> None:
-    """``--jobs``: processes doing ``work`` side by side, so that Triton's compiles use the cores."""
-    gpu = torch.cuda.is_available()
-    parser.add_argument("--jobs", type=bounded_int(1), default=min(8, os.cpu_count() or 1) if gpu else 1,
-                        help=f"processes {work} side by side (1: none; default: up to 8 on a GPU, 1 on a CPU)")
+    """``--jobs``: processes doing ``work`` side by side, so that Triton's compiles use the
+    cores; ``jobs_for`` gives the default for the device."""
+    parser.add_argument("--jobs", type=bounded_int(1), default=None,
+                        help=f"processes {work} side by side (1: none; default: up to 8 when the device is a GPU, "
+                             "1 on a CPU, whose cores the work itself uses)")
+
+
+def jobs_for(jobs: int | None, device: torch.device) -> int:
+    """``--jobs`` as given, or its default for ``device``."""
+    if jobs is not None:
+        return jobs
+    return min(8, os.cpu_count() or 1) if torch.device(device).type == "cuda" else 1
 
 
 def process_pool(jobs: int) -> ProcessPoolExecutor:

@@ -29,7 +29,7 @@ from usp.kernels import flash_attn_backward, flash_attn_forward
 from usp.kernels.configs import KERNELS, KernelConfig, config_override, get_config
 
 from .cli_args import (DTYPES, add_device_argument, add_jobs_argument, add_output_arguments, add_timing_arguments,
-                       bounded_int, default_device, process_pool)
+                       bounded_int, default_device, jobs_for, process_pool)
 from .flops import attention_flops, tflops
 from .inputs import random_inputs
 from .results import device_name, error_reason, write_result
@@ -170,6 +170,7 @@ def tune_group(kernel: str, head_dim: int, causal: bool, candidates: list[Kernel
 
 def run(args: argparse.Namespace) -> int:
     device = default_device(args.device)
+    args.jobs = jobs_for(args.jobs, device)
     causals = [args.causal] if args.causal is not None else [False, True]
     groups = list(itertools.product(args.kernel, args.head_dim, causals))
     where = device_name(device)

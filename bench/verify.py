@@ -4,7 +4,6 @@ then ring, Ulysses and USP attention on local gloo process groups against the sa
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import sys
 from concurrent.futures.process import BrokenProcessPool
@@ -16,7 +15,7 @@ from usp.kernels import BACKENDS, AttentionShape
 from usp.kernels.configs import interpreter_active
 
 from .cli_args import (DTYPES, add_device_argument, add_jobs_argument, add_output_arguments, default_device,
-                       process_pool, world_size_type)
+                       jobs_for, process_pool, world_size_type)
 from .dist_checks import DistCase, DistResult, run_checks
 from .numerics import DTYPE_NAMES, QUANTITIES, TOLERANCE_RULE, Case, CaseResult, run_case
 from .results import sp_method, write_result
@@ -130,7 +129,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dtype, repeatable (default: all the backend computes right here)")
     add_device_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
-    add_jobs_argument(parser, "running the single-device cases (printed in order, the same results)")
+    add_jobs_argument(parser, "running the single-device cases (in their order and with their seeds)")
     add_output_arguments(parser)
     parser.add_argument("--world-size", type=world_size_type, action="append",
                         help="gloo world size of the distributed checks, repeatable (default: 4 and 8)")
@@ -157,22 +156,22 @@ def run(args: argparse.Namespace) -> int:
     print(" " * 9 + HEADER)
     results = []
     seeds = [args.seed + index for index in range(1, len(cases) + 1)]  # case i's inputs whatever runs it
-    with contextlib.ExitStack() as stack:
-        runner = map
-        if args.jobs > 1 and len(cases) > 1:
-            pool = process_pool(min(args.jobs, len(cases)))
-            stack.callback(pool.shutdown, cancel_futures=True)  # Ctrl-C: drop the cases still queued
-            runner = pool.map
-        try:
-            for index, result in enumerate(runner(run_case, cases, itertools.repeat(device), seeds), 1):
-                results.append(result)
-                print(f"[{index:>3}/{len(cases)}] {format_row(result)}", flush=True)
-                for failure in result.failures:
-                    print(f"          {failure}", flush=True)
-        except BrokenProcessPool as error:  # a worker killed (a crash, the OOM killer): its case is unknown
-            print(f"verify: a worker process died during case {len(results) + 1} or a later one ({error}); "
-                  "--jobs 1 runs the cases in this process and shows the error", file=sys.stderr)
-            return 1
+    jobs = min(jobs_for(args.jobs, device), len(cases))
+    pool = process_pool(jobs) if jobs > 1 else None
+    try:
+        for index, result in enumerate((pool.map if pool else map)(run_case, cases, itertools.repeat(device), seeds),
+                                       1):
+            results.append(result)
+            print(f"[{index:>3}/{len(cases)}] {format_row(result)}", flush=True)
+            for failure in result.failures:
+                print(f"          {failure}", flush=True)
+    except BrokenProcessPool as error:  # a worker killed (a crash, the OOM killer): its case is unknown
+        print(f"verify: a worker process died during case {len(results) + 1} or a later one ({error}); "
+              "--jobs 1 runs the cases in this process and shows the error", file=sys.stderr)
+        return 1
+    finally:
+        if pool:  # all done, or Ctrl-C / an error: drop the queued cases without waiting for the running ones
+            pool.shutdown(wait=False, cancel_futures=True)
     dist_results = _run_distributed(dist_cases, args.seed) if dist_cases else []
     everything = results + dist_results
     failed = [r for r in everything if not r.passed]

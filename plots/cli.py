@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -22,17 +23,24 @@ from usp import RUNS_DIR
 from .figures import FIGURES
 
 
+def _write_order(path: Path) -> int:
+    """Which of the results written in one second came later: ``-2``, ``-3``... after the time."""
+    match = re.search(r"-\d{8}-\d{6}-(\d+)$", path.stem)
+    return int(match.group(1)) if match else 1
+
+
 def newest_results(folder: Path) -> list[Path]:
-    """The newest file of each kind that has figures in ``folder``, by its ``created`` stamp."""
-    newest: dict[str, tuple[str, Path]] = {}
-    for path in sorted(folder.glob("*.json")):
+    """The newest file of each kind that has figures in ``folder``, by its ``created`` stamp
+    (to the second) and, within a second, by the order the files were written."""
+    newest: dict[str, tuple[tuple[str, int], Path]] = {}
+    for path in folder.glob("*.json"):
         try:
             document = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        kind, created = document.get("kind"), document.get("created", "")
-        if kind in FIGURES and (kind not in newest or created >= newest[kind][0]):
-            newest[kind] = (created, path)
+        kind, when = document.get("kind"), (document.get("created", ""), _write_order(path))
+        if kind in FIGURES and (kind not in newest or when > newest[kind][0]):
+            newest[kind] = (when, path)
     return [path for _, path in newest.values()]
 
 

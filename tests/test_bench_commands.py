@@ -24,6 +24,7 @@ from usp.bench.flops import FLOP_CONVENTION
 from usp.bench.launch import free_port
 from usp.bench.references import Reference
 from usp.bench.results import new_run_dir
+from usp.plots.cli import newest_results
 from usp.plots.cli import build_parser as build_plots_parser
 from usp.plots.cli import main as plots_main
 
@@ -263,10 +264,13 @@ def test_emulate_with_documents_a_window_and_both_schedules(tmp_path, capsys):
     assert "8 documents, window 5" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("merge, calls_inside", [("kernel", 2), ("separate", 0)])
-def test_emulate_merges_inside_the_kernel_or_separately_as_asked(tmp_path, monkeypatch, merge, calls_inside):
+@pytest.mark.parametrize("backend, merge, calls_inside, recorded", [
+    ("triton", "kernel", 2, "kernel"), ("triton", "separate", 0, "separate"), ("torch", "kernel", 0, "separate")])
+def test_emulate_merges_inside_the_kernel_or_separately_as_asked(tmp_path, monkeypatch, backend, merge, calls_inside,
+                                                                 recorded):
     """Two ring ranks, zigzag: each merges its one later step inside the kernel
-    (``forward_into``) unless told to merge separately."""
+    (``forward_into``) unless told to merge separately; a backend that cannot merge
+    inside merges separately, and the result says so."""
     from usp.kernels import backends
 
     triton, calls = backends.BACKENDS["triton"], []
@@ -277,11 +281,11 @@ def test_emulate_merges_inside_the_kernel_or_separately_as_asked(tmp_path, monke
 
     monkeypatch.setitem(backends.BACKENDS, "triton", dataclasses.replace(triton, forward_into=counted))
     argv = ["emulate", "--world-size", "2", "--tokens-per-rank", "16", "--heads", "2", "--kv-heads", "1",
-            "--head-dim", "16", "--backend", "triton", "--layout", "zigzag", "--pass", "fwd", "--warmup", "0",
+            "--head-dim", "16", "--backend", backend, "--layout", "zigzag", "--pass", "fwd", "--warmup", "0",
             "--repeats", "1", "--merge", merge, "--out-dir", str(tmp_path)]
     assert main(argv) == 0
     assert len(calls) == calls_inside
-    assert _document(tmp_path, "emulate")["config"]["merge"] == merge
+    assert _document(tmp_path, "emulate")["config"]["merge"] == recorded
 
 
 @pytest.mark.slow
@@ -471,6 +475,7 @@ def test_two_results_of_one_kind_in_one_second_are_both_kept(tmp_path, monkeypat
     paths = [results.write_result("emulate", "cpu", dict(run=i), tmp_path) for i in range(3)]
     assert [p.name.split("-20261127-075410")[1] for p in paths] == [".json", "-2.json", "-3.json"]
     assert [json.loads(p.read_text())["run"] for p in paths] == [0, 1, 2]
+    assert newest_results(tmp_path) == [paths[-1]]  # the plots take the last one written
 
 
 def test_a_failing_step_does_not_stop_the_main_job(tmp_path, monkeypatch, capsys):

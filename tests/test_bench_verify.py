@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from usp.bench import verify
+from usp.bench.cli_args import process_pool
 from usp.bench.__main__ import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,14 +120,24 @@ def test_verify_side_by_side_gives_the_same_rows_in_order(tmp_path, monkeypatch,
     """--jobs 2 runs the cases in two spawned processes: the same errors, seeds and
     verdicts as one process, printed in the cases' order."""
     monkeypatch.setattr(verify, "CPU_SHAPES", verify.CPU_SHAPES[:3])
-    docs, rows = {}, {}
+    pools = []
+
+    def spied_pool(jobs):
+        pools.append(jobs)
+        return process_pool(jobs)
+
+    monkeypatch.setattr(verify, "process_pool", spied_pool)
+    docs, shapes = {}, {}
     for jobs in (1, 2):
         out_dir = tmp_path / f"jobs{jobs}"
         assert main(["verify", "--backend", "naive", "--dtype", "fp32", "--no-distributed", "--jobs", str(jobs),
                      "--out-dir", str(out_dir)]) == 0
-        rows[jobs] = [line.split("]")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+        # backend, dtype, shape and causal of each row, as printed
+        shapes[jobs] = [line.split("] ", 1)[1][:53] for line in capsys.readouterr().out.splitlines()
+                        if line.startswith("[")]
         docs[jobs] = json.loads(next(out_dir.glob("verify-*.json")).read_text())["records"]
-    assert rows[1] == rows[2] == [f"[{i:>3}/6" for i in range(1, 7)]
+    assert pools == [2]  # one pool, for --jobs 2
+    assert shapes[1] == shapes[2] and len(set(shapes[1])) == 6  # printed in the cases' order
     strip = [{k: v for k, v in record.items() if k != "seconds"} for record in docs[1]]
     assert strip == [{k: v for k, v in record.items() if k != "seconds"} for record in docs[2]]
 
@@ -134,8 +145,9 @@ def test_verify_side_by_side_gives_the_same_rows_in_order(tmp_path, monkeypatch,
 def test_verify_names_the_case_a_dead_worker_left(tmp_path, monkeypatch, capsys):
     from concurrent.futures.process import BrokenProcessPool
 
-    class DeadPool:  # what a pool whose worker was killed raises while its results are read
-        def map(self, *iterables):
+    class DeadPool:  # a pool whose worker is killed after the first case: reading the second raises
+        def map(self, fn, *iterables):
+            yield fn(*next(zip(*iterables)))
             raise BrokenProcessPool("a process in the pool was terminated abruptly")
 
         def shutdown(self, **kwargs):
@@ -146,5 +158,7 @@ def test_verify_names_the_case_a_dead_worker_left(tmp_path, monkeypatch, capsys)
     status = main(["verify", "--backend", "naive", "--dtype", "fp32", "--no-distributed", "--jobs", "2",
                    "--out-dir", str(tmp_path)])
     assert status == 1
-    assert "a worker process died during case 1 or a later one" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "[  1/2] naive" in captured.out
+    assert "a worker process died during case 2 or a later one" in captured.err
     assert not list(tmp_path.glob("verify-*.json"))
