@@ -4,7 +4,9 @@ of our local backends (triton, torch, naive) against PyTorch's
 efficient, cuDNN, math), over sequence lengths, head dims, dtypes, causal and not.
 
 On a GPU each figure is the median of CUDA-event timings after warm-up; on a CPU, the
-median wall clock of the repeats. The headline is each backend's speed relative to the
+median wall clock of the repeats. The implementations and passes of one config take
+turns, one call each per warm-up and per repeat, so that a drift of the machine's speed
+(clocks, heat) reaches them all alike. The headline is each backend's speed relative to the
 fastest SDPA backend on the same config, measured in the same run. Before timing, the
 triton kernels of every (dtype, head dim, causal) in the grid are compiled once, and
 the seconds that took are reported; the device's dense matmul rate per dtype is measured
@@ -33,13 +35,15 @@ from .cli_args import (DTYPES, add_device_argument, add_output_arguments, add_ti
 from .flops import FLOP_CONVENTION, PASSES, attention_flops
 from .inputs import random_inputs
 from .results import TIMING_FIELDS, device_name, error_reason, timing_record, write_result
-from .timing import measure_ms, synchronize
+from .timing import measure_interleaved, measure_ms, synchronize
 
 OUR_IMPLS = ("triton", "torch", "naive")
 SDPA_BACKENDS = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
                  "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-math": SDPBackend.MATH}
 IMPLS = OUR_IMPLS + tuple(SDPA_BACKENDS)
 NAIVE_MEMORY_FRACTION = 0.4  # of free GPU memory (or of 8 GiB on a CPU) the naive scores may take
+# what an implementation that cannot run a config raises (the config is skipped with the reason)
+RUN_ERRORS = (RuntimeError, ValueError, NotImplementedError)
 MATMUL_SIZE = {"cuda": 8192, "cpu": 1024}  # n of the n x n x n matmul whose rate is the reference
 
 
@@ -238,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
     passes = args.passes or list(PASSES)
     configs = default_configs(device, args)
     where = device_name(device)
-    clock = "CUDA events" if device.type == "cuda" else "wall clock"
+    clock = ("CUDA events" if device.type == "cuda" else "wall clock") + ", implementations interleaved"
     print(f"kernels: {len(configs)} configs x {len(impls)} implementations x {len(passes)} passes on {where} "
           f"({clock}, median of {args.repeats} after {args.warmup} warm-up); FLOPs: {FLOP_CONVENTION}")
     compiled, matmul, records, skipped, done = None, {}, [], [], 0
@@ -289,18 +293,26 @@ def run(args: argparse.Namespace) -> int:
 
 def _time_config(config: KernelConfig, impls: list[str], passes: list[str], device: torch.device, where: str, args,
                  skipped: list[dict]) -> list[dict]:
-    """Every implementation and pass on one config; what cannot run is added to ``skipped``."""
-    records = []
+    """Every implementation and pass on one config, their repeats interleaved
+    (``measure_interleaved``); what cannot run is added to ``skipped``."""
+    calls, reasons = {}, {}
     for impl, pass_ in itertools.product(impls, passes):
         reason = naive_too_large(config, device) if impl == "naive" else None
         if reason is None:
-            try:
-                timing = measure_ms(pass_call(pass_, impl, config, device, args.seed), device, args.warmup,
-                                    args.repeats)
-            except (RuntimeError, ValueError, NotImplementedError) as error:
+            try:  # a backward's setup runs the forward once: it can fail here already
+                calls[impl, pass_] = pass_call(pass_, impl, config, device, args.seed)
+            except RUN_ERRORS as error:
                 reason = error_reason(error, with_type=False)
         if reason is not None:
-            skipped.append(dict(impl=impl, config=config.label(), reason=reason))
+            reasons[impl, pass_] = reason
+    timings = measure_interleaved(calls, device, args.warmup, args.repeats, errors=RUN_ERRORS)
+    records = []
+    for impl, pass_ in itertools.product(impls, passes):
+        timing = timings.get((impl, pass_))
+        if isinstance(timing, Exception):
+            reasons[impl, pass_] = error_reason(timing, with_type=False)
+        if (impl, pass_) in reasons:
+            skipped.append(dict(impl=impl, config=config.label(), reason=reasons[impl, pass_]))
             continue
         flops = attention_flops(config.batch, config.heads, config.seqlen, config.seqlen, config.head_dim,
                                 config.causal, pass_)

@@ -518,18 +518,39 @@ def test_bad_options_get_a_clear_error(argv, message, capsys):
     assert message in str(exit_info.value.code) + captured.err
 
 
+def test_interleaved_timing_takes_turns_and_drops_what_fails():
+    from usp.bench.timing import measure_interleaved
+
+    order = []
+
+    def fn(name, fails=False):
+        def call():
+            order.append(name)
+            if fails:
+                raise RuntimeError(f"{name} cannot run this")
+        return call
+
+    timings = measure_interleaved({"a": fn("a"), "bad": fn("bad", fails=True), "b": fn("b")}, "cpu",
+                                  warmup=1, repeats=2, errors=(RuntimeError,))
+    assert order == ["a", "bad", "b", "a", "b", "a", "b"]  # one call each per round; the failure dropped at once
+    assert isinstance(timings["bad"], RuntimeError) and list(timings) == ["a", "bad", "b"]
+    assert timings["a"]["repeats"] == 2 and timings["a"]["ms_min"] <= timings["a"]["ms"] <= timings["a"]["ms_max"]
+    with pytest.raises(ValueError, match="repeats"):
+        measure_interleaved({"a": fn("a")}, "cpu", repeats=0)
+
+
 def test_an_interrupted_kernel_run_keeps_what_it_measured(tmp_path, monkeypatch, capsys):
     from usp.bench import kernel_bench
 
     calls = []
-    real = kernel_bench.measure_ms
+    real = kernel_bench.measure_interleaved
 
     def measure_then_interrupt(*args, **kwargs):
         calls.append(1)
-        if len(calls) > 3:  # after the matmul rate and the first config's two timings: Ctrl-C
+        if len(calls) > 1:  # after the first config's timings: Ctrl-C
             raise KeyboardInterrupt
         return real(*args, **kwargs)
-    monkeypatch.setattr(kernel_bench, "measure_ms", measure_then_interrupt)
+    monkeypatch.setattr(kernel_bench, "measure_interleaved", measure_then_interrupt)
     assert main(["kernels", "--impl", "torch", "--impl", "sdpa-math", "--pass", "fwd", "--seqlen", "16", "32",
                  "--head-dim", "16", "--heads", "2", "--no-causal", "--warmup", "0", "--repeats", "1",
                  "--out-dir", str(tmp_path)]) == 130
