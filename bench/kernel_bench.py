@@ -5,8 +5,9 @@ efficient, cuDNN, math), over sequence lengths, head dims, dtypes, causal and no
 
 On a GPU each figure is the median of CUDA-event timings after warm-up; on a CPU, the
 median wall clock of the repeats. The implementations and passes of one config take
-turns, one call each per warm-up and per repeat, so that a drift of the machine's speed
-(clocks, heat) reaches them all alike. The headline is each backend's speed relative to the
+turns, one call each per warm-up and per repeat round, each round starting one later
+(naive and sdpa-math, which hold quadratic scores, are timed after them, each alone),
+so that a slow drift of the machine's speed falls on them alike. The headline is each backend's speed relative to the
 fastest SDPA backend on the same config, measured in the same run. Before timing, the
 triton kernels of every (dtype, head dim, causal) in the grid are compiled once, and
 the seconds that took are reported; the device's dense matmul rate per dtype is measured
@@ -44,6 +45,7 @@ IMPLS = OUR_IMPLS + tuple(SDPA_BACKENDS)
 NAIVE_MEMORY_FRACTION = 0.4  # of free GPU memory (or of 8 GiB on a CPU) the naive scores may take
 # what an implementation that cannot run a config raises (the config is skipped with the reason)
 RUN_ERRORS = (RuntimeError, ValueError, NotImplementedError)
+QUADRATIC_MEMORY = ("naive", "sdpa-math")  # hold [B, H, S, S] scores
 MATMUL_SIZE = {"cuda": 8192, "cpu": 1024}  # n of the n x n x n matmul whose rate is the reference
 
 
@@ -291,12 +293,13 @@ def run(args: argparse.Namespace) -> int:
     return 0 if records else 1
 
 
-def _time_config(config: KernelConfig, impls: list[str], passes: list[str], device: torch.device, where: str, args,
-                 skipped: list[dict]) -> list[dict]:
-    """Every implementation and pass on one config, their repeats interleaved
-    (``measure_interleaved``); what cannot run is added to ``skipped``."""
-    calls, reasons = {}, {}
-    for impl, pass_ in itertools.product(impls, passes):
+def _time_together(pairs: list[tuple[str, str]], config: KernelConfig, device: torch.device, args) -> dict:
+    """The (implementation, pass) ``pairs`` timed interleaved (``measure_interleaved``):
+    ``{pair: timing}``, or the reason a pair cannot run. Their inputs live until it returns."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the naive budget reads the free memory
+    calls, outcomes = {}, {}
+    for impl, pass_ in pairs:
         reason = naive_too_large(config, device) if impl == "naive" else None
         if reason is None:
             try:  # a backward's setup runs the forward once: it can fail here already
@@ -304,15 +307,26 @@ def _time_config(config: KernelConfig, impls: list[str], passes: list[str], devi
             except RUN_ERRORS as error:
                 reason = error_reason(error, with_type=False)
         if reason is not None:
-            reasons[impl, pass_] = reason
-    timings = measure_interleaved(calls, device, args.warmup, args.repeats, errors=RUN_ERRORS)
+            outcomes[impl, pass_] = reason
+    for pair, timing in measure_interleaved(calls, device, args.warmup, args.repeats, errors=RUN_ERRORS).items():
+        outcomes[pair] = error_reason(timing, with_type=False) if isinstance(timing, Exception) else timing
+    return outcomes
+
+
+def _time_config(config: KernelConfig, impls: list[str], passes: list[str], device: torch.device, where: str, args,
+                 skipped: list[dict]) -> list[dict]:
+    """Every implementation and pass on one config; what cannot run is added to ``skipped``.
+    They are timed interleaved, except the two that hold ``[B, H, S, S]`` scores (naive,
+    sdpa-math), timed after, each alone, so that no two of those are in memory at once."""
+    pairs = list(itertools.product(impls, passes))
+    outcomes = _time_together([p for p in pairs if p[0] not in QUADRATIC_MEMORY], config, device, args)
+    for pair in pairs:
+        if pair[0] in QUADRATIC_MEMORY:
+            outcomes.update(_time_together([pair], config, device, args))
     records = []
-    for impl, pass_ in itertools.product(impls, passes):
-        timing = timings.get((impl, pass_))
-        if isinstance(timing, Exception):
-            reasons[impl, pass_] = error_reason(timing, with_type=False)
-        if (impl, pass_) in reasons:
-            skipped.append(dict(impl=impl, config=config.label(), reason=reasons[impl, pass_]))
+    for (impl, pass_), timing in ((pair, outcomes[pair]) for pair in pairs):
+        if isinstance(timing, str):
+            skipped.append(dict(impl=impl, config=config.label(), reason=timing))
             continue
         flops = attention_flops(config.batch, config.heads, config.seqlen, config.seqlen, config.head_dim,
                                 config.causal, pass_)

@@ -39,30 +39,37 @@ def measure_ms(fn: Callable[[], object], device: torch.device, warmup: int = 2, 
     return dict(ms=statistics.median(times), ms_min=min(times), ms_max=max(times), repeats=repeats)
 
 
-def measure_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int = 2,
-                        repeats: int = 5, errors: tuple[type[Exception], ...] = (Exception,)) -> dict:
-    """Each of ``fns`` timed as ``measure_ms`` times one, but taking turns: every warm-up
-    and every repeat is a round that calls each function once, in order, so a drift of
-    the machine's speed during the measurement (clocks, heat, other load) reaches them
-    all alike. ``{name: timing}``, or ``{name: the exception}`` for a function that raised
-    one of ``errors`` (it is dropped from the later rounds)."""
+def measure_interleaved(fns: dict, device: torch.device, warmup: int = 2, repeats: int = 5,
+                        errors: tuple[type[Exception], ...] = (Exception,)) -> dict:
+    """Each of ``fns`` (any hashable names) timed as ``measure_ms`` times one, but taking
+    turns: every warm-up and every repeat is a round that calls each function once, each
+    round starting one function later than the one before, so that a slow drift of the
+    machine's speed, or what one function leaves behind for the next, falls on all of
+    them alike. ``{name: timing}`` with every repeat's time (``ms_all``), or ``{name:
+    reason}`` for a function that raised one of ``errors`` (dropped from the later
+    rounds, its partial times discarded; the exception kept without its traceback, whose
+    frames would hold the call's tensors)."""
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
-    live, results = dict(fns), {}
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    names, results = list(fns), {}
+    times: dict = {name: [] for name in names}
     for round_ in range(warmup + repeats):
-        for name, fn in list(live.items()):
+        turn = round_ % len(names) if names else 0
+        for name in names[turn:] + names[:turn]:
+            if name in results:
+                continue
             try:
                 if round_ < warmup:
-                    fn()
+                    fns[name]()
                     synchronize(device)
                 else:
-                    times[name].append(time_once_ms(fn, device))
+                    times[name].append(time_once_ms(fns[name], device))
             except errors as error:
-                results[name] = error
-                del live[name]
-    for name in live:
-        results[name] = dict(ms=statistics.median(times[name]), ms_min=min(times[name]), ms_max=max(times[name]),
-                             repeats=repeats)
-    return {name: results[name] for name in fns}
-
+                error.__context__ = error.__cause__ = None
+                results[name] = error.with_traceback(None)
+    for name in names:
+        if name not in results:
+            runs = times[name]
+            results[name] = dict(ms=statistics.median(runs), ms_min=min(runs), ms_max=max(runs), repeats=repeats,
+                                 ms_all=runs)
+    return {name: results[name] for name in names}

@@ -523,18 +523,28 @@ def test_interleaved_timing_takes_turns_and_drops_what_fails():
 
     order = []
 
-    def fn(name, fails=False):
+    def fn(name, fails_on=None, error=RuntimeError):
         def call():
             order.append(name)
-            if fails:
-                raise RuntimeError(f"{name} cannot run this")
+            if order.count(name) == fails_on:
+                raise error(f"{name} cannot run this")
         return call
 
-    timings = measure_interleaved({"a": fn("a"), "bad": fn("bad", fails=True), "b": fn("b")}, "cpu",
-                                  warmup=1, repeats=2, errors=(RuntimeError,))
-    assert order == ["a", "bad", "b", "a", "b", "a", "b"]  # one call each per round; the failure dropped at once
-    assert isinstance(timings["bad"], RuntimeError) and list(timings) == ["a", "bad", "b"]
-    assert timings["a"]["repeats"] == 2 and timings["a"]["ms_min"] <= timings["a"]["ms"] <= timings["a"]["ms_max"]
+    timings = measure_interleaved({"a": fn("a"), "bad": fn("bad", fails_on=1), "late": fn("late", fails_on=3),
+                                   "b": fn("b")}, "cpu", warmup=1, repeats=3, errors=(RuntimeError,))
+    # one call each per round, each round starting one later; "late" fails in a timed round
+    assert order == ["a", "bad", "late", "b",  # warm-up
+                     "late", "b", "a",  # repeat 1 starts at "bad", dropped
+                     "late", "b", "a",  # repeat 2 starts at "late": its third call raises
+                     "b", "a"]  # repeat 3 starts at "b"
+    assert list(timings) == ["a", "bad", "late", "b"]
+    for name in ("bad", "late"):  # the exception without the frames that would hold the call's tensors
+        assert isinstance(timings[name], RuntimeError) and timings[name].__traceback__ is None
+    for name in ("a", "b"):
+        assert timings[name]["repeats"] == 3 == len(timings[name]["ms_all"])
+        assert timings[name]["ms"] == statistics.median(timings[name]["ms_all"])
+    with pytest.raises(KeyboardInterrupt):  # not an error of the function: Ctrl-C stops the measurement
+        measure_interleaved({"stop": fn("stop", fails_on=1, error=KeyboardInterrupt)}, "cpu", errors=(Exception,))
     with pytest.raises(ValueError, match="repeats"):
         measure_interleaved({"a": fn("a")}, "cpu", repeats=0)
 
@@ -542,15 +552,15 @@ def test_interleaved_timing_takes_turns_and_drops_what_fails():
 def test_an_interrupted_kernel_run_keeps_what_it_measured(tmp_path, monkeypatch, capsys):
     from usp.bench import kernel_bench
 
-    calls = []
-    real = kernel_bench.measure_interleaved
+    real = kernel_bench.pass_call
 
-    def measure_then_interrupt(*args, **kwargs):
-        calls.append(1)
-        if len(calls) > 1:  # after the first config's timings: Ctrl-C
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-    monkeypatch.setattr(kernel_bench, "measure_interleaved", measure_then_interrupt)
+    def interrupted_on_the_second_config(pass_, impl, config, device, seed):
+        call = real(pass_, impl, config, device, seed)
+        if config.seqlen == 32 and impl == "torch":  # Ctrl-C in the middle of a timing round
+            def call():
+                raise KeyboardInterrupt
+        return call
+    monkeypatch.setattr(kernel_bench, "pass_call", interrupted_on_the_second_config)
     assert main(["kernels", "--impl", "torch", "--impl", "sdpa-math", "--pass", "fwd", "--seqlen", "16", "32",
                  "--head-dim", "16", "--heads", "2", "--no-causal", "--warmup", "0", "--repeats", "1",
                  "--out-dir", str(tmp_path)]) == 130
