@@ -9,6 +9,7 @@ import os
 import platform
 import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -61,10 +62,16 @@ def new_run_dir(name: str) -> Path:
     ``-3``... appended when that one exists already)."""
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     RUNS_DIR.mkdir(exist_ok=True)
-    for suffix in itertools.count(1):
-        path = RUNS_DIR / (f"{stamp}-{name}" + (f"-{suffix}" if suffix > 1 else ""))
+    return _create_first_free(lambda suffix: RUNS_DIR / f"{stamp}-{name}{suffix}", Path.mkdir)
+
+
+def _create_first_free(path_for: Callable[[str], Path], create: Callable[[Path], object]) -> Path:
+    """The first of ``path_for("")``, ``path_for("-2")``, ``path_for("-3")``... that
+    ``create`` makes without raising FileExistsError (it must refuse an existing path)."""
+    for n in itertools.count(1):
+        path = path_for("" if n == 1 else f"-{n}")
         try:
-            path.mkdir()
+            create(path)
             return path
         except FileExistsError:
             continue
@@ -81,14 +88,11 @@ def write_result(kind: str, device: torch.device, payload: dict, out_dir: Path |
     document = dict(kind=kind, created=now.isoformat(timespec="seconds"), machine=machine, **payload)
     text = json.dumps(document, indent=1) + "\n"
     stem = f"{kind}-{_slug(machine['device'])}-{now:%Y%m%d-%H%M%S}"
-    for suffix in itertools.count(1):
-        path = out_dir / (stem + (f"-{suffix}" if suffix > 1 else "") + ".json")
-        try:
-            with path.open("x") as file:  # never over another run's file
-                file.write(text)
-            return path
-        except FileExistsError:
-            continue
+
+    def write_new(path: Path) -> None:  # mode "x": never over another run's file
+        with path.open("x") as file:
+            file.write(text)
+    return _create_first_free(lambda suffix: out_dir / f"{stem}{suffix}.json", write_new)
 
 
 # Field names every timing record carries, in this order (ARCHITECTURE.md); scripts and plots rely on them.

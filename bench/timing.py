@@ -35,8 +35,12 @@ def measure_ms(fn: Callable[[], object], device: torch.device, warmup: int = 2, 
     for _ in range(warmup):
         fn()
     synchronize(device)
-    times = [time_once_ms(fn, device) for _ in range(repeats)]
-    return dict(ms=statistics.median(times), ms_min=min(times), ms_max=max(times), repeats=repeats)
+    return _summary([time_once_ms(fn, device) for _ in range(repeats)])
+
+
+def _summary(times: list[float]) -> dict:
+    """``{"ms": median, "ms_min", "ms_max", "repeats"}`` of the repeats' times."""
+    return dict(ms=statistics.median(times), ms_min=min(times), ms_max=max(times), repeats=len(times))
 
 
 def measure_interleaved(fns: dict, device: torch.device, warmup: int = 2, repeats: int = 5,
@@ -46,7 +50,7 @@ def measure_interleaved(fns: dict, device: torch.device, warmup: int = 2, repeat
     round starting one function later than the one before, so that a slow drift of the
     machine's speed, or what one function leaves behind for the next, falls on all of
     them alike. ``{name: timing}`` with every repeat's time (``ms_all``), or ``{name:
-    reason}`` for a function that raised one of ``errors`` (dropped from the later
+    exception}`` for a function that raised one of ``errors`` (dropped from the later
     rounds, its partial times discarded; the exception kept without its traceback, whose
     frames would hold the call's tensors)."""
     if repeats < 1:
@@ -69,7 +73,5 @@ def measure_interleaved(fns: dict, device: torch.device, warmup: int = 2, repeat
                 results[name] = error.with_traceback(None)
     for name in names:
         if name not in results:
-            runs = times[name]
-            results[name] = dict(ms=statistics.median(runs), ms_min=min(runs), ms_max=max(runs), repeats=repeats,
-                                 ms_all=runs)
+            results[name] = dict(_summary(times[name]), ms_all=times[name])
     return {name: results[name] for name in names}

@@ -52,11 +52,16 @@ def _compare(model, inputs, backend: str) -> dict:
                 relative=max(((a - b).abs().max() / a.abs().max()).item() for a, b in zip(*results)))
 
 
+def _sharded_inputs(mesh, seqlen: int, head_dim: int, dtype: torch.dtype, device: str = "cpu") -> list:
+    """This rank's shards of seeded q (4 heads), k and v (2 heads each)."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    return [shard_sequence(torch.randn(1, seqlen, heads, head_dim, dtype=dtype, device=device, generator=generator),
+                           mesh) for heads in (4, 2, 2)]
+
+
 def _compiled_against_eager(ulysses_degree: int, ring_degree: int, backend: str) -> dict:
     mesh = init_mesh(ulysses_degree, ring_degree)
-    generator = torch.Generator().manual_seed(0)
-    inputs = [shard_sequence(torch.randn(1, 32, heads, 8, dtype=torch.float64, generator=generator), mesh)
-              for heads in (4, 2, 2)]
+    inputs = _sharded_inputs(mesh, 32, 8, torch.float64)
     seen = {name: _compare(model, inputs, backend) for name, model in _models(mesh).items()}
     # the checks run inside the compiled call, at run time: rank 1 passing another length, a NaN on rank 0
     torch._dynamo.reset()
@@ -79,9 +84,7 @@ def _compiled_against_eager(ulysses_degree: int, ring_degree: int, backend: str)
 def _compiled_with_triton(device: str, backend: str, names: tuple[str, ...]) -> dict:
     """The models ``names`` on the triton backend, float32 (exact float32 products) on ``device``."""
     mesh = init_mesh(1, dist.get_world_size())
-    generator = torch.Generator(device=device).manual_seed(0)
-    inputs = [shard_sequence(torch.randn(1, 256, heads, 64, device=device, generator=generator), mesh)
-              for heads in (4, 2, 2)]
+    inputs = _sharded_inputs(mesh, 256, 64, torch.float32, device)
     return {name: _compare(model, inputs, backend) for name, model in _models(mesh, "triton").items()
             if name in names}
 
