@@ -7,8 +7,10 @@ replays the transfers: a K/V block arrives the moment it is asked for. So the ke
 calls, LSE merges and gradient accumulations are exactly those of ring rank ``i`` of a
 ``u x r`` mesh after the Ulysses all-to-all (``H/u`` query heads over its ``S/r``
 positions, zigzag or contiguous), and a change to the ring changes the emulation. All
-Ulysses ranks of a ring rank do the same work, so one of them is timed. Reported per
-layout and pass:
+Ulysses ranks of a ring rank do the same work, so one of them is timed. On a GPU each
+run of a rank's schedule (and each monolithic call) is queued behind a short GPU sleep
+(``usp.bench.timing.hide_host_work``), so that the first step, like the later ones,
+times the GPU's work and not the host's launch of it. Reported per layout and pass:
 
 - overhead: the compute of the whole schedule (all N ranks) over one monolithic
   kernel call on the full sequence with all heads (1 = splitting costs nothing);
@@ -47,7 +49,7 @@ from .cli_args import (DEFAULT_BANDWIDTHS, DTYPES, add_device_argument, add_outp
 from .flops import FLOP_CONVENTION, attention_flops, masked_attention_flops
 from .inputs import random_inputs
 from .results import TIMING_FIELDS, device_name, sp_impl_name, timing_record, write_result
-from .timing import measure_ms, synchronize
+from .timing import hide_host_work, measure_ms, synchronize
 
 EMULATE_PASSES = ("fwd", "fwd+bwd")
 MERGES = ("kernel", "separate")
@@ -174,6 +176,7 @@ def step_times(problem: Problem, layout: str, backend_name: str, device, warmup:
         q_i, dout_i = shard(q, i), shard(dout, i)
         runs = {"fwd": [], "bwd": []}
         for repeat in range(warmup + repeats):
+            hide_host_work(device)
             with record_traffic(clock) as log:
                 out_i, lse_i = forward(q_i, *kv_blocks[i], comm, *mask)
                 if with_backward:

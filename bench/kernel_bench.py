@@ -3,8 +3,10 @@ of our local backends (triton, torch, naive) against PyTorch's
 ``scaled_dot_product_attention`` with each of its backends that runs here (flash,
 efficient, cuDNN, math), over sequence lengths, head dims, dtypes, causal and not.
 
-On a GPU each figure is the median of CUDA-event timings after warm-up; on a CPU, the
-median wall clock of the repeats. The implementations and passes of one config take
+On a GPU each figure is the median of CUDA-event timings after warm-up, each call queued
+behind a short GPU sleep so that the events time the GPU's work and not the host's
+(``usp.bench.timing``; the host's time per call is kept as ``host_ms`` and printed on a
+GPU); on a CPU, the median wall clock of the repeats. The implementations and passes of one config take
 turns, one call each per warm-up and per repeat round, each round starting one later
 (naive and sdpa-math, which hold quadratic scores, are timed after them, each alone),
 so that a slow drift of the machine's speed falls on them alike. The headline is each backend's speed relative to the
@@ -244,7 +246,8 @@ def run(args: argparse.Namespace) -> int:
     passes = args.passes or list(PASSES)
     configs = default_configs(device, args)
     where = device_name(device)
-    clock = ("CUDA events" if device.type == "cuda" else "wall clock") + ", implementations interleaved"
+    clock = ("CUDA events, each call behind a GPU sleep that hides its host work" if device.type == "cuda"
+             else "wall clock") + ", implementations interleaved"
     print(f"kernels: {len(configs)} configs x {len(impls)} implementations x {len(passes)} passes on {where} "
           f"({clock}, median of {args.repeats} after {args.warmup} warm-up); FLOPs: {FLOP_CONVENTION}")
     compiled, matmul, records, skipped, done = None, {}, [], [], 0
@@ -265,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
                 record["of_matmul"] = record["tflops"] / matmul[config.dtype]
             records += config_records
             done += 1
-            _print_config(done, len(configs), config, config_records, impls, skipped)
+            _print_config(done, len(configs), config, config_records, impls, skipped, device.type == "cuda")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     except KeyboardInterrupt:
@@ -338,7 +341,7 @@ def _time_config(config: KernelConfig, impls: list[str], passes: list[str], devi
 
 
 def _print_config(index: int, total: int, config: KernelConfig, records: list[dict], impls: list[str],
-                  skipped: list[dict]) -> None:
+                  skipped: list[dict], show_host: bool) -> None:
     print(f"[{index:>3}/{total}] {config.label()}", flush=True)
     for impl in impls:
         mine = {r["pass"]: r for r in records if r["impl"] == impl}
@@ -349,5 +352,6 @@ def _print_config(index: int, total: int, config: KernelConfig, records: list[di
         cells = []
         for pass_, r in mine.items():
             ratio = f" {r['speedup_vs_sdpa']:.2f}x" if r["speedup_vs_sdpa"] is not None else ""
-            cells.append(f"{pass_} {r['ms']:9.3f} ms {r['tflops']:8.3f} TF/s{ratio}")
+            host = f" (host {r['host_ms']:.3f})" if show_host else ""
+            cells.append(f"{pass_} {r['ms']:9.3f} ms{host} {r['tflops']:8.3f} TF/s{ratio}")
         print(f"        {impl:<15}" + "   ".join(cells), flush=True)

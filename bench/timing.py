@@ -1,12 +1,23 @@
-"""Timing a callable: CUDA events after warm-up on a GPU, wall clock on a CPU; medians."""
+"""Timing a callable: CUDA events after warm-up on a GPU, wall clock on a CPU; medians.
+
+On a GPU each timed call is queued behind a short GPU sleep (``hide_host_work``): the
+host prepares and launches the call while the GPU sleeps, so the events time the GPU's
+work alone, as in a training step where the host runs ahead of the GPU. Without it a call
+on an idle GPU counts its Python and launch time too (about 0.1-0.2 ms for a call through
+an autograd function), which is not the kernel's speed. The host's own time per call is
+kept beside it (``host_ms``): the price of a call when the GPU waits for it.
+"""
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from typing import Callable
 
 import torch
+
+HEAD_START_MS = 2.0  # the GPU's sleep before a timed call: longer than the host work of any call timed here
 
 
 def synchronize(device: torch.device) -> None:
@@ -14,33 +25,67 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_once_ms(fn: Callable[[], object], device: torch.device) -> float:
-    """Milliseconds of one call: CUDA events around it on a GPU, the wall clock on a CPU."""
-    if torch.device(device).type == "cuda":
+@functools.lru_cache(maxsize=None)
+def _sleep_cycles_per_ms(device_index: int) -> float:
+    """GPU clock cycles of ``torch.cuda._sleep`` per millisecond on this GPU, measured once."""
+    with torch.cuda.device(device_index):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        cycles = 1 << 21
+        torch.cuda._sleep(cycles)  # the first call may carry one-off set-up
         start.record()
-        fn()
+        torch.cuda._sleep(cycles)
         end.record()
         end.synchronize()
-        return start.elapsed_time(end)
+        return cycles / max(start.elapsed_time(end), 1e-3)
+
+
+def hide_host_work(device: torch.device) -> None:
+    """On a GPU, queue ``HEAD_START_MS`` of sleep on the current stream, so that the host
+    work of what is queued next overlaps it (module docstring); nothing on a CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
+        torch.cuda._sleep(int(HEAD_START_MS * _sleep_cycles_per_ms(index)))
+
+
+def time_once(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """``(ms, host_ms)`` of one call. On a GPU: ``ms`` between CUDA events around the call,
+    queued behind ``hide_host_work``; ``host_ms`` the wall time until the call returned
+    (its Python and launches; longer than ``HEAD_START_MS`` means the GPU waited for the
+    host, or the call synchronised with the GPU). On a CPU both are the wall time."""
+    if torch.device(device).type != "cuda":
+        begin = time.perf_counter()
+        fn()
+        wall = (time.perf_counter() - begin) * 1e3
+        return wall, wall
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    hide_host_work(device)
+    start.record()
     begin = time.perf_counter()
     fn()
-    return (time.perf_counter() - begin) * 1e3
+    host = (time.perf_counter() - begin) * 1e3
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end), host
 
 
 def measure_ms(fn: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 5) -> dict:
-    """``{"ms": median, "ms_min", "ms_max", "repeats"}`` of ``fn`` after ``warmup`` untimed calls."""
+    """``{"ms": median, "ms_min", "ms_max", "repeats", "host_ms"}`` of ``fn`` after
+    ``warmup`` untimed calls (``time_once``; ``host_ms`` the median host time)."""
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     for _ in range(warmup):
         fn()
     synchronize(device)
-    return _summary([time_once_ms(fn, device) for _ in range(repeats)])
+    return _summary([time_once(fn, device) for _ in range(repeats)])
 
 
-def _summary(times: list[float]) -> dict:
-    """``{"ms": median, "ms_min", "ms_max", "repeats"}`` of the repeats' times."""
-    return dict(ms=statistics.median(times), ms_min=min(times), ms_max=max(times), repeats=len(times))
+def _summary(times: list[tuple[float, float]]) -> dict:
+    """``{"ms": median, "ms_min", "ms_max", "repeats", "host_ms"}`` of the repeats'
+    ``(ms, host_ms)``."""
+    ms = [t for t, _ in times]
+    return dict(ms=statistics.median(ms), ms_min=min(ms), ms_max=max(ms), repeats=len(ms),
+                host_ms=statistics.median(host for _, host in times))
 
 
 def measure_interleaved(fns: dict, device: torch.device, warmup: int = 2, repeats: int = 5,
@@ -67,11 +112,11 @@ def measure_interleaved(fns: dict, device: torch.device, warmup: int = 2, repeat
                     fns[name]()
                     synchronize(device)
                 else:
-                    times[name].append(time_once_ms(fns[name], device))
+                    times[name].append(time_once(fns[name], device))
             except errors as error:
                 error.__context__ = error.__cause__ = None
                 results[name] = error.with_traceback(None)
     for name in names:
         if name not in results:
-            results[name] = dict(_summary(times[name]), ms_all=times[name])
+            results[name] = dict(_summary(times[name]), ms_all=[ms for ms, _ in times[name]])
     return {name: results[name] for name in names}

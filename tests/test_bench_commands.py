@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -543,10 +544,31 @@ def test_interleaved_timing_takes_turns_and_drops_what_fails():
     for name in ("a", "b"):
         assert timings[name]["repeats"] == 3 == len(timings[name]["ms_all"])
         assert timings[name]["ms"] == statistics.median(timings[name]["ms_all"])
+        assert timings[name]["host_ms"] == timings[name]["ms"]  # on a CPU the host's time is the time
     with pytest.raises(KeyboardInterrupt):  # not an error of the function: Ctrl-C stops the measurement
         measure_interleaved({"stop": fn("stop", fails_on=1, error=KeyboardInterrupt)}, "cpu", errors=(Exception,))
     with pytest.raises(ValueError, match="repeats"):
         measure_interleaved({"a": fn("a")}, "cpu", repeats=0)
+
+
+@pytest.mark.gpu
+def test_gpu_timing_leaves_the_host_work_out():
+    """A call whose host work (a 1 ms Python sleep, shorter than the timing's head start)
+    is longer than its GPU work (a 0.5 ms GPU sleep) is timed at the GPU's 0.5 ms, with
+    the host's time kept beside it (an idle GPU's events would give 1.5 ms or more)."""
+    import torch
+
+    from usp.bench.timing import _sleep_cycles_per_ms, measure_ms
+
+    half_ms = round(_sleep_cycles_per_ms(torch.cuda.current_device()) / 2)
+
+    def call():
+        time.sleep(0.001)
+        torch.cuda._sleep(half_ms)
+
+    timing = measure_ms(call, "cuda", warmup=1, repeats=5)
+    assert 0.4 < timing["ms"] < 0.9, timing
+    assert timing["host_ms"] >= 1.0, timing
 
 
 def test_an_interrupted_kernel_run_keeps_what_it_measured(tmp_path, monkeypatch, capsys):
