@@ -264,10 +264,11 @@ def all_reduce_gradients(model: torch.nn.Module, mesh: Mesh) -> None:
     """Sum every parameter's gradient over the mesh's sequence- and data-parallel groups
     (one flat all-reduce per dtype and group). With ``sequence_parallel_loss`` the sum is
     the gradient of the batch's mean loss: do not average again. A parameter without a
-    gradient on some ranks gets zeros there; one without a gradient anywhere stays None."""
+    gradient on some ranks gets zeros there; one without a gradient anywhere stays None.
+    A mesh of one rank has nothing to sum: no copies, no collective, no wait for the GPU."""
     check_mesh(mesh)
     params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    if not params or mesh.sp_degree * mesh.dp_degree == 1:
         return
     present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
     present = _all_reduce_over_mesh(present, mesh).tolist()

@@ -182,6 +182,27 @@ def test_bad_input_is_refused_on_every_rank(four_ranks):
     assert first["gradients"] == ([[1.0, 1.0], [1.0, 1.0]], None)
 
 
+def _gradients_on_one_rank() -> tuple:
+    """all_reduce_gradients on a one-rank mesh, with every collective and concatenation
+    made to fail: what it leaves in the gradients."""
+    from unittest import mock
+
+    from usp.attention.hf import all_reduce_gradients
+    from usp.comm import init_mesh
+
+    layer = torch.nn.Linear(2, 2, bias=True)
+    grad = layer.weight.grad = torch.full((2, 2), 3.0)
+    refuse = mock.Mock(side_effect=AssertionError("nothing to sum on one rank"))
+    with mock.patch.object(torch, "cat", refuse), mock.patch.object(torch.distributed, "all_reduce", refuse):
+        all_reduce_gradients(layer, init_mesh(1, 1))
+    return layer.weight.grad is grad, layer.weight.grad.tolist(), layer.bias.grad
+
+
+def test_one_rank_sums_no_gradients():
+    (result,) = run(1, _gradients_on_one_rank, pg_timeout_s=60.0)
+    assert result == (True, [[3.0, 3.0], [3.0, 3.0]], None)
+
+
 def _packed_documents() -> dict:
     """One packed sequence (documents of 12, 4 and 16 tokens) through a float64 LLaMA on
     each mesh, against the same model run on each document alone with transformers' SDPA
