@@ -16,6 +16,10 @@
 #             and 8 K/V heads, d128, bf16, 8K tokens per rank, causal), first zigzag with
 #             each step's merge outside the kernel (--merge separate), then every layout
 #   train     `usp-bench train` under torchrun on NCCL (one rank): bf16 autocast, MFU
+#   timing    the table's forward config (d128, bf16, 8K tokens, full) timed by `usp-bench
+#             tune` and by `usp-bench kernels --impl triton` alone, back to back: whether the
+#             two programs agree on one kernel when nothing else runs between its repeats
+#             (printed to the log only)
 # $OUT (default /tmp/usp-gpu; new or empty) gets at most 8 files: check.log (every step's output),
 # summary.txt (each step's verdict and time, then the headline lines) and each step's
 # JSON result (two for emulate). Draw the figures afterwards with `python -m usp.plots DIR`.
@@ -109,7 +113,16 @@ emulate_both() {  # emulate ARGS...: zigzag merging outside the kernel, then the
     "$py" -m usp.bench emulate "$@" --out-dir "$work/emulate"
 }
 
-export -f setup gpu_tests emulate_both
+timing_pair() {  # timing TUNE_ARGS -- KERNELS_ARGS: the same kernel by both programs, one after the other
+  local tune=() kernels=() seen=0 arg
+  for arg in "$@"; do
+    if [ "$arg" = "--" ]; then seen=1; elif [ $seen -eq 0 ]; then tune+=("$arg"); else kernels+=("$arg"); fi
+  done
+  "$py" -m usp.bench tune "${tune[@]}" --out-dir "$work/timing" &&
+    "$py" -m usp.bench kernels "${kernels[@]}" --out-dir "$work/timing"
+}
+
+export -f setup gpu_tests emulate_both timing_pair
 export smoke work py
 # one machine: gloo (the mesh's host checks, torchrun on a CPU) and NCCL's bootstrap on loopback
 export GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-lo}" NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-lo}"
@@ -120,7 +133,10 @@ if [ $smoke -eq 1 ]; then  # tiny sizes, fp32 (the interpreter's bf16 is wrong),
   emulate=(--world-size 2 --tokens-per-rank 32 --heads 2 --kv-heads 1 --head-dim 16 --backend triton --layout zigzag)
   verify=(--backend torch --backend naive)
   train=(--mesh 1x1 --steps 2 --dtype fp32)
-  limits=(60 120 90 120 120 120)
+  timing=(--kernel fwd --head-dim 16 --dtype fp32 --seqlen 32 --no-causal --candidate 16x16,1,1 --warmup 0 --repeats 1
+          -- --impl triton --dtype fp32 --head-dim 16 --seqlen 32 --heads 2 --batch 1 --no-causal --pass fwd --warmup 0
+          --repeats 1)
+  limits=(60 120 90 120 120 120 90)
 else
   kernels=(--impl triton --impl sdpa-flash --impl sdpa-cudnn --impl sdpa-efficient --dtype bf16 --head-dim 64 128
            --seqlen 1024 2048 4096 8192 16384 --pass fwd --pass bwd --warmup 3 --repeats 10)
@@ -128,7 +144,10 @@ else
   verify=()
   train=(--mesh 1x1 --steps 10 --seqlen 4096 --batch 2 --vocab 32000 --hidden 2048 --ffn-hidden 5632 --layers 4 --lr 3e-4
          --heads 16 --kv-heads 4)
-  limits=(30 140 70 70 60 80)  # 450 s in all, the most each step may take
+  timing=(--kernel fwd --head-dim 128 --dtype bf16 --seqlen 8192 --tokens 16384 --no-causal --candidate 128x64,8,3
+          --warmup 3 --repeats 10
+          -- --impl triton --dtype bf16 --head-dim 128 --seqlen 8192 --no-causal --pass fwd --warmup 3 --repeats 10)
+  limits=(30 140 70 70 60 80 25)  # 475 s in all, the most each step may take
 fi
 
 step setup "${limits[0]}" setup
@@ -141,7 +160,9 @@ step kernels "${limits[3]}" "$py" -m usp.bench kernels "${kernels[@]}" --out-dir
 step emulate "${limits[4]}" emulate_both ${emulate[@]+"${emulate[@]}"}
 step train "${limits[5]}" "$py" -m torch.distributed.run --standalone --nproc-per-node 1 \
   -m usp.bench train "${train[@]}" --out-dir "$work/train"
+step timing "${limits[6]}" timing_pair "${timing[@]}"
 
 grep -hE "^(--- tests|emulate: |headline|of the matmul rate|matmul rate|compiled the triton|config |u[0-9]+r[0-9]+ )|overhead \
 [0-9.]+x|[0-9]+/[0-9]+ passed" "$log" >>"$summary"
+sed -n '/^=== timing/,$p' "$log" | grep -E " ms " | sed 's/^ */timing: /' >>"$summary"  # the same kernel, both programs
 exit $status

@@ -643,7 +643,7 @@ def test_gpu_check_script_runs_its_steps_on_a_cpu(tmp_path):
     proc = subprocess.Popen(["bash", "bench/gpu_check.sh", "--smoke"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        printed, _ = proc.communicate(timeout=900)  # the steps' limits add up to 630 s
+        printed, _ = proc.communicate(timeout=960)  # the steps' limits add up to 720 s
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         raise
@@ -652,9 +652,12 @@ def test_gpu_check_script_runs_its_steps_on_a_cpu(tmp_path):
     assert [name.split("-")[0] for name in names] == ["check.log", "emulate", "emulate", "kernels", "summary.txt",
                                                       "train", "verify"]
     summary = (out / "summary.txt").read_text()
-    for step in ("setup", "tests", "verify", "kernels", "emulate", "train"):
+    for step in ("setup", "tests", "verify", "kernels", "emulate", "train", "timing"):
         assert re.search(rf"^{step} +ok +\d+ s$", summary, re.M), summary
     assert "--- tests, share 0 of 8: " in summary and "matmul rate: fp32 " in summary
+    # the timing step: the same forward by the tune (its one candidate is the table's) and the kernel benchmark
+    assert re.search(r"^timing: \* 16x16,1,1 .* ms", summary, re.M) and re.search(r"^timing: triton +fwd .* ms",
+                                                                                   summary, re.M), summary
     assert "triton, merge kernel" in summary and "triton, merge separate" in summary  # both emulations
     kernels = _timed_document(out, "kernels")
     assert kernels["summary"]["compile"]["groups"] and kernels["summary"]["matmul_tflops"]["fp32"] > 0
