@@ -45,7 +45,8 @@ def hide_host_work(device: torch.device) -> None:
     device = torch.device(device)
     if device.type == "cuda":
         index = torch.cuda.current_device() if device.index is None else device.index
-        torch.cuda._sleep(int(HEAD_START_MS * _sleep_cycles_per_ms(index)))
+        with torch.cuda.device(index):
+            torch.cuda._sleep(int(HEAD_START_MS * _sleep_cycles_per_ms(index)))
 
 
 def time_once(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
