@@ -131,7 +131,12 @@ def _flash_fwd_kernel(
             lse_before = tl.load(lse_ptrs)
         else:
             lse_before = tl.load(lse_ptrs, mask=offs_m < seqlen_q, other=float("-inf"))
-        out_before = load_tile(o_ptrs, offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, not EVEN_D).to(tl.float32)
+        # A row at -inf holds nothing: its out is not read (a fresh accumulator may be uninitialised).
+        held = (lse_before != float("-inf"))[:, None]
+        if EVEN_D:
+            out_before = tl.load(o_ptrs, mask=held, other=0.0).to(tl.float32)
+        else:
+            out_before = tl.load(o_ptrs, mask=held & (offs_d[None, :] < head_dim), other=0.0).to(tl.float32)
         top = tl.maximum(lse_before, lse)
         top = tl.where(top == float("-inf"), 0.0, top)
         total = tl.exp(lse_before - top) + tl.exp(lse - top)
@@ -199,8 +204,10 @@ def flash_attn_forward_into(q, k, v, out, lse, causal=False, softmax_scale=None,
     """``flash_attn_forward`` of ``q`` over ``k, v`` merged in place into a running result
     over other keys: ``out [B, Sq, Hq, D]`` and ``lse [B, Hq, Sq]``, both float32 (views
     allowed, e.g. some rows of an accumulator; ``lse`` with unit stride along Sq). Rows at
-    ``lse = -inf`` (out 0) hold nothing yet. The same as ``merge_attention_(out, lse,
-    *flash_attn_forward(...))`` without the block's own output ever reaching memory."""
+    ``lse = -inf`` hold nothing yet and their ``out`` is not read (it may be uninitialised
+    memory, as in a fresh accumulator of ``torch.empty``). Otherwise the same as
+    ``merge_attention_(out, lse, *flash_attn_forward(...))`` without the block's own
+    output ever reaching memory, or being rounded to q's dtype."""
     shape = check_accumulator(q, k, v, out, lse, causal)
     mask = token_mask(causal, window_size, positions, shape, q.device)
     _run_forward(q, k, v, out, lse, shape, mask, softmax_scale, accumulate=True)

@@ -57,7 +57,9 @@ class PartialResults:
     it comes (no merge into zeros, no copy unless its dtype is narrower than the
     accumulator's), the others merge in place. ``result()``: ``(out [B, S, H, D],
     lse [B, H, S])`` in the accumulation dtype; rows no block covered have out 0 and
-    lse -inf. The blocks' tensors become the accumulator's: pass fresh ones."""
+    lse -inf. The blocks' tensors become the accumulator's: pass fresh ones.
+    ``attend(backend, rows, q, k, v)`` computes a block and merges it, inside the kernel
+    where the backend can (``forward_into``)."""
 
     def __init__(self, shape: tuple, dtype: torch.dtype, device: torch.device):
         self.shape, self.dtype, self.device = tuple(shape), dtype, device
@@ -73,22 +75,27 @@ class PartialResults:
 
     def attend(self, backend, rows: slice, q, k, v, **options) -> None:
         """Compute attention of ``q`` (the query rows ``rows``) over ``k, v`` with ``backend``
-        and merge it: inside the kernel when the backend has ``forward_into`` and a float32
-        accumulator already exists, else through ``add``."""
+        and merge it: inside the kernel when the backend has ``forward_into`` and the
+        accumulator is float32 (the first block too, written in float32 into a fresh
+        accumulator, never rounded to q's dtype), else through ``add``."""
         if not isinstance(rows, slice) or rows.step not in (None, 1):
             raise ValueError(f"rows must be a slice of consecutive rows, got {rows!r}")  # a view, not a copy
         forward_into = getattr(backend, "forward_into", None)
-        if forward_into is not None and self.out is not None and self.dtype == torch.float32:
-            forward_into(q, k, v, self.out[:, rows], self.lse[:, :, rows], **options)
-        else:
+        if forward_into is None or self.dtype != torch.float32:
             self.add(rows, *backend.forward(q, k, v, **options))
+            return
+        if self.out is None:
+            self._start_empty(written=range(self.shape[1])[rows] == range(self.shape[1]))
+        forward_into(q, k, v, self.out[:, rows], self.lse[:, :, rows], **options)
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.out is None:
             self._start_empty()
         return self.out, self.lse
 
-    def _start_empty(self) -> None:
+    def _start_empty(self, written: bool = False) -> None:
+        """Out 0 and lse -inf: nothing held. ``written``: a ``forward_into`` over every row
+        comes next, which never reads the out of a row at -inf, so out is left unset."""
         batch, seqlen, heads, _ = self.shape
-        self.out = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        self.out = (torch.empty if written else torch.zeros)(self.shape, dtype=self.dtype, device=self.device)
         self.lse = torch.full((batch, heads, seqlen), float("-inf"), dtype=self.dtype, device=self.device)

@@ -127,10 +127,11 @@ def test_forward_into_refuses_accumulators_it_cannot_merge_into():
 
 
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
-def test_the_ring_merges_each_later_step_inside_the_kernel(layout):
-    """The triton backend's forward_into takes every later step of a causal ring of 3
-    (zigzag: 2 steps on each rank; contiguous: the steps of earlier sources, 0 + 1 + 2):
-    the ring's out and lse equal the oracle, with no separate merge."""
+def test_the_ring_merges_each_step_inside_the_kernel(layout):
+    """The triton backend's forward_into takes every step of a causal ring of 3 that
+    computes something, the first into a fresh accumulator (zigzag: 3 on each rank;
+    contiguous: the diagonal and the earlier sources' blocks, 1 + 2 + 3): the ring's out
+    and lse equal the oracle, with no separate merge and no forward."""
     calls = []
     triton = get_backend("triton")
 
@@ -138,10 +139,44 @@ def test_the_ring_merges_each_later_step_inside_the_kernel(layout):
         calls.append(1)
         return triton.forward_into(*args, **kwargs)
 
-    backend = FunctionBackend("counted", triton.forward, triton.backward, forward_into=counted_into)
+    def no_forward(*args, **kwargs):
+        raise AssertionError("every step should merge inside the kernel")
+
+    backend = FunctionBackend("counted", no_forward, triton.backward, forward_into=counted_into)
     q, k, v, dout = (_randn(1, 48, 2, 16, dtype=torch.float32, seed=s) for s in (8, 9, 10, 11))
     ring = ring_by_threads(backend, q, k, v, dout, True, 3, layout)
     expected_out, expected_lse = naive_attention(*(x.double() for x in (q, k, v)), causal=True)
     torch.testing.assert_close(ring["out"].double(), expected_out, rtol=0, atol=1e-5)
     torch.testing.assert_close(ring["lse"].double(), expected_lse, rtol=0, atol=1e-5)
-    assert len(calls) == (2 * 3 if layout == "zigzag" else 0 + 1 + 2)
+    assert len(calls) == (3 * 3 if layout == "zigzag" else 1 + 2 + 3)
+
+
+def test_forward_into_never_reads_the_out_of_rows_that_hold_nothing():
+    """Rows at lse = -inf may hold any out, NaN included (a fresh ``torch.empty``): the
+    result is the block's own, bit for bit what flash_attn_forward gives in float32."""
+    q, k, v = (_randn(2, 24, 2, 24, dtype=torch.float32, seed=s) for s in (20, 21, 22))
+    out = torch.full((2, 24, 2, 24), float("nan"), device=DEVICE)
+    lse = torch.full((2, 2, 24), -INF, device=DEVICE)
+    flash_attn_forward_into(q, k, v, out, lse, causal=True)
+    expected_out, expected_lse = flash_attn_forward(q, k, v, causal=True)
+    assert torch.equal(out, expected_out) and torch.equal(lse, expected_lse)
+
+
+def test_the_first_block_reaches_the_accumulator_unrounded():
+    """With forward_into the first fp16 block is written in float32 into a fresh accumulator
+    (not rounded to fp16 and widened again), within the test rule of the float64 oracle;
+    a first block over some rows leaves the others out 0, lse -inf."""
+    q, k, v = (_randn(1, 16, 2, 16, dtype=torch.float16, seed=s) for s in (23, 24, 25))
+    partial = PartialResults(q.shape, torch.float32, DEVICE)
+    partial.attend(get_backend("triton"), slice(0, 16), q, k, v)
+    out, lse = partial.result()
+    assert (out != out.half().float()).any()  # fp16 would have rounded these
+    expected_out, _ = naive_attention(*(x.double() for x in (q, k, v)))
+    baseline_out, _ = naive_attention(q, k, v)
+    assert max_error(out, expected_out) <= tolerance("out", torch.float16, 16, expected_out,
+                                                     max_error(baseline_out, expected_out))
+    some = PartialResults(q.shape, torch.float32, DEVICE)
+    some.attend(get_backend("triton"), slice(4, 12), q[:, 4:12], k, v)
+    out, lse = some.result()
+    assert (out[:, :4] == 0).all() and (out[:, 12:] == 0).all() and (lse[:, :, :4] == -INF).all()
+    assert torch.equal(out[:, 4:12], partial.out[:, 4:12]) and torch.equal(lse[:, :, 4:12], partial.lse[:, :, 4:12])
