@@ -15,7 +15,8 @@ from .cli_args import HelpFormatter, plain
 
 # command -> (module of usp.bench, one-line help); each module has add_arguments(parser) and run(args)
 COMMANDS = {
-    "all": ("main_job", "the main job: verify, kernels, scaling, emulate and model into one run folder, then plot"),
+    "all": ("main_job", "the main job: verify, kernels, scaling, emulate, balance, model and train into one run "
+                        "folder, then plot"),
     "verify": ("verify", "check every backend and the sequence-parallel methods against float64 naive attention"),
     "kernels": ("kernel_bench", "time the local backends against PyTorch SDPA (TFLOP/s, ratio to SDPA)"),
     "scaling": ("scaling", "run ring, Ulysses and USP attention on N processes (gloo, or NCCL under torchrun)"),
