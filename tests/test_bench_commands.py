@@ -266,12 +266,12 @@ def test_emulate_with_documents_a_window_and_both_schedules(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("backend, merge, calls_inside, recorded", [
-    ("triton", "kernel", 2, "kernel"), ("triton", "separate", 0, "separate"), ("torch", "kernel", 0, "separate")])
+    ("triton", "kernel", 4, "kernel"), ("triton", "separate", 0, "separate"), ("torch", "kernel", 0, "separate")])
 def test_emulate_merges_inside_the_kernel_or_separately_as_asked(tmp_path, monkeypatch, backend, merge, calls_inside,
                                                                  recorded):
-    """Two ring ranks, zigzag: each merges its one later step inside the kernel
-    (``forward_into``) unless told to merge separately; a backend that cannot merge
-    inside merges separately, and the result says so."""
+    """Two ring ranks, zigzag: each merges both its steps inside the kernel
+    (``forward_into``, the first into a fresh accumulator) unless told to merge
+    separately; a backend that cannot merge inside merges separately, and the result says so."""
     from usp.kernels import backends
 
     triton, calls = backends.BACKENDS["triton"], []
