@@ -18,11 +18,13 @@ ring steps are too short to hide their transfers.
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 
 from usp.comm import traffic
 from usp.comm.gather import post_gather_sequence, post_reduce_scatter_sequence
 from usp.kernels.layout import accum_dtype
+from usp.kernels.merge import backward_block
 
 from .layout import gathered_block, on_device
 
@@ -72,9 +74,10 @@ def allgather_backward(dout, q, k, v, out, lse, comm, causal: bool, scale: float
     """``dq, dk, dv`` of this rank's shards from the global ``out`` and ``lse`` rows."""
     k_all, v_all = comm.gather((k, v), traffic.KV_GATHER)
     block = _block(q, comm, causal, layout, documents, window_size)
-    with traffic.span(traffic.COMPUTE, label=traffic.BACKWARD, step=0):
-        dq, dk_all, dv_all = backend.backward(dout, q, k_all, v_all, out, lse, softmax_scale=scale,
-                                              **block.options())
     acc = accum_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    with traffic.span(traffic.COMPUTE, label=traffic.BACKWARD, step=0):  # dK/dV in float32 where the backend can
+        dk_all, dv_all = backward_block(backend, dq, slice(None), dout, q, k_all, v_all, out, lse,
+                                        softmax_scale=scale, **block.options())
     dk, dv = comm.reduce_scatter((dk_all.to(acc), dv_all.to(acc)), traffic.DKV_REDUCE)
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

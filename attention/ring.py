@@ -4,7 +4,8 @@ At each step a rank posts the transfer of the K/V block it holds to the next ran
 the receive of the previous rank's), computes its queries against the block it holds
 (full, causal diagonal, half block or nothing: ``layout.ring_block``), merges the
 partial result through the LSE (inside the kernel when the backend has ``forward_into``),
-and only then waits for the transfer. Backward sends
+and only then waits for the transfer. Backward (each block's dQ added inside the kernel
+when the backend has ``backward_into``) sends
 K/V around again; the dK/dV accumulator of each block (float32, float64 for float64
 inputs) travels one hop behind it and is back at its owner after the last step. Every
 step's backward uses the global (merged) out and lse, as the backend contract requires.
@@ -23,7 +24,7 @@ import torch
 
 from usp.comm import traffic
 from usp.comm.ring import Delivered, RingTransport
-from usp.kernels.merge import PartialResults
+from usp.kernels.merge import PartialResults, backward_block
 from usp.kernels.layout import accum_dtype
 
 from .layout import ring_block
@@ -71,10 +72,9 @@ def ring_backward(dout, q, k, v, out, lse, ring: RingTransport, causal: bool, sc
         else:
             rows, keys = block.q_rows, block.k_rows
             with traffic.span(traffic.COMPUTE, label=traffic.BACKWARD, step=step):
-                block_dq, block_dk, block_dv = backend.backward(
-                    dout[:, rows], q[:, rows], kv[0][:, keys], kv[1][:, keys], out[:, rows], lse[:, :, rows],
-                    softmax_scale=scale, **block.options())
-                dq[:, rows] += block_dq
+                block_dk, block_dv = backward_block(backend, dq, rows, dout[:, rows], q[:, rows], kv[0][:, keys],
+                                                    kv[1][:, keys], out[:, rows], lse[:, :, rows],
+                                                    softmax_scale=scale, **block.options())
         dkv = arriving.wait()  # from the ranks this block visited before, sent during the compute
         if block is not None:
             with traffic.span(traffic.COMPUTE, label=traffic.ACCUMULATE, step=step):

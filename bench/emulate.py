@@ -152,10 +152,11 @@ def step_times(problem: Problem, layout: str, backend_name: str, device, warmup:
     """``{"fwd": t, "bwd": t}`` with ``t[i][s]``: ms of ring rank ``i``'s step ``s`` (0 when
     skipped; the all-gather schedule has one step), each the median over ``repeats`` runs
     of the rank's schedule. ``merge="separate"``: the ring steps write their block's output
-    and merge it outside the kernel even where the backend could merge inside it."""
+    (and gradients) and merge (add) them outside the kernel even where the backend could
+    do it inside."""
     backend = get_backend(backend_name)
     if merge == "separate":
-        backend = dataclasses.replace(backend, forward_into=None)
+        backend = dataclasses.replace(backend, forward_into=None, backward_into=None)
     r = problem.ring_degree
     scale = resolve_softmax_scale(None, problem.head_dim)
     # one Ulysses rank's heads over the whole sequence, then each ring rank's positions
@@ -315,8 +316,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency-us", type=positive_float, default=10.0, help="per-transfer latency in microseconds")
     add_device_argument(parser)
     parser.add_argument("--merge", choices=MERGES, default="kernel",
-                        help="where a ring step merges its block into the running result: inside the kernel, "
-                             "where the backend can (triton's forward_into), or separately after it (to compare)")
+                        help="where a ring step merges its block into the running result, and adds its dQ: "
+                             "inside the kernel, where the backend can (triton's forward_into, backward_into), or "
+                             "separately after it (to compare)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     add_timing_arguments(parser, warmup=1, repeats=3)
     add_output_arguments(parser)

@@ -10,7 +10,9 @@ set, so a backend without them still serves every other call. Packed documents
 (``usp.kernels.varlen``) use a backend's own ``varlen_forward`` / ``varlen_backward``
 where it has them (triton), else one call per document. A backend's ``forward_into``
 (triton), where it has one, merges a block's result into a running float32 ``(out, lse)``
-in place: the ring's later steps use it instead of a separate merge.
+in place, and its ``backward_into`` adds a block's dQ into a running float32 dQ and
+returns dK, dV in float32: the ring's steps use them instead of separate merges and
+additions, and no block's result or gradient is rounded to the input dtype on the way.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 
 from . import naive, torch_fused
 from .checks import resolve_window
-from .flash_bwd import flash_attn_backward, flash_attn_varlen_backward
+from .flash_bwd import flash_attn_backward, flash_attn_backward_into, flash_attn_varlen_backward
 from .flash_fwd import flash_attn_forward, flash_attn_forward_into, flash_attn_varlen_forward
 
 
@@ -53,6 +55,7 @@ class FunctionBackend:
     varlen_forward: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
     varlen_backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
     forward_into: Callable[..., None] | None = None
+    backward_into: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 def window_kwargs(window_size) -> dict:
@@ -63,7 +66,7 @@ def window_kwargs(window_size) -> dict:
 
 BACKENDS: dict[str, Backend] = {
     "triton": FunctionBackend("triton", flash_attn_forward, flash_attn_backward, flash_attn_varlen_forward,
-                              flash_attn_varlen_backward, flash_attn_forward_into),
+                              flash_attn_varlen_backward, flash_attn_forward_into, flash_attn_backward_into),
     "torch": FunctionBackend("torch", torch_fused.forward, torch_fused.backward),
     "naive": FunctionBackend("naive", naive.forward, naive.backward),
 }

@@ -111,12 +111,36 @@ def check_accumulator(q, k, v, out, lse, causal: bool = False) -> AttentionShape
         raise ValueError(f"out is on {out.device} but q is on {q.device}")
     if lse.stride(-1) != 1 and shape.seqlen_q > 1:
         raise ValueError("lse must have unit stride along the sequence")
-    if any(stride == 0 and size > 1 for x in (out, lse) for stride, size in zip(x.stride(), x.shape)):
-        raise ValueError("out and lse must not have elements that overlap (an expanded tensor): the kernel writes them")
-    if any(a.numel() and b.numel() and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-           for a in (out, lse) for b in (q, k, v, lse if a is out else out)):
-        raise ValueError("out and lse must not share memory with q, k, v or each other")
+    _check_written("out and lse", (out, lse), (q, k, v))
     return shape
+
+
+def check_grad_accumulator(dout, q, k, v, out, lse, dq, causal: bool = False) -> AttentionShape:
+    """Validate a backward that adds its dQ into a running float32 ``dq`` in place
+    (``flash_attn_backward_into``) and return the sizes: ``dq`` of q's shape on q's
+    device, not expanded and not sharing memory with any input."""
+    shape = check_backward_inputs(dout, q, k, v, out, lse, causal)
+    _check_tensor("dq", dq)
+    if dq.shape != q.shape:
+        raise ValueError(f"dq must have the shape of q {tuple(q.shape)}, got {tuple(dq.shape)}")
+    if dq.dtype != torch.float32:
+        raise ValueError(f"dq accumulates in float32, got {dq.dtype}")
+    if dq.device != q.device:
+        raise ValueError(f"dq is on {dq.device} but q is on {q.device}")
+    _check_written("dq", (dq,), (dout, q, k, v, out, lse))
+    return shape
+
+
+def _check_written(what: str, written, inputs) -> None:
+    """Tensors a kernel writes in place: no element twice (an expanded tensor), no memory
+    shared with the inputs or with each other."""
+    if any(stride == 0 and size > 1 for x in written for stride, size in zip(x.stride(), x.shape)):
+        raise ValueError(f"{what} must not have elements that overlap (an expanded tensor): the kernel writes them")
+    storage = lambda x: x.untyped_storage().data_ptr()  # noqa: E731
+    if any(a.numel() and b.numel() and storage(a) == storage(b)
+           for i, a in enumerate(written) for b in (*inputs, *written[i + 1:])):
+        raise ValueError(f"{what} must not share memory with " + ("q, k, v or each other" if len(written) > 1
+                                                                   else "the inputs"))
 
 
 def _check_lse(lse, shape: AttentionShape, q: torch.Tensor) -> None:

@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import check_backward_inputs, check_packed_backward_inputs, resolve_softmax_scale
+from .checks import (check_backward_inputs, check_grad_accumulator, check_packed_backward_inputs,
+                     resolve_softmax_scale)
 from .configs import KernelConfig, get_config, padded_head_dim
 from .flash_fwd import packed_mask, token_mask
 from .triton_common import (LOG2E, Launch, MaskSpec, check_triton_inputs, device_guard, dot_precision,
@@ -206,7 +207,7 @@ def _bwd_dq_kernel(
     seqlen_q, seqlen_k, heads, group, head_dim, qk_scale, softmax_scale, window_left, window_right,
     LEFT: tl.constexpr, RIGHT: tl.constexpr, VARLEN: tl.constexpr, TOKENS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
     start_m, bh, b, h = program_tile(BLOCK_M, heads)
     q0, seqlen_q = sequence_span(CuSeqlensQ, b, seqlen_q, VARLEN)
@@ -242,18 +243,22 @@ def _bwd_dq_kernel(
                         True, LEFT, RIGHT, TOKENS, BLOCK_N, EVEN_D, PRECISION)
 
     dq_ptrs = tile_pointers(DQ, b, h, m0, rows, offs_d, stride_dqb, stride_dqs, stride_dqh, stride_dqd)
-    store_tile(dq_ptrs, (dq * softmax_scale).to(DQ.dtype.element_ty), offs_m, seqlen_q, offs_d, head_dim,
-               not EVEN_M, not EVEN_D)
+    dq = dq * softmax_scale
+    if ACCUMULATE:  # add to the running float32 dQ of these rows (a ring's earlier blocks of keys)
+        dq += load_tile(dq_ptrs, offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, not EVEN_D)
+    store_tile(dq_ptrs, dq.to(DQ.dtype.element_ty), offs_m, seqlen_q, offs_d, head_dim, not EVEN_M, not EVEN_D)
 
 
 def backward_launches(dout, q, k, v, out, lse, delta, lse2, dq, dk, dv, *, mask: MaskSpec, scale: float,
-                      configs: dict[str, KernelConfig], visits: torch.Tensor | None = None) -> list[Launch]:
+                      configs: dict[str, KernelConfig], visits: torch.Tensor | None = None,
+                      accumulate: bool = False) -> list[Launch]:
     """The three backward launches for already-validated inputs (dense, or packed with
     ``mask.varlen``, as ``forward_launch`` takes them); ``lse`` is float32 and contiguous,
     ``delta`` and ``lse2`` are float32 buffers of its shape, ``configs`` maps "bwd_dkdv"
     and "bwd_dq" to their configs (the preprocess uses the dq tiling). ``visits``, int32
     zeros with one slot per dK/dV program, receives the query blocks it visited, over the
-    query heads of its group."""
+    query heads of its group. ``accumulate``: dQ is added to what ``dq`` holds. The
+    gradients are stored in the dtypes of ``dq, dk, dv``, whatever q's."""
     dout4, q4, k4, v4, out4, dq4, dk4, dv4 = (x.unsqueeze(0) if mask.varlen else x
                                               for x in (dout, q, k, v, out, dq, dk, dv))
     batch, seqlen_q, heads, head_dim = q4.shape
@@ -290,7 +295,7 @@ def backward_launches(dout, q, k, v, out, lse, delta, lse2, dq, dk, dv, *, mask:
                 *mask.strides(dq4), *lse_strides,
                 seqlen_q, seqlen_k, heads, group, head_dim, scale * LOG2E, scale, *mask.window_args),
                dict(BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n,
-                    EVEN_M=not mask.varlen and seqlen_q % dq_cfg.block_m == 0, **common),
+                    EVEN_M=not mask.varlen and seqlen_q % dq_cfg.block_m == 0, ACCUMULATE=accumulate, **common),
                dq_cfg.num_warps, dq_cfg.num_stages),
     ]
 
@@ -308,6 +313,17 @@ def flash_attn_backward(dout, q, k, v, out, lse, causal=False, softmax_scale=Non
                          softmax_scale)
 
 
+def flash_attn_backward_into(dout, q, k, v, out, lse, dq, causal=False, softmax_scale=None, window_size=(-1, -1),
+                             positions=None):
+    """``flash_attn_backward`` of one block of keys inside a running backward: the block's
+    dQ is added in place to the float32 accumulator ``dq [B, Sq, Hq, D]`` (a view allowed,
+    e.g. some rows of a ring's dQ), and its ``(dk, dv)`` are returned in float32. No
+    gradient is rounded to q's dtype before it is summed, and no separate pass adds dQ."""
+    shape = check_grad_accumulator(dout, q, k, v, out, lse, dq, causal)
+    mask = token_mask(causal, window_size, positions, shape, q.device)
+    return _run_backward(dout, q, k, v, out, lse, shape, mask, softmax_scale, dq=dq)[1:]
+
+
 def flash_attn_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
                                causal=False, softmax_scale=None, window_size=(-1, -1)):
     """Gradients of ``flash_attn_varlen_forward`` from the given ``out`` and ``lse``:
@@ -318,18 +334,21 @@ def flash_attn_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens
     return _run_backward(dout, q, k, v, out, lse, shape, mask, softmax_scale)
 
 
-def _run_backward(dout, q, k, v, out, lse, shape, mask: MaskSpec, softmax_scale, visits=None):
+def _run_backward(dout, q, k, v, out, lse, shape, mask: MaskSpec, softmax_scale, visits=None, dq=None):
+    """``(dq, dk, dv)`` in the input dtypes; with ``dq`` (a float32 accumulator) dQ is
+    added to it and dK, dV are float32."""
     check_triton_inputs(q)
     scale = resolve_softmax_scale(softmax_scale, shape.head_dim)
     device = q.device
     lse = lse.to(torch.float32).contiguous()
     delta, lse2 = torch.empty_like(lse), torch.empty_like(lse)
-    dq = torch.empty(q.shape, dtype=q.dtype, device=device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=device)
+    accumulate = dq is not None
+    if not accumulate:
+        dq = torch.empty(q.shape, dtype=q.dtype, device=device)
+    dk, dv = (torch.empty(x.shape, dtype=torch.float32 if accumulate else x.dtype, device=device) for x in (k, v))
     configs = {name: get_config(name, shape.head_dim, q.dtype, device) for name in ("bwd_dkdv", "bwd_dq")}
     with device_guard(device):
-        for launch in backward_launches(dout, q, k, v, out, lse, delta, lse2, dq, dk, dv,
-                                        mask=mask, scale=scale, configs=configs, visits=visits):
+        for launch in backward_launches(dout, q, k, v, out, lse, delta, lse2, dq, dk, dv, mask=mask, scale=scale,
+                                        configs=configs, visits=visits, accumulate=accumulate):
             launch.run()
     return dq, dk, dv

@@ -99,3 +99,16 @@ class PartialResults:
         batch, seqlen, heads, _ = self.shape
         self.out = (torch.empty if written else torch.zeros)(self.shape, dtype=self.dtype, device=self.device)
         self.lse = torch.full((batch, heads, seqlen), float("-inf"), dtype=self.dtype, device=self.device)
+
+
+def backward_block(backend, dq: torch.Tensor, rows: slice, dout, q, k, v, out, lse, **options):
+    """The backward of one block of keys for the query rows ``rows``: its dQ added into
+    the running ``dq`` (``[B, S, Hq, D]`` in the accumulation dtype), its ``(dk, dv)``
+    returned. Inside the kernel when the backend has ``backward_into`` and ``dq`` is
+    float32 (dK, dV then come in float32), else as a separate addition."""
+    backward_into = getattr(backend, "backward_into", None)
+    if backward_into is not None and dq.dtype == torch.float32:
+        return backward_into(dout, q, k, v, out, lse, dq[:, rows], **options)
+    block_dq, block_dk, block_dv = backend.backward(dout, q, k, v, out, lse, **options)
+    dq[:, rows] += block_dq
+    return block_dk, block_dv

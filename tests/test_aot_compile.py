@@ -16,12 +16,13 @@ import torch
 from usp.kernels.configs import GPU_FAMILIES, HOPPER, KERNELS, PADDED_HEAD_DIMS
 
 ROOT = Path(__file__).resolve().parents[1]
-ALL_KERNELS = (*KERNELS, "bwd_preprocess", "fwd_into")
+INTO = ("fwd_into", "bwd_dkdv_into", "bwd_dq_into")
+ALL_KERNELS = (*KERNELS, "bwd_preprocess", *INTO)
 VARIANTS = ("causal", "packed-window")  # together a superset of the full variant's code paths
-# every kernel in every variant, but the preprocess, which has no mask, once, and the forward
-# merging into a ring's accumulator, which serves dense and by-token masks, not packed documents
+# every kernel in every variant, but the preprocess, which has no mask, once, and the kernels
+# working into a ring's float32 accumulators, which serve dense and by-token masks, not packed documents
 KERNEL_VARIANTS = [(k, v) for k in ALL_KERNELS for v in VARIANTS
-                   if (k != "bwd_preprocess" or v == VARIANTS[0]) and (k != "fwd_into" or v != "packed-window")]
+                   if (k != "bwd_preprocess" or v == VARIANTS[0]) and (k not in INTO or v != "packed-window")]
 
 
 def _compile(groups: list[list[str]]) -> list[dict]:
@@ -64,7 +65,7 @@ def test_the_mask_by_token_compiles_fits_and_uses_wgmma(hopper_bf16):
     tokens = {r["kernel"]: r for r in hopper_bf16 if r["variant"] == "tokens-window"}
     assert set(tokens) == set(ALL_KERNELS)
     assert not _too_big(list(tokens.values()))
-    for kernel in (*KERNELS, "fwd_into"):
+    for kernel in (*KERNELS, *INTO):
         assert "wgmma" in tokens[kernel]["ptx_features"], (kernel, tokens[kernel]["ptx_features"])
 
 
@@ -87,16 +88,20 @@ def test_hopper_bf16_kernels_use_wgmma_and_async_copies(hopper_bf16, kernel, hea
 
 
 def test_merging_into_the_accumulator_costs_no_registers_at_the_common_head_dims(hopper_bf16):
-    """The forward that merges into a ring's accumulator holds a second float32 tile in its
-    epilogue: at d64 and d128 it must spill no more than the plain forward (none, on
-    sm_90 bf16); d256's tile spills in both (kernels/NOTES.md)."""
+    """The forward that merges into a ring's accumulator and the dQ kernel that adds into
+    one hold a second float32 tile in their epilogues: at d64 and d128 they must spill no
+    more than the plain kernels (none, on sm_90 bf16), and the dK/dV kernel writing float32
+    no more than the one writing bf16; d256's tiles spill in both (kernels/NOTES.md)."""
     usage = {(r["kernel"], r["head_dim"], r["variant"]): r for r in hopper_bf16}
     for head_dim in (64, 128):
-        fwd, into = usage["fwd", head_dim, "causal"], usage["fwd_into", head_dim, "causal"]
-        if fwd["stack_bytes"] is None:
-            pytest.skip("this Triton ships no cuobjdump to read registers with")
-        assert into["stack_bytes"] <= fwd["stack_bytes"] == 0, (head_dim, fwd, into)
-        assert into["shared_bytes"] == fwd["shared_bytes"]
+        for plain, into in (("fwd", "fwd_into"), ("bwd_dq", "bwd_dq_into"), ("bwd_dkdv", "bwd_dkdv_into")):
+            plain, into = usage[plain, head_dim, "causal"], usage[into, head_dim, "causal"]
+            if plain["stack_bytes"] is None:
+                pytest.skip("this Triton ships no cuobjdump to read registers with")
+            assert into["stack_bytes"] <= plain["stack_bytes"], (head_dim, plain, into)
+            assert into["shared_bytes"] == plain["shared_bytes"]
+        assert usage["fwd_into", head_dim, "causal"]["stack_bytes"] == usage["bwd_dq_into", head_dim, "causal"][
+            "stack_bytes"] == 0
     # the dK/dV kernel's d64 tile (16 x 64, 4 warps, from the H200 tune) spills nothing;
     # the 32 x 128 tile spilled 584 bytes per thread with 4 warps
     assert usage["bwd_dkdv", 64, "causal"]["stack_bytes"] == 0
