@@ -72,10 +72,12 @@ def test_backward_into_refuses_accumulators_it_cannot_add_into():
         flash_attn_backward_into(q, q, q, q, out, lse, out)
 
 
+@pytest.mark.parametrize("dtype", [DTYPES[0], DTYPES[2]])
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
-def test_the_ring_adds_each_steps_dq_inside_the_kernel(layout):
-    """fp16 causal ring of 3: every step's backward goes through backward_into (a backend
-    whose plain backward raises), and the gradients meet the test rule against float64."""
+def test_the_ring_adds_each_steps_dq_inside_the_kernel(layout, dtype):
+    """Causal ring of 3 (fp16; bf16 on a GPU): every step's backward goes through
+    backward_into (a backend whose plain backward raises), and the gradients meet the
+    test rule against float64."""
     calls = []
     triton = get_backend("triton")
 
@@ -88,11 +90,11 @@ def test_the_ring_adds_each_steps_dq_inside_the_kernel(layout):
 
     backend = FunctionBackend("counted", triton.forward, no_backward, forward_into=triton.forward_into,
                               backward_into=counted_into)
-    q, k, v, dout = (_randn(1, 48, 2, 16, dtype=torch.float16, seed=s) for s in (7, 8, 9, 10))
+    q, k, v, dout = (_randn(1, 48, 2, 16, dtype=dtype, seed=s) for s in (7, 8, 9, 10))
     ring = ring_by_threads(backend, q, k, v, dout, True, 3, layout)
     expected = _gradients(*(x.double() for x in (q, k, v, dout)), causal=True)
     baseline = _gradients(q, k, v, dout, causal=True)
     for name, want, base in zip(("dq", "dk", "dv"), expected, baseline):
-        allowed = tolerance(name, torch.float16, 16, want, max_error(base, want))
-        assert ring[name].dtype == torch.float16 and max_error(ring[name], want) <= allowed, name
+        allowed = tolerance(name, dtype, 16, want, max_error(base, want))
+        assert ring[name].dtype == dtype and max_error(ring[name], want) <= allowed, name
     assert len(calls) == (3 * 3 if layout == "zigzag" else 1 + 2 + 3)
