@@ -90,7 +90,12 @@ def mesh_type(text: str) -> tuple[int, int]:
 
 
 def default_device(device: torch.device | None) -> torch.device:
-    return device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The command's device (CUDA when available unless one is given); a GPU given by
+    index becomes the current one, so that CUDA events and streams are that GPU's too."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    return device
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:

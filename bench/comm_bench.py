@@ -79,7 +79,7 @@ def rank_main(settings: Settings) -> dict:
             out = torch.empty_like(data)
             dist.barrier()
             timing = measure_ms(lambda: dist.all_to_all_single(out, data, group=mine), device, settings.warmup,
-                                settings.repeats)
+                                settings.repeats, hide_host=False)
             times["all_to_all"][f"{n}/{data.numel() * 4}"] = timing["ms"]
     for level in p2p_rings(world, settings.gpus_per_domain, settings.gpus_per_node):
         following, previous = ring_neighbours(rank, world, level, settings.gpus_per_domain, settings.gpus_per_node)
@@ -93,7 +93,7 @@ def rank_main(settings: Settings) -> dict:
                     request.wait()
             dist.barrier()
             times["p2p"][f"{level}/{data.numel() * 4}"] = measure_ms(exchange, device, settings.warmup,
-                                                                      settings.repeats)["ms"]
+                                                                      settings.repeats, hide_host=False)["ms"]
     return times
 
 

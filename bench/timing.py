@@ -49,36 +49,43 @@ def hide_host_work(device: torch.device) -> None:
             torch.cuda._sleep(int(HEAD_START_MS * _sleep_cycles_per_ms(index)))
 
 
-def time_once(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
-    """``(ms, host_ms)`` of one call. On a GPU: ``ms`` between CUDA events around the call,
-    queued behind ``hide_host_work``; ``host_ms`` the wall time until the call returned
-    (its Python and launches; longer than ``HEAD_START_MS`` means the GPU waited for the
-    host, or the call synchronised with the GPU). On a CPU both are the wall time."""
-    if torch.device(device).type != "cuda":
+def time_once(fn: Callable[[], object], device: torch.device, hide_host: bool = True) -> tuple[float, float]:
+    """``(ms, host_ms)`` of one call. On a GPU: ``ms`` between CUDA events around the call
+    on ``device``'s current stream, queued behind ``hide_host_work`` (unless not
+    ``hide_host``); ``host_ms`` the wall time until the call returned (its Python and
+    launches; longer than ``HEAD_START_MS`` means the GPU waited for the host, or the call
+    synchronised with the GPU). On a CPU both are the wall time."""
+    device = torch.device(device)
+    if device.type != "cuda":
         begin = time.perf_counter()
         fn()
         wall = (time.perf_counter() - begin) * 1e3
         return wall, wall
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    hide_host_work(device)
-    start.record()
-    begin = time.perf_counter()
-    fn()
-    host = (time.perf_counter() - begin) * 1e3
-    end.record()
-    end.synchronize()
+    with torch.cuda.device(device):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if hide_host:
+            hide_host_work(device)
+        start.record()
+        begin = time.perf_counter()
+        fn()
+        host = (time.perf_counter() - begin) * 1e3
+        end.record()
+        end.synchronize()
     return start.elapsed_time(end), host
 
 
-def measure_ms(fn: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 5) -> dict:
+def measure_ms(fn: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 5,
+               hide_host: bool = True) -> dict:
     """``{"ms": median, "ms_min", "ms_max", "repeats", "host_ms"}`` of ``fn`` after
-    ``warmup`` untimed calls (``time_once``; ``host_ms`` the median host time)."""
+    ``warmup`` untimed calls (``time_once``; ``host_ms`` the median host time).
+    ``hide_host=False`` for collectives: each rank's sleep would end at its own moment,
+    adding the ranks' skew to the time instead of hiding the host's."""
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     for _ in range(warmup):
         fn()
     synchronize(device)
-    return _summary([time_once(fn, device) for _ in range(repeats)])
+    return _summary([time_once(fn, device, hide_host) for _ in range(repeats)])
 
 
 def _summary(times: list[tuple[float, float]]) -> dict:

@@ -13,7 +13,7 @@ To run the Triton kernels on a CPU, set ``TRITON_INTERPRET=1`` before importing 
 from .autograd import flash_attn_func, local_attention
 from .backends import BACKENDS, Backend, FunctionBackend, get_backend
 from .checks import AttentionShape
-from .flash_bwd import flash_attn_backward, flash_attn_varlen_backward
+from .flash_bwd import flash_attn_backward, flash_attn_backward_into, flash_attn_varlen_backward
 from .flash_fwd import flash_attn_forward, flash_attn_forward_into, flash_attn_varlen_forward
 from .merge import merge_attention
 from .tokens import TokenPositions
@@ -21,7 +21,7 @@ from .varlen import flash_attn_varlen_func, varlen_backward, varlen_forward
 
 __all__ = [
     "AttentionShape", "BACKENDS", "Backend", "FunctionBackend", "TokenPositions", "flash_attn_backward",
-    "flash_attn_forward", "flash_attn_forward_into", "flash_attn_func", "flash_attn_varlen_backward",
-    "flash_attn_varlen_forward", "flash_attn_varlen_func", "get_backend", "local_attention", "merge_attention",
-    "varlen_backward", "varlen_forward",
+    "flash_attn_backward_into", "flash_attn_forward", "flash_attn_forward_into", "flash_attn_func",
+    "flash_attn_varlen_backward", "flash_attn_varlen_forward", "flash_attn_varlen_func", "get_backend",
+    "local_attention", "merge_attention", "varlen_backward", "varlen_forward",
 ]

@@ -85,7 +85,7 @@ class PartialResults:
             self.add(rows, *backend.forward(q, k, v, **options))
             return
         if self.out is None:
-            self._start_empty(written=range(self.shape[1])[rows] == range(self.shape[1]))
+            self._start_empty()
         forward_into(q, k, v, self.out[:, rows], self.lse[:, :, rows], **options)
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,11 +93,10 @@ class PartialResults:
             self._start_empty()
         return self.out, self.lse
 
-    def _start_empty(self, written: bool = False) -> None:
-        """Out 0 and lse -inf: nothing held. ``written``: a ``forward_into`` over every row
-        comes next, which never reads the out of a row at -inf, so out is left unset."""
+    def _start_empty(self) -> None:
+        """Out 0 and lse -inf: nothing held."""
         batch, seqlen, heads, _ = self.shape
-        self.out = (torch.empty if written else torch.zeros)(self.shape, dtype=self.dtype, device=self.device)
+        self.out = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         self.lse = torch.full((batch, heads, seqlen), float("-inf"), dtype=self.dtype, device=self.device)
 
 

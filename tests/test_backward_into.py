@@ -10,10 +10,8 @@ from conftest import DEVICE
 from thread_ring import ring_by_threads
 from usp.attention import naive_attention
 from usp.bench.numerics import max_error, tolerance
-from usp.kernels import get_backend
+from usp.kernels import flash_attn_backward, flash_attn_backward_into, flash_attn_forward, get_backend
 from usp.kernels.backends import FunctionBackend
-from usp.kernels.flash_bwd import flash_attn_backward, flash_attn_backward_into
-from usp.kernels.flash_fwd import flash_attn_forward
 
 # bf16 only on a GPU: the interpreter computes bf16 products wrongly
 DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.float32, id="fp32"),

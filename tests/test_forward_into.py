@@ -152,7 +152,7 @@ def test_the_ring_merges_each_step_inside_the_kernel(layout):
 
 
 def test_forward_into_never_reads_the_out_of_rows_that_hold_nothing():
-    """Rows at lse = -inf may hold any out, NaN included (a fresh ``torch.empty``): the
+    """Rows at lse = -inf may hold any out, NaN included (uninitialised memory): the
     result is the block's own, bit for bit what flash_attn_forward gives in float32."""
     q, k, v = (_randn(2, 24, 2, 24, dtype=torch.float32, seed=s) for s in (20, 21, 22))
     out = torch.full((2, 24, 2, 24), float("nan"), device=DEVICE)
