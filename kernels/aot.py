@@ -113,9 +113,9 @@ def _meta(*shape, dtype):
 # sliding window (LEFT, RIGHT, VARLEN), and a causal sliding window by token (LEFT, RIGHT,
 # TOKENS: a sequence-parallel block of shards).
 MASK_VARIANTS = ("full", "causal", "packed-window", "tokens-window")
-# The kernels working into float32 accumulators (the forward merging into out and lse, the
-# backward adding into dQ) serve ring steps: dense (causal covers the full variant's code
-# paths) or masked by token.
+# The forward merging into a float32 (out, lse) serves ring steps: dense (causal covers the
+# full variant's code paths) or masked by token. The backward's kernels into float32 buffers
+# differ from the plain ones in their epilogues only: compiled with the causal variant.
 ACCUMULATE_VARIANTS = ("causal", "tokens-window")
 
 
@@ -145,11 +145,12 @@ def _launches(family: GpuFamily, head_dim: int, dtype: torch.dtype, variant: str
     pre, dkdv, dq = backward_launches(q, q, k, k, q, lse, lse, lse, q, k, k, mask=mask,
                                       scale=head_dim**-0.5, configs=configs)
     launches = {"fwd": fwd, "bwd_preprocess": pre, "bwd_dkdv": dkdv, "bwd_dq": dq}
-    if variant in ACCUMULATE_VARIANTS:  # into float32 accumulators: out, and dQ (dK, dV written in float32)
-        q32, k32 = (_meta(*x.shape, dtype=torch.float32) for x in (q, k))
+    q32, k32 = (_meta(*x.shape, dtype=torch.float32) for x in (q, k))
+    if variant in ACCUMULATE_VARIANTS:  # merging into a float32 out and lse
         launches["fwd_into"] = forward_launch(q, k, k, q32, lse, mask=mask, scale=head_dim**-0.5,
                                               config=configs["fwd"], accumulate=True)
-        _, launches["bwd_dkdv_into"], launches["bwd_dq_into"] = backward_launches(
+    if variant == "causal":  # adding into a float32 dQ, dK and dV written in float32: only the epilogues
+        _, launches["bwd_dkdv_into"], launches["bwd_dq_into"] = backward_launches(  # differ, once is enough
             q, q, k, k, q, lse, lse, lse, q32, k32, k32, mask=mask, scale=head_dim**-0.5, configs=configs,
             accumulate=True)
     return launches
