@@ -182,10 +182,12 @@ def test_bad_input_is_refused_on_every_rank(four_ranks):
     assert first["gradients"] == ([[1.0, 1.0], [1.0, 1.0]], None)
 
 
-def _gradients_on_one_rank() -> tuple:
-    """all_reduce_gradients on a one-rank mesh, with every collective and concatenation
-    made to fail: what it leaves in the gradients."""
+def test_one_rank_sums_no_gradients():
+    """all_reduce_gradients on a one-rank mesh (a one-process gloo group in this process),
+    with every collective and concatenation made to fail: the gradients stay as they are."""
     from unittest import mock
+
+    import torch.distributed as dist
 
     from usp.attention.hf import all_reduce_gradients
     from usp.comm import init_mesh
@@ -193,14 +195,15 @@ def _gradients_on_one_rank() -> tuple:
     layer = torch.nn.Linear(2, 2, bias=True)
     grad = layer.weight.grad = torch.full((2, 2), 3.0)
     refuse = mock.Mock(side_effect=AssertionError("nothing to sum on one rank"))
-    with mock.patch.object(torch, "cat", refuse), mock.patch.object(torch.distributed, "all_reduce", refuse):
-        all_reduce_gradients(layer, init_mesh(1, 1))
-    return layer.weight.grad is grad, layer.weight.grad.tolist(), layer.bias.grad
-
-
-def test_one_rank_sums_no_gradients():
-    (result,) = run(1, _gradients_on_one_rank, pg_timeout_s=60.0)
-    assert result == (True, [[3.0, 3.0], [3.0, 3.0]], None)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_mesh(1, 1)
+        with mock.patch.object(torch, "cat", refuse), mock.patch.object(dist, "all_reduce", refuse):
+            all_reduce_gradients(layer, mesh)
+    finally:
+        dist.destroy_process_group()
+    assert layer.weight.grad is grad and layer.weight.grad.tolist() == [[3.0, 3.0], [3.0, 3.0]]
+    assert layer.bias.grad is None
 
 
 def _packed_documents() -> dict:
