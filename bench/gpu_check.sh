@@ -162,7 +162,7 @@ step train "${limits[5]}" "$py" -m torch.distributed.run --standalone --nproc-pe
   -m usp.bench train "${train[@]}" --out-dir "$work/train"
 step timing "${limits[6]}" timing_pair "${timing[@]}"
 
-grep -hE "^(--- tests|emulate: |headline|of the matmul rate|matmul rate|compiled the triton|config |u[0-9]+r[0-9]+ )|overhead \
+grep -hE "^(--- tests|emulate: |headline|of the matmul rate|host time per call|matmul rate|compiled the triton|config |u[0-9]+r[0-9]+ )|overhead \
 [0-9.]+x|[0-9]+/[0-9]+ passed" "$log" >>"$summary"
 sed -n '/^=== timing/,$p' "$log" | grep -E " ms " | sed 's/^ */timing: /' >>"$summary"  # the same kernel, both programs
 exit $status

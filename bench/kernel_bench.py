@@ -204,11 +204,12 @@ def matmul_tflops(dtype: str, device: torch.device, warmup: int, repeats: int) -
     return 2 * n ** 3 / (timing["ms"] * 1e-3) / 1e12
 
 
-def matmul_fractions(records: list[dict]) -> dict[str, dict[str, float]]:
-    """Per implementation and pass: the median over configs of TFLOP/s / the matmul rate."""
+def median_by_impl(records: list[dict], field: str) -> dict[str, dict[str, float]]:
+    """Per implementation and pass: the median over configs of the records' ``field``
+    (``of_matmul``: TFLOP/s / the matmul rate; ``host_ms``: the host's time per call)."""
     table: dict[str, dict[str, list[float]]] = {}
     for r in records:
-        table.setdefault(r["impl"], {}).setdefault(r["pass"], []).append(r["of_matmul"])
+        table.setdefault(r["impl"], {}).setdefault(r["pass"], []).append(r[field])
     return {impl: {p: statistics.median(v) for p, v in passes.items()} for impl, passes in table.items()}
 
 
@@ -274,7 +275,8 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"interrupted after {done} of {len(configs)} configs: writing what was measured", file=sys.stderr)
     summary = headline(records)
-    of_matmul = matmul_fractions(records)
+    of_matmul = median_by_impl(records, "of_matmul")
+    host_ms = median_by_impl(records, "host_ms") if device.type == "cuda" else None
     for impl, ratios in summary.items():
         if impl not in SDPA_BACKENDS:
             print(f"headline {impl}: " + ", ".join(f"{p} {ratio:.2f}x" for p, ratio in ratios.items())
@@ -282,13 +284,16 @@ def run(args: argparse.Namespace) -> int:
     for impl, fractions in of_matmul.items():
         print(f"of the matmul rate, {impl}: " + ", ".join(f"{p} {f:.2f}" for p, f in fractions.items())
               + " (median over configs)")
+    for impl, times in (host_ms or {}).items():  # what a call costs when the GPU waits for the host
+        print(f"host time per call, {impl}: " + ", ".join(f"{p} {ms:.3f} ms" for p, ms in times.items())
+              + " (median over configs)")
     path = write_result("kernels", device, dict(
         flop_convention=FLOP_CONVENTION, timing_fields=list(TIMING_FIELDS),
         config=dict(impls=impls, passes=passes, warmup=args.warmup, repeats=args.repeats, seed=args.seed,
                     timing=clock, grid=[asdict(c) for c in configs]),
         summary=dict(speedup_vs_fastest_sdpa=summary, skipped=len(skipped), configs_done=done,
                      interrupted=done < len(configs), matmul_tflops=matmul, matmul_size=MATMUL_SIZE[device.type],
-                     of_matmul=of_matmul, compile=compiled),
+                     of_matmul=of_matmul, host_ms=host_ms, compile=compiled),
         records=records, skipped=skipped), args.out_dir)
     print(f"{len(records)} timings, {len(skipped)} skipped; wrote {path}")
     if done < len(configs):

@@ -136,6 +136,9 @@ def test_kernels_command(toy_results):
     assert rate > 0 and all(r["of_matmul"] == pytest.approx(r["tflops"] / rate) for r in records)
     assert document["summary"]["of_matmul"]["torch"]["fwd"] == pytest.approx(
         statistics.median(r["of_matmul"] for r in records if (r["impl"], r["pass"]) == ("torch", "fwd")))
+    # on a CPU the host's time is the time: no separate host summary, none printed
+    assert document["summary"]["host_ms"] is None and all(r["host_ms"] == r["ms"] for r in records)
+    assert "host time per call" not in outputs["kernels"]
     compiled = document["summary"]["compile"]
     assert [(g["head_dim"], g["causal"]) for g in compiled["groups"]] == [(16, False), (16, True)]
     assert compiled["seconds"] >= sum(g["seconds"] for g in compiled["groups"]) > 0
