@@ -76,7 +76,7 @@ class PartialResults:
     def attend(self, backend, rows: slice, q, k, v, **options) -> None:
         """Compute attention of ``q`` (the query rows ``rows``) over ``k, v`` with ``backend``
         and merge it: inside the kernel when the backend has ``forward_into`` and the
-        accumulator is float32 (the first block too, written in float32 into a fresh
+        accumulator is float32 (the first block too, written in float32 into a zeroed
         accumulator, never rounded to q's dtype), else through ``add``."""
         if not isinstance(rows, slice) or rows.step not in (None, 1):
             raise ValueError(f"rows must be a slice of consecutive rows, got {rows!r}")  # a view, not a copy

@@ -7,11 +7,10 @@ import pytest
 import torch
 
 from conftest import DEVICE
-from thread_ring import ring_by_threads
+from thread_ring import ring_by_threads, triton_through_into
 from usp.attention import naive_attention
 from usp.bench.numerics import max_error, tolerance
-from usp.kernels import flash_attn_backward, flash_attn_backward_into, flash_attn_forward, get_backend
-from usp.kernels.backends import FunctionBackend
+from usp.kernels import flash_attn_backward, flash_attn_backward_into, flash_attn_forward
 
 # bf16 only on a GPU: the interpreter computes bf16 products wrongly
 DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.float32, id="fp32"),
@@ -76,18 +75,7 @@ def test_the_ring_adds_each_steps_dq_inside_the_kernel(layout, dtype):
     """Causal ring of 3 (fp16; bf16 on a GPU): every step's backward goes through
     backward_into (a backend whose plain backward raises), and the gradients meet the
     test rule against float64."""
-    calls = []
-    triton = get_backend("triton")
-
-    def counted_into(*args, **kwargs):
-        calls.append(1)
-        return triton.backward_into(*args, **kwargs)
-
-    def no_backward(*args, **kwargs):
-        raise AssertionError("every step should add its dQ inside the kernel")
-
-    backend = FunctionBackend("counted", triton.forward, no_backward, forward_into=triton.forward_into,
-                              backward_into=counted_into)
+    backend, calls = triton_through_into("backward")
     q, k, v, dout = (_randn(1, 48, 2, 16, dtype=dtype, seed=s) for s in (7, 8, 9, 10))
     ring = ring_by_threads(backend, q, k, v, dout, True, 3, layout)
     expected = _gradients(*(x.double() for x in (q, k, v, dout)), causal=True)

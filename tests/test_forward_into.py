@@ -7,11 +7,10 @@ import pytest
 import torch
 
 from conftest import DEVICE
-from thread_ring import ring_by_threads
+from thread_ring import ring_by_threads, triton_through_into
 from usp.attention import naive_attention
 from usp.bench.numerics import max_error, tolerance
 from usp.kernels import get_backend
-from usp.kernels.backends import FunctionBackend
 from usp.kernels.flash_fwd import flash_attn_forward, flash_attn_forward_into
 from usp.kernels.merge import PartialResults, merge_attention_
 
@@ -132,17 +131,7 @@ def test_the_ring_merges_each_step_inside_the_kernel(layout):
     computes something, the first into a fresh accumulator (zigzag: 3 on each rank;
     contiguous: the diagonal and the earlier sources' blocks, 1 + 2 + 3): the ring's out
     and lse equal the oracle, with no separate merge and no forward."""
-    calls = []
-    triton = get_backend("triton")
-
-    def counted_into(*args, **kwargs):
-        calls.append(1)
-        return triton.forward_into(*args, **kwargs)
-
-    def no_forward(*args, **kwargs):
-        raise AssertionError("every step should merge inside the kernel")
-
-    backend = FunctionBackend("counted", no_forward, triton.backward, forward_into=counted_into)
+    backend, calls = triton_through_into("forward")
     q, k, v, dout = (_randn(1, 48, 2, 16, dtype=torch.float32, seed=s) for s in (8, 9, 10, 11))
     ring = ring_by_threads(backend, q, k, v, dout, True, 3, layout)
     expected_out, expected_lse = naive_attention(*(x.double() for x in (q, k, v)), causal=True)

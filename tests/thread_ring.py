@@ -6,6 +6,7 @@ is not thread-safe."""
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -63,6 +64,22 @@ def run_on_ring(size: int, fn) -> list:
     with ThreadPoolExecutor(max_workers=size) as pool:
         futures = [pool.submit(rank_main, rank) for rank in range(size)]
         return [future.result(timeout=TIMEOUT_S) for future in futures]
+
+
+def triton_through_into(pass_: str):
+    """``(backend, calls)``: the triton backend whose plain ``pass_`` ("forward" or
+    "backward") raises and whose ``<pass_>_into`` appends to ``calls`` each time it runs,
+    for checking that a ring does every step of that pass inside the kernel."""
+    triton, calls = get_backend("triton"), []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return getattr(triton, f"{pass_}_into")(*args, **kwargs)
+
+    def refused(*args, **kwargs):
+        raise AssertionError(f"every step should go through {pass_}_into")
+
+    return dataclasses.replace(triton, name="counted", **{pass_: refused, f"{pass_}_into": counted}), calls
 
 
 def ring_by_threads(backend, q, k, v, dout, causal: bool, ring_size: int, layout: str) -> dict:
