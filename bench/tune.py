@@ -1,10 +1,12 @@
 """``usp-bench tune``: time candidate tile configs of each Triton kernel on this GPU, so
 that the config table (``kernels/configs.py``) can be tuned offline, never at import.
 
-For each kernel (``fwd``, ``bwd_dkdv``, ``bwd_dq``), head dim and causal mode, every
-candidate ``block_m x block_n, warps, stages`` runs in place of the table's entry for
-that kernel alone (``usp.kernels.configs.config_override``): ``fwd`` times the forward,
-the two backward kernels time the whole backward (the other one keeps its entry). Each
+For each kernel (``fwd``, ``bwd_dkdv``, ``bwd_dq``, ``bwd_dq_into``), head dim and causal
+mode, every candidate ``block_m x block_n, warps, stages`` runs in place of the table's
+entry for that kernel alone (``usp.kernels.configs.config_override``): ``fwd`` times the
+forward, the backward kernels time the whole backward (the other one keeps its entry),
+``bwd_dq_into`` through ``flash_attn_backward_into`` adding into a float32 dQ zeroed
+before each call (a ring step's backward; the zeroing is in every candidate's time). Each
 candidate's results are compared with the table config's (largest difference), and a
 candidate the GPU cannot run (too much shared memory, for instance) is reported as
 skipped with the reason; a CUDA error, unlike a compile error, can leave the device
@@ -25,7 +27,7 @@ import time
 
 import torch
 
-from usp.kernels import flash_attn_backward, flash_attn_forward
+from usp.kernels import flash_attn_backward, flash_attn_backward_into, flash_attn_forward
 from usp.kernels.configs import KERNELS, KernelConfig, config_override, get_config
 
 from .cli_args import (DTYPES, add_device_argument, add_jobs_argument, add_output_arguments, add_timing_arguments,
@@ -46,6 +48,7 @@ CANDIDATES = {
                  C(64, 128, 8, 2)],
     "bwd_dq": [C(128, 32, 8, 3), C(128, 64, 8, 2), C(64, 32, 4, 3), C(64, 64, 4, 2), C(128, 32, 4, 3)],
 }
+CANDIDATES["bwd_dq_into"] = CANDIDATES["bwd_dq"]
 
 
 # Tokens per sequence of the compile pass (for timed lengths that are multiples of it): a
@@ -93,6 +96,12 @@ def _call(kernel: str, inputs: tuple, causal: bool, reference: tuple):
     if kernel == "fwd":
         return lambda: flash_attn_forward(q, k, v, causal)[0]
     out, lse = reference
+    if kernel == "bwd_dq_into":
+        dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)  # this call's own accumulator
+
+        def backward_into():
+            return dq, *flash_attn_backward_into(dout, q, k, v, out, lse, dq.zero_(), causal)
+        return backward_into
     return lambda: flash_attn_backward(dout, q, k, v, out, lse, causal)
 
 
@@ -132,9 +141,12 @@ def compile_all(groups: list[tuple], args, device: torch.device) -> float:
     return time.perf_counter() - started
 
 
+def _outputs(result) -> tuple:
+    return (result,) if isinstance(result, torch.Tensor) else tuple(result)
+
+
 def _largest_difference(a, b) -> float:
-    a, b = (a,) if isinstance(a, torch.Tensor) else a, (b,) if isinstance(b, torch.Tensor) else b
-    return max(float((x.float() - y.float()).abs().max()) for x, y in zip(a, b))
+    return max(float((x.float() - y.float()).abs().max()) for x, y in zip(_outputs(a), _outputs(b)))
 
 
 def tune_group(kernel: str, head_dim: int, causal: bool, candidates: list[KernelConfig], args,
@@ -145,7 +157,7 @@ def tune_group(kernel: str, head_dim: int, causal: bool, candidates: list[Kernel
     inputs = random_inputs(batch, args.seqlen, heads, heads, head_dim, dtype, device, args.seed)
     table = get_config(kernel, head_dim, dtype, device)
     forward = flash_attn_forward(*inputs[:3], causal)
-    expected = _call(kernel, inputs, causal, forward)()
+    expected = [x.clone() for x in _outputs(_call(kernel, inputs, causal, forward)())]  # not the buffers reused
     pass_ = "fwd" if kernel == "fwd" else "bwd"
     flops = attention_flops(batch, heads, args.seqlen, args.seqlen, head_dim, causal, pass_)
     rows = []

@@ -151,8 +151,8 @@ def _launches(family: GpuFamily, head_dim: int, dtype: torch.dtype, variant: str
                                               config=configs["fwd"], accumulate=True)
     if variant == "causal":  # adding into a float32 dQ, dK and dV written in float32: only the epilogues
         _, launches["bwd_dkdv_into"], launches["bwd_dq_into"] = backward_launches(  # differ, once is enough
-            q, q, k, k, q, lse, lse, lse, q32, k32, k32, mask=mask, scale=head_dim**-0.5, configs=configs,
-            accumulate=True)
+            q, q, k, k, q, lse, lse, lse, q32, k32, k32, mask=mask, scale=head_dim**-0.5,
+            configs=dict(configs, bwd_dq=configs["bwd_dq_into"]), accumulate=True)
     return launches
 
 

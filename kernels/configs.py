@@ -1,7 +1,9 @@
 """Tile sizes, warps and pipeline stages of the Triton kernels, one small table per GPU family.
 
 Keys are the padded head dim (the next power of two, at least 16). ``block_m`` tiles
-query rows and ``block_n`` key rows in every kernel. The tables are chosen offline
+query rows and ``block_n`` key rows in every kernel. ``bwd_dq_into`` is the dQ kernel
+adding into a float32 accumulator (a ring step's, ``flash_attn_backward_into``): its
+float32 epilogue favours another tile than the plain dQ kernel at some head dims. The tables are chosen offline
 (never autotuned at import) and every entry is compiled for its target on CPU by the
 test suite (``kernels.aot``), which also checks that its shared memory fits and reads
 its register spills. The sm90 d64 and d128 rows are timed on an H200 with
@@ -16,7 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 import triton
 
-KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
+KERNELS = ("fwd", "bwd_dkdv", "bwd_dq", "bwd_dq_into")
 PADDED_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
@@ -38,9 +40,10 @@ class GpuFamily:
     table: dict[str, dict[int, KernelConfig]]
 
 
-def _table(fwd, dkdv, dq):
+def _table(fwd, dkdv, dq, dq_into=None):
+    """One row per kernel, one entry per padded head dim; ``dq_into`` defaults to ``dq``."""
     return {kernel: dict(zip(PADDED_HEAD_DIMS, rows)) for kernel, rows in
-            (("fwd", fwd), ("bwd_dkdv", dkdv), ("bwd_dq", dq))}
+            (("fwd", fwd), ("bwd_dkdv", dkdv), ("bwd_dq", dq), ("bwd_dq_into", dq_into or dq))}
 
 
 C = KernelConfig
@@ -48,6 +51,7 @@ HOPPER = GpuFamily("sm90", (9, 0), 232448, _table(
     fwd=[C(128, 64, 4, 3), C(128, 64, 4, 3), C(64, 64, 4, 3), C(128, 64, 8, 3), C(64, 64, 4, 2)],
     dkdv=[C(32, 128, 4, 3), C(32, 128, 4, 3), C(16, 64, 4, 3), C(32, 128, 8, 3), C(32, 64, 4, 2)],
     dq=[C(128, 32, 4, 3), C(128, 32, 4, 3), C(64, 32, 4, 3), C(128, 32, 8, 3), C(64, 32, 4, 2)],
+    dq_into=[C(128, 32, 4, 3), C(128, 32, 4, 3), C(64, 32, 4, 3), C(64, 32, 4, 3), C(64, 32, 4, 2)],
 ))
 AMPERE = GpuFamily("sm80", (8, 0), 166912, _table(
     fwd=[C(128, 64, 4, 3), C(128, 64, 4, 3), C(128, 64, 4, 3), C(128, 64, 8, 2), C(64, 64, 4, 2)],

@@ -346,7 +346,8 @@ def _run_backward(dout, q, k, v, out, lse, shape, mask: MaskSpec, softmax_scale,
     if not accumulate:
         dq = torch.empty(q.shape, dtype=q.dtype, device=device)
     dk, dv = (torch.empty(x.shape, dtype=torch.float32 if accumulate else x.dtype, device=device) for x in (k, v))
-    configs = {name: get_config(name, shape.head_dim, q.dtype, device) for name in ("bwd_dkdv", "bwd_dq")}
+    configs = {"bwd_dkdv": get_config("bwd_dkdv", shape.head_dim, q.dtype, device),
+               "bwd_dq": get_config("bwd_dq_into" if accumulate else "bwd_dq", shape.head_dim, q.dtype, device)}
     with device_guard(device):
         for launch in backward_launches(dout, q, k, v, out, lse, delta, lse2, dq, dk, dv, mask=mask, scale=scale,
                                         configs=configs, visits=visits, accumulate=accumulate):

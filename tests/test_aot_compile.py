@@ -17,7 +17,7 @@ from usp.kernels.configs import GPU_FAMILIES, HOPPER, KERNELS, PADDED_HEAD_DIMS
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKWARD_INTO = ("bwd_dkdv_into", "bwd_dq_into")
-ALL_KERNELS = (*KERNELS, "bwd_preprocess", "fwd_into", *BACKWARD_INTO)
+ALL_KERNELS = tuple(dict.fromkeys((*KERNELS, "bwd_preprocess", "fwd_into", *BACKWARD_INTO)))  # bwd_dq_into has a table row
 VARIANTS = ("causal", "packed-window")  # together a superset of the full variant's code paths
 # every kernel in every variant, but the preprocess, which has no mask, once; the forward merging
 # into a ring's accumulator, which serves dense and by-token masks, not packed documents; and the
@@ -67,7 +67,7 @@ def test_the_mask_by_token_compiles_fits_and_uses_wgmma(hopper_bf16):
     tokens = {r["kernel"]: r for r in hopper_bf16 if r["variant"] == "tokens-window"}
     assert set(tokens) == set(ALL_KERNELS) - set(BACKWARD_INTO)
     assert not _too_big(list(tokens.values()))
-    for kernel in (*KERNELS, "fwd_into"):
+    for kernel in set(tokens) - {"bwd_preprocess"}:
         assert "wgmma" in tokens[kernel]["ptx_features"], (kernel, tokens[kernel]["ptx_features"])
 
 
@@ -93,7 +93,8 @@ def test_merging_into_the_accumulator_costs_no_registers_at_the_common_head_dims
     """The forward that merges into a ring's accumulator and the dQ kernel that adds into
     one hold a second float32 tile in their epilogues: at d64 and d128 they must spill no
     more than the plain kernels (none, on sm_90 bf16), and the dK/dV kernel writing float32
-    no more than the one writing bf16; d256's tiles spill in both (kernels/NOTES.md)."""
+    no more than the one writing bf16; d256's tiles spill in both (kernels/NOTES.md). The
+    same tile takes the same shared memory (the d128 dQ into kernel has its own tile)."""
     usage = {(r["kernel"], r["head_dim"], r["variant"]): r for r in hopper_bf16}
     for head_dim in (64, 128):
         for plain, into in (("fwd", "fwd_into"), ("bwd_dq", "bwd_dq_into"), ("bwd_dkdv", "bwd_dkdv_into")):
@@ -101,7 +102,9 @@ def test_merging_into_the_accumulator_costs_no_registers_at_the_common_head_dims
             if plain["stack_bytes"] is None:
                 pytest.skip("this Triton ships no cuobjdump to read registers with")
             assert into["stack_bytes"] <= plain["stack_bytes"], (head_dim, plain, into)
-            assert into["shared_bytes"] == plain["shared_bytes"]
+            if (into["block_m"], into["block_n"], into["num_warps"], into["num_stages"]) == (
+                    plain["block_m"], plain["block_n"], plain["num_warps"], plain["num_stages"]):
+                assert into["shared_bytes"] == plain["shared_bytes"], (head_dim, plain, into)
         assert usage["fwd_into", head_dim, "causal"]["stack_bytes"] == usage["bwd_dq_into", head_dim, "causal"][
             "stack_bytes"] == 0
     # the dK/dV kernel's d64 tile (16 x 64, 4 warps, from the H200 tune) spills nothing;

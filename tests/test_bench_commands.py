@@ -670,12 +670,12 @@ def test_gpu_check_script_runs_its_steps_on_a_cpu(tmp_path):
 
 
 def test_tune_command_times_each_candidate_against_the_table(tmp_path, capsys):
-    assert main(["tune", "--kernel", "fwd", "bwd_dq", "--causal", "--candidate", "32x16,1,1", "--candidate",
-                 "24x16,1,1", "--warmup", "0", "--repeats", "1", "--out-dir", str(tmp_path)]) == 0
+    assert main(["tune", "--kernel", "fwd", "bwd_dq", "bwd_dq_into", "--causal", "--candidate", "32x16,1,1",
+                 "--candidate", "24x16,1,1", "--warmup", "0", "--repeats", "1", "--out-dir", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     document = _document(tmp_path, "tune")
     assert [(g["kernel"], g["timed_pass"], g["causal"]) for g in document["groups"]] == [
-        ("fwd", "fwd", True), ("bwd_dq", "bwd", True)]
+        ("fwd", "fwd", True), ("bwd_dq", "bwd", True), ("bwd_dq_into", "bwd", True)]
     for group in document["groups"]:
         table, other, odd = group["candidates"]
         assert (table["config"], table["table"], other["config"]) == ("16x16,1,1", True, "32x16,1,1")
@@ -683,7 +683,7 @@ def test_tune_command_times_each_candidate_against_the_table(tmp_path, capsys):
         assert table["max_difference"] == 0 and other["max_difference"] < 1e-5
         best = min((table, other), key=lambda r: r["ms"])
         assert group["best"] == best["config"] and group["table_over_best"] == pytest.approx(table["ms"] / best["ms"])
-    assert "[ 1/2] fwd d16 causal (table 16x16,1,1)" in printed and "fastest " in printed
+    assert "[ 1/3] fwd d16 causal (table 16x16,1,1)" in printed and "fastest " in printed
 
 
 @pytest.mark.slow  # two spawned processes

@@ -96,6 +96,6 @@ def ring_by_threads(backend, q, k, v, dout, causal: bool, ring_size: int, layout
         return out, lse, *grads
 
     per_rank = run_on_ring(ring_size, rank_main)
-    order = torch.cat(positions).argsort()
+    order = torch.cat(positions).argsort().to(q.device)
     gather = lambda i, dim=1: torch.cat([r[i] for r in per_rank], dim=dim).index_select(dim, order)  # noqa: E731
     return dict(out=gather(0), lse=gather(1, dim=2), dq=gather(2), dk=gather(3), dv=gather(4))
