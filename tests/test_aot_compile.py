@@ -17,7 +17,8 @@ from usp.kernels.configs import GPU_FAMILIES, HOPPER, KERNELS, PADDED_HEAD_DIMS
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKWARD_INTO = ("bwd_dkdv_into", "bwd_dq_into")
-ALL_KERNELS = tuple(dict.fromkeys((*KERNELS, "bwd_preprocess", "fwd_into", *BACKWARD_INTO)))  # bwd_dq_into has a table row
+# bwd_dq_into is both a table row (KERNELS) and an aot launch name: listed once
+ALL_KERNELS = tuple(dict.fromkeys((*KERNELS, "bwd_preprocess", "fwd_into", *BACKWARD_INTO)))
 VARIANTS = ("causal", "packed-window")  # together a superset of the full variant's code paths
 # every kernel in every variant, but the preprocess, which has no mask, once; the forward merging
 # into a ring's accumulator, which serves dense and by-token masks, not packed documents; and the
