@@ -13,6 +13,7 @@ its register spills. The sm90 d64 and d128 rows are timed on an H200 with
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -124,6 +125,13 @@ def config_for_dtype(config: KernelConfig, dtype: torch.dtype) -> KernelConfig:
                    num_stages=min(config.num_stages, 2))
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    """The compute capability of GPU ``index``, asked once: the query costs tens of
+    microseconds of host time per call on some hosts, and every kernel call needs it."""
+    return torch.cuda.get_device_capability(index)
+
+
 def get_config(kernel: str, head_dim: int, dtype: torch.dtype, device: torch.device) -> KernelConfig:
     """The config of ``kernel`` (one of KERNELS) for this head dim, dtype and device."""
     override = _OVERRIDES.get((kernel, padded_head_dim(head_dim)))
@@ -131,5 +139,5 @@ def get_config(kernel: str, head_dim: int, dtype: torch.dtype, device: torch.dev
         return override
     if interpreter_active():
         return INTERPRETER_CONFIG
-    family = family_for(torch.cuda.get_device_capability(device))
+    family = family_for(_capability(torch.cuda.current_device() if device.index is None else device.index))
     return config_for_dtype(family.table[kernel][padded_head_dim(head_dim)], dtype)

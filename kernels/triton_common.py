@@ -299,8 +299,9 @@ def check_triton_inputs(q: torch.Tensor) -> None:
 
 
 def device_guard(device: torch.device):
-    """Launch on the tensors' GPU rather than the current one."""
-    if device.type == "cuda":
+    """Launch on the tensors' GPU rather than the current one; nothing to switch (and no
+    host time spent switching) when it is the current one."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
         return torch.cuda.device(device)
     return contextlib.nullcontext()
 

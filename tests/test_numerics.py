@@ -143,6 +143,32 @@ def test_the_kernels_are_exact_at_other_tiles(tile, causal):
     assert result.passed, f"{case.label} at {tile}: {result.failures}"
 
 
+def test_the_gpu_is_asked_its_capability_once_and_switched_to_only_when_not_current(monkeypatch):
+    """Host work per kernel call: ``get_config`` on a GPU reads the table of the device's
+    capability, queried once per device; ``device_guard`` switches devices only for a
+    tensor on another GPU than the current one (each costs host time on every call)."""
+    import usp.kernels.configs as configs
+    from usp.kernels.triton_common import device_guard
+
+    asked = []
+    monkeypatch.setattr(configs, "interpreter_active", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: asked.append(index) or (9, 0))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    configs._capability.cache_clear()
+    try:
+        for _ in range(3):
+            for device in ("cuda:1", "cuda", "cuda:0"):
+                config = get_config("bwd_dq_into", 128, torch.bfloat16, torch.device(device))
+                assert config == configs.HOPPER.table["bwd_dq_into"][128]
+        assert asked == [1, 0]
+    finally:
+        configs._capability.cache_clear()
+    assert isinstance(device_guard(torch.device("cuda:1")), contextlib.nullcontext)
+    assert isinstance(device_guard(torch.device("cuda")), contextlib.nullcontext)
+    assert isinstance(device_guard(torch.device("cpu")), contextlib.nullcontext)
+    assert isinstance(device_guard(torch.device("cuda:0")), torch.cuda.device)
+
+
 def test_a_config_override_applies_inside_its_block_only():
     table, forward = (get_config(kernel, 64, torch.float16, DEVICE) for kernel in ("bwd_dq", "fwd"))
     other = KernelConfig(64, 64, 8, 2)
