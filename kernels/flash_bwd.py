@@ -34,7 +34,7 @@ def _bwd_preprocess_kernel(
     seqlen_q, heads, head_dim,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    start_m, bh, b, h = program_tile(BLOCK_M, heads)
+    start_m, bh, b, h = program_tile(BLOCK_M, heads, False)
     rows = tl.arange(0, BLOCK_M)
     offs_m = start_m + rows
     offs_d = tl.arange(0, BLOCK_D)
@@ -121,7 +121,7 @@ def _bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    start_n, _, b, h_kv = program_tile(BLOCK_N, kv_heads)
+    start_n, _, b, h_kv = program_tile(BLOCK_N, kv_heads, False)  # causal: earlier key tiles see more queries
     q0, seqlen_q = sequence_span(CuSeqlensQ, b, seqlen_q, VARLEN)
     k0, seqlen_k = sequence_span(CuSeqlensK, b, seqlen_k, VARLEN)
     if start_n >= seqlen_k:  # a tile past a short document's end
@@ -209,7 +209,7 @@ def _bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
-    start_m, bh, b, h = program_tile(BLOCK_M, heads)
+    start_m, bh, b, h = program_tile(BLOCK_M, heads, RIGHT)  # a right edge (causal): later tiles see more keys
     q0, seqlen_q = sequence_span(CuSeqlensQ, b, seqlen_q, VARLEN)
     k0, seqlen_k = sequence_span(CuSeqlensK, b, seqlen_k, VARLEN)
     if start_m >= seqlen_q:  # a tile past a short document's end

@@ -81,7 +81,7 @@ def _flash_fwd_kernel(
 ):
     # b is the batch row, or the document when VARLEN (whose batch strides are 0): its
     # queries start at row q0 and its keys at row k0 of the packed tensors.
-    start_m, bh, b, h = program_tile(BLOCK_M, heads)
+    start_m, bh, b, h = program_tile(BLOCK_M, heads, RIGHT)  # a right edge (causal): later tiles see more keys
     q0, seqlen_q = sequence_span(CuSeqlensQ, b, seqlen_q, VARLEN)
     k0, seqlen_k = sequence_span(CuSeqlensK, b, seqlen_k, VARLEN)
     if start_m >= seqlen_q:  # a tile past a short document's end
@@ -106,7 +106,7 @@ def _flash_fwd_kernel(
     kv = (K, V, b, h_kv, k0, offs_n, offs_d, stride_kb, stride_ks, stride_kh, stride_kd,
           stride_vb, stride_vs, stride_vh, stride_vd)
     window = (seqlen_q, seqlen_k, head_dim, qk_scale, window_left, window_right,
-              QPos, QDoc, KPos, KDoc, Visits, bh * tl.num_programs(0) + tl.program_id(0))
+              QPos, QDoc, KPos, KDoc, Visits, bh * tl.num_programs(0) + start_m // BLOCK_M)
     acc, m_i, l_i = _attend_key_blocks(acc, m_i, l_i, q, offs_m, lo, full_lo, *kv, *window,
                                        True, LEFT, RIGHT, TOKENS, COUNT_VISITS, BLOCK_N, EVEN_D, PRECISION)
     acc, m_i, l_i = _attend_key_blocks(acc, m_i, l_i, q, offs_m, full_lo, full_end, *kv, *window,

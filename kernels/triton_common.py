@@ -23,10 +23,21 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def program_tile(BLOCK: tl.constexpr, heads):
-    """This program's tile: (first row, flat batch*heads index, batch, head), the last two int64."""
+def program_tile(BLOCK: tl.constexpr, heads, HEAVY_LAST: tl.constexpr):
+    """This program's tile: (first row, flat batch*heads index, batch, head), the last two int64.
+
+    With HEAVY_LAST (tiles whose work grows with their row, as query tiles under a causal
+    mask) the tiles of a head are handed out last row first, so the GPU starts the longest
+    programs first and ends on short ones instead of on a few long ones:
+
+        causal, 4 query tiles of one head    work  ##  ####  ######  ########
+        program_id(0)                               3    2      1       0
+    """
+    tile = tl.program_id(0)
+    if HEAVY_LAST:
+        tile = tl.num_programs(0) - 1 - tile
     bh = tl.program_id(1)
-    return tl.program_id(0) * BLOCK, bh, (bh // heads).to(tl.int64), (bh % heads).to(tl.int64)
+    return tile * BLOCK, bh, (bh // heads).to(tl.int64), (bh % heads).to(tl.int64)
 
 
 @triton.jit

@@ -6,11 +6,14 @@ import zlib
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from usp.bench.numerics import Case, compare, reference, run_backend, run_case
 from conftest import DEVICE
 from usp.kernels import AttentionShape
 from usp.kernels.configs import KERNELS, KernelConfig, config_override, get_config
+from usp.kernels.triton_common import program_tile
 
 # (batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim). Together they cover head dims
 # 16/64/80/96/128/256, lengths 1/17/64/129/200, Sq < Sk and Sq > Sk, MHA, GQA 2:1 with two
@@ -141,6 +144,27 @@ def test_the_kernels_are_exact_at_other_tiles(tile, causal):
             stack.enter_context(config_override(kernel, 32, tile))
         result = run_case(case, device=DEVICE, seed=_seed(case))
     assert result.passed, f"{case.label} at {tile}: {result.failures}"
+
+
+@triton.jit
+def _record_tiles(Out, heads, BLOCK: tl.constexpr, HEAVY_LAST: tl.constexpr):
+    start, bh, b, h = program_tile(BLOCK, heads, HEAVY_LAST)
+    slot = Out + (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) * 3
+    tl.store(slot, start)
+    tl.store(slot + 1, b.to(tl.int32))
+    tl.store(slot + 2, h.to(tl.int32))
+
+
+@pytest.mark.parametrize("heavy_last", [False, True])
+def test_program_tiles_cover_every_tile_once_longest_first_under_a_right_edge(heavy_last):
+    """Grid (4 tiles, batch 2 x heads 3): program (i, bh) takes tile i, or with HEAVY_LAST
+    (query tiles under a causal mask) tile 3 - i, the longest first; batch and head come
+    from bh either way."""
+    out = torch.full((6, 4, 3), -1, dtype=torch.int32, device=DEVICE)
+    _record_tiles[(4, 6)](out, 3, BLOCK=16, HEAVY_LAST=heavy_last)
+    tiles = [3, 2, 1, 0] if heavy_last else [0, 1, 2, 3]
+    expected = torch.tensor([[[16 * t, bh // 3, bh % 3] for t in tiles] for bh in range(6)], dtype=torch.int32)
+    assert torch.equal(out.cpu(), expected)
 
 
 def test_the_gpu_is_asked_its_capability_once_and_switched_to_only_when_not_current(monkeypatch):
