@@ -4,7 +4,7 @@ that the config table (``kernels/configs.py``) can be tuned offline, never at im
 For each kernel (``fwd``, ``bwd_dkdv``, ``bwd_dq``, ``bwd_dq_into``), head dim and causal
 mode, every candidate ``block_m x block_n, warps, stages`` runs in place of the table's
 entry for that kernel alone (``usp.kernels.configs.config_override``): ``fwd`` times the
-forward, the backward kernels time the whole backward (the other one keeps its entry),
+forward, the backward kernels time the whole backward (the other backward rows keep theirs),
 ``bwd_dq_into`` through ``flash_attn_backward_into`` adding into a float32 dQ zeroed
 before each call (a ring step's backward; the zeroing is in every candidate's time). Each
 candidate's results are compared with the table config's (largest difference), and a
@@ -157,7 +157,7 @@ def tune_group(kernel: str, head_dim: int, causal: bool, candidates: list[Kernel
     inputs = random_inputs(batch, args.seqlen, heads, heads, head_dim, dtype, device, args.seed)
     table = get_config(kernel, head_dim, dtype, device)
     forward = flash_attn_forward(*inputs[:3], causal)
-    expected = [x.clone() for x in _outputs(_call(kernel, inputs, causal, forward)())]  # not the buffers reused
+    expected = [x.clone() for x in _outputs(_call(kernel, inputs, causal, forward)())]  # kept apart from any buffer
     pass_ = "fwd" if kernel == "fwd" else "bwd"
     flops = attention_flops(batch, heads, args.seqlen, args.seqlen, head_dim, causal, pass_)
     rows = []

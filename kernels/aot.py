@@ -113,9 +113,11 @@ def _meta(*shape, dtype):
 # sliding window (LEFT, RIGHT, VARLEN), and a causal sliding window by token (LEFT, RIGHT,
 # TOKENS: a sequence-parallel block of shards).
 MASK_VARIANTS = ("full", "causal", "packed-window", "tokens-window")
-# The forward merging into a float32 (out, lse) serves ring steps: dense (causal covers the
-# full variant's code paths) or masked by token. The backward's kernels into float32 buffers
-# differ from the plain ones in their epilogues only: compiled with the causal variant.
+# The kernels into float32 buffers serve ring steps, dense (causal covers the full variant's
+# code paths) or masked by token: the forward merging into (out, lse) and the dQ kernel adding
+# into dQ (a table row of its own, ``bwd_dq_into``, so its own tile) in both; the dK/dV kernel
+# writing float32 and the preprocess at the dQ-into tiling differ from the plain ones in their
+# epilogue or tiling only: with the causal variant.
 ACCUMULATE_VARIANTS = ("causal", "tokens-window")
 
 
@@ -146,13 +148,14 @@ def _launches(family: GpuFamily, head_dim: int, dtype: torch.dtype, variant: str
                                       scale=head_dim**-0.5, configs=configs)
     launches = {"fwd": fwd, "bwd_preprocess": pre, "bwd_dkdv": dkdv, "bwd_dq": dq}
     q32, k32 = (_meta(*x.shape, dtype=torch.float32) for x in (q, k))
-    if variant in ACCUMULATE_VARIANTS:  # merging into a float32 out and lse
+    if variant in ACCUMULATE_VARIANTS:  # merging into a float32 out and lse, adding into a float32 dQ
         launches["fwd_into"] = forward_launch(q, k, k, q32, lse, mask=mask, scale=head_dim**-0.5,
                                               config=configs["fwd"], accumulate=True)
-    if variant == "causal":  # adding into a float32 dQ, dK and dV written in float32: only the epilogues
-        _, launches["bwd_dkdv_into"], launches["bwd_dq_into"] = backward_launches(  # differ, once is enough
+        pre_into, dkdv_into, launches["bwd_dq_into"] = backward_launches(
             q, q, k, k, q, lse, lse, lse, q32, k32, k32, mask=mask, scale=head_dim**-0.5,
             configs=dict(configs, bwd_dq=configs["bwd_dq_into"]), accumulate=True)
+        if variant == "causal":
+            launches["bwd_preprocess_into"], launches["bwd_dkdv_into"] = pre_into, dkdv_into
     return launches
 
 

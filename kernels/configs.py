@@ -3,11 +3,12 @@
 Keys are the padded head dim (the next power of two, at least 16). ``block_m`` tiles
 query rows and ``block_n`` key rows in every kernel. ``bwd_dq_into`` is the dQ kernel
 adding into a float32 accumulator (a ring step's, ``flash_attn_backward_into``): its
-float32 epilogue favours another tile than the plain dQ kernel at some head dims. The tables are chosen offline
-(never autotuned at import) and every entry is compiled for its target on CPU by the
-test suite (``kernels.aot``), which also checks that its shared memory fits and reads
-its register spills. The sm90 d64 and d128 rows are timed on an H200 with
-``usp-bench tune`` (``kernels/NOTES.md``: every change with its prediction and result).
+float32 epilogue favours another tile than the plain dQ kernel at some head dims. The
+tables are chosen offline (never autotuned at import) and every entry is compiled for
+its target on CPU by the test suite (``kernels.aot``), which also checks that its
+shared memory fits and reads its register spills. The sm90 d64 and d128 rows are timed
+on an H200 with ``usp-bench tune`` (``kernels/NOTES.md``: every change with its
+prediction and result).
 """
 
 from __future__ import annotations
@@ -139,5 +140,7 @@ def get_config(kernel: str, head_dim: int, dtype: torch.dtype, device: torch.dev
         return override
     if interpreter_active():
         return INTERPRETER_CONFIG
+    if device.type != "cuda":
+        raise ValueError(f"the triton kernels' configs are for CUDA devices, got {device}")
     family = family_for(_capability(torch.cuda.current_device() if device.index is None else device.index))
     return config_for_dtype(family.table[kernel][padded_head_dim(head_dim)], dtype)

@@ -157,8 +157,8 @@ def forward_launch(q, k, v, out, lse, *, mask: MaskSpec, scale: float, config: K
     """The forward launch writing ``out`` and ``lse`` for already-validated inputs: dense
     ``[B, S, H, D]`` tensors and ``lse [B, H, Sq]``, or, with ``mask.varlen``, packed
     ``[total, H, D]`` ones and ``lse [H, total_q]``; with ``accumulate``, merging into
-    them. ``visits``, int32 zeros with one slot per program, receives the number of key
-    blocks each visited."""
+    them. ``visits``, int32 zeros with one slot per query tile (``bh * tiles + tile``),
+    receives the number of key blocks each visited."""
     q4, k4, v4, out4 = (x.unsqueeze(0) if mask.varlen else x for x in (q, k, v, out))
     batch, seqlen_q, heads, head_dim = q4.shape
     seqlen_k, kv_heads = k4.shape[1], k4.shape[2]

@@ -16,16 +16,18 @@ import torch
 from usp.kernels.configs import GPU_FAMILIES, HOPPER, KERNELS, PADDED_HEAD_DIMS
 
 ROOT = Path(__file__).resolve().parents[1]
-BACKWARD_INTO = ("bwd_dkdv_into", "bwd_dq_into")
+CAUSAL_ONLY = ("bwd_preprocess_into", "bwd_dkdv_into")  # into float32: epilogue or tiling differ only
 # bwd_dq_into is both a table row (KERNELS) and an aot launch name: listed once
-ALL_KERNELS = tuple(dict.fromkeys((*KERNELS, "bwd_preprocess", "fwd_into", *BACKWARD_INTO)))
+ALL_KERNELS = tuple(dict.fromkeys((*KERNELS, "bwd_preprocess", "fwd_into", *CAUSAL_ONLY)))
+PREPROCESS = ("bwd_preprocess", "bwd_preprocess_into")  # no matmuls
 VARIANTS = ("causal", "packed-window")  # together a superset of the full variant's code paths
-# every kernel in every variant, but the preprocess, which has no mask, once; the forward merging
-# into a ring's accumulator, which serves dense and by-token masks, not packed documents; and the
-# backward's kernels into float32 buffers, whose epilogues alone differ, with the causal variant
+# every kernel in every variant, but the preprocess, which has no mask, once; the kernels into a
+# ring's float32 accumulators (forward, dQ), which serve dense and by-token masks, not packed
+# documents; and those whose epilogue or tiling alone differ (CAUSAL_ONLY) with the causal variant
 KERNEL_VARIANTS = [(k, v) for k in ALL_KERNELS for v in VARIANTS
-                   if (k != "bwd_preprocess" or v == VARIANTS[0]) and (k != "fwd_into" or v != "packed-window")
-                   and (k not in BACKWARD_INTO or v == "causal")]
+                   if (k != "bwd_preprocess" or v == VARIANTS[0])
+                   and (k not in ("fwd_into", "bwd_dq_into") or v != "packed-window")
+                   and (k not in CAUSAL_ONLY or v == "causal")]
 
 
 def _compile(groups: list[list[str]]) -> list[dict]:
@@ -66,9 +68,9 @@ def test_the_mask_by_token_compiles_fits_and_uses_wgmma(hopper_bf16):
     """Its loop tests each block before computing it, which Triton does not pipeline (no
     cp.async; README, Status): this checks that it compiles, fits and keeps wgmma."""
     tokens = {r["kernel"]: r for r in hopper_bf16 if r["variant"] == "tokens-window"}
-    assert set(tokens) == set(ALL_KERNELS) - set(BACKWARD_INTO)
+    assert set(tokens) == set(ALL_KERNELS) - set(CAUSAL_ONLY)
     assert not _too_big(list(tokens.values()))
-    for kernel in set(tokens) - {"bwd_preprocess"}:
+    for kernel in set(tokens) - set(PREPROCESS):
         assert "wgmma" in tokens[kernel]["ptx_features"], (kernel, tokens[kernel]["ptx_features"])
 
 
@@ -82,7 +84,7 @@ def test_hopper_bf16_kernels_compile_and_fit(hopper_bf16):
     assert fwd128["shared_bytes"] > HOPPER.shared_memory_bytes // 2
 
 
-@pytest.mark.parametrize("kernel, variant", [(k, v) for k, v in KERNEL_VARIANTS if k != "bwd_preprocess"])
+@pytest.mark.parametrize("kernel, variant", [(k, v) for k, v in KERNEL_VARIANTS if k not in PREPROCESS])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_hopper_bf16_kernels_use_wgmma_and_async_copies(hopper_bf16, kernel, head_dim, variant):
     (result,) = [r for r in hopper_bf16 if r["kernel"] == kernel and r["head_dim"] == head_dim
@@ -102,7 +104,7 @@ def test_merging_into_the_accumulator_costs_no_registers_at_the_common_head_dims
             plain, into = usage[plain, head_dim, "causal"], usage[into, head_dim, "causal"]
             if plain["stack_bytes"] is None:
                 pytest.skip("this Triton ships no cuobjdump to read registers with")
-            assert into["stack_bytes"] <= plain["stack_bytes"], (head_dim, plain, into)
+            assert into["stack_bytes"] <= plain["stack_bytes"], (head_dim, plain, into)  # d128 dQ: two tiles
             if (into["block_m"], into["block_n"], into["num_warps"], into["num_stages"]) == (
                     plain["block_m"], plain["block_n"], plain["num_warps"], plain["num_stages"]):
                 assert into["shared_bytes"] == plain["shared_bytes"], (head_dim, plain, into)

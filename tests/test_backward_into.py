@@ -11,7 +11,8 @@ from thread_ring import ring_by_threads, triton_through_into
 from usp.attention import naive_attention
 from usp.bench.numerics import max_error, tolerance
 from usp.kernels import flash_attn_backward, flash_attn_backward_into, flash_attn_forward
-from usp.kernels.configs import get_config
+import usp.kernels.flash_bwd as flash_bwd
+from usp.kernels.configs import HOPPER, KernelConfig, config_override, get_config
 
 # bf16 only on a GPU: the interpreter computes bf16 products wrongly
 DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.float32, id="fp32"),
@@ -71,25 +72,25 @@ def test_backward_into_refuses_accumulators_it_cannot_add_into():
 
 
 def test_backward_into_runs_its_own_dq_table_entry(monkeypatch):
-    """The dQ kernel adding into float32 takes the ``bwd_dq_into`` entry (a tile of its
+    """The dQ kernel adding into float32 runs the ``bwd_dq_into`` entry (a tile of its
     own on sm_90 at d128), the plain backward ``bwd_dq``; under another into tile the
     gradients still meet the test rule (fp16, 40 queries over 56 keys: partial tiles)."""
-    import usp.kernels.flash_bwd as flash_bwd
-    from usp.kernels.configs import HOPPER, KernelConfig, config_override
-
     assert HOPPER.table["bwd_dq_into"][128] != HOPPER.table["bwd_dq"][128]
-    asked = []
-    monkeypatch.setattr(flash_bwd, "get_config", lambda name, *a: asked.append(name) or get_config(name, *a))
+    into_tile = KernelConfig(32, 16, 1, 1)
+    dq_tiles, launches = [], flash_bwd.backward_launches
+
+    def recording(*args, **kwargs):
+        dq_tiles.append(kwargs["configs"]["bwd_dq"])
+        return launches(*args, **kwargs)
+    monkeypatch.setattr(flash_bwd, "backward_launches", recording)
     q, dout = (_randn(1, 40, 2, 32, dtype=torch.float16, seed=s) for s in (11, 12))
     k, v = (_randn(1, 56, 1, 32, dtype=torch.float16, seed=s) for s in (13, 14))
     out, lse = flash_attn_forward(q, k, v, causal=True)
-    flash_attn_backward(dout, q, k, v, out, lse, causal=True)
-    assert sorted(asked) == ["bwd_dkdv", "bwd_dq"]
-    asked.clear()
     dq = torch.zeros(q.shape, device=DEVICE)
-    with config_override("bwd_dq_into", 32, KernelConfig(32, 16, 1, 1)):
+    with config_override("bwd_dq_into", 32, into_tile):
+        flash_attn_backward(dout, q, k, v, out, lse, causal=True)
         dk, dv = flash_attn_backward_into(dout, q, k, v, out, lse, dq, causal=True)
-    assert sorted(asked) == ["bwd_dkdv", "bwd_dq_into"]
+    assert dq_tiles == [get_config("bwd_dq", 32, torch.float16, DEVICE), into_tile]
     expected = _gradients(*(x.double() for x in (q, k, v, dout)), causal=True)
     baseline = _gradients(q, k, v, dout, causal=True)
     for name, got, want, base in zip(("dq", "dk", "dv"), (dq, dk, dv), expected, baseline):
