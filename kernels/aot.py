@@ -153,7 +153,7 @@ def _launches(family: GpuFamily, head_dim: int, dtype: torch.dtype, variant: str
                                               config=configs["fwd"], accumulate=True)
         pre_into, dkdv_into, launches["bwd_dq_into"] = backward_launches(
             q, q, k, k, q, lse, lse, lse, q32, k32, k32, mask=mask, scale=head_dim**-0.5,
-            configs=dict(configs, bwd_dq=configs["bwd_dq_into"]), accumulate=True)
+            configs=configs, accumulate=True)
         if variant == "causal":
             launches["bwd_preprocess_into"], launches["bwd_dkdv_into"] = pre_into, dkdv_into
     return launches

@@ -255,7 +255,8 @@ def backward_launches(dout, q, k, v, out, lse, delta, lse2, dq, dk, dv, *, mask:
     """The three backward launches for already-validated inputs (dense, or packed with
     ``mask.varlen``, as ``forward_launch`` takes them); ``lse`` is float32 and contiguous,
     ``delta`` and ``lse2`` are float32 buffers of its shape, ``configs`` maps "bwd_dkdv"
-    and "bwd_dq" to their configs (the preprocess uses the dq tiling). ``visits``, int32
+    and "bwd_dq" (with ``accumulate``, "bwd_dq_into") to their configs (the preprocess
+    uses the dQ tiling). ``visits``, int32
     zeros with one slot per dK/dV program, receives the query blocks it visited, over the
     query heads of its group. ``accumulate``: dQ is added to what ``dq`` holds. The
     gradients are stored in the dtypes of ``dq, dk, dv``, whatever q's."""
@@ -274,7 +275,7 @@ def backward_launches(dout, q, k, v, out, lse, delta, lse2, dq, dk, dv, *, mask:
     common = dict(LEFT=mask.left is not None, RIGHT=mask.right is not None, VARLEN=mask.varlen,
                   TOKENS=mask.tokens is not None, BLOCK_D=block_d,
                   EVEN_D=head_dim == block_d, PRECISION=dot_precision(q.dtype))
-    dkdv, dq_cfg = configs["bwd_dkdv"], configs["bwd_dq"]
+    dkdv, dq_cfg = configs["bwd_dkdv"], configs["bwd_dq_into" if accumulate else "bwd_dq"]
     pre_rows = seqlen_q if not mask.varlen else rows_total
     return [
         Launch(_bwd_preprocess_kernel, (triton.cdiv(pre_rows, dq_cfg.block_m), q4.shape[0] * heads),
@@ -346,8 +347,8 @@ def _run_backward(dout, q, k, v, out, lse, shape, mask: MaskSpec, softmax_scale,
     if not accumulate:
         dq = torch.empty(q.shape, dtype=q.dtype, device=device)
     dk, dv = (torch.empty(x.shape, dtype=torch.float32 if accumulate else x.dtype, device=device) for x in (k, v))
-    configs = {"bwd_dkdv": get_config("bwd_dkdv", shape.head_dim, q.dtype, device),
-               "bwd_dq": get_config("bwd_dq_into" if accumulate else "bwd_dq", shape.head_dim, q.dtype, device)}
+    configs = {name: get_config(name, shape.head_dim, q.dtype, device)
+               for name in ("bwd_dkdv", "bwd_dq_into" if accumulate else "bwd_dq")}
     with device_guard(device):
         for launch in backward_launches(dout, q, k, v, out, lse, delta, lse2, dq, dk, dv, mask=mask, scale=scale,
                                         configs=configs, visits=visits, accumulate=accumulate):

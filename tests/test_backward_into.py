@@ -79,9 +79,12 @@ def test_backward_into_runs_its_own_dq_table_entry(monkeypatch):
     into_tile = KernelConfig(32, 16, 1, 1)
     dq_tiles, launches = [], flash_bwd.backward_launches
 
-    def recording(*args, **kwargs):
-        dq_tiles.append(kwargs["configs"]["bwd_dq"])
-        return launches(*args, **kwargs)
+    def recording(*args, **kwargs):  # the tile of the dQ launch (the last)
+        built = launches(*args, **kwargs)
+        dq_launch = built[-1]
+        dq_tiles.append(KernelConfig(dq_launch.constexprs["BLOCK_M"], dq_launch.constexprs["BLOCK_N"],
+                                     dq_launch.num_warps, dq_launch.num_stages))
+        return built
     monkeypatch.setattr(flash_bwd, "backward_launches", recording)
     q, dout = (_randn(1, 40, 2, 32, dtype=torch.float16, seed=s) for s in (11, 12))
     k, v = (_randn(1, 56, 1, 32, dtype=torch.float16, seed=s) for s in (13, 14))
