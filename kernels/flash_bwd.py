@@ -23,7 +23,8 @@ from .configs import KernelConfig, get_config, padded_head_dim
 from .flash_fwd import packed_mask, token_mask
 from .triton_common import (LOG2E, Launch, MaskSpec, check_triton_inputs, device_guard, dot_precision,
                             block_visibility, key_block_range, kv_tile_pointers, load_row_stats, load_tile,
-                            program_tile, query_block_range, sequence_span, store_tile, strides, tile_pointers)
+                            program_tile, query_block_range, sequence_span, store_tile, strides, tile_pointers,
+                            tiles_across_heads)
 
 
 @triton.jit
@@ -34,7 +35,7 @@ def _bwd_preprocess_kernel(
     seqlen_q, heads, head_dim,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    start_m, bh, b, h = program_tile(BLOCK_M, heads, False)
+    start_m, bh, b, h = program_tile(BLOCK_M, heads, False, False)
     rows = tl.arange(0, BLOCK_M)
     offs_m = start_m + rows
     offs_d = tl.arange(0, BLOCK_D)
@@ -118,10 +119,10 @@ def _bwd_dkdv_kernel(
     stride_lb, stride_lh,
     seqlen_q, seqlen_k, kv_heads, group, head_dim, qk_scale, softmax_scale, window_left, window_right,
     LEFT: tl.constexpr, RIGHT: tl.constexpr, VARLEN: tl.constexpr, TOKENS: tl.constexpr, COUNT_VISITS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACROSS_HEADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    start_n, _, b, h_kv = program_tile(BLOCK_N, kv_heads, False)  # causal: earlier key tiles see more queries
+    start_n, bh, b, h_kv = program_tile(BLOCK_N, kv_heads, False, ACROSS_HEADS)  # causal: earlier tiles see more
     q0, seqlen_q = sequence_span(CuSeqlensQ, b, seqlen_q, VARLEN)
     k0, seqlen_k = sequence_span(CuSeqlensK, b, seqlen_k, VARLEN)
     if start_n >= seqlen_k:  # a tile past a short document's end
@@ -144,7 +145,7 @@ def _bwd_dkdv_kernel(
                                                          LEFT, RIGHT, TOKENS, BLOCK_M, BLOCK_N)
     rows = tl.arange(0, BLOCK_M)
     window = (seqlen_q, seqlen_k, head_dim, qk_scale, window_left, window_right, QPos, QDoc, KPos, KDoc,
-              Visits, tl.program_id(1) * tl.num_programs(0) + tl.program_id(0))
+              Visits, bh * tl.num_programs(0) + start_n // BLOCK_N)
     for g in range(group):  # the query heads that share this K/V head
         h = h_kv * group + g
         stats = b * stride_lb + h * stride_lh + q0  # row 0 of this head in lse2 and delta
@@ -208,8 +209,9 @@ def _bwd_dq_kernel(
     LEFT: tl.constexpr, RIGHT: tl.constexpr, VARLEN: tl.constexpr, TOKENS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
+    ACROSS_HEADS: tl.constexpr,
 ):
-    start_m, bh, b, h = program_tile(BLOCK_M, heads, RIGHT)  # a right edge (causal): later tiles see more keys
+    start_m, bh, b, h = program_tile(BLOCK_M, heads, RIGHT, ACROSS_HEADS)  # a right edge: later tiles see more keys
     q0, seqlen_q = sequence_span(CuSeqlensQ, b, seqlen_q, VARLEN)
     k0, seqlen_k = sequence_span(CuSeqlensK, b, seqlen_k, VARLEN)
     if start_m >= seqlen_q:  # a tile past a short document's end
@@ -277,26 +279,30 @@ def backward_launches(dout, q, k, v, out, lse, delta, lse2, dq, dk, dv, *, mask:
                   EVEN_D=head_dim == block_d, PRECISION=dot_precision(q.dtype))
     dkdv, dq_cfg = configs["bwd_dkdv"], configs["bwd_dq_into" if accumulate else "bwd_dq"]
     pre_rows = seqlen_q if not mask.varlen else rows_total
+    dkdv_grid = (triton.cdiv(seqlen_k, dkdv.block_n), batch * kv_heads)
+    dq_grid = (triton.cdiv(seqlen_q, dq_cfg.block_m), batch * heads)
     return [
         Launch(_bwd_preprocess_kernel, (triton.cdiv(pre_rows, dq_cfg.block_m), q4.shape[0] * heads),
                (out4, dout4, lse, delta, lse2, *strides(out4), *strides(dout4), pre_rows, heads, head_dim),
                dict(BLOCK_M=dq_cfg.block_m, BLOCK_D=block_d), dq_cfg.num_warps, 1),
-        Launch(_bwd_dkdv_kernel, (triton.cdiv(seqlen_k, dkdv.block_n), batch * kv_heads),
+        Launch(_bwd_dkdv_kernel, dkdv_grid,
                (q, k, v, dout, lse2, delta, dk, dv, mask.cu_seqlens_q, mask.cu_seqlens_k, visits, *mask.token_args,
                 *mask.strides(q4), *mask.strides(k4), *mask.strides(v4), *mask.strides(dout4),
                 *mask.strides(dk4), *mask.strides(dv4), *lse_strides,
                 seqlen_q, seqlen_k, kv_heads, group, head_dim, scale * LOG2E, scale, *mask.window_args),
-               dict(COUNT_VISITS=visits is not None, BLOCK_M=dkdv.block_m, BLOCK_N=dkdv.block_n,
+               dict(COUNT_VISITS=visits is not None, ACROSS_HEADS=tiles_across_heads(mask, *dkdv_grid, q.device),
+                    BLOCK_M=dkdv.block_m, BLOCK_N=dkdv.block_n,
                     EVEN_M=not mask.varlen and seqlen_q % dkdv.block_m == 0,
                     EVEN_N=not mask.varlen and seqlen_k % dkdv.block_n == 0, **common),
                dkdv.num_warps, dkdv.num_stages),
-        Launch(_bwd_dq_kernel, (triton.cdiv(seqlen_q, dq_cfg.block_m), batch * heads),
+        Launch(_bwd_dq_kernel, dq_grid,
                (q, k, v, dout, lse2, delta, dq, mask.cu_seqlens_q, mask.cu_seqlens_k, *mask.token_args,
                 *mask.strides(q4), *mask.strides(k4), *mask.strides(v4), *mask.strides(dout4),
                 *mask.strides(dq4), *lse_strides,
                 seqlen_q, seqlen_k, heads, group, head_dim, scale * LOG2E, scale, *mask.window_args),
                dict(BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n,
-                    EVEN_M=not mask.varlen and seqlen_q % dq_cfg.block_m == 0, ACCUMULATE=accumulate, **common),
+                    EVEN_M=not mask.varlen and seqlen_q % dq_cfg.block_m == 0, ACCUMULATE=accumulate,
+                    ACROSS_HEADS=tiles_across_heads(mask, *dq_grid, q.device), **common),
                dq_cfg.num_warps, dq_cfg.num_stages),
     ]
 

@@ -22,7 +22,7 @@ from .checks import (check_accumulator, check_documents, check_packed_qkv, check
 from .configs import KernelConfig, get_config, padded_head_dim
 from .triton_common import (LOG2E, Launch, MaskSpec, block_visibility, check_triton_inputs, device_guard,
                             dot_precision, key_block_range, kv_tile_pointers, load_tile, program_tile, sequence_span,
-                            store_tile, tile_pointers)
+                            store_tile, tile_pointers, tiles_across_heads)
 
 
 @triton.jit
@@ -78,10 +78,11 @@ def _flash_fwd_kernel(
     LEFT: tl.constexpr, RIGHT: tl.constexpr, VARLEN: tl.constexpr, TOKENS: tl.constexpr,
     COUNT_VISITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
+    ACROSS_HEADS: tl.constexpr,
 ):
     # b is the batch row, or the document when VARLEN (whose batch strides are 0): its
     # queries start at row q0 and its keys at row k0 of the packed tensors.
-    start_m, bh, b, h = program_tile(BLOCK_M, heads, RIGHT)  # a right edge (causal): later tiles see more keys
+    start_m, bh, b, h = program_tile(BLOCK_M, heads, RIGHT, ACROSS_HEADS)  # a right edge: later tiles see more keys
     q0, seqlen_q = sequence_span(CuSeqlensQ, b, seqlen_q, VARLEN)
     k0, seqlen_k = sequence_span(CuSeqlensK, b, seqlen_k, VARLEN)
     if start_m >= seqlen_q:  # a tile past a short document's end
@@ -168,8 +169,9 @@ def forward_launch(q, k, v, out, lse, *, mask: MaskSpec, scale: float, config: K
     else:
         lse_strides = (lse.stride(0), lse.stride(1))
     block_d = padded_head_dim(head_dim)
+    grid = (triton.cdiv(seqlen_q, config.block_m), batch * heads)
     return Launch(
-        _flash_fwd_kernel, (triton.cdiv(seqlen_q, config.block_m), batch * heads),
+        _flash_fwd_kernel, grid,
         (q, k, v, out, lse, mask.cu_seqlens_q, mask.cu_seqlens_k, visits, *mask.token_args,
          *mask.strides(q4), *mask.strides(k4), *mask.strides(v4), *mask.strides(out4), *lse_strides,
          seqlen_q, seqlen_k, heads, heads // kv_heads, head_dim, scale * LOG2E, *mask.window_args),
@@ -177,7 +179,8 @@ def forward_launch(q, k, v, out, lse, *, mask: MaskSpec, scale: float, config: K
              TOKENS=mask.tokens is not None, COUNT_VISITS=visits is not None, BLOCK_M=config.block_m,
              BLOCK_N=config.block_n, BLOCK_D=block_d,
              EVEN_M=not mask.varlen and seqlen_q % config.block_m == 0, EVEN_D=head_dim == block_d,
-             PRECISION=dot_precision(q.dtype), ACCUMULATE=accumulate),
+             PRECISION=dot_precision(q.dtype), ACCUMULATE=accumulate,
+             ACROSS_HEADS=tiles_across_heads(mask, *grid, q.device)),
         config.num_warps, config.num_stages)
 
 

@@ -8,6 +8,7 @@ softmax scale times log2(e), so ``exp2`` replaces ``exp``); a query row ``i`` se
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -23,20 +24,30 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def program_tile(BLOCK: tl.constexpr, heads, HEAVY_LAST: tl.constexpr):
+def program_tile(BLOCK: tl.constexpr, heads, HEAVY_LAST: tl.constexpr, ACROSS_HEADS: tl.constexpr):
     """This program's tile: (first row, flat batch*heads index, batch, head), the last two int64.
 
-    With HEAVY_LAST (tiles whose work grows with their row, as query tiles under a causal
-    mask) the tiles of a head are handed out last row first, so the GPU starts the longest
-    programs first and ends on short ones instead of on a few long ones:
+    The grid is (tiles, batch * heads), and the GPU starts programs in launch order (axis
+    0 fastest). By default a head's tiles are handed out one after another, head after
+    head: programs running together share that head's data in L2. With ACROSS_HEADS
+    (tiles of unequal work, as under a causal mask) each tile index is handed out for
+    every head before the next: the GPU starts every head's longest programs first and
+    ends on short ones, instead of ending on the last head's long ones while other SMs
+    idle. HEAVY_LAST: the tiles' work grows with their row (query tiles under a causal
+    mask; key tiles' work falls with theirs), so the order is last row first:
 
-        causal, 4 query tiles of one head    work  ##  ####  ######  ########
-        program_id(0)                               3    2      1       0
+        causal, 2 heads x 3 query tiles    work     #  ##  ###     #  ##  ###
+        program, by head                            2   1    0     5   4    3
+        program, ACROSS_HEADS                       4   2    0     5   3    1
     """
     tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    if ACROSS_HEADS:
+        flat = bh * tl.num_programs(0) + tile
+        tile = flat // tl.num_programs(1)
+        bh = flat % tl.num_programs(1)
     if HEAVY_LAST:
         tile = tl.num_programs(0) - 1 - tile
-    bh = tl.program_id(1)
     return tile * BLOCK, bh, (bh // heads).to(tl.int64), (bh % heads).to(tl.int64)
 
 
@@ -279,6 +290,12 @@ class MaskSpec:
         return (None,) * 4 if t is None else (t.q_pos, t.q_doc, t.k_pos, t.k_doc)
 
     @property
+    def triangular(self) -> bool:
+        """A right edge and no left one (causal): a query tile's work grows with its row
+        and a key tile's falls."""
+        return self.right is not None and self.left is None and self.tokens is None
+
+    @property
     def varlen(self) -> bool:
         return self.cu_seqlens_q is not None
 
@@ -294,6 +311,28 @@ class MaskSpec:
     def strides(self, x: torch.Tensor) -> tuple[int, int, int, int]:
         """Strides of a [B, S, H, D] view; packed tensors get batch stride 0 (documents are rows)."""
         return (0, *x.stride()[1:]) if self.varlen else tuple(x.stride())
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(index: int) -> int:
+    """The SM count of GPU ``index``, asked once."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def tiles_across_heads(mask: MaskSpec, tiles: int, heads: int, device: torch.device) -> bool:
+    """Whether a launch of ``tiles`` tiles for each of ``heads`` (batch rows x heads) hands
+    them out across heads (``program_tile``'s ACROSS_HEADS): under a causal mask, when a
+    head's tiles fit in one wave (at most one per SM) and at least two programs of each
+    head run side by side (at most half as many heads as SMs). Otherwise head after head:
+    many heads, or many tiles per head, lose more to programs of different heads
+    competing for L2 than they gain. Without a GPU (the interpreter, compiling ahead of
+    time) every causal launch goes across heads. Measured on an H200 (kernels/NOTES.md)."""
+    if not mask.triangular:
+        return False
+    if device.type != "cuda":
+        return True
+    sms = _multiprocessors(torch.cuda.current_device() if device.index is None else device.index)
+    return tiles <= sms and 2 * heads <= sms
 
 
 def check_triton_inputs(q: torch.Tensor) -> None:

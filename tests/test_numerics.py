@@ -147,24 +147,67 @@ def test_the_kernels_are_exact_at_other_tiles(tile, causal):
 
 
 @triton.jit
-def _record_tiles(Out, heads, BLOCK: tl.constexpr, HEAVY_LAST: tl.constexpr):
-    start, bh, b, h = program_tile(BLOCK, heads, HEAVY_LAST)
-    slot = Out + (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) * 3
+def _record_tiles(Out, heads, BLOCK: tl.constexpr, HEAVY_LAST: tl.constexpr, ACROSS_HEADS: tl.constexpr):
+    start, bh, b, h = program_tile(BLOCK, heads, HEAVY_LAST, ACROSS_HEADS)
+    slot = Out + (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) * 4  # the launch order
     tl.store(slot, start)
-    tl.store(slot + 1, b.to(tl.int32))
-    tl.store(slot + 2, h.to(tl.int32))
+    tl.store(slot + 1, bh)
+    tl.store(slot + 2, b.to(tl.int32))
+    tl.store(slot + 3, h.to(tl.int32))
 
 
+@pytest.mark.parametrize("across_heads", [False, True], ids=["by-head", "across-heads"])
 @pytest.mark.parametrize("heavy_last", [False, True])
-def test_program_tiles_cover_every_tile_once_longest_first_under_a_right_edge(heavy_last):
-    """Grid (4 tiles, batch 2 x heads 3): program (i, bh) takes tile i, or with HEAVY_LAST
-    (query tiles under a causal mask) tile 3 - i, the longest first; batch and head come
-    from bh either way."""
-    out = torch.full((6, 4, 3), -1, dtype=torch.int32, device=DEVICE)
-    _record_tiles[(4, 6)](out, 3, BLOCK=16, HEAVY_LAST=heavy_last)
+def test_program_tiles_cover_every_tile_once_in_the_chosen_order(heavy_last, across_heads):
+    """Grid (4 tiles, batch 2 x heads 3), programs in launch order (axis 0 fastest): by
+    head, each head's 4 tiles in turn; ACROSS_HEADS, tile 0 of the 6 heads, then tile 1,
+    ...; HEAVY_LAST (query tiles under a causal mask) reverses the tiles, longest first.
+    Every (tile, head) comes once either way, with batch and head read off it."""
+    out = torch.full((6 * 4, 4), -1, dtype=torch.int32, device=DEVICE)
+    _record_tiles[(4, 6)](out, 3, BLOCK=16, HEAVY_LAST=heavy_last, ACROSS_HEADS=across_heads)
     tiles = [3, 2, 1, 0] if heavy_last else [0, 1, 2, 3]
-    expected = torch.tensor([[[16 * t, bh // 3, bh % 3] for t in tiles] for bh in range(6)], dtype=torch.int32)
+    order = ([(t, bh) for t in tiles for bh in range(6)] if across_heads
+             else [(t, bh) for bh in range(6) for t in tiles])
+    expected = torch.tensor([[16 * t, bh, bh // 3, bh % 3] for t, bh in order], dtype=torch.int32)
     assert torch.equal(out.cpu(), expected)
+
+
+def test_causal_tiles_go_across_heads_when_each_head_fits_in_a_wave(monkeypatch):
+    """The rule measured on an H200 (132 SMs): across heads under a causal mask when a
+    head's tiles fit in one wave (tiles <= SMs) and each head keeps two programs side by
+    side (heads <= SMs / 2); head after head otherwise, and for every other mask. Without
+    a GPU every causal launch goes across heads. The SM count is asked once per device."""
+    import usp.kernels.triton_common as common
+    from usp.kernels.triton_common import MaskSpec, tiles_across_heads
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda index: asked.append(index) or type("Props", (), {"multi_processor_count": 132}))
+    common._multiprocessors.cache_clear()
+    causal, gpu = MaskSpec(right=0), torch.device("cuda", 0)
+    try:
+        verdicts = {(tiles, heads): tiles_across_heads(causal, tiles, heads, gpu)
+                    for tiles, heads in [(64, 8), (64, 32), (128, 16), (132, 66), (133, 16), (512, 8), (8, 256),
+                                         (32, 67)]}
+        assert verdicts == {(64, 8): True, (64, 32): True, (128, 16): True, (132, 66): True, (133, 16): False,
+                            (512, 8): False, (8, 256): False, (32, 67): False}
+        assert asked == [0]
+    finally:
+        common._multiprocessors.cache_clear()
+    for mask in (MaskSpec(), MaskSpec(left=8, right=0), MaskSpec(left=8), MaskSpec(right=4)):
+        assert tiles_across_heads(mask, 8, 2, torch.device("cpu")) == (mask.left is None and mask.right is not None)
+    # and the launchers pass it per launch (here on the CPU: causal goes across)
+    from usp.kernels.flash_bwd import backward_launches
+    from usp.kernels.flash_fwd import forward_launch
+
+    q = torch.zeros(1, 32, 2, 16)
+    lse = torch.zeros(1, 2, 32)
+    config = KernelConfig(16, 16, 1, 1)
+    for mask in (causal, MaskSpec()):
+        launches = [forward_launch(q, q, q, q, lse, mask=mask, scale=0.25, config=config),
+                    *backward_launches(q, q, q, q, q, lse, lse, lse, q, q, q, mask=mask, scale=0.25,
+                                       configs={"bwd_dkdv": config, "bwd_dq": config})[1:]]
+        assert [launch.constexprs["ACROSS_HEADS"] for launch in launches] == [mask is causal] * 3
 
 
 def test_the_gpu_is_asked_its_capability_once_and_switched_to_only_when_not_current(monkeypatch):

@@ -117,8 +117,8 @@ def test_document_mask_by_hand():
 # --- the kernels skip blocks: count the key blocks each forward program visits ---------
 
 def _visits(q, k, v, mask: MaskSpec, block=16):
-    """Per forward program (query tile), the key blocks it visited; per dK/dV program (key
-    tile), the query blocks it visited per head."""
+    """Per forward program (query tile), the key blocks it visited; per key tile of the
+    dK/dV kernel, the query blocks it visited over the heads of its group."""
     lse = (torch.empty(q.shape[1], q.shape[0]) if mask.varlen else torch.empty(q.shape[0], q.shape[2], q.shape[1]))
     rows = mask.max_seqlen_q if mask.varlen else q.shape[1]
     keys = mask.max_seqlen_k if mask.varlen else k.shape[1]
@@ -139,8 +139,9 @@ def test_a_window_visits_only_the_blocks_it_sees():
     fwd, bwd = _visits(q, q, q, MaskSpec(left=20, right=0))
     assert fwd[0].tolist() == [1, 2, 3, 3, 3, 3, 3, 3]
     assert bwd[0].tolist() == [3, 3, 3, 3, 3, 3, 2, 1]
-    full, _ = _visits(q, q, q, MaskSpec(right=0))  # causal alone: the whole prefix
+    full, full_bwd = _visits(q, q, q, MaskSpec(right=0))  # causal alone: the whole prefix
     assert full[0].tolist() == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert full_bwd[0].tolist() == [8, 7, 6, 5, 4, 3, 2, 1]  # key tiles paired 0 and 7, 1 and 6, ...
 
 
 def test_documents_visit_only_their_own_blocks():
