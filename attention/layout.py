@@ -87,11 +87,48 @@ def document_ids(positions: torch.Tensor, documents: tuple[int, ...] | None) -> 
 
 
 def token_positions(q_positions: torch.Tensor, k_positions: torch.Tensor,
-                    documents: tuple[int, ...] | None, device=None) -> TokenPositions:
+                    documents: tuple[int, ...] | None, device=None, window=None) -> TokenPositions:
     """The mask by token of queries at global ``q_positions`` against keys at
-    ``k_positions`` of a sequence packed as ``documents`` (see ``usp.kernels.tokens``)."""
-    return TokenPositions(q_positions.to(torch.int32), document_ids(q_positions, documents),
-                          k_positions.to(torch.int32), document_ids(k_positions, documents)).to(device)
+    ``k_positions`` of a sequence packed as ``documents`` (see ``usp.kernels.tokens``);
+    with ``window = (left, right)`` (None: unbounded; causal is ``right = 0``) its spans
+    under that window too, for positions that increase within runs (host tensors)."""
+    positions = TokenPositions(q_positions.to(torch.int32), document_ids(q_positions, documents),
+                               k_positions.to(torch.int32), document_ids(k_positions, documents))
+    if window is not None:
+        left, right = window
+        positions = dataclasses.replace(positions, spans_window=(left, right),
+                                        q_spans=visible_spans(q_positions, k_positions, documents, left, right),
+                                        k_spans=visible_spans(k_positions, q_positions, documents, right, left))
+    return positions.to(device)
+
+
+def increasing_runs(positions: torch.Tensor) -> list[slice]:
+    """The maximal runs of ``positions`` in increasing order: one for a ring rank's own
+    positions (every layout holds them in order), one per source rank for the keys
+    gathered from every rank."""
+    breaks = (torch.nonzero(positions[1:] <= positions[:-1]).flatten() + 1).tolist()
+    bounds = [0, *breaks, positions.numel()]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def visible_spans(q_pos: torch.Tensor, k_pos: torch.Tensor, documents: tuple[int, ...] | None,
+                  left: int | None, right: int | None) -> torch.Tensor:
+    """``[2, Sq]`` int32: for each query, the first and past-last index of the keys it
+    sees, the smallest range holding all of them (``first = Sk > last = 0`` when it sees
+    none); keys at positions ``k_pos`` increasing within runs. A query's keys in one run
+    are a range (``visible_key_span``), so a few runs make a few ranges to join. With
+    keys gathered from ranks of a zigzag ring, the range also holds masked keys between
+    the runs; the kernels mask them."""
+    q_pos, k_pos = q_pos.long(), k_pos.long()
+    seqlen = int(max(q_pos.max(), k_pos.max())) + 1 if q_pos.numel() and k_pos.numel() else 1
+    first = torch.full(q_pos.shape, k_pos.numel(), dtype=torch.long)
+    last = torch.zeros(q_pos.shape, dtype=torch.long)
+    for run in increasing_runs(k_pos):
+        run_first, run_last = visible_key_span(q_pos, k_pos[run], seqlen, documents, left, right)
+        sees = run_last > run_first
+        first = torch.where(sees, torch.minimum(first, run_first + run.start), first)
+        last = torch.where(sees, torch.maximum(last, run_last + run.start), last)
+    return torch.stack([first, last]).to(torch.int32)
 
 
 def shard_positions(seqlen: int, ulysses_degree: int, ring_degree: int, ulysses_rank: int, ring_rank: int,
@@ -217,7 +254,7 @@ def token_block(rank: int, source: int, seqlen: int, ring_size: int, layout: str
         return None
     q_rows = slice(int(rows[0]), int(rows[-1]) + 1)
     k_rows = slice(int(first[rows].min()), int(last[rows].max()))
-    positions = token_positions(q_pos[q_rows], k_pos[k_rows], documents)
+    positions = token_positions(q_pos[q_rows], k_pos[k_rows], documents, window=resolve_window(causal, window_size))
     return Block(q_rows, k_rows, causal, window_size, positions)
 
 
@@ -247,4 +284,5 @@ def gathered_block(rank: int, seqlen: int, ring_size: int, layout: str, causal: 
         return Block(everything, everything, False)
     q_pos = ring_positions(seqlen, ring_size, rank, layout, documents)
     k_pos = torch.cat([ring_positions(seqlen, ring_size, source, layout, documents) for source in range(ring_size)])
-    return Block(everything, everything, causal, window_size, token_positions(q_pos, k_pos, documents))
+    return Block(everything, everything, causal, window_size,
+                 token_positions(q_pos, k_pos, documents, window=resolve_window(causal, window_size)))

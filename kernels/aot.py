@@ -3,14 +3,17 @@
 ``python -m usp.kernels.aot [--family sm90] [--json]`` builds, for each config table entry,
 each kernel the launchers would start (forward, the forward merging into a ring's
 accumulator, backward preprocess, dK/dV, dQ), for
-bf16 and fp32, and each mask variant (``MASK_VARIANTS``: full, causal, and packed
-documents with a causal sliding window), into a cubin for the family's target with
+bf16 and fp32, and each mask variant (``MASK_VARIANTS``: full, causal, packed
+documents with a causal sliding window, and that window by token, with and without
+spans), into a cubin for the family's target with
 ``triton.compile``, and reports the shared memory each needs against the family's
 limit, the PTX features it uses (wgmma, cp.async, TMA, vector loads), and, where
 Triton ships ``cuobjdump``, the registers per thread and the stack bytes (register spills)
 of the cubin. It uses the
 launchers' own argument lists on meta tensors, specialised as Triton's JIT specialises
-real inputs (``specialization``), so what is compiled is what runs. Compiled kernels
+real inputs (``specialization``), so what is compiled is what runs (causal launches with
+their tiles across heads, ``tiles_across_heads``; on a GPU with many heads they go head
+after head, a few integer operations apart). Compiled kernels
 land in Triton's cache, keyed by source and specialisation, so a second run is quick.
 Run it without ``TRITON_INTERPRET``.
 """
@@ -111,20 +114,25 @@ def _meta(*shape, dtype):
 
 # The mask variants the launchers build: no mask, causal, packed documents with a causal
 # sliding window (LEFT, RIGHT, VARLEN), and a causal sliding window by token (LEFT, RIGHT,
-# TOKENS: a sequence-parallel block of shards).
-MASK_VARIANTS = ("full", "causal", "packed-window", "tokens-window")
+# TOKENS), with the spans the sequence-parallel layers find for their blocks of shards
+# (tokens-window) and without, every block tested (tokens-tested: positions given alone).
+MASK_VARIANTS = ("full", "causal", "packed-window", "tokens-window", "tokens-tested")
 # The kernels into float32 buffers serve ring steps, dense (causal covers the full variant's
 # code paths) or masked by token: the forward merging into (out, lse) and the dQ kernel adding
 # into dQ (a table row of its own, ``bwd_dq_into``, so its own tile) in both; the dK/dV kernel
 # writing float32 and the preprocess at the dQ-into tiling differ from the plain ones in their
 # epilogue or tiling only: with the causal variant.
-ACCUMULATE_VARIANTS = ("causal", "tokens-window")
+ACCUMULATE_VARIANTS = ("causal", "tokens-window", "tokens-tested")
 
 
 def _mask(variant: str) -> MaskSpec:
-    if variant == "tokens-window":
+    if variant in ("tokens-window", "tokens-tested"):
         q_side, k_side = (_meta(n, dtype=torch.int32) for n in (_SEQLEN_Q, _SEQLEN_K))
-        return MaskSpec(left=256, right=0, tokens=TokenPositions(q_side, q_side, k_side, k_side))
+        positions = TokenPositions(q_side, q_side, k_side, k_side)
+        if variant == "tokens-window":
+            q_spans, k_spans = (_meta(2, n, dtype=torch.int32) for n in (_SEQLEN_Q, _SEQLEN_K))
+            positions = TokenPositions(q_side, q_side, k_side, k_side, q_spans, k_spans, (256, 0))
+        return MaskSpec(left=256, right=0, tokens=positions)
     if variant == "packed-window":
         offsets = _meta(5, dtype=torch.int32)
         return MaskSpec(left=256, right=0, cu_seqlens_q=offsets, cu_seqlens_k=offsets,

@@ -64,7 +64,7 @@ def _dkdv_query_blocks(dk, dv, k, v, q_ptrs, do_ptrs, lse2_ptr, delta_ptr, strid
     query row ``lo``; ``lse2_ptr, delta_ptr`` at row 0 of this head. Rows past
     ``seqlen_q`` load as zeros with lse2 = +inf, so they contribute nothing. MASKED
     applies the window (causal is one); only edge blocks need it. With TOKENS the mask
-    is given by token and a query block with no visible pair is skipped."""
+    is given by token (TOKENS_TESTED: a query block with no visible pair is skipped)."""
     offs_m = lo + tl.arange(0, BLOCK_M)
     for _start_m in range(lo, hi, BLOCK_M):
         visible, visit = block_visibility(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right,
@@ -109,7 +109,7 @@ def _dkdv_range(dk, dv, k, v, lo, hi, Q, DO, stats_lse2, stats_delta, b, h, q0, 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, Lse2, Delta, DK, DV, CuSeqlensQ, CuSeqlensK, Visits, QPos, QDoc, KPos, KDoc,
+    Q, K, V, DO, Lse2, Delta, DK, DV, CuSeqlensQ, CuSeqlensK, Visits, QPos, QDoc, KPos, KDoc, QSpans, KSpans,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -142,7 +142,7 @@ def _bwd_dkdv_kernel(
     # Query blocks [full_begin, full_end) see every key here; [begin, full_begin) and
     # [full_end, end) cross the causal diagonal or a window edge.
     begin, full_begin, full_end, end = query_block_range(start_n, seqlen_q, seqlen_k, window_left, window_right,
-                                                         LEFT, RIGHT, TOKENS, BLOCK_M, BLOCK_N)
+                                                         KSpans, LEFT, RIGHT, TOKENS, BLOCK_M, BLOCK_N)
     rows = tl.arange(0, BLOCK_M)
     window = (seqlen_q, seqlen_k, head_dim, qk_scale, window_left, window_right, QPos, QDoc, KPos, KDoc,
               Visits, bh * tl.num_programs(0) + start_n // BLOCK_N)
@@ -173,8 +173,8 @@ def _dq_key_blocks(dq, q, do, lse2, delta, lo, hi, K, V, b, h_kv, k0, offs_m, of
                    BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate the dQ of one query block over key blocks [lo, hi) of K/V head ``h_kv``
     of sequence ``b`` (keys from row ``k0``). With MASKED, keys past ``seqlen_k`` and
-    outside a row's window are excluded; with TOKENS the mask is given by token and a
-    key block with no visible pair is skipped."""
+    outside a row's window are excluded; with TOKENS the mask is given by token
+    (TOKENS_TESTED: a key block with no visible pair is skipped)."""
     k_ptrs, v_ptrs = kv_tile_pointers(K, V, b, h_kv, k0 + lo, offs_n, offs_d, stride_kb, stride_ks, stride_kh,
                                       stride_kd, stride_vb, stride_vs, stride_vh, stride_vd)
     offs_n = lo + offs_n
@@ -198,7 +198,7 @@ def _dq_key_blocks(dq, q, do, lse2, delta, lo, hi, K, V, b, h_kv, k0, offs_m, of
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, Lse2, Delta, DQ, CuSeqlensQ, CuSeqlensK, QPos, QDoc, KPos, KDoc,
+    Q, K, V, DO, Lse2, Delta, DQ, CuSeqlensQ, CuSeqlensK, QPos, QDoc, KPos, KDoc, QSpans, KSpans,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -232,7 +232,7 @@ def _bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     # The forward's key ranges: [full_lo, full_end) unmasked, [lo, full_lo) and [full_end, hi) masked.
-    lo, full_lo, full_end, hi = key_block_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
+    lo, full_lo, full_end, hi = key_block_range(start_m, seqlen_q, seqlen_k, window_left, window_right, QSpans,
                                                 LEFT, RIGHT, TOKENS, BLOCK_M, BLOCK_N)
     kv = (K, V, b, h_kv, k0, offs_m, offs_n, offs_d, stride_kb, stride_ks, stride_kh, stride_kd,
           stride_vb, stride_vs, stride_vh, stride_vd)
@@ -258,9 +258,9 @@ def backward_launches(dout, q, k, v, out, lse, delta, lse2, dq, dk, dv, *, mask:
     ``mask.varlen``, as ``forward_launch`` takes them); ``lse`` is float32 and contiguous,
     ``delta`` and ``lse2`` are float32 buffers of its shape, ``configs`` maps "bwd_dkdv"
     and "bwd_dq" (with ``accumulate``, "bwd_dq_into") to their configs (the preprocess
-    uses the dQ tiling). ``visits``, int32
-    zeros with one slot per dK/dV program, receives the query blocks it visited, over the
-    query heads of its group. ``accumulate``: dQ is added to what ``dq`` holds. The
+    uses the dQ tiling). ``visits``, int32 zeros with one slot per key tile (``bh * tiles
+    + tile``, bh over batch rows x K/V heads), receives the query blocks that tile
+    visited, over the query heads of its group. ``accumulate``: dQ is added to what ``dq`` holds. The
     gradients are stored in the dtypes of ``dq, dk, dv``, whatever q's."""
     dout4, q4, k4, v4, out4, dq4, dk4, dv4 = (x.unsqueeze(0) if mask.varlen else x
                                               for x in (dout, q, k, v, out, dq, dk, dv))
@@ -275,7 +275,7 @@ def backward_launches(dout, q, k, v, out, lse, delta, lse2, dq, dk, dv, *, mask:
     group = heads // kv_heads
     block_d = padded_head_dim(head_dim)
     common = dict(LEFT=mask.left is not None, RIGHT=mask.right is not None, VARLEN=mask.varlen,
-                  TOKENS=mask.tokens is not None, BLOCK_D=block_d,
+                  TOKENS=mask.token_mode, BLOCK_D=block_d,
                   EVEN_D=head_dim == block_d, PRECISION=dot_precision(q.dtype))
     dkdv, dq_cfg = configs["bwd_dkdv"], configs["bwd_dq_into" if accumulate else "bwd_dq"]
     pre_rows = seqlen_q if not mask.varlen else rows_total

@@ -5,7 +5,8 @@ document, head): it walks the key blocks this tile may see (the window's left ed
 masked; the blocks every row sees, unmasked; the causal diagonal, the window's right
 edge or the sequence end, masked), keeping the running max ``m``, sum ``l`` and output
 accumulator in float32 (online softmax). With a mask given by token (``TOKENS``, see
-``usp.kernels.tokens``) it tests every key block and skips those with no visible pair.
+``usp.kernels.tokens``) it walks the union of its rows' key spans when the positions
+carry them, else it tests every key block and skips those with no visible pair.
 With ``ACCUMULATE`` the tile's result is merged into the running ``(out, lse)`` already in
 ``Out`` and ``Lse`` (a ring step's accumulator) instead of overwriting them, so a ring
 step needs no separate merge pass over the accumulator.
@@ -36,7 +37,8 @@ def _attend_key_blocks(acc, m_i, l_i, q, offs_m, lo, hi, K, V, b, h_kv, k0, offs
     """Fold key blocks [lo, hi) of K/V head ``h_kv`` of sequence ``b`` (whose keys start
     at row ``k0``) into the online-softmax state (acc, m_i, l_i). With MASKED, keys past
     ``seqlen_k`` and keys outside a row's window (causal is a window) are excluded; with
-    TOKENS the mask is given by token and a block with no visible pair is skipped."""
+    TOKENS the mask is given by token (TOKENS_TESTED: a block with no visible pair is
+    skipped)."""
     k_ptrs, v_ptrs = kv_tile_pointers(K, V, b, h_kv, k0 + lo, offs_n, offs_d, stride_kb, stride_kn, stride_kh,
                                       stride_kd, stride_vb, stride_vn, stride_vh, stride_vd)
     offs_n = lo + offs_n
@@ -68,7 +70,7 @@ def _attend_key_blocks(acc, m_i, l_i, q, offs_m, lo, hi, K, V, b, h_kv, k0, offs
 
 @triton.jit
 def _flash_fwd_kernel(
-    Q, K, V, Out, Lse, CuSeqlensQ, CuSeqlensK, Visits, QPos, QDoc, KPos, KDoc,
+    Q, K, V, Out, Lse, CuSeqlensQ, CuSeqlensK, Visits, QPos, QDoc, KPos, KDoc, QSpans, KSpans,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -102,7 +104,7 @@ def _flash_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
     # Key blocks [full_lo, full_end) need no mask; [lo, full_lo) and [full_end, hi) do.
-    lo, full_lo, full_end, hi = key_block_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
+    lo, full_lo, full_end, hi = key_block_range(start_m, seqlen_q, seqlen_k, window_left, window_right, QSpans,
                                                 LEFT, RIGHT, TOKENS, BLOCK_M, BLOCK_N)
     kv = (K, V, b, h_kv, k0, offs_n, offs_d, stride_kb, stride_ks, stride_kh, stride_kd,
           stride_vb, stride_vs, stride_vh, stride_vd)
@@ -176,7 +178,7 @@ def forward_launch(q, k, v, out, lse, *, mask: MaskSpec, scale: float, config: K
          *mask.strides(q4), *mask.strides(k4), *mask.strides(v4), *mask.strides(out4), *lse_strides,
          seqlen_q, seqlen_k, heads, heads // kv_heads, head_dim, scale * LOG2E, *mask.window_args),
         dict(LEFT=mask.left is not None, RIGHT=mask.right is not None, VARLEN=mask.varlen,
-             TOKENS=mask.tokens is not None, COUNT_VISITS=visits is not None, BLOCK_M=config.block_m,
+             TOKENS=mask.token_mode, COUNT_VISITS=visits is not None, BLOCK_M=config.block_m,
              BLOCK_N=config.block_n, BLOCK_D=block_d,
              EVEN_M=not mask.varlen and seqlen_q % config.block_m == 0, EVEN_D=head_dim == block_d,
              PRECISION=dot_precision(q.dtype), ACCUMULATE=accumulate,

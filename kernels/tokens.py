@@ -22,22 +22,43 @@ import torch
 @dataclass(frozen=True)
 class TokenPositions:
     """``q_pos, q_doc: [Sq]`` and ``k_pos, k_doc: [Sk]``, int32 on the tensors' device:
-    each query's and key's global position and document index."""
+    each query's and key's global position and document index.
+
+    Optionally the spans of the mask under one window ``spans_window = (left, right)``
+    (None: unbounded): ``q_spans: [2, Sq]``, each query's first and past-last key index
+    it sees (first >= last: none), and ``k_spans: [2, Sk]``, each key's of the queries
+    that see it, int32. Every visible pair must lie inside its row's span (pairs inside
+    it may still be masked). The Triton kernels then walk only the spans of a tile's rows,
+    without testing each block, which lets Triton pipeline their loops; without spans,
+    or under another window, they test every block."""
 
     q_pos: torch.Tensor
     q_doc: torch.Tensor
     k_pos: torch.Tensor
     k_doc: torch.Tensor
+    q_spans: torch.Tensor | None = None
+    k_spans: torch.Tensor | None = None
+    spans_window: tuple[int | None, int | None] | None = None
 
     def check(self, seqlen_q: int, seqlen_k: int, device: torch.device) -> None:
-        """ValueError unless every array is int32, 1-D, on ``device``, of its side's length."""
-        for name, x, length in (("q_pos", self.q_pos, seqlen_q), ("q_doc", self.q_doc, seqlen_q),
-                                ("k_pos", self.k_pos, seqlen_k), ("k_doc", self.k_doc, seqlen_k)):
-            if not isinstance(x, torch.Tensor) or x.dtype != torch.int32 or tuple(x.shape) != (length,):
-                raise ValueError(f"positions.{name} must be an int32 tensor of shape [{length}], got "
+        """ValueError unless every array is int32 and on ``device``, the positions and
+        documents ``[length]`` and the spans (both or neither, with their window) ``[2, length]``
+        of their side."""
+        arrays = [("q_pos", self.q_pos, (seqlen_q,)), ("q_doc", self.q_doc, (seqlen_q,)),
+                  ("k_pos", self.k_pos, (seqlen_k,)), ("k_doc", self.k_doc, (seqlen_k,))]
+        spans = (self.q_spans, self.k_spans, self.spans_window)
+        if any(x is not None for x in spans):
+            if any(x is None for x in spans):
+                raise ValueError("positions.q_spans, k_spans and spans_window come together: give all three or none")
+            arrays += [("q_spans", self.q_spans, (2, seqlen_q)), ("k_spans", self.k_spans, (2, seqlen_k))]
+        for name, x, shape in arrays:
+            if not isinstance(x, torch.Tensor) or x.dtype != torch.int32 or tuple(x.shape) != shape:
+                raise ValueError(f"positions.{name} must be an int32 tensor of shape {list(shape)}, got "
                                  f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))}")
             if x.device != device:
                 raise ValueError(f"positions.{name} is on {x.device} but q is on {device}")
+            if name.endswith("spans") and not x.is_contiguous():
+                raise ValueError(f"positions.{name} must be contiguous")
 
     def visible(self, left: int | None, right: int | None) -> torch.Tensor:
         """Boolean ``[Sq, Sk]``: does query i see key j."""
@@ -50,7 +71,8 @@ class TokenPositions:
         return visible
 
     def to(self, device) -> TokenPositions:
-        return TokenPositions(*(x.to(device) for x in (self.q_pos, self.q_doc, self.k_pos, self.k_doc)))
+        arrays = (self.q_pos, self.q_doc, self.k_pos, self.k_doc, self.q_spans, self.k_spans)
+        return TokenPositions(*(None if x is None else x.to(device) for x in arrays), self.spans_window)
 
 
 def position_kwargs(positions: TokenPositions | None) -> dict:

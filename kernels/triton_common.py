@@ -111,6 +111,29 @@ def load_row_stats(lse2_ptr, delta_ptr, rows, n_rows, CHECK_ROWS: tl.constexpr):
     return lse2, delta
 
 
+# The kernels' TOKENS switch: no mask by token, a mask by token whose every block is
+# tested for a visible pair and skipped without one (a branch in the loop, which Triton
+# then does not pipeline), or a mask by token whose tiles visit only the union of their
+# rows' spans (``TokenPositions.q_spans`` / ``k_spans``, found on the host for positions
+# that increase within runs, as every layout's do) with no test: every block computed.
+TOKENS_NONE = tl.constexpr(0)
+TOKENS_TESTED = tl.constexpr(1)
+TOKENS_SPANS = tl.constexpr(2)
+
+
+@triton.jit
+def span_union(Spans, rows, n_rows, other_side):
+    """``[first, last)``: the smallest range holding the spans of ``rows`` (those below
+    ``n_rows``) in ``Spans``, an int32 ``[2, n_rows]`` of each row's first and past-last
+    visible index on the other side. Rows that see nothing are left out; if none sees
+    anything, ``first = other_side > last = 0``."""
+    in_bounds = rows < n_rows
+    first = tl.load(Spans + rows, mask=in_bounds, other=0)
+    last = tl.load(Spans + n_rows + rows, mask=in_bounds, other=0)
+    sees = first < last
+    return tl.min(tl.where(sees, first, other_side), 0), tl.max(tl.where(sees, last, 0), 0)
+
+
 # Which key blocks a query tile visits, and which query blocks a key tile visits. Query i
 # sees key j iff ``i + offset - left <= j <= i + offset + right`` (offset = Sk - Sq,
 # bottom-right alignment; each bound applies only when its LEFT / RIGHT switch is on;
@@ -142,18 +165,24 @@ def load_row_stats(lse2_ptr, delta_ptr, rows, n_rows, CHECK_ROWS: tl.constexpr):
 
 
 @triton.jit
-def key_block_range(start_m, seqlen_q, seqlen_k, window_left, window_right, LEFT: tl.constexpr,
+def key_block_range(start_m, seqlen_q, seqlen_k, window_left, window_right, QSpans, LEFT: tl.constexpr,
                     RIGHT: tl.constexpr, TOKENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """For query rows [start_m, start_m + BLOCK_M): keys [lo, full_lo) and [full_end, hi)
     need the mask, keys [full_lo, full_end) are seen by every row; others by none. All but
-    hi are multiples of BLOCK_N. A mask by token (TOKENS) may leave any block visible: one
-    masked range [0, Sk), each block tested as it comes."""
+    hi are multiples of BLOCK_N. A mask by token (TOKENS) is one masked range: [0, Sk),
+    each block tested as it comes (TOKENS_TESTED), or the union of the rows' spans
+    (TOKENS_SPANS: ``QSpans``)."""
     offset = seqlen_k - seqlen_q
     lo = 0
     full_lo = 0
     hi = seqlen_k
     full_end = seqlen_k
-    if TOKENS:
+    if TOKENS == TOKENS_SPANS:
+        lo, hi = span_union(QSpans, start_m + tl.arange(0, BLOCK_M), seqlen_q, seqlen_k)
+        lo = lo // BLOCK_N * BLOCK_N
+        full_lo = lo
+        full_end = lo
+    elif TOKENS:
         full_end = 0
     else:
         if LEFT:
@@ -172,18 +201,25 @@ def key_block_range(start_m, seqlen_q, seqlen_k, window_left, window_right, LEFT
 
 
 @triton.jit
-def query_block_range(start_n, seqlen_q, seqlen_k, window_left, window_right, LEFT: tl.constexpr,
+def query_block_range(start_n, seqlen_q, seqlen_k, window_left, window_right, KSpans, LEFT: tl.constexpr,
                       RIGHT: tl.constexpr, TOKENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """For key rows [start_n, start_n + BLOCK_N): queries [begin, full_begin) and
     [full_end, end) need the mask, queries [full_begin, full_end) see every key of the
     tile; others see none. All are multiples of BLOCK_M (rows past Sq contribute 0). A
-    mask by token (TOKENS): one masked range over every query block."""
+    mask by token (TOKENS): one masked range, over every query block (TOKENS_TESTED) or
+    over the union of the keys' spans (TOKENS_SPANS: ``KSpans``)."""
     offset = seqlen_k - seqlen_q
     begin = 0
     full_begin = 0
     full_end = seqlen_q
     end = seqlen_q
-    if TOKENS:
+    if TOKENS == TOKENS_SPANS:
+        first, last = span_union(KSpans, start_n + tl.arange(0, BLOCK_N), seqlen_k, seqlen_q)
+        full_end = first // BLOCK_M * BLOCK_M
+        end = tl.cdiv(last, BLOCK_M) * BLOCK_M
+        begin = full_end
+        full_begin = full_end
+    elif TOKENS:
         full_end = 0
         end = tl.cdiv(seqlen_q, BLOCK_M) * BLOCK_M
     else:
@@ -254,14 +290,16 @@ def block_visibility(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_rig
                      MASKED: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr, TOKENS: tl.constexpr):
     """``(visible, visit)`` of the block of queries ``offs_m`` and keys ``offs_n``: the
     [M, N] pairs that count (keys past Sk never; MASKED: the window, TOKENS: the mask by
-    token) and whether to compute the block at all (a mask by token skips a block with
-    no visible pair). An unmasked block: nothing to mask, always computed."""
+    token) and whether to compute the block at all (TOKENS_TESTED skips a block with no
+    visible pair; otherwise ``visit`` is the constant 1, so the loop has no branch and
+    Triton can pipeline its loads). An unmasked block: nothing to mask, always computed."""
     visible = 0
     visit = 1
     if TOKENS:
         visible = tokens_visible(offs_m, offs_n, seqlen_q, seqlen_k, QPos, QDoc, KPos, KDoc, window_left,
                                  window_right, LEFT, RIGHT)
-        visit = tl.max(tl.max(visible.to(tl.int32), 1), 0)
+        if TOKENS == TOKENS_TESTED:
+            visit = tl.max(tl.max(visible.to(tl.int32), 1), 0)
     elif MASKED:
         visible = (offs_n[None, :] < seqlen_k) & window_visible(
             offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, LEFT, RIGHT)
@@ -285,9 +323,22 @@ class MaskSpec:
 
     @property
     def token_args(self) -> tuple:
-        """The kernels' ``QPos, QDoc, KPos, KDoc`` (None without a mask by token)."""
+        """The kernels' ``QPos, QDoc, KPos, KDoc, QSpans, KSpans`` (None where absent)."""
         t = self.tokens
-        return (None,) * 4 if t is None else (t.q_pos, t.q_doc, t.k_pos, t.k_doc)
+        if t is None:
+            return (None,) * 6
+        spans = (t.q_spans, t.k_spans) if self.token_mode == TOKENS_SPANS.value else (None, None)
+        return (t.q_pos, t.q_doc, t.k_pos, t.k_doc, *spans)
+
+    @property
+    def token_mode(self) -> int:
+        """The kernels' TOKENS switch: spans are used when they were found for this very
+        window (``TokenPositions.spans_window``), else every block is tested."""
+        if self.tokens is None:
+            return TOKENS_NONE.value
+        if self.tokens.q_spans is not None and self.tokens.spans_window == (self.left, self.right):
+            return TOKENS_SPANS.value
+        return TOKENS_TESTED.value
 
     @property
     def triangular(self) -> bool:
@@ -325,8 +376,9 @@ def tiles_across_heads(mask: MaskSpec, tiles: int, heads: int, device: torch.dev
     head's tiles fit in one wave (at most one per SM) and at least two programs of each
     head run side by side (at most half as many heads as SMs). Otherwise head after head:
     many heads, or many tiles per head, lose more to programs of different heads
-    competing for L2 than they gain. Without a GPU (the interpreter, compiling ahead of
-    time) every causal launch goes across heads. Measured on an H200 (kernels/NOTES.md)."""
+    competing for L2 than they gain. For tensors off CUDA devices (the interpreter on the
+    CPU, ahead-of-time compiles on meta tensors) every causal launch goes across heads.
+    Measured on an H200 (kernels/NOTES.md)."""
     if not mask.triangular:
         return False
     if device.type != "cuda":

@@ -56,26 +56,36 @@ _EVERY_VARIANT = [f"--variant={v}" for v in VARIANTS]
 
 @pytest.fixture(scope="module")
 def hopper_bf16():
-    """Every head dim causal; the packed-window variant at d64 and d128, the mask by token
+    """Every head dim causal; the packed-window variant at d64 and d128, the masks by token
     at d128 (all in the slow sweep)."""
     sm90 = ["--family", "sm90", "--dtype", "bf16"]
     return _compile([[*sm90, "--variant=causal", "--head-dim", "16", "--head-dim", "32", "--head-dim", "256"],
                      [*sm90, *_EVERY_VARIANT, "--head-dim", "64", "--head-dim", "128"],
-                     [*sm90, "--variant=tokens-window", "--head-dim", "128"]])
+                     [*sm90, "--variant=tokens-window", "--variant=tokens-tested", "--head-dim", "128"]])
 
 
-def test_the_mask_by_token_compiles_fits_and_uses_wgmma(hopper_bf16):
-    """Its loop tests each block before computing it, which Triton does not pipeline (no
-    cp.async; README, Status): this checks that it compiles, fits and keeps wgmma."""
-    tokens = {r["kernel"]: r for r in hopper_bf16 if r["variant"] == "tokens-window"}
-    assert set(tokens) == set(ALL_KERNELS) - set(CAUSAL_ONLY)
+TOKEN_VARIANTS = ("tokens-window", "tokens-tested")
+
+
+def test_the_masks_by_token_compile_fit_and_pipeline_with_spans(hopper_bf16):
+    """With spans (what the sequence-parallel layers give) the loops have no branch and
+    Triton pipelines them: cp.async and the dense kernels' shared memory. Without, each
+    block is tested before it is computed, which Triton does not pipeline (no cp.async):
+    it compiles, fits and keeps wgmma. The preprocess has no mask: built once."""
+    tokens = {(r["kernel"], r["variant"]): r for r in hopper_bf16 if r["variant"] in TOKEN_VARIANTS}
+    kernels = set(ALL_KERNELS) - set(CAUSAL_ONLY)
+    assert set(tokens) == {(k, "tokens-window") for k in kernels} | {
+        (k, "tokens-tested") for k in kernels - {"bwd_preprocess"}}
     assert not _too_big(list(tokens.values()))
-    for kernel in set(tokens) - set(PREPROCESS):
-        assert "wgmma" in tokens[kernel]["ptx_features"], (kernel, tokens[kernel]["ptx_features"])
+    for (kernel, variant), result in tokens.items():
+        if kernel not in PREPROCESS:
+            assert "wgmma" in result["ptx_features"], (kernel, variant, result["ptx_features"])
+            assert ("cp.async" in result["ptx_features"]) == (variant == "tokens-window"), (kernel, variant)
+    assert tokens["fwd", "tokens-window"]["shared_bytes"] > 2 * tokens["fwd", "tokens-tested"]["shared_bytes"]
 
 
 def test_hopper_bf16_kernels_compile_and_fit(hopper_bf16):
-    hopper_bf16 = [r for r in hopper_bf16 if r["variant"] != "tokens-window"]
+    hopper_bf16 = [r for r in hopper_bf16 if r["variant"] not in TOKEN_VARIANTS]
     assert {(r["kernel"], r["head_dim"], r["variant"]) for r in hopper_bf16} == {
         (k, d, v) for k, v in KERNEL_VARIANTS for d in PADDED_HEAD_DIMS if v == "causal" or d in (64, 128)}
     assert not _too_big(hopper_bf16), _too_big(hopper_bf16)

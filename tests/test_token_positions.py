@@ -14,6 +14,7 @@ from usp.attention.layout import ring_positions, token_positions
 from usp.attention.naive import document_mask
 from usp.bench.numerics import Case, compare, poisoned_allocations, reference, run_backend
 from usp.kernels import AttentionShape
+from usp.kernels.checks import resolve_window
 from usp.kernels.flash_bwd import _run_backward
 from usp.kernels.flash_fwd import _run_forward
 from usp.kernels.triton_common import MaskSpec
@@ -32,9 +33,10 @@ def _block(layout, ring, rank, source, documents):
     return q_pos, k_pos
 
 
-def _compare(backend, dtype, layout, rank, source, causal, window, documents, ring=2, heads=(4, 2)):
+def _compare(backend, dtype, layout, rank, source, causal, window, documents, ring=2, heads=(4, 2), spans=False):
     """Run the block on ``backend`` and judge it against the oracle: ``(failures, the
-    backend's results, the oracle's mask)``; a failure names the quantity and its error."""
+    backend's results, the oracle's mask)``; a failure names the quantity and its error.
+    ``spans``: the positions carry their spans under this window (as the layers' do)."""
     q_pos, k_pos = _block(layout, ring, rank, source, documents)
     cu = torch.tensor(documents or (0, SEQLEN), dtype=torch.int32)
     mask = document_mask(cu, cu, causal, window)[q_pos][:, k_pos]
@@ -47,7 +49,8 @@ def _compare(backend, dtype, layout, rank, source, causal, window, documents, ri
     q, dout, k, v = randn(len(q_pos), heads[0]), randn(len(q_pos), heads[0]), *(randn(len(k_pos), heads[1])
                                                                                     for _ in range(2))
     ref = reference(q, k, v, dout, False, mask=mask)
-    positions = token_positions(q_pos, k_pos, documents, DEVICE)
+    positions = token_positions(q_pos, k_pos, documents, DEVICE,
+                                window=resolve_window(causal, window) if spans else None)
     options = dict(window_size=window, positions=positions)
     with poisoned_allocations():
         results = run_backend(backend, q, k, v, dout, causal, **options)
@@ -78,6 +81,80 @@ def test_a_block_by_token_matches_the_oracle(backend, dtype, block):
     assert mask.any() and not mask.all()  # the case masks something and leaves something
 
 
+@pytest.mark.parametrize("block", BLOCKS, ids=lambda b: f"{b[0]}-{b[1]}-{b[2]}-w{b[4][0]}.{b[4][1]}")
+def test_triton_with_spans_matches_the_oracle_and_the_kernels_testing_every_block(block):
+    """The kernels walking only their rows' spans compute the same blocks' visible pairs
+    in the same order as those testing every block, so the results are identical: the
+    blocks a span adds hold no visible pair (adding exact zeros), and none it leaves out
+    holds one."""
+    failures, spans, _ = _compare("triton", torch.float32, *block, spans=True)
+    assert not failures, failures
+    _, tested, _ = _compare("triton", torch.float32, *block)
+    for name in ("out", "lse", "dq", "dk", "dv"):
+        assert torch.equal(spans[name], tested[name]), name
+
+
+def test_with_spans_a_tile_visits_its_span_and_tests_nothing():
+    """Zigzag ring of 2 over 64 tokens, causal: rank 1's queries (positions 16-47)
+    against every rank's keys gathered (positions 0-15, 48-63, 16-31, 32-47), 16-row
+    tiles. Query tile 0 sees key blocks 0 and 2, tile 1 blocks 0, 2 and 3: testing each
+    block visits 2 and 3 of them; walking the spans, [0, 3) and [0, 4), block 1 (all
+    masked) included. Key tiles: the queries' positions increase, so the spans are
+    tight and both ways visit the same query blocks."""
+    q_pos, k_pos = _block("zigzag", 2, 1, None, None)
+    q = torch.randn(1, 32, 1, 16, device=DEVICE)
+    k = torch.randn(1, 64, 1, 16, device=DEVICE)
+    shape = AttentionShape(1, 32, 64, 1, 1, 16)
+    visits = {}
+    for name, window in (("tested", None), ("spans", (None, 0))):
+        mask = MaskSpec(right=0, tokens=token_positions(q_pos, k_pos, None, DEVICE, window=window))
+        fwd = torch.zeros(1, 2, dtype=torch.int32, device=DEVICE)
+        out, lse = _run_forward(q, k, k, torch.empty_like(q), torch.empty(1, 1, 32, device=DEVICE), shape, mask,
+                                None, visits=fwd)
+        bwd = torch.zeros(1, 4, dtype=torch.int32, device=DEVICE)
+        _run_backward(torch.ones_like(q), q, k, k, out, lse, shape, mask, None, visits=bwd)
+        visits[name] = fwd.cpu().tolist(), bwd.cpu().tolist()
+    assert visits["tested"] == ([[2, 3]], [[2, 0, 2, 1]])
+    assert visits["spans"] == ([[3, 4]], [[2, 0, 2, 1]])
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "stripe"])
+@pytest.mark.parametrize("window", [(-1, 0), (5, 0), (3, 2), (-1, -1)])
+@pytest.mark.parametrize("gathered", [False, True], ids=["one-source", "gathered"])
+def test_spans_hold_every_visible_pair(layout, window, gathered):
+    """Against ``TokenPositions.visible``: each query's span holds every key it sees and
+    each key's span every query that sees it; against one source's keys (increasing
+    positions) the spans are tight, their ends visible; a row that sees nothing has
+    first >= last."""
+    ring = 4
+    q_pos, k_pos = _block(layout, ring, 1, None if gathered else 2, DOCUMENTS)
+    left, right = (None if w < 0 else w for w in window)
+    positions = token_positions(q_pos, k_pos, DOCUMENTS, window=(left, right))
+    visible = positions.visible(left, right)
+    for spans, seen in ((positions.q_spans, visible), (positions.k_spans, visible.T)):
+        first, last = spans.long()
+        for row in range(seen.shape[0]):
+            index = torch.nonzero(seen[row]).flatten()
+            if index.numel() == 0:
+                assert first[row] >= last[row]
+                continue
+            assert first[row] <= index.min() and index.max() < last[row]
+            if not gathered or spans is positions.k_spans:  # the other side's positions increase
+                assert (first[row], last[row] - 1) == (index.min(), index.max())
+    assert positions.spans_window == (left, right)
+
+
+def test_spans_of_another_window_are_not_used():
+    """Spans found under one window are ignored by a call under another: every block is
+    tested instead, and the result stays right."""
+    q_pos, k_pos = _block("zigzag", 2, 1, None, DOCUMENTS)
+    positions = token_positions(q_pos, k_pos, DOCUMENTS, window=(None, 0))
+    assert MaskSpec(right=0, tokens=positions).token_mode == 2
+    assert MaskSpec(left=4, right=0, tokens=positions).token_mode == 1
+    assert MaskSpec(right=0, tokens=token_positions(q_pos, k_pos, DOCUMENTS)).token_mode == 1
+    assert MaskSpec(right=0).token_mode == 0
+
+
 def test_triton_fp16_by_token_matches_the_oracle():
     failures, _, _ = _compare("triton", torch.float16, "zigzag", 1, None, True, (7, 0), DOCUMENTS, ring=4,
                               heads=(2, 2))
@@ -85,9 +162,10 @@ def test_triton_fp16_by_token_matches_the_oracle():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("spans", [False, True], ids=["tested", "spans"])
 @pytest.mark.parametrize("block", BLOCKS, ids=lambda b: f"{b[0]}-{b[1]}-{b[2]}-w{b[4][0]}.{b[4][1]}")
-def test_bf16_by_token_on_gpu(block):
-    failures, _, _ = _compare("triton", torch.bfloat16, *block)
+def test_bf16_by_token_on_gpu(block, spans):
+    failures, _, _ = _compare("triton", torch.bfloat16, *block, spans=spans)
     assert not failures, failures
 
 

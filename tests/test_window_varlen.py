@@ -141,7 +141,7 @@ def test_a_window_visits_only_the_blocks_it_sees():
     assert bwd[0].tolist() == [3, 3, 3, 3, 3, 3, 2, 1]
     full, full_bwd = _visits(q, q, q, MaskSpec(right=0))  # causal alone: the whole prefix
     assert full[0].tolist() == [1, 2, 3, 4, 5, 6, 7, 8]
-    assert full_bwd[0].tolist() == [8, 7, 6, 5, 4, 3, 2, 1]  # key tiles paired 0 and 7, 1 and 6, ...
+    assert full_bwd[0].tolist() == [8, 7, 6, 5, 4, 3, 2, 1]  # key tile n: query blocks n to 7
 
 
 def test_documents_visit_only_their_own_blocks():
