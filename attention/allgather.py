@@ -3,7 +3,9 @@
 Forward: post the all-gathers of K and V over the ring group (both in flight at once),
 wait for them, and compute this rank's queries against every key in one backend call
 under the mask by token of the layout's positions (causal, documents and windows alike;
-``layout.gathered_block``), the kernels skipping blocks with nothing visible. Backward:
+``layout.gathered_block``): the forward and dQ kernels test each key block and skip
+those with nothing visible (the gathered keys lie in one increasing run per rank), the
+dK/dV kernel walks each key tile's span of queries. Backward:
 gather K and V again (nothing is kept between the passes, as the ring keeps nothing),
 compute dQ and the dK/dV of every gathered key in one call, and reduce-scatter those
 (in the accumulation dtype) so that each rank receives the sums for its own shard.

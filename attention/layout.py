@@ -89,46 +89,38 @@ def document_ids(positions: torch.Tensor, documents: tuple[int, ...] | None) -> 
 def token_positions(q_positions: torch.Tensor, k_positions: torch.Tensor,
                     documents: tuple[int, ...] | None, device=None, window=None) -> TokenPositions:
     """The mask by token of queries at global ``q_positions`` against keys at
-    ``k_positions`` of a sequence packed as ``documents`` (see ``usp.kernels.tokens``);
-    with ``window = (left, right)`` (None: unbounded; causal is ``right = 0``) its spans
-    under that window too, for positions that increase within runs (host tensors)."""
+    ``k_positions`` of a sequence packed as ``documents`` (see ``usp.kernels.tokens``).
+    Given ``window = (left, right)`` (each bound None where unbounded; causal is ``right =
+    0``), also the spans under that window of each side whose other side's positions
+    increase, as a ring rank's do in every layout: each such span starts and ends on a
+    visible pair. Keys gathered from several ranks do not increase: their queries get
+    no spans (a span would join the ranks' runs, masked blocks between them included)
+    and the kernels test each block instead."""
     positions = TokenPositions(q_positions.to(torch.int32), document_ids(q_positions, documents),
                                k_positions.to(torch.int32), document_ids(k_positions, documents))
     if window is not None:
         left, right = window
-        positions = dataclasses.replace(positions, spans_window=(left, right),
-                                        q_spans=visible_spans(q_positions, k_positions, documents, left, right),
-                                        k_spans=visible_spans(k_positions, q_positions, documents, right, left))
+        q_spans = visible_spans(q_positions, k_positions, documents, left, right) if increasing(k_positions) else None
+        k_spans = visible_spans(k_positions, q_positions, documents, right, left) if increasing(q_positions) else None
+        if q_spans is not None or k_spans is not None:
+            positions = dataclasses.replace(positions, q_spans=q_spans, k_spans=k_spans, spans_window=(left, right))
     return positions.to(device)
 
 
-def increasing_runs(positions: torch.Tensor) -> list[slice]:
-    """The maximal runs of ``positions`` in increasing order: one for a ring rank's own
-    positions (every layout holds them in order), one per source rank for the keys
-    gathered from every rank."""
-    breaks = (torch.nonzero(positions[1:] <= positions[:-1]).flatten() + 1).tolist()
-    bounds = [0, *breaks, positions.numel()]
-    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+def increasing(positions: torch.Tensor) -> bool:
+    """Whether ``positions`` (on the host) strictly increase."""
+    return bool((positions[1:] > positions[:-1]).all())
 
 
 def visible_spans(q_pos: torch.Tensor, k_pos: torch.Tensor, documents: tuple[int, ...] | None,
                   left: int | None, right: int | None) -> torch.Tensor:
     """``[2, Sq]`` int32: for each query, the first and past-last index of the keys it
-    sees, the smallest range holding all of them (``first = Sk > last = 0`` when it sees
-    none); keys at positions ``k_pos`` increasing within runs. A query's keys in one run
-    are a range (``visible_key_span``), so a few runs make a few ranges to join. With
-    keys gathered from ranks of a zigzag ring, the range also holds masked keys between
-    the runs; the kernels mask them."""
+    sees among keys at the increasing positions ``k_pos`` (first >= last: none), from
+    ``visible_key_span``. With the roles swapped (keys as ``q_pos``, ``left`` and
+    ``right`` exchanged) each key's span of the queries that see it."""
     q_pos, k_pos = q_pos.long(), k_pos.long()
     seqlen = int(max(q_pos.max(), k_pos.max())) + 1 if q_pos.numel() and k_pos.numel() else 1
-    first = torch.full(q_pos.shape, k_pos.numel(), dtype=torch.long)
-    last = torch.zeros(q_pos.shape, dtype=torch.long)
-    for run in increasing_runs(k_pos):
-        run_first, run_last = visible_key_span(q_pos, k_pos[run], seqlen, documents, left, right)
-        sees = run_last > run_first
-        first = torch.where(sees, torch.minimum(first, run_first + run.start), first)
-        last = torch.where(sees, torch.maximum(last, run_last + run.start), last)
-    return torch.stack([first, last]).to(torch.int32)
+    return torch.stack(visible_key_span(q_pos, k_pos, seqlen, documents, left, right)).to(torch.int32)
 
 
 def shard_positions(seqlen: int, ulysses_degree: int, ring_degree: int, ulysses_rank: int, ring_rank: int,
@@ -228,10 +220,11 @@ def ring_block(rank: int, source: int, seqlen: int, layout: str, causal: bool, r
 # triangle or a half: token_block finds, for each query, the keys of the source it sees
 # (a range of the source's local indices, as every layout holds its positions in
 # increasing order), keeps the rows that see some key and the keys some row sees, and
-# hands the kernels the mask by token of that sub-block. Ranks agree on the plan, so
-# each computes it alone; it is cached on the host per (sequence, mesh, mask) and its
-# positions copied to the device per call (a few KB), so a long run of ever new document
-# mixes holds no device memory.
+# hands the kernels the mask by token of that sub-block, with each query's span of keys
+# and each key's of queries. Ranks agree on the plan, so each computes it alone; it is
+# cached on the host per (sequence, mesh, mask) and its positions and spans copied to
+# the device per call (16 bytes for each of the block's queries and keys), so a long run
+# of ever new document mixes holds no device memory.
 
 def on_device(block: Block | None, device) -> Block | None:
     """``block`` with its mask by token on ``device``."""

@@ -275,7 +275,7 @@ def backward_launches(dout, q, k, v, out, lse, delta, lse2, dq, dk, dv, *, mask:
     group = heads // kv_heads
     block_d = padded_head_dim(head_dim)
     common = dict(LEFT=mask.left is not None, RIGHT=mask.right is not None, VARLEN=mask.varlen,
-                  TOKENS=mask.token_mode, BLOCK_D=block_d,
+                  BLOCK_D=block_d,
                   EVEN_D=head_dim == block_d, PRECISION=dot_precision(q.dtype))
     dkdv, dq_cfg = configs["bwd_dkdv"], configs["bwd_dq_into" if accumulate else "bwd_dq"]
     pre_rows = seqlen_q if not mask.varlen else rows_total
@@ -290,7 +290,8 @@ def backward_launches(dout, q, k, v, out, lse, delta, lse2, dq, dk, dv, *, mask:
                 *mask.strides(q4), *mask.strides(k4), *mask.strides(v4), *mask.strides(dout4),
                 *mask.strides(dk4), *mask.strides(dv4), *lse_strides,
                 seqlen_q, seqlen_k, kv_heads, group, head_dim, scale * LOG2E, scale, *mask.window_args),
-               dict(COUNT_VISITS=visits is not None, ACROSS_HEADS=tiles_across_heads(mask, *dkdv_grid, q.device),
+               dict(COUNT_VISITS=visits is not None, TOKENS=mask.token_mode("k"),
+                    ACROSS_HEADS=tiles_across_heads(mask, *dkdv_grid, q.device),
                     BLOCK_M=dkdv.block_m, BLOCK_N=dkdv.block_n,
                     EVEN_M=not mask.varlen and seqlen_q % dkdv.block_m == 0,
                     EVEN_N=not mask.varlen and seqlen_k % dkdv.block_n == 0, **common),
@@ -302,7 +303,7 @@ def backward_launches(dout, q, k, v, out, lse, delta, lse2, dq, dk, dv, *, mask:
                 seqlen_q, seqlen_k, heads, group, head_dim, scale * LOG2E, scale, *mask.window_args),
                dict(BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n,
                     EVEN_M=not mask.varlen and seqlen_q % dq_cfg.block_m == 0, ACCUMULATE=accumulate,
-                    ACROSS_HEADS=tiles_across_heads(mask, *dq_grid, q.device), **common),
+                    TOKENS=mask.token_mode("q"), ACROSS_HEADS=tiles_across_heads(mask, *dq_grid, q.device), **common),
                dq_cfg.num_warps, dq_cfg.num_stages),
     ]
 

@@ -178,7 +178,7 @@ def forward_launch(q, k, v, out, lse, *, mask: MaskSpec, scale: float, config: K
          *mask.strides(q4), *mask.strides(k4), *mask.strides(v4), *mask.strides(out4), *lse_strides,
          seqlen_q, seqlen_k, heads, heads // kv_heads, head_dim, scale * LOG2E, *mask.window_args),
         dict(LEFT=mask.left is not None, RIGHT=mask.right is not None, VARLEN=mask.varlen,
-             TOKENS=mask.token_mode, COUNT_VISITS=visits is not None, BLOCK_M=config.block_m,
+             TOKENS=mask.token_mode("q"), COUNT_VISITS=visits is not None, BLOCK_M=config.block_m,
              BLOCK_N=config.block_n, BLOCK_D=block_d,
              EVEN_M=not mask.varlen and seqlen_q % config.block_m == 0, EVEN_D=head_dim == block_d,
              PRECISION=dot_precision(q.dtype), ACCUMULATE=accumulate,

@@ -25,12 +25,14 @@ class TokenPositions:
     each query's and key's global position and document index.
 
     Optionally the spans of the mask under one window ``spans_window = (left, right)``
-    (None: unbounded): ``q_spans: [2, Sq]``, each query's first and past-last key index
-    it sees (first >= last: none), and ``k_spans: [2, Sk]``, each key's of the queries
-    that see it, int32. Every visible pair must lie inside its row's span (pairs inside
-    it may still be masked). The Triton kernels then walk only the spans of a tile's rows,
-    without testing each block, which lets Triton pipeline their loops; without spans,
-    or under another window, they test every block."""
+    (a bound of None is unbounded): ``q_spans: [2, Sq]``, each query's first and
+    past-last key index it sees (first >= last: none), and ``k_spans: [2, Sk]``, each
+    key's of the queries that see it, int32, either or both. Every visible pair must lie
+    inside its row's span (pairs inside it may still be masked). The Triton kernels over
+    query tiles (forward, dQ) then walk only the union of the tile's ``q_spans``, those
+    over key tiles (dK/dV) of its ``k_spans``, without testing each block, which lets
+    Triton pipeline their loops; without that side's spans, or under another window,
+    they test every block."""
 
     q_pos: torch.Tensor
     q_doc: torch.Tensor
@@ -42,15 +44,16 @@ class TokenPositions:
 
     def check(self, seqlen_q: int, seqlen_k: int, device: torch.device) -> None:
         """ValueError unless every array is int32 and on ``device``, the positions and
-        documents ``[length]`` and the spans (both or neither, with their window) ``[2, length]``
-        of their side."""
+        documents ``[length]`` and the spans given ``[2, length]`` of their side (and
+        contiguous), with the window they were found under."""
         arrays = [("q_pos", self.q_pos, (seqlen_q,)), ("q_doc", self.q_doc, (seqlen_q,)),
                   ("k_pos", self.k_pos, (seqlen_k,)), ("k_doc", self.k_doc, (seqlen_k,))]
-        spans = (self.q_spans, self.k_spans, self.spans_window)
-        if any(x is not None for x in spans):
-            if any(x is None for x in spans):
-                raise ValueError("positions.q_spans, k_spans and spans_window come together: give all three or none")
-            arrays += [("q_spans", self.q_spans, (2, seqlen_q)), ("k_spans", self.k_spans, (2, seqlen_k))]
+        arrays += [(name, x, (2, length)) for name, x, length in (("q_spans", self.q_spans, seqlen_q),
+                                                                   ("k_spans", self.k_spans, seqlen_k))
+                   if x is not None]
+        if (self.q_spans is not None or self.k_spans is not None) != (self.spans_window is not None):
+            raise ValueError("positions.spans_window is the window of q_spans and k_spans: give it with them "
+                             "and only with them")
         for name, x, shape in arrays:
             if not isinstance(x, torch.Tensor) or x.dtype != torch.int32 or tuple(x.shape) != shape:
                 raise ValueError(f"positions.{name} must be an int32 tensor of shape {list(shape)}, got "

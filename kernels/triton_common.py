@@ -114,8 +114,8 @@ def load_row_stats(lse2_ptr, delta_ptr, rows, n_rows, CHECK_ROWS: tl.constexpr):
 # The kernels' TOKENS switch: no mask by token, a mask by token whose every block is
 # tested for a visible pair and skipped without one (a branch in the loop, which Triton
 # then does not pipeline), or a mask by token whose tiles visit only the union of their
-# rows' spans (``TokenPositions.q_spans`` / ``k_spans``, found on the host for positions
-# that increase within runs, as every layout's do) with no test: every block computed.
+# rows' spans (``TokenPositions.q_spans`` / ``k_spans``) with no test: every block
+# computed.
 TOKENS_NONE = tl.constexpr(0)
 TOKENS_TESTED = tl.constexpr(1)
 TOKENS_SPANS = tl.constexpr(2)
@@ -131,7 +131,8 @@ def span_union(Spans, rows, n_rows, other_side):
     first = tl.load(Spans + rows, mask=in_bounds, other=0)
     last = tl.load(Spans + n_rows + rows, mask=in_bounds, other=0)
     sees = first < last
-    return tl.min(tl.where(sees, first, other_side), 0), tl.max(tl.where(sees, last, 0), 0)
+    first = tl.maximum(tl.min(tl.where(sees, first, other_side), 0), 0)  # clamped: spans given by hand
+    return first, tl.minimum(tl.max(tl.where(sees, last, 0), 0), other_side)
 
 
 # Which key blocks a query tile visits, and which query blocks a key tile visits. Query i
@@ -323,20 +324,24 @@ class MaskSpec:
 
     @property
     def token_args(self) -> tuple:
-        """The kernels' ``QPos, QDoc, KPos, KDoc, QSpans, KSpans`` (None where absent)."""
+        """The kernels' ``QPos, QDoc, KPos, KDoc, QSpans, KSpans`` (None where absent or
+        not used: ``token_mode``)."""
         t = self.tokens
         if t is None:
             return (None,) * 6
-        spans = (t.q_spans, t.k_spans) if self.token_mode == TOKENS_SPANS.value else (None, None)
-        return (t.q_pos, t.q_doc, t.k_pos, t.k_doc, *spans)
+        return (t.q_pos, t.q_doc, t.k_pos, t.k_doc,
+                t.q_spans if self.token_mode("q") == TOKENS_SPANS.value else None,
+                t.k_spans if self.token_mode("k") == TOKENS_SPANS.value else None)
 
-    @property
-    def token_mode(self) -> int:
-        """The kernels' TOKENS switch: spans are used when they were found for this very
-        window (``TokenPositions.spans_window``), else every block is tested."""
+    def token_mode(self, tiles: str) -> int:
+        """The TOKENS switch of the kernels over query tiles (``tiles="q"``: forward, dQ),
+        which walk ``q_spans``, or over key tiles (``"k"``: dK/dV), which walk ``k_spans``:
+        spans when that side has them, found for this very window
+        (``TokenPositions.spans_window``); else every block tested."""
         if self.tokens is None:
             return TOKENS_NONE.value
-        if self.tokens.q_spans is not None and self.tokens.spans_window == (self.left, self.right):
+        spans = self.tokens.q_spans if tiles == "q" else self.tokens.k_spans
+        if spans is not None and self.tokens.spans_window == (self.left, self.right):
             return TOKENS_SPANS.value
         return TOKENS_TESTED.value
 

@@ -94,65 +94,112 @@ def test_triton_with_spans_matches_the_oracle_and_the_kernels_testing_every_bloc
         assert torch.equal(spans[name], tested[name]), name
 
 
-def test_with_spans_a_tile_visits_its_span_and_tests_nothing():
+def test_with_spans_a_tile_walks_its_span_and_tests_nothing():
     """Zigzag ring of 2 over 64 tokens, causal: rank 1's queries (positions 16-47)
     against every rank's keys gathered (positions 0-15, 48-63, 16-31, 32-47), 16-row
-    tiles. Query tile 0 sees key blocks 0 and 2, tile 1 blocks 0, 2 and 3: testing each
-    block visits 2 and 3 of them; walking the spans, [0, 3) and [0, 4), block 1 (all
-    masked) included. Key tiles: the queries' positions increase, so the spans are
-    tight and both ways visit the same query blocks."""
+    tiles. Testing each block, query tile 0 visits key blocks 0 and 2, tile 1 blocks 0,
+    2 and 3; key tile 0 query blocks 0 and 1, key tile 1 none, 2 both, 3 the second.
+    Given spans that hold every query (and every key) but see nothing more, the kernels
+    walk all of them and skip nothing (every probability of an invisible pair is 0):
+    the same results, more visits."""
     q_pos, k_pos = _block("zigzag", 2, 1, None, None)
-    q = torch.randn(1, 32, 1, 16, device=DEVICE)
-    k = torch.randn(1, 64, 1, 16, device=DEVICE)
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 32, 1, 16, generator=g).to(DEVICE)
+    k = torch.randn(1, 64, 1, 16, generator=g).to(DEVICE)
     shape = AttentionShape(1, 32, 64, 1, 1, 16)
-    visits = {}
-    for name, window in (("tested", None), ("spans", (None, 0))):
-        mask = MaskSpec(right=0, tokens=token_positions(q_pos, k_pos, None, DEVICE, window=window))
+    tested = token_positions(q_pos, k_pos, None, DEVICE)
+    loose = TokenPositions(tested.q_pos, tested.q_doc, tested.k_pos, tested.k_doc,
+                           torch.tensor([[0] * 32, [64] * 32], dtype=torch.int32, device=DEVICE),
+                           torch.tensor([[0] * 64, [32] * 64], dtype=torch.int32, device=DEVICE), (None, 0))
+    runs = {}
+    for name, positions in (("tested", tested), ("spans", loose)):
+        mask = MaskSpec(right=0, tokens=positions)
         fwd = torch.zeros(1, 2, dtype=torch.int32, device=DEVICE)
         out, lse = _run_forward(q, k, k, torch.empty_like(q), torch.empty(1, 1, 32, device=DEVICE), shape, mask,
                                 None, visits=fwd)
         bwd = torch.zeros(1, 4, dtype=torch.int32, device=DEVICE)
-        _run_backward(torch.ones_like(q), q, k, k, out, lse, shape, mask, None, visits=bwd)
-        visits[name] = fwd.cpu().tolist(), bwd.cpu().tolist()
-    assert visits["tested"] == ([[2, 3]], [[2, 0, 2, 1]])
-    assert visits["spans"] == ([[3, 4]], [[2, 0, 2, 1]])
+        dq, dk, dv = _run_backward(torch.ones_like(q), q, k, k, out, lse, shape, mask, None, visits=bwd)
+        runs[name] = (fwd.cpu().tolist(), bwd.cpu().tolist()), (out, lse, dq, dk, dv)
+    assert runs["tested"][0] == ([[2, 3]], [[2, 0, 2, 1]])
+    assert runs["spans"][0] == ([[4, 4]], [[2, 2, 2, 2]])
+    assert all(torch.equal(a, b) for a, b in zip(runs["tested"][1], runs["spans"][1]))
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag", "stripe"])
 @pytest.mark.parametrize("window", [(-1, 0), (5, 0), (3, 2), (-1, -1)])
 @pytest.mark.parametrize("gathered", [False, True], ids=["one-source", "gathered"])
-def test_spans_hold_every_visible_pair(layout, window, gathered):
-    """Against ``TokenPositions.visible``: each query's span holds every key it sees and
-    each key's span every query that sees it; against one source's keys (increasing
-    positions) the spans are tight, their ends visible; a row that sees nothing has
-    first >= last."""
+def test_spans_are_tight_where_the_other_side_increases(layout, window, gathered):
+    """Against ``TokenPositions.visible``: a row's span starts and ends on a pair it sees
+    (first >= last when it sees none). A ring rank's positions increase (every layout),
+    so both sides get spans against one source's keys; keys gathered from every rank do
+    not (but for the contiguous layout's), so their queries get none (every block
+    tested) and the keys still get theirs."""
     ring = 4
     q_pos, k_pos = _block(layout, ring, 1, None if gathered else 2, DOCUMENTS)
     left, right = (None if w < 0 else w for w in window)
     positions = token_positions(q_pos, k_pos, DOCUMENTS, window=(left, right))
+    assert (positions.q_spans is None) == (gathered and layout != "contiguous") and positions.k_spans is not None
+    assert positions.spans_window == (left, right)
     visible = positions.visible(left, right)
     for spans, seen in ((positions.q_spans, visible), (positions.k_spans, visible.T)):
+        if spans is None:
+            continue
         first, last = spans.long()
         for row in range(seen.shape[0]):
             index = torch.nonzero(seen[row]).flatten()
             if index.numel() == 0:
                 assert first[row] >= last[row]
-                continue
-            assert first[row] <= index.min() and index.max() < last[row]
-            if not gathered or spans is positions.k_spans:  # the other side's positions increase
+            else:
                 assert (first[row], last[row] - 1) == (index.min(), index.max())
-    assert positions.spans_window == (left, right)
 
 
-def test_spans_of_another_window_are_not_used():
-    """Spans found under one window are ignored by a call under another: every block is
-    tested instead, and the result stays right."""
+def test_each_kernel_walks_its_sides_spans_only_under_their_window():
+    """The forward and dQ kernels (query tiles) walk ``q_spans``, the dK/dV kernel (key
+    tiles) ``k_spans``, each only when present and found under the call's window; else
+    they test every block. No mask by token: 0."""
+    from usp.kernels.flash_bwd import backward_launches
+    from usp.kernels.flash_fwd import forward_launch
+    from usp.kernels.configs import KernelConfig
+
     q_pos, k_pos = _block("zigzag", 2, 1, None, DOCUMENTS)
-    positions = token_positions(q_pos, k_pos, DOCUMENTS, window=(None, 0))
-    assert MaskSpec(right=0, tokens=positions).token_mode == 2
-    assert MaskSpec(left=4, right=0, tokens=positions).token_mode == 1
-    assert MaskSpec(right=0, tokens=token_positions(q_pos, k_pos, DOCUMENTS)).token_mode == 1
-    assert MaskSpec(right=0).token_mode == 0
+    q = torch.zeros(1, len(q_pos), 2, 16, device=DEVICE)
+    k = torch.zeros(1, len(k_pos), 2, 16, device=DEVICE)
+    lse = torch.zeros(1, 2, len(q_pos), device=DEVICE)
+    config = KernelConfig(16, 16, 1, 1)
+
+    def modes(mask):
+        fwd = forward_launch(q, k, k, q, lse, mask=mask, scale=0.25, config=config)
+        _, dkdv, dq = backward_launches(q, q, k, k, q, lse, lse, lse, q, k, k, mask=mask, scale=0.25,
+                                        configs={"bwd_dkdv": config, "bwd_dq": config})
+        return [launch.constexprs["TOKENS"] for launch in (fwd, dq, dkdv)]
+
+    one_source = token_positions(*_block("zigzag", 2, 1, 0, DOCUMENTS), DOCUMENTS, DEVICE, window=(None, 0))
+    gathered = token_positions(q_pos, k_pos, DOCUMENTS, DEVICE, window=(None, 0))
+    plain = token_positions(q_pos, k_pos, DOCUMENTS, DEVICE)
+    assert modes(MaskSpec(right=0, tokens=gathered)) == [1, 1, 2]  # the gathered keys' queries: no spans
+    assert modes(MaskSpec(left=4, right=0, tokens=gathered)) == [1, 1, 1]  # another window
+    assert modes(MaskSpec(right=0, tokens=plain)) == [1, 1, 1]
+    assert modes(MaskSpec(right=0)) == [0, 0, 0]
+    q, k = (torch.zeros(1, n, 2, 16, device=DEVICE) for n in (len(one_source.q_pos), len(one_source.k_pos)))
+    lse = torch.zeros(1, 2, len(one_source.q_pos), device=DEVICE)
+    assert modes(MaskSpec(right=0, tokens=one_source)) == [2, 2, 2]
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(q_spans=torch.zeros(8, dtype=torch.int32)), "positions.q_spans must be an int32 tensor of shape \\[2, 8\\]"),
+    (dict(k_spans=torch.zeros(2, 8, dtype=torch.int64)), "positions.k_spans must be an int32 tensor"),
+    (dict(q_spans=torch.zeros(8, 2, dtype=torch.int32).T), "positions.q_spans must be contiguous"),
+    (dict(spans_window=None), "spans_window is the window of q_spans and k_spans"),
+    (dict(q_spans=None, k_spans=None), "spans_window is the window of q_spans and k_spans"),
+])
+def test_bad_spans_are_refused(change, message):
+    fields = dict(q_pos=torch.arange(8, dtype=torch.int32), q_doc=torch.zeros(8, dtype=torch.int32),
+                  k_pos=torch.arange(8, dtype=torch.int32), k_doc=torch.zeros(8, dtype=torch.int32),
+                  q_spans=torch.zeros(2, 8, dtype=torch.int32), k_spans=torch.zeros(2, 8, dtype=torch.int32),
+                  spans_window=(None, 0))
+    fields.update(change)
+    with pytest.raises(ValueError, match=message):
+        TokenPositions(**fields).check(8, 8, torch.device("cpu"))
 
 
 def test_triton_fp16_by_token_matches_the_oracle():
