@@ -32,6 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from usp.kernels import local_attention
 from usp.kernels.configs import interpreter_active
+from usp.kernels.triton_common import TILE_ORDERS, tile_order_override
 
 from .cli_args import (DTYPES, add_device_argument, add_output_arguments, add_timing_arguments, bounded_int,
                        default_device)
@@ -232,6 +233,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-heads", type=bounded_int(1), help="K/V heads (default: as many as query heads)")
     add_device_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    parser.add_argument("--tile-order", choices=TILE_ORDERS, default="rule",
+                        help="how the triton kernels hand out their tiles: by the rule of usp.kernels.triton_common."
+                             "tiles_across_heads, or forced head after head or across heads for every launch, to time "
+                             "the orders against each other (default: rule)")
     add_timing_arguments(parser, warmup=1, repeats=5)
     add_output_arguments(parser)
 
@@ -252,26 +257,29 @@ def run(args: argparse.Namespace) -> int:
     print(f"kernels: {len(configs)} configs x {len(impls)} implementations x {len(passes)} passes on {where} "
           f"({clock}, median of {args.repeats} after {args.warmup} warm-up); FLOPs: {FLOP_CONVENTION}")
     compiled, matmul, records, skipped, done = None, {}, [], [], 0
+    if args.tile_order != "rule":
+        print(f"note: every triton launch hands its tiles out {args.tile_order}, not by the rule")
     try:
-        if "triton" in impls:
-            compiled = compile_triton(configs, passes, device, args.seed)
-            failed = [g for g in compiled["groups"] if "error" in g]
-            print(f"compiled the triton kernels of {len(compiled['groups'])} (dtype, head dim, causal, heads) "
-                  f"configurations in {compiled['seconds']:.1f} s (first calls; Triton's cache is reused when warm)"
-                  + "".join(f"; d{g['head_dim']} {g['dtype']} failed: {g['error']}" for g in failed), flush=True)
-        for dtype in dict.fromkeys(c.dtype for c in configs):
-            matmul[dtype] = matmul_tflops(dtype, device, args.warmup, args.repeats)
-        print("matmul rate: " + ", ".join(f"{dtype} {rate:.1f} TFLOP/s" for dtype, rate in matmul.items())
-              + f" ({MATMUL_SIZE[device.type]}^3)", flush=True)
-        for config in configs:
-            config_records = _time_config(config, impls, passes, device, where, args, skipped)
-            for record in config_records:
-                record["of_matmul"] = record["tflops"] / matmul[config.dtype]
-            records += config_records
-            done += 1
-            _print_config(done, len(configs), config, config_records, impls, skipped, device.type == "cuda")
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        with tile_order_override(args.tile_order):
+            if "triton" in impls:
+                compiled = compile_triton(configs, passes, device, args.seed)
+                failed = [g for g in compiled["groups"] if "error" in g]
+                print(f"compiled the triton kernels of {len(compiled['groups'])} (dtype, head dim, causal, heads) "
+                      f"configurations in {compiled['seconds']:.1f} s (first calls; Triton's cache is reused when warm)"
+                      + "".join(f"; d{g['head_dim']} {g['dtype']} failed: {g['error']}" for g in failed), flush=True)
+            for dtype in dict.fromkeys(c.dtype for c in configs):
+                matmul[dtype] = matmul_tflops(dtype, device, args.warmup, args.repeats)
+            print("matmul rate: " + ", ".join(f"{dtype} {rate:.1f} TFLOP/s" for dtype, rate in matmul.items())
+                  + f" ({MATMUL_SIZE[device.type]}^3)", flush=True)
+            for config in configs:
+                config_records = _time_config(config, impls, passes, device, where, args, skipped)
+                for record in config_records:
+                    record["of_matmul"] = record["tflops"] / matmul[config.dtype]
+                records += config_records
+                done += 1
+                _print_config(done, len(configs), config, config_records, impls, skipped, device.type == "cuda")
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     except KeyboardInterrupt:
         print(f"interrupted after {done} of {len(configs)} configs: writing what was measured", file=sys.stderr)
     summary = headline(records)
@@ -290,7 +298,7 @@ def run(args: argparse.Namespace) -> int:
     path = write_result("kernels", device, dict(
         flop_convention=FLOP_CONVENTION, timing_fields=list(TIMING_FIELDS),
         config=dict(impls=impls, passes=passes, warmup=args.warmup, repeats=args.repeats, seed=args.seed,
-                    timing=clock, grid=[asdict(c) for c in configs]),
+                    timing=clock, tile_order=args.tile_order, grid=[asdict(c) for c in configs]),
         summary=dict(speedup_vs_fastest_sdpa=summary, skipped=len(skipped), configs_done=done,
                      interrupted=done < len(configs), matmul_tflops=matmul, matmul_size=MATMUL_SIZE[device.type],
                      of_matmul=of_matmul, host_ms=host_ms, compile=compiled),

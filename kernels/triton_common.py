@@ -369,6 +369,26 @@ class MaskSpec:
         return (0, *x.stride()[1:]) if self.varlen else tuple(x.stride())
 
 
+TILE_ORDERS = ("rule", "by-head", "across-heads")
+_tile_order = "rule"  # how tiles_across_heads decides; changed only by tile_order_override
+
+
+@contextlib.contextmanager
+def tile_order_override(order: str):
+    """Within the block every launch hands its tiles out ``order``: "by-head" or
+    "across-heads" whatever the mask, or by the "rule" (``tiles_across_heads``): for
+    timing the orders against each other (``usp-bench kernels --tile-order``), never for
+    production calls."""
+    global _tile_order
+    if order not in TILE_ORDERS:
+        raise ValueError(f"order must be one of {TILE_ORDERS}, got {order!r}")
+    saved, _tile_order = _tile_order, order
+    try:
+        yield
+    finally:
+        _tile_order = saved
+
+
 @functools.lru_cache(maxsize=None)
 def _multiprocessors(index: int) -> int:
     """The SM count of GPU ``index``, asked once."""
@@ -383,7 +403,9 @@ def tiles_across_heads(mask: MaskSpec, tiles: int, heads: int, device: torch.dev
     many heads, or many tiles per head, lose more to programs of different heads
     competing for L2 than they gain. For tensors off CUDA devices (the interpreter on the
     CPU, ahead-of-time compiles on meta tensors) every causal launch goes across heads.
-    Measured on an H200 (kernels/NOTES.md)."""
+    Measured on an H200 (kernels/NOTES.md). ``tile_order_override`` forces either order."""
+    if _tile_order != "rule":
+        return _tile_order == "across-heads"
     if not mask.triangular:
         return False
     if device.type != "cuda":

@@ -58,7 +58,7 @@ def _timed_document(directory: Path, kind: str) -> dict:
 TOY_RUNS = {
     "kernels": ["--impl", "triton", "--impl", "torch", "--impl", "naive", "--impl", "sdpa-math", "--impl", "sdpa-flash",
                 "--seqlen", "32", "64", "--head-dim", "16", "--heads", "2", "--dtype", "fp32", "--warmup", "0",
-                "--repeats", "1"],
+                "--repeats", "1", "--tile-order", "by-head"],
     "scaling": ["--world-size", "1", "2", "--seqlen", "32", "64", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
                 "--warmup", "0", "--repeats", "1", "--reference", "usp-unchecked", "--reference", "torch-cp-alltoall"],
     "emulate": ["--world-size", "4", "--ulysses-degree", "2", "--tokens-per-rank", "8", "--heads", "4", "--kv-heads",
@@ -146,6 +146,9 @@ def test_kernels_command(toy_results):
     assert "matmul rate: fp32 " in outputs["kernels"] and "of the matmul rate, torch: fwd " in outputs["kernels"]
     assert "[  1/4] fp32 b1 s32 h2/2 d16 full" in outputs["kernels"]  # progress
     assert "headline torch:" in outputs["kernels"]
+    # the triton kernels' tiles in the order asked for, said and recorded
+    assert document["config"]["tile_order"] == "by-head"
+    assert "note: every triton launch hands its tiles out by-head, not by the rule" in outputs["kernels"]
 
 
 def test_scaling_command(toy_results):

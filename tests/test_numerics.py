@@ -208,6 +208,15 @@ def test_causal_tiles_go_across_heads_when_each_head_fits_in_a_wave(monkeypatch)
                     *backward_launches(q, q, q, q, q, lse, lse, lse, q, q, q, mask=mask, scale=0.25,
                                        configs={"bwd_dkdv": config, "bwd_dq": config})[1:]]
         assert [launch.constexprs["ACROSS_HEADS"] for launch in launches] == [mask is causal] * 3
+    # forced either way for every launch inside the override (usp-bench kernels --tile-order), then the rule again
+    from usp.kernels.triton_common import tile_order_override
+    for order, expected in (("by-head", False), ("across-heads", True)):
+        with tile_order_override(order):
+            assert tiles_across_heads(causal, 8, 2, gpu) == tiles_across_heads(MaskSpec(), 8, 2, gpu) == expected
+    assert tiles_across_heads(causal, 8, 2, torch.device("cpu")) and not tiles_across_heads(MaskSpec(), 8, 2, gpu)
+    with pytest.raises(ValueError, match="order must be one of"):
+        with tile_order_override("sideways"):
+            pass
 
 
 def test_the_gpu_is_asked_its_capability_once_and_switched_to_only_when_not_current(monkeypatch):
