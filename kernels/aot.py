@@ -128,11 +128,10 @@ ACCUMULATE_VARIANTS = ("causal", "tokens-window", "tokens-tested")
 def _mask(variant: str) -> MaskSpec:
     if variant in ("tokens-window", "tokens-tested"):
         q_side, k_side = (_meta(n, dtype=torch.int32) for n in (_SEQLEN_Q, _SEQLEN_K))
-        positions = TokenPositions(q_side, q_side, k_side, k_side)
+        spans = (None, None, None)
         if variant == "tokens-window":
-            q_spans, k_spans = (_meta(2, n, dtype=torch.int32) for n in (_SEQLEN_Q, _SEQLEN_K))
-            positions = TokenPositions(q_side, q_side, k_side, k_side, q_spans, k_spans, (256, 0))
-        return MaskSpec(left=256, right=0, tokens=positions)
+            spans = (*(_meta(2, n, dtype=torch.int32) for n in (_SEQLEN_Q, _SEQLEN_K)), (256, 0))
+        return MaskSpec(left=256, right=0, tokens=TokenPositions(q_side, q_side, k_side, k_side, *spans))
     if variant == "packed-window":
         offsets = _meta(5, dtype=torch.int32)
         return MaskSpec(left=256, right=0, cu_seqlens_q=offsets, cu_seqlens_k=offsets,

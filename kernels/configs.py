@@ -126,6 +126,11 @@ def config_for_dtype(config: KernelConfig, dtype: torch.dtype) -> KernelConfig:
                    num_stages=min(config.num_stages, 2))
 
 
+def gpu_index(device: torch.device) -> int:
+    """The index of a CUDA ``device``; the current GPU's for a bare "cuda"."""
+    return torch.cuda.current_device() if device.index is None else device.index
+
+
 @functools.lru_cache(maxsize=None)
 def _capability(index: int) -> tuple[int, int]:
     """The compute capability of GPU ``index``, asked once: the query costs tens of
@@ -142,5 +147,5 @@ def get_config(kernel: str, head_dim: int, dtype: torch.dtype, device: torch.dev
         return INTERPRETER_CONFIG
     if device.type != "cuda":
         raise ValueError(f"the triton kernels' configs are for CUDA devices, got {device}")
-    family = family_for(_capability(torch.cuda.current_device() if device.index is None else device.index))
+    family = family_for(_capability(gpu_index(device)))
     return config_for_dtype(family.table[kernel][padded_head_dim(head_dim)], dtype)

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import interpreter_active
+from .configs import gpu_index, interpreter_active
 from .tokens import TokenPositions
 
 LOG2E = math.log2(math.e)
@@ -410,7 +410,7 @@ def tiles_across_heads(mask: MaskSpec, tiles: int, heads: int, device: torch.dev
         return False
     if device.type != "cuda":
         return True
-    sms = _multiprocessors(torch.cuda.current_device() if device.index is None else device.index)
+    sms = _multiprocessors(gpu_index(device))
     return tiles <= sms and 2 * heads <= sms
 
 
