@@ -55,7 +55,8 @@ class PartialResults:
     ``add(rows, block_out, block_lse)`` merges a block's partial result for query rows
     ``rows`` (a slice of the sequence); the first block that covers every row is kept as
     it comes (no merge into zeros, no copy unless its dtype is narrower than the
-    accumulator's), the others merge in place. ``result()``: ``(out [B, S, H, D],
+    accumulator's), a block whose rows all come after every row added so far is copied
+    in (nothing to merge with), the others merge in place. ``result()``: ``(out [B, S, H, D],
     lse [B, H, S])`` in the accumulation dtype; rows no block covered have out 0 and
     lse -inf. The blocks' tensors become the accumulator's: pass fresh ones.
     ``attend(backend, rows, q, k, v)`` computes a block and merges it, inside the kernel
@@ -64,14 +65,23 @@ class PartialResults:
     def __init__(self, shape: tuple, dtype: torch.dtype, device: torch.device):
         self.shape, self.dtype, self.device = tuple(shape), dtype, device
         self.out = self.lse = None
+        self._untouched_from = 0  # rows from here on hold nothing yet
 
     def add(self, rows: slice, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
-        if self.out is None and range(self.shape[1])[rows] == range(self.shape[1]):
+        span = range(self.shape[1])[rows]
+        if self.out is None and span == range(self.shape[1]):
             self.out, self.lse = block_out.to(self.dtype), block_lse.to(self.dtype)
-            return
-        if self.out is None:
-            self._start_empty()
-        merge_attention_(self.out[:, rows], self.lse[:, :, rows], block_out, block_lse)
+        else:
+            if self.out is None:
+                self._start_empty()
+            out, lse = self.out[:, rows], self.lse[:, :, rows]
+            if span.start >= self._untouched_from:
+                _check_shapes(out, lse, block_out, block_lse)
+                out.copy_(block_out)
+                lse.copy_(block_lse)
+            else:
+                merge_attention_(out, lse, block_out, block_lse)
+        self._untouched_from = max(self._untouched_from, span.stop)
 
     def attend(self, backend, rows: slice, q, k, v, **options) -> None:
         """Compute attention of ``q`` (the query rows ``rows``) over ``k, v`` with ``backend``
@@ -87,6 +97,7 @@ class PartialResults:
         if self.out is None:
             self._start_empty()
         forward_into(q, k, v, self.out[:, rows], self.lse[:, :, rows], **options)
+        self._untouched_from = max(self._untouched_from, range(self.shape[1])[rows].stop)
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.out is None:

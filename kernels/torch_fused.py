@@ -8,7 +8,9 @@ agree on square blocks. So a causal call is cut into pieces that are either
 unmasked or square-causal: for ``Sk >= Sq`` the first ``Sk - Sq`` keys are seen
 by every query (an unmasked piece) and the last ``Sq`` keys form a square causal
 piece; for ``Sk < Sq`` the first ``Sq - Sk`` queries see nothing and the rest form
-a square causal piece. Pieces are merged exactly through their LSE.
+a square causal piece. On the CPU in float32 and float64 a causal square is cut further,
+in halves (``_square``), where PyTorch's op is slow on it. Pieces are merged exactly
+through their LSE (forward) or their gradients summed (backward).
 A sliding window (``window_size``) or a mask by token (``positions``, see
 ``usp.kernels.tokens``) runs on the CPU as one call with an additive mask of
 ``[Sq, Sk]`` (in the input dtype: memory grows with Sq x Sk); on CUDA it is refused,
@@ -43,15 +45,57 @@ class _Piece:
     causal: bool
 
 
-def _pieces(seqlen_q: int, seqlen_k: int, causal: bool) -> list[_Piece]:
-    everything = slice(0, None)
+def _pieces(seqlen_q: int, seqlen_k: int, causal: bool, cut: tuple[int, int | None] | None = None) -> list[_Piece]:
+    """The unmasked and square-causal pieces of a call, rows in increasing order; ``cut``
+    as in ``_square``."""
     if not causal:
-        return [_Piece(everything, everything, False)]
+        return [_Piece(slice(0, seqlen_q), slice(0, seqlen_k), False)]
     if seqlen_k >= seqlen_q:
         offset = seqlen_k - seqlen_q
-        square = _Piece(everything, slice(offset, None), True)
-        return [_Piece(everything, slice(0, offset), False), square] if offset else [square]
-    return [_Piece(slice(seqlen_q - seqlen_k, None), everything, True)]
+        square = _square(0, offset, seqlen_q, cut)
+        return [_Piece(slice(0, seqlen_q), slice(0, offset), False), *square] if offset else square
+    return _square(seqlen_q - seqlen_k, 0, seqlen_k, cut)
+
+
+def _square(row: int, key: int, size: int, cut: tuple[int, int | None] | None) -> list[_Piece]:
+    """The square causal piece of ``size`` rows from ``row`` and keys from ``key``, cut
+    in two while ``cut = (low, high)`` holds ``low <= size < high`` (high None: no
+    bound): its halves are
+    square-causal and the block between them unmasked (rows 4-7 of 8 see keys 0-3 whole)::
+
+        x . . . . . . .      causal 4 x 4 |
+        x x . . . . . .                   |
+        x x x . . . . .                   |
+        x x x x . . . .                   |
+        x x x x x . . .      unmasked     | causal 4 x 4
+        x x x x x x . .      4 x 4        |
+        x x x x x x x .                   |
+        x x x x x x x x                   |
+    """
+    if cut is None or size < cut[0] or (cut[1] is not None and size >= cut[1]):
+        return [_Piece(slice(row, row + size), slice(key, key + size), True)]
+    half = size // 2
+    return [*_square(row, key, half, cut), _Piece(slice(row + half, row + size), slice(key, key + half), False),
+            *_square(row + half, key + half, size - half, cut)]
+
+
+# PyTorch's CPU flash op (2.13, one thread) is slow on causal squares: below 768 rows
+# (its query blocks are then 64 rows or fewer) a causal square takes about as long as
+# the unmasked one, and its causal backward loses at every length. Cut in halves down
+# to pieces under 384 rows (forward) or 256 (backward), a causal call takes, merges
+# included, 8 heads, d64, float32: forward 0.87x the time at 512 rows, 0.96-0.99x at
+# 384 and 640; backward 0.84x at 384, 0.70x at 512, 0.78-0.84x at 640-1024, 0.90x at
+# 2048, 0.93x at 4096; float64 alike (kernels/NOTES.md). Not in float16/bfloat16: each
+# piece's output would be rounded to the input dtype before the merge, and the
+# bfloat16 backward ran 1.3x slower cut.
+_CPU_CAUSAL_CUT = {"forward": (384, 768), "backward": (256, None)}
+
+
+def _cut(q, direction: str) -> tuple[int, int | None] | None:
+    """The ``_square`` cut for a call on ``q``'s device and dtype (None: never cut)."""
+    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64):
+        return None
+    return _CPU_CAUSAL_CUT[direction]
 
 
 # --- one fused call on [B, S, H, D] tensors with matching heads -------------------------
@@ -174,8 +218,8 @@ def forward(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1), 
     k, v = expand_kv(k, expand), expand_kv(v, expand)
     if bias is not None:
         return _windowed_forward(q, k, v, bias, scale)
-    pieces = _pieces(shape.seqlen_q, shape.seqlen_k, causal)
-    if len(pieces) == 1 and pieces[0].rows == slice(0, None):
+    pieces = _pieces(shape.seqlen_q, shape.seqlen_k, causal, _cut(q, "forward"))
+    if len(pieces) == 1 and pieces[0].rows == slice(0, shape.seqlen_q):
         out, lse = _fused_forward(q, k, v, pieces[0].causal, scale)
         return out.contiguous(), lse.contiguous()
     partial = PartialResults(q.shape, accum_dtype(q.dtype), q.device)
@@ -193,10 +237,10 @@ def backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None, windo
     bias = _window_bias(shape, *resolve_window(causal, window_size), q, positions)
     expand = shape.group // _kv_group(q, shape.group)
     ke, ve = expand_kv(k, expand), expand_kv(v, expand)
-    pieces = _pieces(shape.seqlen_q, shape.seqlen_k, causal)
+    pieces = _pieces(shape.seqlen_q, shape.seqlen_k, causal, _cut(q, "backward"))
     if bias is not None:
         dq, dk, dv = _windowed_backward(dout, q, ke, ve, out, lse, bias, scale)
-    elif len(pieces) == 1 and pieces[0].rows == slice(0, None) and pieces[0].keys == slice(0, None):
+    elif len(pieces) == 1 and pieces[0] == _Piece(slice(0, shape.seqlen_q), slice(0, shape.seqlen_k), pieces[0].causal):
         dq, dk, dv = _fused_backward(dout, q, ke, ve, out, lse, pieces[0].causal, scale)
     else:
         acc = accum_dtype(q.dtype)

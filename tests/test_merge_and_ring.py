@@ -105,6 +105,25 @@ def test_partial_results_over_some_rows_start_from_nothing():
     assert (nothing[0] == 0).all() and (nothing[1] == -INF).all()
 
 
+def test_partial_results_copy_rows_nothing_reached_yet_and_merge_the_others():
+    # rows 0-2 over keys [0, 4), rows 3-5 over keys [0, 9): copied in; then rows 3-5 over [9, 15): merged
+    q, k, v = _randn(1, 6, 2, 8, seed=13), _randn(1, 15, 2, 8, seed=14), _randn(1, 15, 2, 8, seed=15)
+    naive = get_backend("naive")
+    partial = PartialResults(q.shape, torch.float64, q.device)
+    top, bottom = naive.forward(q[:, :3], k[:, :4], v[:, :4]), naive.forward(q[:, 3:], k[:, :9], v[:, :9])
+    partial.add(slice(0, 3), *top)
+    partial.add(slice(3, 6), *bottom)
+    assert torch.equal(partial.out[:, 3:], bottom[0]) and torch.equal(partial.lse[:, :, 3:], bottom[1])
+    partial.add(slice(3, 6), *naive.forward(q[:, 3:], k[:, 9:], v[:, 9:]))
+    out, lse = partial.result()
+    torch.testing.assert_close(out[:, :3], top[0], rtol=0, atol=0)
+    expected = naive.forward(q[:, 3:], k, v)
+    torch.testing.assert_close(out[:, 3:], expected[0], rtol=0, atol=1e-14)
+    torch.testing.assert_close(lse[:, :, 3:], expected[1], rtol=0, atol=1e-14)
+    with pytest.raises(ValueError, match="block_out has shape"):  # a copy checks shapes as a merge does
+        PartialResults(q.shape, torch.float64, q.device).add(slice(0, 4), *bottom)
+
+
 def test_merge_in_place_needs_a_wide_accumulator():
     out, lse = torch.zeros(1, 2, 1, 4, dtype=torch.float16), torch.zeros(1, 1, 2, dtype=torch.float16)
     with pytest.raises(ValueError, match="both float32 or both float64"):
