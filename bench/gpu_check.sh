@@ -85,7 +85,7 @@ gpu_tests() {  # the gpu tests dealt round-robin to 8 pytest processes side by s
     cat "$work/collect.log"  # a test module that does not import is a failure, not a smaller suite
     return 1
   fi
-  mapfile -t ids < <(grep "::" "$work/collect.log")
+  mapfile -t ids < <(grep -E "^tests/[^ ]*::" "$work/collect.log")  # test ids only, not warnings that quote one
   [ ${#ids[@]} -gt 0 ] || { echo "no gpu tests collected"; return 1; }
   for bucket in 0 1 2 3 4 5 6 7; do
     local mine=()

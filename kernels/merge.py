@@ -63,6 +63,8 @@ class PartialResults:
     where the backend can (``forward_into``)."""
 
     def __init__(self, shape: tuple, dtype: torch.dtype, device: torch.device):
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"PartialResults accumulates in float32 or float64, got {dtype}")
         self.shape, self.dtype, self.device = tuple(shape), dtype, device
         self.out = self.lse = None
         self._untouched_from = 0  # rows from here on hold nothing yet
@@ -81,7 +83,8 @@ class PartialResults:
                 lse.copy_(block_lse)
             else:
                 merge_attention_(out, lse, block_out, block_lse)
-        self._untouched_from = max(self._untouched_from, span.stop)
+        if span:
+            self._untouched_from = max(self._untouched_from, span.stop)
 
     def attend(self, backend, rows: slice, q, k, v, **options) -> None:
         """Compute attention of ``q`` (the query rows ``rows``) over ``k, v`` with ``backend``
@@ -97,7 +100,8 @@ class PartialResults:
         if self.out is None:
             self._start_empty()
         forward_into(q, k, v, self.out[:, rows], self.lse[:, :, rows], **options)
-        self._untouched_from = max(self._untouched_from, range(self.shape[1])[rows].stop)
+        if range(self.shape[1])[rows]:
+            self._untouched_from = max(self._untouched_from, range(self.shape[1])[rows].stop)
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.out is None:

@@ -47,7 +47,9 @@ class _Piece:
 
 def _pieces(seqlen_q: int, seqlen_k: int, causal: bool, cut: tuple[int, int | None] | None = None) -> list[_Piece]:
     """The unmasked and square-causal pieces of a call, rows in increasing order; ``cut``
-    as in ``_square``."""
+    as in ``_square`` (its low bound at least 2)."""
+    if cut is not None and cut[0] < 2:
+        raise ValueError(f"a causal square is cut down to pieces of one row at least: low bound >= 2, got {cut}")
     if not causal:
         return [_Piece(slice(0, seqlen_q), slice(0, seqlen_k), False)]
     if seqlen_k >= seqlen_q:
@@ -60,8 +62,8 @@ def _pieces(seqlen_q: int, seqlen_k: int, causal: bool, cut: tuple[int, int | No
 def _square(row: int, key: int, size: int, cut: tuple[int, int | None] | None) -> list[_Piece]:
     """The square causal piece of ``size`` rows from ``row`` and keys from ``key``, cut
     in two while ``cut = (low, high)`` holds ``low <= size < high`` (high None: no
-    bound): its halves are
-    square-causal and the block between them unmasked (rows 4-7 of 8 see keys 0-3 whole)::
+    bound): its halves (the second one row longer for an odd size) are square-causal
+    and the block between them unmasked (rows 4-7 of 8 see keys 0-3 whole)::
 
         x . . . . . . .      causal 4 x 4 |
         x x . . . . . .                   |
@@ -85,9 +87,11 @@ def _square(row: int, key: int, size: int, cut: tuple[int, int | None] | None) -
 # to pieces under 384 rows (forward) or 256 (backward), a causal call takes, merges
 # included, 8 heads, d64, float32: forward 0.87x the time at 512 rows, 0.96-0.99x at
 # 384 and 640; backward 0.84x at 384, 0.70x at 512, 0.78-0.84x at 640-1024, 0.90x at
-# 2048, 0.93x at 4096; float64 alike (kernels/NOTES.md). Not in float16/bfloat16: each
-# piece's output would be rounded to the input dtype before the merge, and the
-# bfloat16 backward ran 1.3x slower cut.
+# 2048, 0.93x at 4096, 0.97x at 8192 (longer ones are cut too, unmeasured); float64 alike
+# (kernels/NOTES.md). Measured with one thread per process; other PyTorch versions may
+# block their op differently. Not in float16/bfloat16: each piece's output would be
+# rounded to the input dtype before the merge, and the bfloat16 backward ran 1.36x
+# slower cut.
 _CPU_CAUSAL_CUT = {"forward": (384, 768), "backward": (256, None)}
 
 
@@ -227,7 +231,7 @@ def forward(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1), 
         rows, keys = piece.rows, piece.keys
         partial.add(rows, *_fused_forward(q[:, rows], k[:, keys], v[:, keys], piece.causal, scale))
     out, lse = partial.result()
-    return out.to(q.dtype), lse
+    return out.to(q.dtype).contiguous(), lse.contiguous()
 
 
 def backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None, window_size=(-1, -1), positions=None):
@@ -237,10 +241,10 @@ def backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None, windo
     bias = _window_bias(shape, *resolve_window(causal, window_size), q, positions)
     expand = shape.group // _kv_group(q, shape.group)
     ke, ve = expand_kv(k, expand), expand_kv(v, expand)
-    pieces = _pieces(shape.seqlen_q, shape.seqlen_k, causal, _cut(q, "backward"))
+    pieces = [] if bias is not None else _pieces(shape.seqlen_q, shape.seqlen_k, causal, _cut(q, "backward"))
     if bias is not None:
         dq, dk, dv = _windowed_backward(dout, q, ke, ve, out, lse, bias, scale)
-    elif len(pieces) == 1 and pieces[0] == _Piece(slice(0, shape.seqlen_q), slice(0, shape.seqlen_k), pieces[0].causal):
+    elif len(pieces) == 1 and pieces[0].rows == slice(0, shape.seqlen_q) and pieces[0].keys == slice(0, shape.seqlen_k):
         dq, dk, dv = _fused_backward(dout, q, ke, ve, out, lse, pieces[0].causal, scale)
     else:
         acc = accum_dtype(q.dtype)
@@ -254,5 +258,6 @@ def backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None, windo
             dq[:, rows] += part[0]
             dk[:, keys] += part[1]
             dv[:, keys] += part[2]
+            del part  # one piece's gradients held at a time
     return (dq.to(q.dtype).contiguous(), reduce_kv_grad(dk, expand).to(k.dtype).contiguous(),
             reduce_kv_grad(dv, expand).to(v.dtype).contiguous())

@@ -124,6 +124,23 @@ def test_partial_results_copy_rows_nothing_reached_yet_and_merge_the_others():
         PartialResults(q.shape, torch.float64, q.device).add(slice(0, 4), *bottom)
 
 
+def test_partial_results_in_any_row_order_equal_the_oracle():
+    # the blocks of test_partial_results_copy_rows... backwards, and an empty one: merges where a copy would be wrong
+    q, k, v = _randn(1, 6, 2, 8, seed=16), _randn(1, 15, 2, 8, seed=17), _randn(1, 15, 2, 8, seed=18)
+    naive = get_backend("naive")
+    partial = PartialResults(q.shape, torch.float64, q.device)
+    partial.add(slice(3, 6), *naive.forward(q[:, 3:], k[:, 9:], v[:, 9:]))
+    partial.add(slice(6, 6), torch.empty(1, 0, 2, 8, dtype=torch.float64), torch.empty(1, 2, 0, dtype=torch.float64))
+    partial.add(slice(3, 6), *naive.forward(q[:, 3:], k[:, :9], v[:, :9]))
+    partial.add(slice(0, 3), *naive.forward(q[:, :3], k[:, :4], v[:, :4]))
+    out, lse = partial.result()
+    torch.testing.assert_close(out[:, :3], naive.forward(q[:, :3], k[:, :4], v[:, :4])[0], rtol=0, atol=1e-14)
+    torch.testing.assert_close(out[:, 3:], naive.forward(q[:, 3:], k, v)[0], rtol=0, atol=1e-14)
+    torch.testing.assert_close(lse[:, :, 3:], naive.forward(q[:, 3:], k, v)[1], rtol=0, atol=1e-14)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        PartialResults(q.shape, torch.float16, q.device)
+
+
 def test_merge_in_place_needs_a_wide_accumulator():
     out, lse = torch.zeros(1, 2, 1, 4, dtype=torch.float16), torch.zeros(1, 1, 2, dtype=torch.float16)
     with pytest.raises(ValueError, match="both float32 or both float64"):

@@ -56,12 +56,17 @@ def test_short_causal_squares_are_cut_on_the_cpu_in_float32_and_float64_only():
     assert len(torch_fused._pieces(2048, 2048, True, torch_fused._cut(q, "backward"))) == 2 ** 5 - 1  # cut backward
 
 
+def test_a_cut_below_two_rows_is_refused():
+    with pytest.raises(ValueError, match="low bound >= 2"):
+        torch_fused._pieces(8, 8, True, (1, None))
+
+
 # Causal squares in the cut ranges: even and odd, Sq < Sk (an unmasked piece first),
 # Sq > Sk (rows that see nothing), GQA.
 CUT_SHAPES = [(1, 512, 512, 2, 1, 32), (1, 385, 385, 2, 2, 16), (1, 400, 700, 2, 2, 16), (1, 700, 450, 2, 2, 16)]
 
 
-@pytest.mark.parametrize("dtype, shape", itertools.product([torch.float32, torch.float64], CUT_SHAPES),
+@pytest.mark.parametrize("dtype, shape", list(itertools.product([torch.float32, torch.float64], CUT_SHAPES)),
                          ids=lambda x: str(x).replace("torch.", "").replace(" ", ""))
 def test_cut_causal_calls_match_float64_attention(dtype, shape):
     case = Case("torch", dtype, AttentionShape(*shape), True)
