@@ -1,6 +1,6 @@
 """The torch backend cuts a causal call on the CPU into unmasked and square-causal pieces
-for PyTorch's op (``torch_fused._pieces``), and cuts short causal squares in halves
-(``_square``), where the op's causal path saves no time: the pieces must cover the
+for PyTorch's op (``torch_fused._pieces``), and, with PyTorch on one thread, cuts causal
+squares in halves (``_square``), where the op is slow on them: the pieces must cover the
 bottom-right causal mask exactly, and the results match float64 attention."""
 
 import itertools
@@ -11,6 +11,15 @@ import torch
 from usp.bench.numerics import Case, run_case
 from usp.kernels import AttentionShape, torch_fused
 from usp.kernels.naive import visibility_mask
+
+
+@pytest.fixture
+def one_thread():
+    """PyTorch on one thread, as each rank of a multi-process run: where the cut applies."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _covered(pieces, seqlen_q: int, seqlen_k: int) -> torch.Tensor:
@@ -43,7 +52,7 @@ def test_pieces_cover_the_causal_mask_once(cut, seqlen_q, seqlen_k):
         assert all(size < low or (high is not None and size >= high) for size in causal_sizes), causal_sizes
 
 
-def test_short_causal_squares_are_cut_on_the_cpu_in_float32_and_float64_only():
+def test_short_causal_squares_are_cut_on_the_cpu_in_float32_and_float64_only(one_thread):
     for dtype in (torch.float32, torch.float64):
         q = torch.empty(1, 512, 1, 8, dtype=dtype)
         assert len(torch_fused._pieces(512, 512, True, torch_fused._cut(q, "forward"))) == 3  # halves of 256
@@ -54,6 +63,8 @@ def test_short_causal_squares_are_cut_on_the_cpu_in_float32_and_float64_only():
     assert torch_fused._pieces(2048, 2048, True, torch_fused._cut(q, "forward")) == \
         torch_fused._pieces(2048, 2048, True)  # a long square goes to the op whole forward,
     assert len(torch_fused._pieces(2048, 2048, True, torch_fused._cut(q, "backward"))) == 2 ** 5 - 1  # cut backward
+    torch.set_num_threads(2)
+    assert torch_fused._cut(q, "backward") is None  # the op shares its work out over threads: no cut
 
 
 def test_a_cut_below_two_rows_is_refused():
@@ -68,7 +79,8 @@ CUT_SHAPES = [(1, 512, 512, 2, 1, 32), (1, 385, 385, 2, 2, 16), (1, 400, 700, 2,
 
 @pytest.mark.parametrize("dtype, shape", list(itertools.product([torch.float32, torch.float64], CUT_SHAPES)),
                          ids=lambda x: str(x).replace("torch.", "").replace(" ", ""))
-def test_cut_causal_calls_match_float64_attention(dtype, shape):
+def test_cut_causal_calls_match_float64_attention(dtype, shape, one_thread):
+    assert torch_fused._cut(torch.empty(1, 1, 1, 1, dtype=dtype), "backward") is not None
     case = Case("torch", dtype, AttentionShape(*shape), True)
     result = run_case(case, device=torch.device("cpu"), seed=sum(shape))
     assert result.passed, f"{case.label}: {result.failures}"
