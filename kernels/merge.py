@@ -56,9 +56,9 @@ class PartialResults:
     ``rows`` (a slice of the sequence); the first block that covers every row is kept as
     it comes (no merge into zeros, no copy unless its dtype is narrower than the
     accumulator's), a block whose rows all come after every row added so far is copied
-    in (nothing to merge with), the others merge in place. ``result()``: ``(out [B, S, H, D],
-    lse [B, H, S])`` in the accumulation dtype; rows no block covered have out 0 and
-    lse -inf. The blocks' tensors become the accumulator's: pass fresh ones.
+    in (nothing to merge with), the others merge in place. The accumulation dtype is
+    float32 or float64. ``result()``: ``(out [B, S, H, D], lse [B, H, S])`` in it; rows
+    no block covered have out 0 and lse -inf. The blocks' tensors become the accumulator's: pass fresh ones.
     ``attend(backend, rows, q, k, v)`` computes a block and merges it, inside the kernel
     where the backend can (``forward_into``)."""
 

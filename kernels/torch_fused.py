@@ -9,8 +9,9 @@ unmasked or square-causal: for ``Sk >= Sq`` the first ``Sk - Sq`` keys are seen
 by every query (an unmasked piece) and the last ``Sq`` keys form a square causal
 piece; for ``Sk < Sq`` the first ``Sq - Sk`` queries see nothing and the rest form
 a square causal piece. On the CPU in float32 and float64, with PyTorch on one thread, a
-causal square is cut further, in halves (``_square``), where PyTorch's op is slow on it. Pieces are merged exactly
-through their LSE (forward) or their gradients summed (backward).
+causal square is cut further, in halves (``_square``), where PyTorch's op is slow on
+it. Pieces are merged exactly through their LSE (forward) or their gradients summed
+(backward).
 A sliding window (``window_size``) or a mask by token (``positions``, see
 ``usp.kernels.tokens``) runs on the CPU as one call with an additive mask of
 ``[Sq, Sk]`` (in the input dtype: memory grows with Sq x Sk); on CUDA it is refused,
@@ -87,11 +88,11 @@ def _square(row: int, key: int, size: int, cut: tuple[int, int | None] | None) -
 # to pieces under 384 rows (forward) or 256 (backward), a causal call takes, merges
 # included, 8 heads, d64, float32: forward 0.87x the time at 512 rows, 0.96-0.99x at
 # 384 and 640; backward 0.84x at 384, 0.70x at 512, 0.78-0.84x at 640-1024, 0.90x at
-# 2048, 0.93x at 4096, 0.97x at 8192 (longer ones are cut too, unmeasured); float64 alike
-# (kernels/NOTES.md). Measured with one thread (the only case ``_cut`` cuts); other
-# PyTorch versions may block their op differently. Not in float16/bfloat16: each piece's output would be
-# rounded to the input dtype before the merge, and the bfloat16 backward ran 1.36x
-# slower cut.
+# 2048, 0.93x at 4096, 0.97x at 8192 (longer ones are cut too, unmeasured); float64
+# alike (kernels/NOTES.md). Measured with one thread (the only case ``_cut`` cuts);
+# other PyTorch versions may block their op differently. Not in float16/bfloat16: each
+# piece's output would be rounded to the input dtype before the merge, and the
+# bfloat16 backward ran 1.36x slower cut.
 _CPU_CAUSAL_CUT = {"forward": (384, 768), "backward": (256, None)}
 
 
