@@ -83,8 +83,7 @@ class PartialResults:
                 lse.copy_(block_lse)
             else:
                 merge_attention_(out, lse, block_out, block_lse)
-        if span:
-            self._untouched_from = max(self._untouched_from, span.stop)
+        self._reached(span)
 
     def attend(self, backend, rows: slice, q, k, v, **options) -> None:
         """Compute attention of ``q`` (the query rows ``rows``) over ``k, v`` with ``backend``
@@ -100,13 +99,17 @@ class PartialResults:
         if self.out is None:
             self._start_empty()
         forward_into(q, k, v, self.out[:, rows], self.lse[:, :, rows], **options)
-        if range(self.shape[1])[rows]:
-            self._untouched_from = max(self._untouched_from, range(self.shape[1])[rows].stop)
+        self._reached(range(self.shape[1])[rows])
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.out is None:
             self._start_empty()
         return self.out, self.lse
+
+    def _reached(self, span: range) -> None:
+        """Rows ``span`` now hold a result: the rows still untouched start after them."""
+        if span:
+            self._untouched_from = max(self._untouched_from, span.stop)
 
     def _start_empty(self) -> None:
         """Out 0 and lse -inf: nothing held."""
