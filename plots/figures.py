@@ -188,10 +188,20 @@ def wrong_result(reference: dict) -> bool:
     return error is not None and error > max(1e-3, 100 * reference["usp_max_abs_error"])
 
 
+def our_compute_alone(references: list[dict]) -> dict[tuple, float]:
+    """Per case ``(usp_impl, world_size, seqlen, pass)``: our compute alone over our time
+    (``usp-bench scaling``'s estimate; cases of runs without it are left out)."""
+    return {(r["usp_impl"], r["world_size"], r["seqlen"], r["pass"]):
+            r["usp_kernels_over_reference"] / r["usp_over_reference"]
+            for r in references if r.get("usp_kernels_over_reference") is not None}
+
+
 def references_figure(document: dict, out_dir: Path) -> list[Path]:
     """Each reference's time per call relative to ours (1 = the same; above 1, ours is
     faster), per case of a scaling run that timed references; none without them. Cases
-    where a reference's result was wrong (``wrong_result``) are drawn as crosses."""
+    where a reference's result was wrong (``wrong_result``) are drawn as crosses. Where
+    the run estimated it (``usp_kernels_over_reference``), a bar marks our compute alone
+    on the same scale: how far below 1 ours could go were everything else free."""
     references = document.get("references") or []
     if not references:
         return []
@@ -208,6 +218,11 @@ def references_figure(document: dict, out_dir: Path) -> list[Path]:
         if wrong:
             axis.plot(wrong, ratio(wrong), "x", markersize=9, color=points.get_color(), label=f"{name}: wrong result")
     axis.axhline(1.0, color="k", linewidth=1, label="ours")
+    compute = our_compute_alone(references)
+    if compute:
+        shown = [i for i, case in enumerate(cases) if case in compute]
+        axis.plot(shown, [compute[cases[i]] for i in shown], "_", markersize=16, markeredgewidth=2, color="k",
+                  label="ours, compute alone")
     axis.grid(True, axis="y", alpha=0.3)
     axis.set_xticks(range(len(cases)), [f"{impl}\nN={n} s{seqlen} {pass_}" for impl, n, seqlen, pass_ in cases],
                     fontsize=7, rotation=30, ha="right")

@@ -199,6 +199,12 @@ def test_scaling_command(toy_results):
         u, r = reference["ulysses_degree"], reference["ring_degree"]
         assert reference["impl"] == f"{reference['reference']}-u{u}r{r}"
         assert reference["usp_over_reference"] == pytest.approx(reference["usp_ms"] / reference["ms"])
+        ours = next(x for x in records if (x["impl"], x["seqlen"], x["pass"]) ==
+                    (reference["usp_impl"], reference["seqlen"], reference["pass"]))
+        # each rank's median time x the compute share of its traced call, the largest rank's
+        kernels_ms = max(rank["ms"] * rank["compute_ms"] / rank["traced_ms"] for rank in ours["ranks"])
+        assert 0 < kernels_ms <= ours["ms"]
+        assert reference["usp_kernels_over_reference"] == pytest.approx(kernels_ms / reference["ms"])
         # against every mesh of ours at the same N, ours on the same mesh included
         same_n = {x["impl"]: x["ms"] for x in records if x["world_size"] == reference["world_size"]
                   and (x["seqlen"], x["pass"]) == (reference["seqlen"], reference["pass"])}
@@ -212,6 +218,14 @@ def test_scaling_command(toy_results):
         else:
             assert 0 < reference["max_abs_diff_vs_usp"] < 2e-5
     assert "reference usp-unchecked" in outputs["scaling"] and "ours/ref" in outputs["scaling"]
+    for name, medians in document["reference_medians"].items():
+        mine = [r for r in references if r["reference"] == name]
+        assert medians["cases"] == len(mine)
+        for key in ("usp_over_reference", "usp_kernels_over_reference"):
+            assert medians[key] == pytest.approx(statistics.median(r[key] for r in mine))
+        assert (f"median over {len(mine)} cases, {name}: ours/ref {medians['usp_over_reference']:.3f}, "
+                f"kern/ref {medians['usp_kernels_over_reference']:.3f}") in outputs["scaling"]
+    assert set(document["reference_medians"]) == {"usp-unchecked", "torch-cp-alltoall"}
     assert "float64 oracle for s64" in outputs["scaling"] and "best of ours" in outputs["scaling"]
     # the progress line of each case shows the figure the table and the JSON hold
     progress = re.findall(r"N=(\d+) (\S+) +s(\d+) +(\S+) +([\d.]+) ms;", outputs["scaling"])
@@ -630,6 +644,19 @@ def test_scaling_says_why_a_reference_is_left_out(monkeypatch):
         ((1, 4, "forward-only", ("fwd+bwd",)),), [])
     args.no_references = True
     assert scaling._references(args, [(1, 4), (4, 1)], heads=8) == ((), [])
+
+
+def test_the_references_figure_marks_our_compute_alone_per_case():
+    from usp.plots.figures import our_compute_alone
+    case = dict(usp_impl="ring-u1r2-zigzag", world_size=2, seqlen=2048)
+    references = [  # ours 40 ms, our compute 36 ms, against references of 41 and 48 ms
+        dict(case, reference="torch-cp-alltoall", usp_over_reference=40 / 41, usp_kernels_over_reference=36 / 41,
+             **{"pass": "fwd"}),
+        dict(case, reference="torch-cp-allgather", usp_over_reference=40 / 48, usp_kernels_over_reference=36 / 48,
+             **{"pass": "fwd"}),
+        dict(case, reference="torch-cp-alltoall", usp_over_reference=1.0, **{"pass": "fwd+bwd"}),  # an older run
+    ]
+    assert our_compute_alone(references) == pytest.approx({("ring-u1r2-zigzag", 2, 2048, "fwd"): 0.9})
 
 
 def test_a_reference_that_computed_a_wrong_result_is_marked():
