@@ -25,7 +25,8 @@ repeats interleaved with ours, written as ``references`` beside the records: the
 ours over theirs (on the same mesh, and for each of our meshes at the same N), the
 largest difference from our output and gradients, and the largest error of theirs and
 of ours against float64 attention of the whole case (``bench/oracle.py``, computed once
-per length and shared out between the ranks).
+per length and shared out between the ranks), and ours estimated with compute alone
+(``combine``).
 """
 
 from __future__ import annotations
@@ -333,10 +334,12 @@ def combine(settings: Settings, per_rank: list[list[dict]], device: str, world_s
             oversubscribed: bool) -> tuple[list[dict], list[dict]]:
     """One timing record per case from every rank's figures (``ranks`` holds each rank's
     own), and one per reference and case. A reference's ``usp_kernels_over_reference``
-    estimates the ratio ours would reach were everything but compute (kernels, merges,
-    accumulations) free, checks, transfers, waits and copies: each rank's median time
-    times the share of its traced call spent computing, the largest over ranks, over the
-    reference's time. Removing overheads cannot take ours below it."""
+    estimates the ratio ours would reach were checks, transfers, waits and copies free,
+    leaving only compute (kernels, merges, accumulations): each rank's median time times
+    the share of its traced call spent computing, the largest over ranks, over the
+    reference's time. An estimate: the compute spans are wall clock, so they hold what
+    other threads (gloo's copies, other ranks on shared cores) took from the kernels, and
+    they come from one traced call."""
     records, references = [], []
     for cases in zip(*per_rank):
         first = cases[0]

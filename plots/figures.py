@@ -201,7 +201,7 @@ def references_figure(document: dict, out_dir: Path) -> list[Path]:
     faster), per case of a scaling run that timed references; none without them. Cases
     where a reference's result was wrong (``wrong_result``) are drawn as crosses. Where
     the run estimated it (``usp_kernels_over_reference``), a bar marks our compute alone
-    on the same scale: how far below 1 ours could go were everything else free."""
+    on the same scale: about how far below 1 ours could go were everything else free."""
     references = document.get("references") or []
     if not references:
         return []
@@ -232,7 +232,8 @@ def references_figure(document: dict, out_dir: Path) -> list[Path]:
     axis.set_title(f"References against ours: {first['dtype']}, {first['heads']}/{first['kv_heads']} heads "
                    f"d{first['head_dim']}, {'causal' if first['causal'] else 'full'}\n{machine_label(document)}",
                    fontsize=9)
-    return [_save(figure, out_dir / "scaling-references.png", oversubscription_note(document))]
+    name = f"scaling-references-{'causal' if first['causal'] else 'full'}.png"
+    return [_save(figure, out_dir / name, oversubscription_note(document))]
 
 
 def comm_volume_figure(document: dict, out_dir: Path) -> list[Path]:

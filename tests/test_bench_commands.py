@@ -417,7 +417,7 @@ def test_plot_writes_png_figures_from_the_toy_runs(toy_results, tmp_path):
     names = {p.name for p in figures.glob("*.png")}
     assert {"kernels-fp32-d16-full.png", "kernels-fp32-d16-causal.png", "scaling-fwd.png", "scaling-fwd-bwd.png",
             "comm-volume.png", "model-vs-paper.png", "ring-timeline-scaling.png", "ring-timeline-emulate.png",
-            "scaling-references.png", "train-fp64.png", "balance.png"} == names
+            "scaling-references-causal.png", "train-fp64.png", "balance.png"} == names
     for path in figures.glob("*.png"):
         data = path.read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 5000
@@ -644,6 +644,27 @@ def test_scaling_says_why_a_reference_is_left_out(monkeypatch):
         ((1, 4, "forward-only", ("fwd+bwd",)),), [])
     args.no_references = True
     assert scaling._references(args, [(1, 4), (4, 1)], heads=8) == ((), [])
+
+
+def test_combine_estimates_our_compute_alone_from_each_ranks_share():
+    settings = scaling.Settings(meshes=((1, 2),), seqlens=(64,), passes=("fwd",), batch=1, heads=2, kv_heads=2,
+                                head_dim=16, dtype="fp32", backend="torch", layout="zigzag", causal=True,
+                                placement="ulysses_inner", warmup=0, repeats=2, seed=0)
+
+    def rank(times_ms, traced_ms, compute_ms, their_times_ms):
+        reference = dict(times_ms=their_times_ms, max_abs_diff=1e-7, max_abs_error=2e-7, usp_max_abs_error=1e-7)
+        return [dict(ulysses_degree=1, ring_degree=2, seqlen=64, pass_="fwd", times_ms=times_ms, traced_ms=traced_ms,
+                     bytes_sent=0, p2p_bytes=0, all_to_all_bytes=0, compute_ms=compute_ms, comm_wait_ms=0.0, ring={},
+                     peak_memory_bytes=None, timeline=[], references={"torch-cp-alltoall": reference})]
+    # rank 0: median 11 ms, 90% of its traced call computing; rank 1: median 12 ms, 50%
+    records, references = scaling.combine(settings, [rank([10.0, 12.0], 10.0, 9.0, [20.0, 22.0]),
+                                                     rank([11.0, 13.0], 12.0, 6.0, [21.0, 23.0])], "cpu", 2, False)
+    (record,), (reference,) = records, references
+    assert record["ms"] == 12.0 and reference["ms"] == 22.0  # medians of the slowest rank per repeat
+    assert reference["usp_over_reference"] == pytest.approx(12.0 / 22.0)
+    assert reference["usp_kernels_over_reference"] == pytest.approx(9.9 / 22.0)  # rank 0's 11 x 0.9, not rank 1's 6
+    assert scaling.reference_medians(references) == {"torch-cp-alltoall": dict(
+        cases=1, usp_over_reference=pytest.approx(12 / 22), usp_kernels_over_reference=pytest.approx(9.9 / 22))}
 
 
 def test_the_references_figure_marks_our_compute_alone_per_case():
