@@ -559,6 +559,7 @@ def _report(records: list[dict], references: list[dict], runs: list[dict], devic
               f"{overlap}{peak}")
     print("ms: median over repeats of the slowest rank; traced ms and wait ms: one more call, traced, its "
           "slowest rank and the longest wait of any rank inside it")
+    medians = reference_medians(references)
     if references:
         print(f"{'reference':<28}{'N':>3}{'seqlen':>8} {'pass':<8}{'ms':>10}{'ours ms':>10}{'ours/ref':>10}"
               f"{'kern/ref':>10}{'best/ref':>10} {'best of ours':<22}{'|ref-ours|':>11}{'ref err':>10}{'our err':>10}")
@@ -572,9 +573,9 @@ def _report(records: list[dict], references: list[dict], runs: list[dict], devic
               "its traced call's compute share, largest rank) over the reference, ours were all else free; "
               "best/ref: the fastest of our meshes at the same N; err: largest |difference| from float64 attention "
               "(out, and dq, dk, dv with fwd+bwd)")
-        for name, medians in reference_medians(references).items():
-            print(f"median over {medians['cases']} cases, {name}: ours/ref {medians['usp_over_reference']:.3f}, "
-                  f"kern/ref {medians['usp_kernels_over_reference']:.3f}")
+        for name, median in medians.items():
+            print(f"median over {median['cases']} cases, {name}: ours/ref {median['usp_over_reference']:.3f}, "
+                  f"kern/ref {median['usp_kernels_over_reference']:.3f}")
     path = write_result("scaling", device, dict(
         flop_convention=FLOP_CONVENTION, timing_fields=list(TIMING_FIELDS),
         config=dict(runs=runs, world_sizes=[run["world_size"] for run in runs], cores=cores,
@@ -582,6 +583,6 @@ def _report(records: list[dict], references: list[dict], runs: list[dict], devic
                     timing="median over repeats of the slowest rank's barrier-to-finish wall clock",
                     overlap="sum over ring steps of max(step compute, transfer timed alone) / measured ring loop time",
                     peak_memory="GPU peak allocation per case; not measured on a CPU", notes=notes),
-        records=records, references=references, reference_medians=reference_medians(references)), args.out_dir)
+        records=records, references=references, reference_medians=medians), args.out_dir)
     print(f"{len(records)} cases; wrote {path}")
     return 0

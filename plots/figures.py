@@ -229,11 +229,10 @@ def references_figure(document: dict, out_dir: Path) -> list[Path]:
     axis.set_ylabel("time per call / ours (slowest rank, median)")
     axis.legend(fontsize=8)
     first = references[0]
+    mask = "causal" if first["causal"] else "full"
     axis.set_title(f"References against ours: {first['dtype']}, {first['heads']}/{first['kv_heads']} heads "
-                   f"d{first['head_dim']}, {'causal' if first['causal'] else 'full'}\n{machine_label(document)}",
-                   fontsize=9)
-    name = f"scaling-references-{'causal' if first['causal'] else 'full'}.png"
-    return [_save(figure, out_dir / name, oversubscription_note(document))]
+                   f"d{first['head_dim']}, {mask}\n{machine_label(document)}", fontsize=9)
+    return [_save(figure, out_dir / f"scaling-references-{mask}.png", oversubscription_note(document))]
 
 
 def comm_volume_figure(document: dict, out_dir: Path) -> list[Path]:
