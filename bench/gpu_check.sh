@@ -8,6 +8,10 @@
 #             syncs), in 8 pytest processes side by side, so Triton's compiles use the cores
 #   verify    `usp-bench verify --no-distributed`: every backend against float64, the cases
 #             in 8 processes side by side (its --jobs default on a GPU)
+#   tiles     `usp-bench kernels --impl triton --causal --tile-order rule by-head
+#             across-heads`: the causal rows of the kernel benchmark with the tiles handed out
+#             by the rule, head after head and across heads, interleaved, each order's time
+#             over the rule's (before `kernels`, so that the figures show that run)
 #   kernels   `usp-bench kernels`: triton against SDPA's flash, cuDNN and efficient
 #             backends, bf16, head dim 64 and 128, 16K tokens per call (2048 / d heads),
 #             1K to 16K tokens, causal and not, forward and backward; the kernels'
@@ -16,13 +20,9 @@
 #             and 8 K/V heads, d128, bf16, 8K tokens per rank, causal), first zigzag with
 #             each step's merge outside the kernel (--merge separate), then every layout
 #   train     `usp-bench train` under torchrun on NCCL (one rank): bf16 autocast, MFU
-#   timing    the table's forward config (d128, bf16, 8K tokens, full) timed by `usp-bench
-#             tune` and by `usp-bench kernels --impl triton` alone, back to back: whether the
-#             two programs agree on one kernel when nothing else runs between its repeats
-#             (printed to the log only)
 # $OUT (default /tmp/usp-gpu; new or empty) gets at most 8 files: check.log (every step's output),
 # summary.txt (each step's verdict and time, then the headline lines) and each step's
-# JSON result (two for emulate). Draw the figures afterwards with `python -m usp.plots DIR`.
+# JSON result (two for emulate; tiles and kernels are both kernels-*.json, kernels the later). Draw the figures afterwards with `python -m usp.plots DIR`.
 #
 # `bench/gpu_check.sh --smoke` runs the same steps on a CPU, through Triton's
 # interpreter at tiny sizes, to show that the plumbing works (the tests check it).
@@ -66,7 +66,7 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND under a time limit, log it
   [ $rc -eq 0 ] || status=1
   printf '%-8s %-12s %4d s\n' "$name" "$verdict" $((SECONDS - begin)) | tee -a "$summary"
   case $name in
-    verify|kernels|emulate|train)
+    verify|tiles|kernels|emulate|train)
       cp "$work/$name"/*.json "$out/" 2>/dev/null || echo "$name: no JSON result" | tee -a "$summary" ;;
   esac
 }
@@ -113,16 +113,7 @@ emulate_both() {  # emulate ARGS...: zigzag merging outside the kernel, then the
     "$py" -m usp.bench emulate "$@" --out-dir "$work/emulate"
 }
 
-timing_pair() {  # timing TUNE_ARGS -- KERNELS_ARGS: the same kernel by both programs, one after the other
-  local tune=() kernels=() seen=0 arg
-  for arg in "$@"; do
-    if [ "$arg" = "--" ]; then seen=1; elif [ $seen -eq 0 ]; then tune+=("$arg"); else kernels+=("$arg"); fi
-  done
-  "$py" -m usp.bench tune "${tune[@]}" --out-dir "$work/timing" &&
-    "$py" -m usp.bench kernels "${kernels[@]}" --out-dir "$work/timing"
-}
-
-export -f setup gpu_tests emulate_both timing_pair
+export -f setup gpu_tests emulate_both
 export smoke work py
 # one machine: gloo (the mesh's host checks, torchrun on a CPU) and NCCL's bootstrap on loopback
 export GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-lo}" NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-lo}"
@@ -130,24 +121,22 @@ export GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-lo}" NCCL_SOCKET_IFNAME="${NCCL
 if [ $smoke -eq 1 ]; then  # tiny sizes, fp32 (the interpreter's bf16 is wrong), CPU gloo for torchrun
   kernels=(--impl triton --impl sdpa-math --dtype fp32 --head-dim 16 --seqlen 32 --heads 2 --batch 1 --pass fwd
            --pass bwd --warmup 0 --repeats 1)
+  tiles=(--impl triton --causal --tile-order rule by-head across-heads --dtype fp32 --head-dim 16 --seqlen 32
+         --heads 2 --batch 1 --pass fwd --pass bwd --warmup 0 --repeats 1)
   emulate=(--world-size 2 --tokens-per-rank 32 --heads 2 --kv-heads 1 --head-dim 16 --backend triton --layout zigzag)
   verify=(--backend torch --backend naive)
   train=(--mesh 1x1 --steps 2 --dtype fp32)
-  timing=(--kernel fwd --head-dim 16 --dtype fp32 --seqlen 32 --no-causal --candidate 16x16,1,1 --warmup 0 --repeats 1
-          -- --impl triton --dtype fp32 --head-dim 16 --seqlen 32 --heads 2 --batch 1 --no-causal --pass fwd --warmup 0
-          --repeats 1)
-  limits=(60 120 90 120 120 120 90)
+  limits=(60 120 90 90 120 120 120)
 else
   kernels=(--impl triton --impl sdpa-flash --impl sdpa-cudnn --impl sdpa-efficient --dtype bf16 --head-dim 64 128
            --seqlen 1024 2048 4096 8192 16384 --pass fwd --pass bwd --warmup 3 --repeats 10)
+  tiles=(--impl triton --causal --tile-order rule by-head across-heads --dtype bf16 --head-dim 64 128
+         --seqlen 1024 2048 4096 8192 16384 --pass fwd --pass bwd --warmup 3 --repeats 10)
   emulate=()
   verify=()
   train=(--mesh 1x1 --steps 10 --seqlen 4096 --batch 2 --vocab 32000 --hidden 2048 --ffn-hidden 5632 --layers 4 --lr 3e-4
          --heads 16 --kv-heads 4)
-  timing=(--kernel fwd --head-dim 128 --dtype bf16 --seqlen 8192 --tokens 16384 --no-causal --candidate 128x64,8,3
-          --warmup 3 --repeats 10
-          -- --impl triton --dtype bf16 --head-dim 128 --seqlen 8192 --no-causal --pass fwd --warmup 3 --repeats 10)
-  limits=(30 140 70 70 60 80 25)  # 475 s in all, the most each step may take
+  limits=(30 130 65 45 70 60 75)  # 475 s in all, the most each step may take
 fi
 
 step setup "${limits[0]}" setup
@@ -156,13 +145,12 @@ test_logs >>"$log"
 # ${a[@]+"${a[@]}"}: an empty array under set -u on bash before 4.4
 step verify "${limits[2]}" "$py" -m usp.bench verify --no-distributed ${verify[@]+"${verify[@]}"} \
   --out-dir "$work/verify"
-step kernels "${limits[3]}" "$py" -m usp.bench kernels "${kernels[@]}" --out-dir "$work/kernels"
-step emulate "${limits[4]}" emulate_both ${emulate[@]+"${emulate[@]}"}
-step train "${limits[5]}" "$py" -m torch.distributed.run --standalone --nproc-per-node 1 \
+step tiles "${limits[3]}" "$py" -m usp.bench kernels "${tiles[@]}" --out-dir "$work/tiles"
+step kernels "${limits[4]}" "$py" -m usp.bench kernels "${kernels[@]}" --out-dir "$work/kernels"
+step emulate "${limits[5]}" emulate_both ${emulate[@]+"${emulate[@]}"}
+step train "${limits[6]}" "$py" -m torch.distributed.run --standalone --nproc-per-node 1 \
   -m usp.bench train "${train[@]}" --out-dir "$work/train"
-step timing "${limits[6]}" timing_pair "${timing[@]}"
 
-grep -hE "^(--- tests|emulate: |headline|of the matmul rate|host time per call|matmul rate|compiled the triton|config |u[0-9]+r[0-9]+ )|overhead \
-[0-9.]+x|[0-9]+/[0-9]+ passed" "$log" >>"$summary"
-sed -n '/^=== timing/,$p' "$log" | grep -E " ms " | sed 's/^ */timing: /' >>"$summary"  # the same kernel, both programs
+grep -hE "^(--- tests|emulate: |headline|of the matmul rate|host time per call|matmul rate|compiled the triton|\
+tile order, |config |u[0-9]+r[0-9]+ )|overhead [0-9.]+x|[0-9]+/[0-9]+ passed" "$log" >>"$summary"
 exit $status

@@ -10,17 +10,20 @@ GPU); on a CPU, the median wall clock of the repeats. The implementations and pa
 turns, one call each per warm-up and per repeat round, each round starting one later
 (naive and sdpa-math, which hold quadratic scores, are timed after them, each alone),
 so that a slow drift of the machine's speed falls on them alike. The headline is each backend's speed relative to the
-fastest SDPA backend on the same config, measured in the same run. Before timing, the
-triton kernels of every (dtype, head dim, causal) in the grid are compiled once, and
-the seconds that took are reported; the device's dense matmul rate per dtype is measured
-too, and each record's TFLOP/s is also given as a fraction of it (``of_matmul``).
+fastest SDPA backend on the same config, measured in the same run. With several
+``--tile-order`` values the triton kernels are timed once per order, interleaved like
+the other implementations (``triton`` by the rule, ``triton:by-head``,
+``triton:across-heads``), and each order's time is given over the first order's. Before
+timing, the triton kernels of every (dtype, head dim, causal) in the grid are compiled
+once per order, and the seconds that took are reported; the device's dense matmul rate
+per dtype is measured too, and each record's TFLOP/s is also given as a fraction of it
+(``of_matmul``).
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import math
 import statistics
 import sys
 import time
@@ -79,9 +82,29 @@ def attention_call(impl: str, config: KernelConfig, q, k, v):
     return lambda: local_attention(q, k, v, config.causal, backend=impl)
 
 
+def triton_variant(order: str) -> str:
+    """The name under which the triton kernels handing out their tiles ``order`` are timed:
+    ``triton`` by the rule, ``triton:by-head`` or ``triton:across-heads`` forced."""
+    return "triton" if order == "rule" else f"triton:{order}"
+
+
 def pass_call(pass_: str, impl: str, config: KernelConfig, device: torch.device, seed: int):
-    """A zero-argument function doing ``pass_`` ("fwd", "bwd" or "fwd+bwd") with ``impl``.
+    """A zero-argument function doing ``pass_`` ("fwd", "bwd" or "fwd+bwd") with ``impl``
+    (a ``triton_variant`` launches every kernel, the backward's too, in its tile order).
     For "bwd" the forward runs once here, and each call is one backward through its graph."""
+    backend, _, order = impl.partition(":")
+    if not order:
+        return _pass_call(pass_, backend, config, device, seed)
+    with tile_order_override(order):  # a "bwd" call's setup runs the forward
+        run = _pass_call(pass_, backend, config, device, seed)
+
+    def in_order():
+        with tile_order_override(order):
+            return run()
+    return in_order
+
+
+def _pass_call(pass_: str, impl: str, config: KernelConfig, device: torch.device, seed: int):
     q, k, v, dout = random_inputs(config.batch, config.seqlen, config.heads, config.kv_heads, config.head_dim,
                                   DTYPES[config.dtype], device, seed, heads_first=impl in SDPA_BACKENDS)
     call = attention_call(impl, config, q, k, v)
@@ -126,8 +149,10 @@ def default_configs(device: torch.device, args) -> list[KernelConfig]:
     return configs
 
 
-def default_impls(device: torch.device, requested: list[str] | None) -> tuple[list[str], list[str]]:
-    """The implementations to time and a note for each one left out."""
+def default_impls(device: torch.device, requested: list[str] | None,
+                  tile_orders: list[str]) -> tuple[list[str], list[str]]:
+    """The implementations to time (triton once per tile order, ``triton_variant``) and a
+    note for each one left out."""
     notes = []
     if requested:
         impls = list(dict.fromkeys(requested))
@@ -143,21 +168,30 @@ def default_impls(device: torch.device, requested: list[str] | None) -> tuple[li
     if "triton" in impls and device.type != "cuda" and not interpreter_active():
         impls.remove("triton")
         notes.append("triton: needs a CUDA device or TRITON_INTERPRET=1")
+    if "triton" not in impls and tile_orders != ["rule"]:
+        notes.append("--tile-order: applies to triton, which is not timed here")
+    if "triton" in impls:
+        at = impls.index("triton")
+        impls[at:at + 1] = [triton_variant(order) for order in dict.fromkeys(tile_orders)]
     return impls, notes
+
+
+def _case(record: dict) -> tuple:
+    """The config and pass a timing record is of."""
+    return tuple(record[field] for field in ("dtype", "head_dim", "seqlen", "causal", "batch", "heads", "kv_heads",
+                                             "pass"))
 
 
 def _speedups(records: list[dict]) -> None:
     """Add to each record ``speedup_vs_sdpa``: the best SDPA time on the same config and
     pass divided by this record's time (above 1: faster than every SDPA backend), and
     ``vs_sdpa`` with the ratio against each SDPA backend."""
-    key = lambda r: (r["dtype"], r["head_dim"], r["seqlen"], r["causal"], r["batch"], r["heads"], r["kv_heads"],
-                     r["pass"])
     sdpa: dict[tuple, dict[str, float]] = {}
     for r in records:
         if r["impl"] in SDPA_BACKENDS:
-            sdpa.setdefault(key(r), {})[r["impl"]] = r["ms"]
+            sdpa.setdefault(_case(r), {})[r["impl"]] = r["ms"]
     for r in records:
-        references = sdpa.get(key(r), {})
+        references = sdpa.get(_case(r), {})
         r["vs_sdpa"] = {name: ms / r["ms"] for name, ms in references.items()}
         r["speedup_vs_sdpa"] = min(references.values()) / r["ms"] if references else None
 
@@ -168,15 +202,27 @@ def headline(records: list[dict]) -> dict[str, dict[str, float]]:
     for r in records:
         if r["speedup_vs_sdpa"] is not None:
             table.setdefault(r["impl"], {}).setdefault(r["pass"], []).append(r["speedup_vs_sdpa"])
-    return {impl: {p: math.exp(sum(map(math.log, v)) / len(v)) for p, v in passes.items()}
-            for impl, passes in table.items()}
+    return {impl: {p: statistics.geometric_mean(v) for p, v in passes.items()} for impl, passes in table.items()}
 
 
-def compile_triton(configs: list[KernelConfig], passes: list[str], device: torch.device, seed: int) -> dict:
-    """Run every triton kernel the grid needs once, on its smallest sequence length per
-    (dtype, head dim, causal, heads): ``{"seconds": total, "groups": [{..., "seconds"}]}``,
-    the time of that first call (compilation, or loading Triton's cache), and ``error``
-    where it failed."""
+def tile_order_ratios(records: list[dict], variants: list[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per triton variant after the first and pass: its time over the first variant's on
+    the same config, ``{"geomean", "min", "max"}`` over the configs both timed."""
+    first = {_case(r): r["ms"] for r in records if r["impl"] == variants[0]}
+    table: dict[str, dict[str, list[float]]] = {}
+    for r in records:
+        if r["impl"] in variants[1:] and _case(r) in first:
+            table.setdefault(r["impl"], {}).setdefault(r["pass"], []).append(r["ms"] / first[_case(r)])
+    return {impl: {p: dict(geomean=statistics.geometric_mean(v), min=min(v), max=max(v))
+                   for p, v in passes.items()} for impl, passes in table.items()}
+
+
+def compile_triton(configs: list[KernelConfig], passes: list[str], variants: list[str], device: torch.device,
+                   seed: int) -> dict:
+    """Run every triton kernel the grid needs once per variant (tile order), on its
+    smallest sequence length per (dtype, head dim, causal, heads): ``{"seconds": total,
+    "groups": [{..., "seconds"}]}``, the time of that first call (compilation, or loading
+    Triton's cache), and ``error`` where it failed."""
     groups, started = [], time.perf_counter()
     firsts = {}
     for config in configs:
@@ -184,11 +230,12 @@ def compile_triton(configs: list[KernelConfig], passes: list[str], device: torch
         if key not in firsts or config.seqlen < firsts[key].seqlen:
             firsts[key] = config
     backward = any(p != "fwd" for p in passes)
-    for config in firsts.values():
+    for variant, config in itertools.product(variants, firsts.values()):
         begin = time.perf_counter()
-        group = dict(dtype=config.dtype, head_dim=config.head_dim, causal=config.causal, heads=config.heads)
+        group = dict(impl=variant, dtype=config.dtype, head_dim=config.head_dim, causal=config.causal,
+                     heads=config.heads)
         try:
-            pass_call("fwd+bwd" if backward else "fwd", "triton", config, device, seed)()
+            pass_call("fwd+bwd" if backward else "fwd", variant, config, device, seed)()
             synchronize(device)
         except Exception as error:  # a compile error: timing that config reports it again, as a skip
             group["error"] = error_reason(error)
@@ -233,17 +280,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-heads", type=bounded_int(1), help="K/V heads (default: as many as query heads)")
     add_device_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
-    parser.add_argument("--tile-order", choices=TILE_ORDERS, default="rule",
+    parser.add_argument("--tile-order", choices=TILE_ORDERS, nargs="+", default=["rule"],
                         help="how the triton kernels hand out their tiles: by the rule of usp.kernels.triton_common."
-                             "tiles_across_heads, or forced head after head or across heads for every launch, to time "
-                             "the orders against each other (default: rule)")
+                             "tiles_across_heads, or forced head after head or across heads for every launch; with "
+                             "several, triton is timed once per order, interleaved, and each order's time is given "
+                             "over the first's (default: rule)")
     add_timing_arguments(parser, warmup=1, repeats=5)
     add_output_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     device = default_device(args.device)
-    impls, notes = default_impls(device, args.impl)
+    impls, notes = default_impls(device, args.impl, args.tile_order)
     for note in notes:
         print(f"note: {note}")
     if not impls:
@@ -257,29 +305,28 @@ def run(args: argparse.Namespace) -> int:
     print(f"kernels: {len(configs)} configs x {len(impls)} implementations x {len(passes)} passes on {where} "
           f"({clock}, median of {args.repeats} after {args.warmup} warm-up); FLOPs: {FLOP_CONVENTION}")
     compiled, matmul, records, skipped, done = None, {}, [], [], 0
-    if args.tile_order != "rule":
-        print(f"note: every triton launch hands its tiles out {args.tile_order}, not by the rule")
+    variants = [impl for impl in impls if impl.partition(":")[0] == "triton"]
     try:
-        with tile_order_override(args.tile_order):
-            if "triton" in impls:
-                compiled = compile_triton(configs, passes, device, args.seed)
-                failed = [g for g in compiled["groups"] if "error" in g]
-                print(f"compiled the triton kernels of {len(compiled['groups'])} (dtype, head dim, causal, heads) "
-                      f"configurations in {compiled['seconds']:.1f} s (first calls; Triton's cache is reused when warm)"
-                      + "".join(f"; d{g['head_dim']} {g['dtype']} failed: {g['error']}" for g in failed), flush=True)
-            for dtype in dict.fromkeys(c.dtype for c in configs):
-                matmul[dtype] = matmul_tflops(dtype, device, args.warmup, args.repeats)
-            print("matmul rate: " + ", ".join(f"{dtype} {rate:.1f} TFLOP/s" for dtype, rate in matmul.items())
-                  + f" ({MATMUL_SIZE[device.type]}^3)", flush=True)
-            for config in configs:
-                config_records = _time_config(config, impls, passes, device, where, args, skipped)
-                for record in config_records:
-                    record["of_matmul"] = record["tflops"] / matmul[config.dtype]
-                records += config_records
-                done += 1
-                _print_config(done, len(configs), config, config_records, impls, skipped, device.type == "cuda")
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+        if variants:
+            compiled = compile_triton(configs, passes, variants, device, args.seed)
+            failed = [g for g in compiled["groups"] if "error" in g]
+            print(f"compiled the triton kernels of {len(compiled['groups'])} (tile order, dtype, head dim, causal, "
+                  f"heads) configurations in {compiled['seconds']:.1f} s (first calls; Triton's cache is reused when "
+                  "warm)" + "".join(f"; {g['impl']} d{g['head_dim']} {g['dtype']} failed: {g['error']}"
+                                    for g in failed), flush=True)
+        for dtype in dict.fromkeys(c.dtype for c in configs):
+            matmul[dtype] = matmul_tflops(dtype, device, args.warmup, args.repeats)
+        print("matmul rate: " + ", ".join(f"{dtype} {rate:.1f} TFLOP/s" for dtype, rate in matmul.items())
+              + f" ({MATMUL_SIZE[device.type]}^3)", flush=True)
+        for config in configs:
+            config_records = _time_config(config, impls, passes, device, where, args, skipped)
+            for record in config_records:
+                record["of_matmul"] = record["tflops"] / matmul[config.dtype]
+            records += config_records
+            done += 1
+            _print_config(done, len(configs), config, config_records, impls, skipped, device.type == "cuda")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     except KeyboardInterrupt:
         print(f"interrupted after {done} of {len(configs)} configs: writing what was measured", file=sys.stderr)
     summary = headline(records)
@@ -295,13 +342,19 @@ def run(args: argparse.Namespace) -> int:
     for impl, times in (host_ms or {}).items():  # what a call costs when the GPU waits for the host
         print(f"host time per call, {impl}: " + ", ".join(f"{p} {ms:.3f} ms" for p, ms in times.items())
               + " (median over configs)")
+    orders = tile_order_ratios(records, variants) if len(variants) > 1 else None
+    for impl, ratios in (orders or {}).items():
+        print(f"tile order, {impl} over {variants[0]}: "
+              + ", ".join(f"{p} {r['geomean']:.3f}x ({r['min']:.3f} to {r['max']:.3f})" for p, r in ratios.items())
+              + " the time (geometric mean over configs, range; below 1 is faster)")
     path = write_result("kernels", device, dict(
         flop_convention=FLOP_CONVENTION, timing_fields=list(TIMING_FIELDS),
         config=dict(impls=impls, passes=passes, warmup=args.warmup, repeats=args.repeats, seed=args.seed,
-                    timing=clock, tile_order=args.tile_order, grid=[asdict(c) for c in configs]),
+                    timing=clock, tile_orders=list(dict.fromkeys(args.tile_order)),
+                    grid=[asdict(c) for c in configs]),
         summary=dict(speedup_vs_fastest_sdpa=summary, skipped=len(skipped), configs_done=done,
                      interrupted=done < len(configs), matmul_tflops=matmul, matmul_size=MATMUL_SIZE[device.type],
-                     of_matmul=of_matmul, host_ms=host_ms, compile=compiled),
+                     of_matmul=of_matmul, host_ms=host_ms, compile=compiled, tile_order_over_first=orders),
         records=records, skipped=skipped), args.out_dir)
     print(f"{len(records)} timings, {len(skipped)} skipped; wrote {path}")
     if done < len(configs):
@@ -360,11 +413,11 @@ def _print_config(index: int, total: int, config: KernelConfig, records: list[di
         mine = {r["pass"]: r for r in records if r["impl"] == impl}
         if not mine:
             reasons = {s["reason"] for s in skipped if s["impl"] == impl and s["config"] == config.label()}
-            print(f"        {impl:<15}skipped: {'; '.join(sorted(reasons))}", flush=True)
+            print(f"        {impl:<21}skipped: {'; '.join(sorted(reasons))}", flush=True)
             continue
         cells = []
         for pass_, r in mine.items():
             ratio = f" {r['speedup_vs_sdpa']:.2f}x" if r["speedup_vs_sdpa"] is not None else ""
             host = f" (host {r['host_ms']:.3f})" if show_host else ""
             cells.append(f"{pass_} {r['ms']:9.3f} ms{host} {r['tflops']:8.3f} TF/s{ratio}")
-        print(f"        {impl:<15}" + "   ".join(cells), flush=True)
+        print(f"        {impl:<21}" + "   ".join(cells), flush=True)

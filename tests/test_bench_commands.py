@@ -17,11 +17,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from usp.bench import main_job, scaling
 from usp.bench.__main__ import COMMANDS, build_parser, main
 from usp.bench.cli_args import HelpFormatter
-from usp.bench.flops import FLOP_CONVENTION
+from usp.bench.flops import FLOP_CONVENTION, PASSES
 from usp.bench.launch import free_port
 from usp.bench.references import Reference
 from usp.bench.results import new_run_dir
@@ -58,7 +59,7 @@ def _timed_document(directory: Path, kind: str) -> dict:
 TOY_RUNS = {
     "kernels": ["--impl", "triton", "--impl", "torch", "--impl", "naive", "--impl", "sdpa-math", "--impl", "sdpa-flash",
                 "--seqlen", "32", "64", "--head-dim", "16", "--heads", "2", "--dtype", "fp32", "--warmup", "0",
-                "--repeats", "1", "--tile-order", "by-head"],
+                "--repeats", "1", "--tile-order", "rule", "by-head"],
     "scaling": ["--world-size", "1", "2", "--seqlen", "32", "64", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
                 "--warmup", "0", "--repeats", "1", "--reference", "usp-unchecked", "--reference", "torch-cp-alltoall"],
     "emulate": ["--world-size", "4", "--ulysses-degree", "2", "--tokens-per-rank", "8", "--heads", "4", "--kv-heads",
@@ -120,9 +121,9 @@ def test_kernels_command(toy_results):
     document = _timed_document(out, "kernels")
     assert document["flop_convention"] == FLOP_CONVENTION
     records = document["records"]
-    # 2 seqlens x 2 causal x 3 passes for each of the 5 implementations
-    assert {r["impl"] for r in records} == {"triton", "torch", "naive", "sdpa-math", "sdpa-flash"}
-    assert len(records) == 2 * 2 * 3 * 5
+    # 2 seqlens x 2 causal x 3 passes for each of the 6 implementations (triton in two tile orders)
+    assert {r["impl"] for r in records} == {"triton", "triton:by-head", "torch", "naive", "sdpa-math", "sdpa-flash"}
+    assert len(records) == 2 * 2 * 3 * 6
     for r in records:
         expected = 4 * r["batch"] * r["heads"] * r["seqlen"] ** 2 * r["head_dim"] * (0.5 if r["causal"] else 1.0)
         expected *= {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[r["pass"]]
@@ -140,15 +141,30 @@ def test_kernels_command(toy_results):
     assert document["summary"]["host_ms"] is None and all(r["host_ms"] == r["ms"] for r in records)
     assert "host time per call" not in outputs["kernels"]
     compiled = document["summary"]["compile"]
-    assert [(g["head_dim"], g["causal"]) for g in compiled["groups"]] == [(16, False), (16, True)]
+    assert [(g["impl"], g["head_dim"], g["causal"]) for g in compiled["groups"]] == [
+        ("triton", 16, False), ("triton", 16, True), ("triton:by-head", 16, False), ("triton:by-head", 16, True)]
     assert compiled["seconds"] >= sum(g["seconds"] for g in compiled["groups"]) > 0
-    assert "compiled the triton kernels of 2 (dtype, head dim, causal, heads) configurations in" in outputs["kernels"]
+    assert ("compiled the triton kernels of 4 (tile order, dtype, head dim, causal, heads) configurations in"
+            in outputs["kernels"])
     assert "matmul rate: fp32 " in outputs["kernels"] and "of the matmul rate, torch: fwd " in outputs["kernels"]
     assert "[  1/4] fp32 b1 s32 h2/2 d16 full" in outputs["kernels"]  # progress
     assert "headline torch:" in outputs["kernels"]
-    # the triton kernels' tiles in the order asked for, said and recorded
-    assert document["config"]["tile_order"] == "by-head"
-    assert "note: every triton launch hands its tiles out by-head, not by the rule" in outputs["kernels"]
+    # triton once per tile order asked for; each later order's time over the first's, per pass
+    assert document["config"]["tile_orders"] == ["rule", "by-head"]
+    assert document["config"]["impls"][:2] == ["triton", "triton:by-head"]
+    ratios = {}
+    for r in records:
+        if r["impl"] == "triton:by-head":
+            (rule,) = (s["ms"] for s in records if s["impl"] == "triton" and
+                       (s["seqlen"], s["causal"], s["pass"]) == (r["seqlen"], r["causal"], r["pass"]))
+            ratios.setdefault(r["pass"], []).append(r["ms"] / rule)
+    over_first = document["summary"]["tile_order_over_first"]
+    assert set(over_first) == {"triton:by-head"} and set(over_first["triton:by-head"]) == set(ratios) == set(PASSES)
+    for pass_, values in ratios.items():
+        assert len(values) == 4
+        assert over_first["triton:by-head"][pass_] == pytest.approx(dict(
+            geomean=statistics.geometric_mean(values), min=min(values), max=max(values)))
+    assert "tile order, triton:by-head over triton: fwd " in outputs["kernels"]
 
 
 def test_scaling_command(toy_results):
@@ -612,6 +628,33 @@ def test_an_interrupted_kernel_run_keeps_what_it_measured(tmp_path, monkeypatch,
     assert {(r["impl"], r["seqlen"]) for r in document["records"]} == {("torch", 16), ("sdpa-math", 16)}
 
 
+@pytest.mark.parametrize("variant, causal, across", [("triton:across-heads", False, True),
+                                                     ("triton:by-head", True, False), ("triton", True, True)])
+def test_a_tile_order_variant_launches_every_kernel_in_its_order(monkeypatch, variant, causal, across):
+    """``kernels --tile-order``: each timed call of a triton variant, its backward's
+    launches too, hands its tiles out in that order, whatever the rule would pick (on a
+    CPU the rule sends causal launches across heads, full ones head after head); the
+    rule holds again outside the calls."""
+    from usp.bench import kernel_bench
+    from usp.kernels import flash_bwd, flash_fwd, triton_common
+
+    verdicts = []
+
+    def spy(mask, tiles, heads, device):
+        verdicts.append(triton_common.tiles_across_heads(mask, tiles, heads, device))
+        return verdicts[-1]
+    for module in (flash_fwd, flash_bwd):
+        monkeypatch.setattr(module, "tiles_across_heads", spy)
+    config = kernel_bench.KernelConfig("fp32", 16, 32, causal, 1, 2, 2)
+    for pass_, launches in (("fwd", 1), ("bwd", 2), ("fwd+bwd", 3)):  # the backward: dK/dV, then dQ
+        call = kernel_bench.pass_call(pass_, variant, config, torch.device("cpu"), 0)
+        verdicts.clear()
+        call()
+        assert verdicts == [across] * launches, pass_
+    rule = triton_common.tiles_across_heads(triton_common.MaskSpec(), 8, 2, torch.device("cpu"))
+    assert rule is False  # the override left with the calls
+
+
 def test_scaling_says_why_a_reference_is_left_out(monkeypatch):
     references = {"missing": Reference("missing", "no_such_package_for_usp", "pip install it", "ulysses",
                                        lambda *shape: None, None),
@@ -703,17 +746,23 @@ def test_gpu_check_script_runs_its_steps_on_a_cpu(tmp_path):
         raise
     assert proc.returncode == 0, printed
     names = sorted(path.name for path in out.iterdir())
-    assert [name.split("-")[0] for name in names] == ["check.log", "emulate", "emulate", "kernels", "summary.txt",
-                                                      "train", "verify"]
+    assert [name.split("-")[0] for name in names] == ["check.log", "emulate", "emulate", "kernels", "kernels",
+                                                      "summary.txt", "train", "verify"]
     summary = (out / "summary.txt").read_text()
-    for step in ("setup", "tests", "verify", "kernels", "emulate", "train", "timing"):
+    for step in ("setup", "tests", "verify", "tiles", "kernels", "emulate", "train"):
         assert re.search(rf"^{step} +ok +\d+ s$", summary, re.M), summary
     assert "--- tests, share 0 of 8: " in summary and "matmul rate: fp32 " in summary
-    # the timing step: the same forward by the tune (its one candidate is the table's) and the kernel benchmark
-    assert re.search(r"^timing: \* 16x16,1,1 .* ms", summary, re.M) and re.search(r"^timing: triton +fwd .* ms",
-                                                                                   summary, re.M), summary
+    # the tiles step: the causal triton rows in each tile order, each over the rule's, before the kernels step
+    for order in ("by-head", "across-heads"):
+        line = rf"^tile order, triton:{order} over triton: fwd [0-9.]+x .*, bwd [0-9.]+x "
+        assert re.search(line, summary, re.M), summary
     assert "triton, merge kernel" in summary and "triton, merge separate" in summary  # both emulations
-    kernels = _timed_document(out, "kernels")
+    runs = sorted((json.loads(path.read_text()) for path in out.glob("kernels-*.json")), key=lambda d: d["created"])
+    assert [d["config"]["tile_orders"] for d in runs] == [["rule", "by-head", "across-heads"], ["rule"]]
+    (drawn,) = (path for path in newest_results(out) if path.name.startswith("kernels"))
+    assert json.loads(drawn.read_text())["config"]["tile_orders"] == ["rule"]  # the figures show the kernels step
+    kernels = runs[1]
+    assert {r["impl"] for r in kernels["records"]} == {"triton", "sdpa-math"}
     assert kernels["summary"]["compile"]["groups"] and kernels["summary"]["matmul_tflops"]["fp32"] > 0
     again = subprocess.run(["bash", "bench/gpu_check.sh", "--smoke"], cwd=ROOT, env=env, capture_output=True,
                            text=True, timeout=60)
