@@ -151,8 +151,8 @@ def default_configs(device: torch.device, args) -> list[KernelConfig]:
 
 def default_impls(device: torch.device, requested: list[str] | None,
                   tile_orders: list[str]) -> tuple[list[str], list[str]]:
-    """The implementations to time (triton once per tile order, ``triton_variant``) and a
-    note for each one left out."""
+    """The implementations to time (triton once per tile order, ``triton_variant``; the
+    orders without repeats) and a note for each one left out."""
     notes = []
     if requested:
         impls = list(dict.fromkeys(requested))
@@ -172,7 +172,7 @@ def default_impls(device: torch.device, requested: list[str] | None,
         notes.append("--tile-order: applies to triton, which is not timed here")
     if "triton" in impls:
         at = impls.index("triton")
-        impls[at:at + 1] = [triton_variant(order) for order in dict.fromkeys(tile_orders)]
+        impls[at:at + 1] = [triton_variant(order) for order in tile_orders]
     return impls, notes
 
 
@@ -291,7 +291,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     device = default_device(args.device)
-    impls, notes = default_impls(device, args.impl, args.tile_order)
+    tile_orders = list(dict.fromkeys(args.tile_order))
+    impls, notes = default_impls(device, args.impl, tile_orders)
     for note in notes:
         print(f"note: {note}")
     if not impls:
@@ -350,8 +351,7 @@ def run(args: argparse.Namespace) -> int:
     path = write_result("kernels", device, dict(
         flop_convention=FLOP_CONVENTION, timing_fields=list(TIMING_FIELDS),
         config=dict(impls=impls, passes=passes, warmup=args.warmup, repeats=args.repeats, seed=args.seed,
-                    timing=clock, tile_orders=list(dict.fromkeys(args.tile_order)),
-                    grid=[asdict(c) for c in configs]),
+                    timing=clock, tile_orders=tile_orders, grid=[asdict(c) for c in configs]),
         summary=dict(speedup_vs_fastest_sdpa=summary, skipped=len(skipped), configs_done=done,
                      interrupted=done < len(configs), matmul_tflops=matmul, matmul_size=MATMUL_SIZE[device.type],
                      of_matmul=of_matmul, host_ms=host_ms, compile=compiled, tile_order_over_first=orders),

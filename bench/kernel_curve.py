@@ -116,11 +116,13 @@ def from_kernel_results(path: str | Path, impl: str | None = None, dtype: str | 
                         head_dim: int | None = None) -> KernelCurve:
     """A curve from a ``usp-bench kernels`` JSON file: per config the forward (and, when
     timed, backward) TFLOP/s of ``impl`` (default: the fastest implementation of each
-    config), of ``dtype`` and ``head_dim`` (default: those with the most records)."""
+    config, leaving out triton with a forced tile order, ``triton:by-head`` and the like:
+    no production call runs it), of ``dtype`` and ``head_dim`` (default: those with the
+    most records)."""
     document = json.loads(Path(path).read_text())
     if document.get("kind") != "kernels":
         raise ValueError(f"{path}: not a usp-bench kernels result (kind {document.get('kind')!r})")
-    records = [r for r in document["records"] if impl is None or r["impl"] == impl]
+    records = [r for r in document["records"] if r["impl"] == impl or (impl is None and ":" not in r["impl"])]
     for field, wanted in (("dtype", dtype), ("head_dim", head_dim)):
         if wanted is None and records:
             wanted = Counter(r[field] for r in records).most_common(1)[0][0]

@@ -370,7 +370,10 @@ class MaskSpec:
 
 
 TILE_ORDERS = ("rule", "by-head", "across-heads")
-_tile_order = "rule"  # how tiles_across_heads decides; changed only by tile_order_override
+# how tiles_across_heads decides; changed only by tile_order_override. A module global on
+# purpose: autograd runs a CUDA backward on its own thread, which a ContextVar or a
+# thread-local set by the caller would not reach.
+_tile_order = "rule"
 
 
 @contextlib.contextmanager

@@ -592,8 +592,6 @@ def test_gpu_timing_leaves_the_host_work_out():
     """A call whose host work (a 1 ms Python sleep, shorter than the timing's head start)
     is longer than its GPU work (a 0.5 ms GPU sleep) is timed at the GPU's 0.5 ms, with
     the host's time kept beside it (an idle GPU's events would give 1.5 ms or more)."""
-    import torch
-
     from usp.bench.timing import _sleep_cycles_per_ms, measure_ms
 
     half_ms = round(_sleep_cycles_per_ms(torch.cuda.current_device()) / 2)
@@ -646,13 +644,14 @@ def test_a_tile_order_variant_launches_every_kernel_in_its_order(monkeypatch, va
     for module in (flash_fwd, flash_bwd):
         monkeypatch.setattr(module, "tiles_across_heads", spy)
     config = kernel_bench.KernelConfig("fp32", 16, 32, causal, 1, 2, 2)
-    for pass_, launches in (("fwd", 1), ("bwd", 2), ("fwd+bwd", 3)):  # the backward: dK/dV, then dQ
-        call = kernel_bench.pass_call(pass_, variant, config, torch.device("cpu"), 0)
+    # launches: the forward; the backward's dK/dV and dQ; "bwd" runs its forward once when it is set up
+    for pass_, launches in (("fwd", 1), ("bwd", 1 + 2), ("fwd+bwd", 3)):
         verdicts.clear()
-        call()
+        kernel_bench.pass_call(pass_, variant, config, torch.device("cpu"), 0)()
         assert verdicts == [across] * launches, pass_
-    rule = triton_common.tiles_across_heads(triton_common.MaskSpec(), 8, 2, torch.device("cpu"))
-    assert rule is False  # the override left with the calls
+    cpu, causal_mask = torch.device("cpu"), triton_common.MaskSpec(right=0)
+    assert triton_common.tiles_across_heads(causal_mask, 8, 2, cpu)  # the rule again after the calls
+    assert not triton_common.tiles_across_heads(triton_common.MaskSpec(), 8, 2, cpu)
 
 
 def test_scaling_says_why_a_reference_is_left_out(monkeypatch):
@@ -754,7 +753,7 @@ def test_gpu_check_script_runs_its_steps_on_a_cpu(tmp_path):
     assert "--- tests, share 0 of 8: " in summary and "matmul rate: fp32 " in summary
     # the tiles step: the causal triton rows in each tile order, each over the rule's, before the kernels step
     for order in ("by-head", "across-heads"):
-        line = rf"^tile order, triton:{order} over triton: fwd [0-9.]+x .*, bwd [0-9.]+x "
+        line = rf"^tiles: tile order, triton:{order} over triton: fwd [0-9.]+x .*, bwd [0-9.]+x "
         assert re.search(line, summary, re.M), summary
     assert "triton, merge kernel" in summary and "triton, merge separate" in summary  # both emulations
     runs = sorted((json.loads(path.read_text()) for path in out.glob("kernels-*.json")), key=lambda d: d["created"])

@@ -49,12 +49,16 @@ def test_kernel_curve_from_kernel_results(tmp_path):
                for s, c, p, f, t in ((1024, True, "fwd", 1e10, 50.0), (4096, True, "fwd", 1e11, 80.0),
                                      (1024, False, "fwd", 2e10, 60.0), (1024, True, "bwd", 2.5e10, 40.0))]
     records.append(dict(record, impl="torch", seqlen=1024, causal=True, flops=1e10, tflops=90.0, **{"pass": "fwd"}))
+    # a forced tile order (usp-bench kernels --tile-order) is a probe: never the fastest by default
+    records.append(dict(record, impl="triton:across-heads", seqlen=4096, causal=True, flops=1e11, tflops=99.0,
+                        **{"pass": "fwd"}))
     path = tmp_path / "kernels.json"
     path.write_text(json.dumps(dict(kind="kernels", records=records)))
     fastest = from_kernel_results(path)
     assert fastest.causal == ((1e10, 90.0), (1e11, 80.0)) and fastest.full == ((2e10, 60.0),)
     assert fastest.backward_causal == ((1e10, 40.0),)  # keyed by the forward FLOPs of the call
     assert from_kernel_results(path, impl="triton").causal == ((1e10, 50.0), (1e11, 80.0))
+    assert from_kernel_results(path, impl="triton:across-heads").causal == ((1e11, 99.0),)
     path.write_text(json.dumps(dict(kind="scaling", records=[])))
     with pytest.raises(ValueError, match="not a usp-bench kernels result"):
         from_kernel_results(path)
