@@ -58,7 +58,8 @@ class PartialResults:
     accumulator's), a block whose rows all come after every row added so far is copied
     in (nothing to merge with), the others merge in place. The accumulation dtype is
     float32 or float64. ``result()``: ``(out [B, S, H, D], lse [B, H, S])`` in it; rows
-    no block covered have out 0 and lse -inf. The blocks' tensors become the accumulator's: pass fresh ones.
+    no block covered have out 0 and lse -inf. The blocks' tensors become the
+    accumulator's: pass fresh ones.
     ``attend(backend, rows, q, k, v)`` computes a block and merges it, inside the kernel
     where the backend can (``forward_into``)."""
 
